@@ -28,10 +28,12 @@ from .ghost_engine import GhostEngine, GhostGradients  # noqa: F401
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules, register_ghost_rule  # noqa: F401
 from .loop_engine import LoopEngine  # noqa: F401
 from .dp_layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention, DPRNNBase  # noqa: F401
+from .swap import swap_to_dp_layers  # noqa: F401
 
 __all__ = [
     "GradientEngine", "PerExampleGradients", "MaterializedGradients", "register_engine", "select_engine",
     "get_engine", "available_engines", "call_model", "FunctorchEngine", "GhostEngine", "GhostGradients",
     "LoopEngine", "LayerRule", "NormPolicy", "ghost_rule_for", "ghost_rules", "register_ghost_rule",
     "DPRNN", "DPGRU", "DPLSTM", "DPMultiheadAttention", "DPRNNBase", "NOT_VMAPPABLE",
+    "swap_to_dp_layers",
 ]

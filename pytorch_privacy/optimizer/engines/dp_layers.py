@@ -11,7 +11,11 @@ sums the calls per parameter).  Opacus provides similar layers (``DPLSTM``); the
 independently.
 
 Parameter names differ from torch's (``cells.0.ih.weight`` instead of ``weight_ih_l0``); use
-:meth:`DPRNNBase.from_torch` / :meth:`DPRNNBase.to_torch_state_dict` to convert.
+:meth:`DPRNNBase.from_torch` / :meth:`DPRNNBase.to_torch_state_dict` to convert.  Every drop-in
+*loads* state dicts written under torch's names as well as its own, and with
+``torch_state_dict_names = True`` (set by :func:`~.swap.swap_to_dp_layers`) it also *writes* its
+``state_dict`` under torch's names, so checkpoints move freely between a native model and its
+swapped copy.
 """
 
 from __future__ import annotations
@@ -73,6 +77,26 @@ class DPRNNBase(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
         self.reset_parameters()
+        self.torch_state_dict_names = False
+        _install_name_hooks(self)
+
+    #: torch's attribute (the drop-ins have no projections)
+    proj_size = 0
+
+    def flatten_parameters(self) -> None:
+        """No-op (torch's cuDNN weight compaction has no counterpart here); lets code written for
+        ``nn.LSTM`` call it on a swapped layer."""
+
+    def _name_map(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``(torch name, (own names stacked along dim 0))`` for every parameter."""
+        out = []
+        for idx, (_, suffix) in enumerate(self._torch_names()):
+            for kind in ("ih", "hh"):
+                out.append((f"weight_{kind}{suffix}", (f"cells.{idx}.{kind}.weight",)))
+            if self.bias:
+                for kind in ("ih", "hh"):
+                    out.append((f"bias_{kind}{suffix}", (f"cells.{idx}.{kind}.bias",)))
+        return out
 
     def reset_parameters(self) -> None:
         """torch's initialisation: every weight and bias ``U(-1/sqrt(H), 1/sqrt(H))``."""
@@ -179,6 +203,36 @@ class DPRNNBase(nn.Module):
         if unbatched:
             return output.squeeze(1 if not self.batch_first else 0), h_n.squeeze(1)
         return output, h_n
+
+
+def _install_name_hooks(module: nn.Module) -> None:
+    module.register_state_dict_post_hook(_write_torch_names)
+    module.register_load_state_dict_pre_hook(_read_torch_names)
+
+
+def _write_torch_names(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` post-hook: with ``module.torch_state_dict_names``, replace own parameter
+    names by torch's (stacked q/k/v projections become ``in_proj_weight`` ...)."""
+    if not getattr(module, "torch_state_dict_names", False):
+        return
+    # this module's entries are the last ones written: re-append them in torch's order
+    mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    for torch_name, own in module._name_map():
+        if all(prefix + n in mine for n in own):
+            parts = [mine.pop(prefix + n) for n in own]
+            state_dict[prefix + torch_name] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    state_dict.update(mine)
+
+
+def _read_torch_names(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``load_state_dict`` pre-hook: accept torch's parameter names (split stacked ones)."""
+    for torch_name, own in module._name_map():
+        key = prefix + torch_name
+        if key in state_dict and not any(prefix + n in state_dict for n in own):
+            value = state_dict.pop(key)
+            parts = (value,) if len(own) == 1 else value.chunk(len(own), 0)
+            for n, v in zip(own, parts):
+                state_dict[prefix + n] = v
 
 
 class DPRNN(DPRNNBase):
@@ -297,6 +351,51 @@ class DPMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.attn_drop = nn.Dropout(self.dropout)
         self.reset_parameters()
+        self.torch_state_dict_names = False
+        _install_name_hooks(self)
+
+    # -- what torch's Transformer layers read from their ``self_attn`` -------------------------
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor | None:
+        """torch's stacked ``[3E, E]`` input projection (a fresh ``cat`` of the three
+        projections, so torch's inference fast paths see the current weights); ``None`` when
+        ``kdim``/``vdim`` differ from ``embed_dim``, as in torch."""
+        if not self._qkv_same_embed_dim:
+            return None
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], 0)
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        """torch's stacked ``[3E]`` input bias (``None`` without bias)."""
+        if self.q_proj.bias is None:
+            return None
+        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias], 0)
+
+    @property
+    def bias_k(self):  # torch's attributes for add_bias_kv, which the drop-in does not support
+        return None
+
+    bias_v = bias_k
+    add_zero_attn = False
+
+    def merge_masks(self, attn_mask, key_padding_mask, query):
+        """torch's mask merging for its fused inference path (same function as
+        ``nn.MultiheadAttention.merge_masks``)."""
+        return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)
+
+    def _name_map(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``(torch name, (own names stacked along dim 0))``; ``out_proj.*`` agree already."""
+        if self._qkv_same_embed_dim:
+            out = [("in_proj_weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
+        else:
+            out = [(f"{n}_proj_weight", (f"{n}_proj.weight",)) for n in "qkv"]
+        if self.q_proj.bias is not None:
+            out.append(("in_proj_bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias")))
+        return out
 
     def reset_parameters(self) -> None:
         """torch's initialisation: Xavier-uniform projections, zero biases."""
