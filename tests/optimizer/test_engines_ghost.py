@@ -317,7 +317,7 @@ def test_reshaped_activation_falls_back():
     model = Flat().double()
     x, y = torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 2, (3,))
     eng = GhostEngine(model, ce)
-    with pytest.warns(RuntimeWarning, match=r"batch-first.*'fc' \(Linear\) saw input \(12, 2\)"):
+    with pytest.warns(RuntimeWarning, match=r"input of module 'fc' has shape \(12, 2\) for a batch of 3.*merged"):
         res = eng.compute(x, y)
     assert isinstance(eng.fallback, FunctorchEngine)
     torch.testing.assert_close(res.materialize()["fc.weight"], naive_per_example(model, ce, x, y)["fc.weight"])

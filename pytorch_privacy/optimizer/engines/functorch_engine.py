@@ -26,6 +26,7 @@ from .base import (
     num_records_for,
     register_engine,
 )
+from .probe import verified_independent
 
 __all__ = ["FunctorchEngine", "NOT_VMAPPABLE"]
 
@@ -149,6 +150,9 @@ class FunctorchEngine(GradientEngine):
         """
         if self.fallback is not None:
             return self.fallback.compute(inputs, targets, microbatch_size=microbatch_size)
+        # vmap evaluates each example alone, which would silently change a model that mixes
+        # examples; such models are refused instead (see .probe)
+        verified_independent(self.model, self.loss_fn, inputs, targets)
         try:
             return self._compute(inputs, targets, microbatch_size)
         except RuntimeError as err:

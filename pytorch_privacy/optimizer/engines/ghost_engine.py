@@ -37,6 +37,7 @@ from .base import (
     register_engine,
 )
 from .functorch_engine import check_losses
+from .probe import CallLayout, input_signature, model_signature, trace_batch_dims, verified_independent
 from .ghost_rules import Contribution, LayerRule, NormPolicy, PerRecord, ghost_rule_for, ghost_rules, sum_sq_norms
 
 __all__ = ["GhostEngine", "GhostGradients"]
@@ -46,11 +47,12 @@ class _Call:
     """One forward call of a hooked module: what its rule saved and, after backward, the
     gradient of the loss with respect to its output."""
 
-    __slots__ = ("module", "rule", "local", "saved", "grad", "input_nodes", "input_leaves")
+    __slots__ = ("module", "rule", "local", "saved", "grad", "input_nodes", "input_leaves", "out_dim")
 
-    def __init__(self, module, rule, local, saved, input_nodes, input_leaves):
+    def __init__(self, module, rule, local, saved, input_nodes, input_leaves, out_dim=0):
         self.module, self.rule, self.local, self.saved = module, rule, local, saved
         self.input_nodes, self.input_leaves = input_nodes, input_leaves
+        self.out_dim = out_dim  # where the batch is in the recorded output gradient
         self.grad: torch.Tensor | None = None
 
 
@@ -144,6 +146,7 @@ class GhostEngine(GradientEngine):
         self._warned_ambiguous = False
         self._switched = False  # True once the model is handed to the fallback for good
         self._tap: type[_Tap] = _Tap
+        self._layouts: dict[tuple, tuple] = {}  # input signature -> traced batch layout of every call
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
@@ -190,6 +193,58 @@ class GhostEngine(GradientEngine):
             self._tap = _CopyTap
             return self._compute(inputs, targets, microbatch_size)
 
+    def _switch(self, why: str) -> None:
+        """Hand the model to the exact fallback engine for good, with a warning saying why."""
+        self._switched = True
+        warnings.warn(
+            f"ghost engine: {why}; using the {self._fallback_engine().name!r} engine for this model instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _layouts_for(self, inputs: Any, targets: Any, hooked) -> tuple[dict, frozenset] | None:
+        """``(layout of every hooked call, unbatched calls broadcast over a leading size-1 dim)``
+        for this input signature (traced once, see :func:`~.probe.trace_batch_dims`); ``None``
+        after switching to the fallback engine because some call has no batch dimension the
+        rules can use."""
+        key = (model_signature(self.model), input_signature(inputs, targets))
+        cached = self._layouts.get(key)
+        if cached is not None:
+            return cached
+        names = {m: mname for mname, m, _, _ in hooked}
+        layouts = trace_batch_dims(self.model, inputs, names)
+        rules = {id(m): (mname, m, rule) for mname, m, rule, _ in hooked}
+        problems = []
+        unbatched = set()
+        for (mid, k), lay in layouts.items():
+            mname, m, rule = rules[mid]
+            if lay.problem:
+                problems.append(lay.problem)
+            elif (lay.in_dim is None) != (lay.out_dim is None) or (lay.in_dim is not None and lay.in_dim != lay.out_dim):
+                problems.append(
+                    f"{_describe(mname, m)} has its batch in dimension {lay.in_dim} of its input but {lay.out_dim} of its "
+                    "output"
+                )
+            elif lay.in_dim is None:
+                unbatched.add((mid, k))
+            elif lay.in_dim != 0 and not rule.movable_batch_dim(m, len(lay.in_shape), lay.in_dim):
+                problems.append(
+                    f"{_describe(mname, m)} sees its batch in dimension {lay.in_dim} of an input of shape {lay.in_shape}, "
+                    "which its ghost rule cannot move to the front"
+                )
+        lead1: frozenset = frozenset()
+        if not problems and unbatched:
+            lead1, bad = _verify_expansion(self.model, self.loss_fn, inputs, targets, layouts, unbatched, rules)
+            if bad:
+                problems.append(bad)
+        if problems:
+            self._switch("; ".join(problems[:2]))
+            return None
+        if len(self._layouts) >= 64:  # many input signatures (variable lengths): keep the newest
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = (layouts, lead1)
+        return self._layouts[key]
+
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
         if self._switched:
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
@@ -198,42 +253,52 @@ class GhostEngine(GradientEngine):
         num_records_for(batch, microbatch_size)
         if batch == 0:
             return empty_gradients(trainable)
+        verified_independent(self.model, self.loss_fn, inputs, targets)
         b = microbatch_size or 1
         hooked = _hooked_modules(self.model, trainable)
         for mname, m, rule, local in hooked:  # the model may have changed since selection
             why = "no ghost rule" if rule is None else rule.unsupported_reason(m)
             if why:
                 raise ValueError(f"ghost engine: {_describe(mname, m)}: {why}; use engine='functorch'")
+        traced = self._layouts_for(inputs, targets, hooked)
+        if traced is None:
+            return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
+        layouts, lead1_calls = traced
         device = next(iter(trainable.values())).device if trainable else None
         anchor = torch.zeros((), device=device, requires_grad=True)
         calls: list[_Call] = []
         tap = self._tap
-
-        layout: list[str] = []
-        ambiguous: list[str] = []
+        counts: dict[int, int] = {}
+        mismatch: list[str] = []
 
         def make_hook(mname: str, rule: LayerRule, local: dict[str, str]):
             def hook(module, args, kwargs, output):
+                k = counts.get(id(module), 0)
+                counts[id(module)] = k + 1
                 if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                     return None
-                first = args[0] if args and isinstance(args[0], torch.Tensor) else output
-                if output.dim() == 0 or output.shape[0] != batch or first.dim() == 0 or first.shape[0] != batch:
-                    layout.append(
-                        f"{_describe(mname, module)} saw input {tuple(first.shape)} / output {tuple(output.shape)} "
-                        f"for a batch of {batch}"
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                lay = layouts.get((id(module), k))
+                if lay is None or first is None or not _consistent(lay, first, output, batch):
+                    mismatch.append(
+                        f"{_describe(mname, module)} call {k} saw input "
+                        f"{None if first is None else tuple(first.shape)} / output {tuple(output.shape)}, unlike the "
+                        "traced layout"
                     )
                     return None
-                if batch > 1 and _ambiguous_dims(module, first, batch):
-                    ambiguous.append(f"{_describe(mname, module)} saw input {tuple(first.shape)} for a batch of {batch}")
                 tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
-                call = _Call(
-                    module,
-                    rule,
-                    local,
-                    rule.save(module, args, kwargs, output),
-                    [t.grad_fn for t in tensors if t.grad_fn is not None],
-                    [t for t in tensors if t.grad_fn is None],
-                )
+                nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
+                leaves = [t for t in tensors if t.grad_fn is None]
+                if lay.in_dim is None:  # a shared input: every example uses it; give each its own copy
+                    lead1 = (id(module), k) in lead1_calls
+                    x, y = _expand(first, batch, lead1), _expand(output.detach(), batch, lead1)
+                    call = _Call(module, rule, local, rule.save(module, (x, *args[1:]), kwargs, y), nodes, leaves, 0)
+                    calls.append(call)
+                    return _ExpandTap.apply(anchor, output, call, batch, lead1, tap is _CopyTap)
+                d = lay.in_dim
+                x = first if d == 0 else first.movedim(d, 0)
+                y = output if d == 0 else output.movedim(d, 0)
+                call = _Call(module, rule, local, rule.save(module, (x, *args[1:]), kwargs, y), nodes, leaves, d)
                 calls.append(call)
                 return tap.apply(anchor, output, call)
 
@@ -249,61 +314,133 @@ class GhostEngine(GradientEngine):
                 losses = self.loss_fn(output, targets)
                 check_losses(losses, batch)
                 del output
-                if self.check_graph and losses.requires_grad and not layout:
+                if self.check_graph and losses.requires_grad and not mismatch:
                     outside = _params_used_outside(losses, trainable)
-                if not (outside or layout):
+                if not (outside or mismatch):
                     total = losses.sum() if b == 1 else losses.sum() / b
                     if total.requires_grad and calls:
                         torch.autograd.grad(total, anchor, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        if ambiguous and not (outside or layout):
-            # a non-batch, non-feature dimension has the batch size: a time-major (mixed) layout
-            # cannot be told from a batch-first one, so this batch is computed by the exact
-            # fallback engine (correct whatever the layout); the ghost engine stays for others.
+        if mismatch and not outside:
+            # shapes that differ from the traced layout for the same input signature (data-dependent
+            # shapes): this batch is computed by the exact fallback engine
             del losses, calls
             if not self._warned_ambiguous:
                 self._warned_ambiguous = True
                 warnings.warn(
-                    "ghost engine: " + "; ".join(ambiguous[:2]) + ": a sequence/spatial dimension equals the "
-                    f"batch size, so a batch-first layout cannot be verified; such batches are computed with the "
-                    f"{self._fallback_engine().name!r} engine (exact, slower). Choose a batch size different from "
-                    "sequence lengths, or engine='functorch', to avoid it.",
+                    "ghost engine: " + "; ".join(mismatch[:2]) + "; such batches are computed with the "
+                    f"{self._fallback_engine().name!r} engine (exact, slower)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
-        if outside or layout:
+        if outside:
             del losses, calls
-            if layout:
-                why = (
-                    "it needs batch-first activations in every supported layer, but "
-                    + "; ".join(layout[:3])
-                    + " (a layer applied to a reshaped or time-major tensor)"
-                )
-            else:
-                why = (
-                    f"trainable parameter(s) {outside} are used outside the forward of the module that owns "
-                    "them (e.g. F.linear(h, embedding.weight)), which its hooks cannot see"
-                )
-            self._switched = True
-            warnings.warn(
-                f"ghost engine: {why}; using the {self._fallback_engine().name!r} engine for this model instead",
-                RuntimeWarning,
-                stacklevel=2,
+            self._switch(
+                f"trainable parameter(s) {outside} are used outside the forward of the module that owns "
+                "them (e.g. F.linear(h, embedding.weight)), which its hooks cannot see"
             )
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
         return GhostGradients(trainable, calls, losses.detach(), b, self.policy)
 
 
-def _ambiguous_dims(module: nn.Module, x: torch.Tensor, batch: int) -> bool:
-    """Whether a dimension of ``x`` other than the batch (0), the last (features) and a
-    conv/norm channel dimension (1) has size ``batch``: then a time-major tensor ``[T, B, ...]``
-    with ``T == B`` would pass the leading-dimension check unnoticed."""
-    lo = 2 if hasattr(module, "in_channels") or hasattr(module, "num_channels") else 1
-    hi = x.dim() if hasattr(module, "in_channels") else x.dim() - 1
-    return any(x.shape[d] == batch for d in range(lo, hi))
+def _consistent(lay: CallLayout, x: torch.Tensor, y: torch.Tensor, batch: int) -> bool:
+    """Whether a call's input/output shapes agree with its traced layout for this batch."""
+    for t, d, shape in ((x, lay.in_dim, lay.in_shape), (y, lay.out_dim, lay.out_shape)):
+        if d is None:
+            if tuple(t.shape) != tuple(shape):
+                return False
+        elif t.dim() != len(shape) or t.shape[d] != batch or any(
+            t.shape[i] != shape[i] for i in range(t.dim()) if i != d
+        ):
+            return False
+    return True
+
+
+def _expand(t: torch.Tensor, batch: int, lead1: bool) -> torch.Tensor:
+    """A shared (unbatched) tensor seen by every example: ``[*s] -> [B, *s]`` (or ``[1, *s] -> [B, *s]``)."""
+    return t.expand(batch, *t.shape[1:]) if lead1 else t.unsqueeze(0).expand(batch, *t.shape)
+
+
+class _ExpandTap(torch.autograd.Function):
+    """For a call whose input carries no batch dimension (a position table indexed by
+    ``arange(T)``, a shared buffer): the output is broadcast to a leading batch dimension, so the
+    backward pass delivers each example's own output gradient (what broadcasting would have summed
+    away).  Valid when the rest of the model broadcasts the output along a leading batch
+    dimension anyway, which the engine verifies on the traced batch (:func:`_verify_expansion`)."""
+
+    @staticmethod
+    def forward(ctx, anchor, y, call, batch, lead1, copy):
+        ctx.pp_call, ctx.lead1 = call, lead1
+        out = _expand(y, batch, lead1)
+        return out.contiguous() if copy else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        call = ctx.pp_call
+        call.grad = grad if call.grad is None else call.grad + grad
+        return None, grad.sum(0, keepdim=ctx.lead1), None, None, None, None
+
+
+def _verify_expansion(model, loss_fn, inputs, targets, layouts, unbatched, rules) -> tuple[frozenset | None, str | None]:
+    """Choose how to broadcast the outputs of the unbatched calls to a leading batch dimension
+    (``[1, *s] -> [B, *s]`` for a leading size-1 dimension, else ``[*s] -> [B, *s]``), and verify
+    on this batch that (a) the per-example losses are unchanged and (b) perturbing example ``j``'s
+    copy moves no other example's loss, i.e. example ``i`` uses its copy ``i`` alone (so the
+    gradient of that copy is its per-example output gradient).  Returns ``(calls broadcast over
+    their leading size-1 dimension, None)`` or ``(None, why not)``."""
+    from .probe import _isolated
+
+    batch = batch_size_of(inputs)
+    names = ", ".join(sorted({_describe(rules[mid][0], rules[mid][1]) for mid, _ in unbatched}))
+    gen = torch.Generator().manual_seed(1)
+
+    def run(lead1_calls: frozenset, perturb: bool) -> torch.Tensor:
+        counts: dict[int, int] = {}
+
+        def hook(module, args, output):
+            k = counts.get(id(module), 0)
+            counts[id(module)] = k + 1
+            if (id(module), k) not in unbatched or not isinstance(output, torch.Tensor):
+                return None
+            out = _expand(output, batch, (id(module), k) in lead1_calls)
+            if perturb and batch > 1:
+                out = out.clone()
+                noise = torch.randn(out.shape[1:], generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+                out[batch - 1] += noise * (out[batch - 1].abs().mean() + 1)
+            return out
+
+        handles = [rules[mid][1].register_forward_hook(hook) for mid in {mid for mid, _ in unbatched}]
+        try:
+            return loss_fn(call_model(model, inputs), targets)
+        finally:
+            for h in handles:
+                h.remove()
+
+    leading = frozenset(
+        key for key in unbatched if layouts[key].out_shape[:1] == (1,) and layouts[key].in_shape[:1] == (1,)
+    )
+    err = "its output is not simply broadcast along a leading batch dimension"
+    for lead1_calls in dict.fromkeys((leading, frozenset())):
+        try:
+            with _isolated(model, 0) as reset, torch.no_grad():
+                plain = loss_fn(call_model(model, inputs), targets)
+                reset()
+                same = run(lead1_calls, False)
+                reset()
+                moved = run(lead1_calls, True)
+        except Exception as e:  # noqa: BLE001 - any failure means this broadcast is not transparent
+            err = f"broadcasting its output to the batch fails ({str(e).splitlines()[0][:120]})"
+            continue
+        if plain.shape != same.shape or not torch.allclose(plain, same, rtol=1e-5, atol=1e-6, equal_nan=True):
+            continue
+        others = (moved - same)[: batch - 1].abs()
+        if bool((others > 1e-5 * (same[: batch - 1].abs() + 1e-3)).any()):
+            continue
+        return lead1_calls, None
+    return None, f"{names} use(s) an input without a batch dimension, and {err}"
 
 
 def _params_used_outside(losses: torch.Tensor, trainable: dict[str, nn.Parameter]) -> list[str]:
@@ -363,8 +500,9 @@ class GhostGradients(PerExampleGradients):
             for call in self._calls:
                 if call.grad is None:  # output did not reach the loss
                     continue
+                grad = call.grad if call.out_dim == 0 else call.grad.movedim(call.out_dim, 0)
                 parts = call.rule.contributions(
-                    call.module, call.saved, call.grad, self._losses.shape[0], self._microbatch, frozenset(call.local)
+                    call.module, call.saved, grad, self._losses.shape[0], self._microbatch, frozenset(call.local)
                 )
                 for pn, c in parts.items():
                     contribs[call.local[pn]].append(c)

@@ -593,6 +593,12 @@ class LayerRule:
         """``None`` when this module's configuration is supported, else why not."""
         return None
 
+    def movable_batch_dim(self, module: nn.Module, ndim: int, dim: int) -> bool:
+        """Whether the rule stays exact when the engine moves the batch from dimension ``dim`` of
+        an ``ndim``-D input (and the output) to the front: true for layers acting on trailing
+        feature dimensions only (a sequence-first ``Linear``); default: only ``dim == 0``."""
+        return dim == 0
+
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
         """What the rule needs later from one forward call (default: the input, detached)."""
         return args[0].detach()
@@ -609,6 +615,9 @@ class LayerRule:
 
 class LinearRule(LayerRule):
     """``nn.Linear`` on ``[B, *, d]``: weight is an outer-product contribution, bias is direct."""
+
+    def movable_batch_dim(self, module, ndim, dim):
+        return dim < ndim - 1
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         B = batch
@@ -669,6 +678,9 @@ class EmbeddingRule(LayerRule):
 
     param_names = ("weight",)
 
+    def movable_batch_dim(self, module, ndim, dim):
+        return True
+
     def unsupported_reason(self, module):
         if module.max_norm is not None:
             return "max_norm renormalises the table in place during forward"
@@ -710,6 +722,9 @@ def _affine_direct(module, xhat, grad_output, microbatch, names, lead: int) -> d
 class LayerNormRule(LayerRule):
     """``nn.LayerNorm``: ``grad w = sum g * xhat``, ``grad b = sum g`` over non-normalised positions."""
 
+    def movable_batch_dim(self, module, ndim, dim):
+        return dim < ndim - len(module.normalized_shape)
+
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         _records(saved, batch, microbatch)
         _records(grad_output, batch, microbatch)
@@ -721,6 +736,9 @@ class RMSNormRule(LayerRule):
     """``nn.RMSNorm``: ``grad w = sum g * x / rms(x)``."""
 
     param_names = ("weight",)
+
+    def movable_batch_dim(self, module, ndim, dim):
+        return dim < ndim - len(module.normalized_shape)
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         _records(saved, batch, microbatch)

@@ -24,6 +24,7 @@ from .base import (
     register_engine,
 )
 from .functorch_engine import check_losses, functional_forward, split_params
+from .probe import verified_independent
 
 __all__ = ["LoopEngine"]
 
@@ -52,6 +53,7 @@ class LoopEngine(GradientEngine):
         records = num_records_for(batch, microbatch_size)
         if batch == 0:
             return empty_gradients(trainable)
+        verified_independent(self.model, self.loss_fn, inputs, targets)
         b = microbatch_size or 1
         params, consts = split_params(self.model, trainable)
         model, loss_fn = self.model, self.loss_fn
