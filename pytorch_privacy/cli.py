@@ -4,8 +4,10 @@ Subcommands:
 
 * ``demo``     train a small CNN privately on scikit-learn's bundled ``digits`` images (no
   download), save the ledger, print the (epsilon, delta) bound.
-* ``audit``    recompute the bound from a saved ledger file: RDP, moments accountant and PLD
-  side by side (torch is not imported).
+* ``audit``    check a saved ledger file's integrity (``unsigned``, ``signature OK`` or
+  ``tampered``), flag suspicious content, and recompute the bound: RDP, moments accountant and PLD
+  side by side (torch is not imported).  Exit status: 0 verified or clean, 1 tampered, 2 refused
+  or invalid, 3 unsigned and either suspicious or expected to be signed (``--key``).
 * ``privacy``  epsilon of a DP-SGD training plan (like TF Privacy's compute_dp_sgd_privacy).
 * ``noise``    the smallest noise multiplier meeting a target epsilon for a training plan.
 """
@@ -58,10 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--engine", default="auto", help="per-example gradient engine (auto, ghost, functorch)")
     d.add_argument("--ledger", default="demo_ledger.json", help="where to save the privacy ledger")
 
-    a = sub.add_parser("audit", help="recompute (epsilon, delta) from a saved ledger")
+    a = sub.add_parser(
+        "audit",
+        help="check a saved ledger's integrity and recompute (epsilon, delta)",
+        description="Exit status: 0 signature OK (or unsigned without suspicious content), 1 tampered, "
+        "2 refused or invalid file, 3 unsigned and suspicious, or unsigned although --key was given.",
+    )
     a.add_argument("ledger")
     a.add_argument("--delta", type=_delta, default=1e-5)
     a.add_argument("--no-pld", action="store_true", help="skip the (slower, tighter) PLD accountant")
+    k = a.add_mutually_exclusive_group()
+    k.add_argument("--key", help="HMAC-SHA256 key (UTF-8 text) the ledger was signed with")
+    k.add_argument(
+        "--key-file", help="file holding the HMAC-SHA256 key (its bytes; one trailing newline is ignored)"
+    )
 
     pr = sub.add_parser("privacy", help="epsilon of a DP-SGD training plan (Poisson sampling)")
     pr.add_argument("--N", type=_positive_int, required=True, help="dataset size")
@@ -79,28 +91,104 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The audit refuses ledgers whose composed event has more distinct parts than this (each part
+#: costs one RDP curve and one PLD; the bound keeps any ledger under 1 MB within seconds).
+AUDIT_MAX_PARTS = 200
+#: At most this many lines of the ledger summary are printed.
+AUDIT_SUMMARY_LINES = 25
+
+_EXIT_OK, _EXIT_TAMPERED, _EXIT_ERROR, _EXIT_UNVERIFIED = 0, 1, 2, 3
+
+
+def _read_key(args) -> bytes | None:
+    if args.key is not None:
+        if not args.key:
+            raise ValueError("--key is empty")
+        return args.key.encode("utf-8")
+    if args.key_file is not None:
+        with open(args.key_file, "rb") as f:
+            key = f.read(1 << 20)
+        if key.endswith(b"\r\n"):
+            key = key[:-2]
+        elif key.endswith(b"\n"):
+            key = key[:-1]
+        if not key:
+            raise ValueError(f"key file {args.key_file} is empty")
+        return key
+    return None
+
+
 def _cmd_audit(args) -> int:
-    from .analysis import compute_rdp_from_ledger, get_privacy_spent, get_privacy_spent_moments, DEFAULT_ORDERS
-    from .dp_query.privacy_ledger import PrivacyLedger
-
-    ledger = PrivacyLedger.load(args.ledger)
-    print(ledger.summary())
-    rdp = compute_rdp_from_ledger(ledger, DEFAULT_ORDERS)
-    eps, _, order = get_privacy_spent(DEFAULT_ORDERS, rdp, target_delta=args.delta)
-    # moments accountant: log moment alpha(lambda) = lambda * RDP(lambda + 1)
-    lambdas = [o - 1.0 for o in DEFAULT_ORDERS]
-    eps_m, _, lam_m = get_privacy_spent_moments(
-        lambdas, [l * r for l, r in zip(lambdas, rdp)], target_delta=args.delta
+    from .dp_query.privacy_ledger import (
+        SIGNATURE_OK,
+        TAMPERED,
+        UNSIGNED,
+        LedgerIntegrityError,
+        PrivacyLedger,
+        suspicious_content,
     )
-    print(f"delta = {args.delta:g}")
-    print(f"  RDP (tight conversion)      epsilon = {eps:.4f}   (order {order:g})")
-    print(f"  moments accountant (classic) epsilon = {eps_m:.4f}   (lambda {lam_m:g})")
-    if not args.no_pld:
-        from .analysis import compute_pld_from_ledger
 
-        pld = compute_pld_from_ledger(ledger)
-        print(f"  PLD (pessimistic, tight)    epsilon = {pld.get_epsilon(args.delta):.4f}")
-    return 0
+    key = _read_key(args)
+    try:
+        ledger = PrivacyLedger.load(args.ledger, key=key)
+    except LedgerIntegrityError as exc:
+        print(f"integrity: {TAMPERED}: {exc}")
+        print("No epsilon is reported for a tampered ledger.")
+        return _EXIT_TAMPERED
+    status = ledger.integrity
+    print(f"integrity: {status} ({ledger.integrity_detail})")
+    warnings = suspicious_content(ledger)
+    unverified = status == UNSIGNED and (key is not None or warnings)
+    if status == UNSIGNED:
+        print(
+            "WARNING: UNSIGNED ledger: its content is not authenticated, anyone who can write the file "
+            "can change it and recompute the digest. Sign ledgers with PrivacyLedger.save(path, key=...) "
+            "and audit with --key or --key-file."
+        )
+    for w in warnings:
+        print(f"WARNING: suspicious content: {w}")
+    lines = ledger.summary().splitlines()
+    print("\n".join(lines[:AUDIT_SUMMARY_LINES]))
+    if len(lines) > AUDIT_SUMMARY_LINES:
+        print(f"  ... {len(lines) - AUDIT_SUMMARY_LINES} more setting(s)")
+    event = ledger.to_event()
+    parts = len(event.events) if event.kind == "composed" else 1
+    if parts > AUDIT_MAX_PARTS:
+        raise ValueError(
+            f"the ledger composes {parts} distinct settings, more than the audit's limit of {AUDIT_MAX_PARTS} "
+            "(AUDIT_MAX_PARTS); analyse it with the library (pytorch_privacy.analysis) instead"
+        )
+
+    from .analysis import DEFAULT_ORDERS, compute_rdp_from_ledger, get_privacy_spent, get_privacy_spent_moments
+
+    try:
+        rdp = compute_rdp_from_ledger(ledger, DEFAULT_ORDERS)
+        eps, _, order = get_privacy_spent(DEFAULT_ORDERS, rdp, target_delta=args.delta)
+        # moments accountant: log moment alpha(lambda) = lambda * RDP(lambda + 1)
+        lambdas = [o - 1.0 for o in DEFAULT_ORDERS]
+        eps_m, _, lam_m = get_privacy_spent_moments(
+            lambdas, [l * r for l, r in zip(lambdas, rdp)], target_delta=args.delta
+        )
+        print(f"delta = {args.delta:g}")
+        print(f"  RDP (tight conversion)      epsilon = {eps:.4f}   (order {order:g})")
+        print(f"  moments accountant (classic) epsilon = {eps_m:.4f}   (lambda {lam_m:g})")
+        if not args.no_pld:
+            from .analysis import compute_pld_from_ledger
+
+            pld = compute_pld_from_ledger(ledger)
+            print(f"  PLD (pessimistic, tight)    epsilon = {pld.get_epsilon(args.delta):.4f}")
+    except (OverflowError, ZeroDivisionError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"the analysis could not bound this ledger ({type(exc).__name__}: {exc})") from None
+    if status == SIGNATURE_OK:
+        return _EXIT_OK
+    if unverified:
+        print(
+            f"integrity: {status}: "
+            + ("a key was given but the ledger is not signed" if key is not None else "suspicious content (see above)")
+            + f"; exit status {_EXIT_UNVERIFIED}"
+        )
+        return _EXIT_UNVERIFIED
+    return _EXIT_OK
 
 
 def _cmd_privacy(args) -> int:
@@ -152,8 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"demo": _cmd_demo, "audit": _cmd_audit, "privacy": _cmd_privacy, "noise": _cmd_noise}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"pytorch-privacy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001
+        if args.command != "audit":
+            raise
+        # exit status 1 means "tampered": an unexpected failure must not read as it
+        print(f"pytorch-privacy audit: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -75,3 +75,110 @@ def test_demo_trains_and_saves_an_auditable_ledger(tmp_path, capsys):
 
     eps_printed = float(re.search(r"\(([0-9.]+), 1e-05\)-DP", out).group(1))
     assert eps_printed == pytest.approx(RdpAccountant().compose_ledger(ledger).get_epsilon(1e-5), abs=1e-3)
+
+
+# -- audit: integrity verdicts and suspicious content ---------------------------------------
+
+_KEY = "audit-test-key"
+
+
+def _honest(tmp_path, key=None):
+    ledger = PrivacyLedger(60000, 256 / 60000)
+    ledger.record_sample(GaussianEvent(1.1), 2000)
+    path = tmp_path / "ledger.json"
+    ledger.save(path, key=key)
+    return path
+
+
+def _edit(path, edit, redigest):
+    from pytorch_privacy.dp_query.privacy_ledger import content_digest
+
+    d = json.loads(path.read_text())
+    edit(d)
+    if redigest:
+        d.pop("signature", None)
+        content = {k: v for k, v in d.items() if k != "digest"}
+        d["digest"] = {"algorithm": "sha256", "value": content_digest(content)}
+    path.write_text(json.dumps(d))
+
+
+def _verdicts(out):
+    return [v for v in ("unsigned", "signature OK", "tampered") if f"integrity: {v}" in out]
+
+
+def test_audit_verdict_signature_ok(tmp_path, capsys):
+    path = _honest(tmp_path, key=_KEY)
+    assert main(["audit", str(path), "--no-pld", "--key", _KEY]) == 0
+    out = capsys.readouterr().out
+    assert _verdicts(out) == ["signature OK"] and "WARNING" not in out
+    key_file = tmp_path / "key"
+    key_file.write_text(_KEY + "\n")
+    assert main(["audit", str(path), "--no-pld", "--key-file", str(key_file)]) == 0
+    assert _verdicts(capsys.readouterr().out) == ["signature OK"]
+
+
+def test_audit_verdict_unsigned_honest_file_exits_0(tmp_path, capsys):
+    path = _honest(tmp_path)
+    assert main(["audit", str(path), "--no-pld"]) == 0
+    out = capsys.readouterr().out
+    assert _verdicts(out) == ["unsigned"] and "UNSIGNED" in out
+    assert "suspicious" not in out
+
+
+def test_audit_unsigned_but_key_given_is_not_a_pass(tmp_path, capsys):
+    path = _honest(tmp_path)
+    assert main(["audit", str(path), "--no-pld", "--key", _KEY]) == 3
+    assert _verdicts(capsys.readouterr().out) == ["unsigned"]
+
+
+EPS_LOWERING_EDITS = {
+    "huge sigma": lambda d: d["runs"][0]["event"].update(noise_multiplier=1e9),
+    "noop": lambda d: d["runs"][0].update(event={"kind": "noop"}),
+    "no runs": lambda d: d.update(runs=[]),
+    "tiny q": lambda d: d["runs"][0].update(selection_probability=1e-300),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EPS_LOWERING_EDITS))
+def test_audit_edit_with_stale_digest_is_tampered(tmp_path, capsys, name):
+    path = _honest(tmp_path)
+    _edit(path, EPS_LOWERING_EDITS[name], redigest=False)
+    assert main(["audit", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert _verdicts(out) == ["tampered"] and "epsilon =" not in out
+
+
+@pytest.mark.parametrize("name", sorted(EPS_LOWERING_EDITS))
+def test_audit_edit_with_recomputed_digest_is_unsigned_and_flagged(tmp_path, capsys, name):
+    # these used to pass with exit 0 and epsilon = 0.0000 and no word of warning
+    path = _honest(tmp_path, key=_KEY)
+    _edit(path, EPS_LOWERING_EDITS[name], redigest=True)
+    assert main(["audit", str(path), "--no-pld"]) == 3
+    out = capsys.readouterr().out
+    assert _verdicts(out) == ["unsigned"] and "UNSIGNED" in out
+    assert "WARNING: suspicious content" in out
+    # with the key, the stripped signature is not accepted either
+    assert main(["audit", str(path), "--no-pld", "--key", _KEY]) == 3
+
+
+def test_audit_signed_file_edited_and_redigested_is_tampered_with_key(tmp_path, capsys):
+    path = _honest(tmp_path, key=_KEY)
+    d = json.loads(path.read_text())
+    sig = d["signature"]
+    _edit(path, EPS_LOWERING_EDITS["huge sigma"], redigest=True)
+    d = json.loads(path.read_text())
+    d["signature"] = sig  # keep the old signature
+    path.write_text(json.dumps(d))
+    assert main(["audit", str(path), "--key", _KEY]) == 1
+    assert _verdicts(capsys.readouterr().out) == ["tampered"]
+
+
+def test_audit_refusals_exit_2_never_1(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"format":"pytorch_privacy.ledger","version":2,"metadata":' + "[" * 900 + "]" * 900 + "}")
+    assert main(["audit", str(deep)]) == 2
+    assert "nested" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "missing.json")]) == 2
+    empty_key = tmp_path / "k"
+    empty_key.write_text("")
+    assert main(["audit", str(_honest(tmp_path)), "--key-file", str(empty_key)]) == 2

@@ -48,6 +48,7 @@ __all__ = [
     "ComposedEvent",
     "event_from_dict",
     "event_from_json",
+    "MAX_EVENT_DEPTH",
     "neighbouring_relation",
     "equivalent_gaussian_noise_multiplier",
 ]
@@ -250,32 +251,86 @@ class ComposedEvent(DpEvent):
     events: tuple = attrs.field(converter=_to_event_tuple, validator=_check_events, factory=tuple)
 
 
-def event_from_dict(d: dict[str, Any]) -> DpEvent:
-    """Inverse of :meth:`DpEvent.to_dict`.  Raises ``ValueError`` for an unknown ``kind``."""
-    if not isinstance(d, dict) or "kind" not in d:
-        raise ValueError(f"not a serialised privacy event: {d!r}")
-    cls = _REGISTRY.get(d["kind"])
+#: Deepest nesting of events (an event inside a sampling/composition event counts one level)
+#: that :func:`event_from_dict` reads.  Real events are 2-4 levels deep; the bound keeps a
+#: hostile file from exhausting the stack.
+MAX_EVENT_DEPTH = 16
+
+# JSON type of each serialised field, by the annotation of the attrs field.  Files are read
+# without coercion: an int field takes a JSON integer only (not 1.0, "1" or true), a float field
+# takes a JSON number (integer or float, never a bool or a string), a str field a string.
+_FIELD_TYPES = {"float": "number", "int": "int", "str": "str", "DpEvent": "event", "tuple": "events"}
+
+
+def _field_value(kind: str, name: str, ftype: str, v: Any, depth: int) -> Any:
+    where = f"{kind!r} event field {name!r}"
+    if ftype == "number":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where} must be a JSON number, got {v!r} ({type(v).__name__})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where} must be finite, got {v!r}")
+        return v
+    if ftype == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{where} must be a JSON integer, got {v!r} ({type(v).__name__})")
+        return v
+    if ftype == "str":
+        if not isinstance(v, str):
+            raise ValueError(f"{where} must be a string, got {type(v).__name__}")
+        return v
+    if ftype == "event":
+        return _event_from_dict(v, depth + 1)
+    if ftype == "events":
+        if not isinstance(v, list):
+            raise ValueError(f"{where} must be a list of events, got {type(v).__name__}")
+        return tuple(_event_from_dict(e, depth + 1) for e in v)
+    raise AssertionError(ftype)  # pragma: no cover
+
+
+def _event_from_dict(d: Any, depth: int) -> DpEvent:
+    if depth > MAX_EVENT_DEPTH:
+        raise ValueError(f"privacy events nested deeper than {MAX_EVENT_DEPTH} levels are refused")
+    if not isinstance(d, dict):
+        raise ValueError(f"not a serialised privacy event: expected a JSON object, got {type(d).__name__}")
+    kind = d.get("kind")
+    if not isinstance(kind, str):
+        raise ValueError(f"a serialised privacy event needs a string 'kind', got {kind!r:.80}")
+    cls = _REGISTRY.get(kind)
     if cls is None:
-        raise ValueError(f"unknown privacy event kind {d['kind']!r}; known: {sorted(_REGISTRY)}")
-    kwargs = {}
-    for a in attrs.fields(cls):
-        if a.name not in d:
-            continue
-        v = d[a.name]
-        if a.name == "event":
-            v = event_from_dict(v)
-        elif a.name == "events":
-            v = tuple(event_from_dict(e) for e in v)
-        kwargs[a.name] = v
+        raise ValueError(f"unknown privacy event kind {kind[:80]!r}; known: {sorted(_REGISTRY)}")
+    fields = attrs.fields(cls)
+    names = {a.name for a in fields}
+    extra = set(d) - names - {"kind"}
+    if extra:
+        raise ValueError(f"{kind!r} event has unknown field(s) {sorted(map(str, extra))[:5]}; fields: {sorted(names)}")
+    missing = names - set(d)
+    if missing:
+        raise ValueError(f"{kind!r} event lacks field(s) {sorted(missing)}")
+    kwargs = {a.name: _field_value(kind, a.name, _FIELD_TYPES[a.type], d[a.name], depth) for a in fields}
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # missing / extra fields
-        raise ValueError(f"malformed {d['kind']!r} event {d!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed {kind!r} event: {exc}") from None
+
+
+def event_from_dict(d: dict[str, Any]) -> DpEvent:
+    """Inverse of :meth:`DpEvent.to_dict`, strict.
+
+    Every field of the event's kind must be present and no other; values are taken without
+    coercion (an integer field refuses ``1.0``, ``"1"`` and ``true``; a number field refuses
+    strings, bools and non-finite values); events nest at most :data:`MAX_EVENT_DEPTH` deep.
+    Anything else raises ``ValueError``.
+    """
+    return _event_from_dict(d, 0)
 
 
 def event_from_json(s: str) -> DpEvent:
-    """Inverse of :meth:`DpEvent.to_json`."""
-    return event_from_dict(json.loads(s))
+    """Inverse of :meth:`DpEvent.to_json` (strict, see :func:`event_from_dict`)."""
+    try:
+        d = json.loads(s)
+    except RecursionError:
+        raise ValueError("privacy event JSON is nested too deeply") from None
+    return event_from_dict(d)
 
 
 def neighbouring_relation(event: DpEvent) -> str | None:
@@ -336,9 +391,64 @@ def equivalent_gaussian_noise_multiplier(event: DpEvent) -> float | None:
             return total
         return None
 
-    v = inv_var(event)
+    try:
+        v = inv_var(event)
+    except (OverflowError, RecursionError):
+        v = -1.0  # a sigma below ~1e-154: take the scaled route below
     if v is None:
         return None
-    if v == 0.0:
+    if v == 0.0 and not _has_gaussian(event):
         return math.inf
-    return 0.0 if math.isinf(v) else v ** -0.5
+    if v > 0.0 and math.isfinite(v) and v > 1e-300:
+        return v ** -0.5
+    return _scaled_equivalent_sigma(event)
+
+
+def _has_gaussian(event: DpEvent) -> bool:
+    stack = [event]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, GaussianEvent):
+            return True
+        inner = getattr(e, "event", None)
+        if isinstance(inner, DpEvent) and not (isinstance(e, SelfComposedEvent) and e.count == 0):
+            stack.append(inner)
+        stack.extend(getattr(e, "events", ()) or ())
+    return False
+
+
+def _scaled_equivalent_sigma(event: DpEvent) -> float | None:
+    """:func:`equivalent_gaussian_noise_multiplier` for extreme sigmas, computed as
+    ``sigma_min * (sum_i m_i (sigma_min / sigma_i)^2)^(-1/2)``, which neither overflows nor
+    underflows (``m_i`` the multiplicity of ``sigma_i``)."""
+    # the terms (sigma_i, multiplicity_i) of sum_i m_i sigma_i^-2, computed as
+    # sigma_min * (sum_i m_i (sigma_min / sigma_i)^2)^(-1/2) so that tiny or huge sigmas neither
+    # overflow nor underflow; a release without noise makes the whole mechanism noiseless.
+    terms: list[tuple[float, float]] = []
+    noiseless = False
+    stack: list[tuple[DpEvent, float]] = [(event, 1.0)]
+    while stack:
+        e, mult = stack.pop()
+        if isinstance(e, GaussianEvent):
+            if e.noise_multiplier == 0.0:
+                noiseless = True
+            else:
+                terms.append((e.noise_multiplier, mult))
+        elif isinstance(e, NoOpEvent):
+            continue
+        elif isinstance(e, NonPrivateEvent):
+            noiseless = True
+        elif isinstance(e, SelfComposedEvent):
+            if e.count:
+                stack.append((e.event, mult * e.count))
+        elif isinstance(e, ComposedEvent):
+            stack.extend((sub, mult) for sub in e.events)
+        else:
+            return None
+    if noiseless:
+        return 0.0
+    if not terms:
+        return math.inf
+    smin = min(t for t, _ in terms)
+    total = math.fsum(m * (smin / t) ** 2 for t, m in terms)
+    return smin / math.sqrt(total)
