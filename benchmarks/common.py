@@ -1,9 +1,11 @@
-"""Shared helpers for the benchmarks: interleaved step timing and a plain-text table."""
+"""Shared helpers for the benchmarks: interleaved step timing, a plain-text table, and per-step
+ATen op counts (:class:`OpCounter`) and peak memory (:func:`peak_step_memory`)."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from typing import Callable
 
 try:
@@ -12,8 +14,9 @@ except ImportError:  # pragma: no cover - not on Windows
     resource = None
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["sync", "time_interleaved", "format_table", "minor_faults"]
+__all__ = ["sync", "time_interleaved", "format_table", "minor_faults", "OpCounter", "count_ops", "peak_step_memory"]
 
 
 def minor_faults() -> int:
@@ -106,3 +109,72 @@ def raw_engine_step(model: torch.nn.Module, x, y, engine: str, loss_fn, clip: fl
         opt.step()
 
     return step
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active: one per call of ``__torch_dispatch__``, i.e.
+    every op that reaches a backend kernel (composite ops are counted as what they decompose to;
+    ops run by the autograd engine in ``backward()`` and under ``torch.func`` transforms are
+    included).  ``count`` is the total, ``by_op`` the count per op overload packet name.
+
+    Each op is a kernel launch on a GPU, so this is what a launch-bound step pays for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_op: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.by_op[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], None]) -> OpCounter:
+    """Run ``fn()`` once under an :class:`OpCounter` and return the counter."""
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def peak_step_memory(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of memory allocated by one call of ``fn()`` (a step), over what was allocated
+    when it started.
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
+      allocated bytes at the start.
+    * CPU: the allocation and free events of torch's CPU allocator, recorded by
+      ``torch.profiler`` (``profile_memory=True``) over two consecutive calls; the running sum
+      of the events of the second call, from its start, and its maximum.  Frees of blocks
+      allocated before the first call are invisible to the profiler, so a step that frees such
+      a block early is charged a little too much (all methods alike: parameters never move).
+      Memory not allocated through torch's allocator (Python objects, oneDNN scratch) is not
+      counted.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("bench::first_step"):
+            fn()
+        with record_function("bench::measured_step"):
+            fn()
+    events = list(prof.profiler.kineto_results.events())
+    marks = [e for e in events if e.name() == "bench::measured_step"]
+    if not marks:
+        raise RuntimeError("peak_step_memory: the profiler recorded no step marker")
+    t0, t1 = marks[0].start_ns(), marks[0].end_ns()
+    mem = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU),
+                 key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in mem:
+        if t0 <= e.start_ns() <= t1:
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
