@@ -10,6 +10,7 @@ import torch
 from . import tree
 from .dp_query import SumAggregationDPQuery, check_clip, check_stddev, clip_coefficients
 from .events import DpEvent, GaussianEvent
+from .randomness import RandomSource, as_random_source
 
 __all__ = ["GaussianSumQuery", "GaussianSumGlobalState", "add_gaussian_noise", "clip_record"]
 
@@ -35,40 +36,36 @@ def clip_record(record: Any, l2_norm_clip) -> Any:
     return tree.unflatten([(l.double() * coef).to(l.dtype) for l in leaves], spec)
 
 
-def add_gaussian_noise(record: Any, stddev, generator: torch.Generator | None = None) -> Any:
-    """``record + N(0, stddev^2 I)`` leaf-wise, drawing from ``generator`` when given.
+def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None) -> Any:
+    """``record + N(0, stddev^2 I)`` leaf-wise.
 
-    The noise is drawn on the generator's device and moved to the leaf's device, so a CPU
-    generator seeds reproducible noise for CUDA tensors too.  ``stddev`` may be a 0-dim tensor
-    (no host sync).  The leaves' noise is drawn one leaf after the other, in leaf order.
+    ``generator``: a :class:`~pytorch_privacy.dp_query.randomness.RandomSource` (what queries
+    own), a ``torch.Generator`` (drawn on its device, then moved: a CPU generator seeds
+    reproducible noise for CUDA tensors too), or ``None`` for a fresh OS-seeded source (never
+    torch's global RNG).  The noise of each leaf is drawn and added in float32 or wider
+    (:func:`~pytorch_privacy.dp_query.randomness.noise_dtype`), then cast to the leaf's dtype;
+    leaves are drawn one after the other, in leaf order.  ``stddev`` may be a 0-dim tensor (no
+    host sync).
     """
     if isinstance(stddev, (int, float)) and stddev == 0:
         return tree.tree_map(lambda leaf: leaf, record)
-    if tree._flat_dict(record) and record:
-        leaves = list(record.values())
-        if all(leaf.dtype in (torch.float32, torch.float64) for leaf in leaves):
-            # hot path (the optimizer's records): the same draws in the same order as the
-            # leaf-wise route below, scaled and added with one foreach call each
-            zs = [
-                torch.randn(
-                    leaf.shape, generator=generator, device=generator.device if generator is not None else leaf.device,
-                    dtype=leaf.dtype,
-                ).to(leaf.device)
-                for leaf in leaves
-            ]
-            if isinstance(stddev, (int, float)):
-                torch._foreach_mul_(zs, stddev)
-            else:
-                zs = [(z * stddev).to(z.dtype) for z in zs]
-            return dict(zip(record, torch._foreach_add(leaves, zs)))
-
-    def noise(leaf: torch.Tensor) -> torch.Tensor:
-        dev = generator.device if generator is not None else leaf.device
-        dtype = leaf.dtype if leaf.is_floating_point() else torch.get_default_dtype()
-        z = torch.randn(leaf.shape, generator=generator, device=dev, dtype=dtype)
-        return leaf + (z.to(leaf.device) * stddev).to(dtype)
-
-    return tree.tree_map(noise, record)
+    src = as_random_source(generator)
+    if isinstance(record, dict) and record and all(isinstance(v, torch.Tensor) for v in record.values()):
+        keys, leaves, spec = list(record), list(record.values()), None
+    else:
+        leaves, spec = tree.flatten(record)
+    zs = [src.normal(leaf.shape, device=leaf.device, dtype=leaf.dtype) for leaf in leaves]
+    if isinstance(stddev, (int, float)):
+        torch._foreach_mul_(zs, stddev)
+    else:
+        zs = [(z * stddev).to(z.dtype) for z in zs]
+    out_dtypes = [leaf.dtype if leaf.is_floating_point() else torch.get_default_dtype() for leaf in leaves]
+    wide = [leaf if leaf.dtype == z.dtype else leaf.to(z.dtype) for leaf, z in zip(leaves, zs)]
+    summed = torch._foreach_add(wide, zs)
+    out = [s if s.dtype == d else s.to(d) for s, d in zip(summed, out_dtypes)]
+    if spec is None:
+        return dict(zip(keys, out))
+    return tree.unflatten(out, spec)
 
 
 class GaussianSumQuery(SumAggregationDPQuery):
@@ -81,14 +78,26 @@ class GaussianSumQuery(SumAggregationDPQuery):
     Args:
         l2_norm_clip: clip bound C > 0.
         stddev: noise standard deviation (``noise_multiplier * C``), >= 0.
-        generator: optional ``torch.Generator`` for reproducible noise (tests).  Production runs
-            should leave it ``None`` (torch's default generator).
+        generator: optional ``torch.Generator`` for reproducible noise (tests), or a shared
+            :class:`~pytorch_privacy.dp_query.randomness.RandomSource`.  Default: the query owns
+            generators seeded from OS entropy (never torch's global RNG).
+        secure_mode: draw the noise from the OS CSPRNG (see :mod:`~pytorch_privacy.dp_query.randomness`).
+
+    ``self.generator`` is the query's :class:`~pytorch_privacy.dp_query.randomness.RandomSource`
+    (its ``state_dict`` is what a checkpoint saves).
     """
 
-    def __init__(self, l2_norm_clip: float, stddev: float, *, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        l2_norm_clip: float,
+        stddev: float,
+        *,
+        generator: "torch.Generator | RandomSource | None" = None,
+        secure_mode: bool = False,
+    ):
         self._l2_norm_clip = check_clip(l2_norm_clip)
         self._stddev = check_stddev(stddev)
-        self.generator = generator
+        self.generator = as_random_source(generator, secure_mode=secure_mode)
 
     def initial_global_state(self) -> GaussianSumGlobalState:
         return GaussianSumGlobalState(self._l2_norm_clip, self._stddev)

@@ -35,6 +35,7 @@ from .dp_query import DPQuery, check_clip, check_stddev, clip_coefficients
 from .events import ComposedEvent, DpEvent, GaussianEvent
 from .gaussian_query import GaussianSumGlobalState, GaussianSumQuery, add_gaussian_noise
 from .quantile_estimator_query import INDICATOR_SENSITIVITY, QuantileEstimatorGlobalState, QuantileEstimatorQuery
+from .randomness import as_random_source
 
 __all__ = [
     "QuantileAdaptiveClipSumQuery",
@@ -148,6 +149,7 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         generator: torch.Generator | None = None,
     ):
         clip = check_clip(initial_l2_norm_clip)
+        generator = as_random_source(generator)  # one owned source for both releases
         self._noise_multiplier = check_stddev(noise_multiplier, "noise_multiplier")
         self._sum_query = GaussianSumQuery(clip, self._noise_multiplier * clip, generator=generator)
         self._quantile_query = QuantileEstimatorQuery(

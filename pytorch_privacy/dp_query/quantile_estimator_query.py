@@ -36,6 +36,7 @@ import torch
 from .dp_query import DPQuery, check_stddev
 from .events import DpEvent, GaussianEvent
 from .normalized_query import check_denominator
+from .randomness import as_random_source
 
 __all__ = ["QuantileEstimatorQuery", "QuantileEstimatorGlobalState", "INDICATOR_SENSITIVITY"]
 
@@ -118,9 +119,8 @@ class QuantileEstimatorQuery(DPQuery):
         if not isinstance(geometric_update, bool):
             raise TypeError(f"geometric_update must be a bool, got {type(geometric_update).__name__}")
         self._geometric_update = geometric_update
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.generator = generator
+        # owned randomness (OS-seeded by default, never torch's global RNG): dp_query/randomness.py
+        self.generator = as_random_source(generator)
 
     # -- global state --------------------------------------------------------------------
     def initial_global_state(self) -> QuantileEstimatorGlobalState:
@@ -194,9 +194,8 @@ class QuantileEstimatorQuery(DPQuery):
         s = sample_state
         stddev = global_state.below_estimate_stddev
         if stddev > 0:
-            dev = self.generator.device if self.generator is not None else s.device
-            z = torch.randn((), generator=self.generator, device=dev, dtype=_STATE_DTYPE)
-            s = s + z.to(s.device) * stddev
+            z = self.generator.normal((), device=s.device, dtype=_STATE_DTYPE)
+            s = s + z * stddev
         return torch.clamp(s / global_state.expected_num_records + INDICATOR_SENSITIVITY, 0.0, 1.0)
 
     def updated_estimate(self, estimate: torch.Tensor, fraction_below: torch.Tensor, global_state):

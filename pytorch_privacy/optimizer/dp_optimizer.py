@@ -24,23 +24,23 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-import attrs
 import torch
 from torch import nn
 
 from ..dp_query.dp_query import DPQuery, check_clip, check_stddev
-from ..dp_query.events import DpEvent, event_from_dict
+from ..dp_query.events import DpEvent
 from ..dp_query.privacy_ledger import PrivacyLedger
 from ..dp_query.query_with_ledger import QueryWithLedger
+from ..dp_query.randomness import RandomSource
+from . import checkpoint, validation
 from .budget import PrivacyBudget, PrivacyBudgetExceeded
+from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
+from .consistency import SamplingMonitor, check_target_delta, ledger_for_loader
 from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, call_model, select_engine
 from .multipass import JOINT, PASS_CLIPPING_MODES, EmptyGradients, StepAccumulator, combine_gradients
 from .samplers import batch_size_of, split_into_physical_batches
 
 __all__ = ["DPOptimizer", "DPGaussianOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
-
-STATE_DICT_FORMAT = "pytorch_privacy.dp_optimizer"
-STATE_DICT_VERSION = 1
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -61,87 +61,6 @@ def _query_chain(query: DPQuery):
         seen.add(id(q))
         yield q
         q = getattr(q, "inner_query", None)
-
-
-def _find_generators(obj: Any) -> list[torch.Generator]:
-    """Every ``torch.Generator`` reachable from a query through its attributes (queries nested
-    in queries, lists/tuples/dicts of them), deduplicated, in a deterministic order."""
-    found: list[torch.Generator] = []
-    seen: set[int] = set()
-
-    def walk(o, depth):
-        if depth > 8 or id(o) in seen:
-            return
-        seen.add(id(o))
-        if isinstance(o, torch.Generator):
-            found.append(o)
-        elif isinstance(o, DPQuery):
-            for v in vars(o).values():
-                walk(v, depth + 1)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v, depth + 1)
-        elif isinstance(o, dict):
-            for v in o.values():
-                walk(v, depth + 1)
-
-    walk(obj, 0)
-    return found
-
-
-# -- global state <-> plain containers (torch.load(weights_only=True) safe) -------------
-def _to_plain(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if attrs.has(type(x)):
-        return {a.name: _to_plain(getattr(x, a.name)) for a in attrs.fields(type(x))}
-    if isinstance(x, (tuple, list)):
-        return [_to_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _to_plain(v) for k, v in x.items()}
-    raise TypeError(f"cannot checkpoint query state of type {type(x).__name__}")
-
-
-def _from_plain(template: Any, plain: Any, where: str = "global_state") -> Any:
-    def bad(msg):
-        return ValueError(f"checkpointed query state does not match this query at {where}: {msg}")
-
-    if isinstance(template, torch.Tensor):
-        if not isinstance(plain, torch.Tensor):
-            plain = torch.as_tensor(plain)
-        return plain.to(device=template.device, dtype=template.dtype).clone()
-    if template is None or isinstance(template, (bool, int, float, str)):
-        if isinstance(plain, torch.Tensor) and plain.numel() == 1:
-            plain = plain.item()
-        if template is not None and plain is not None and not isinstance(plain, (bool, int, float, str)):
-            raise bad(f"expected a {type(template).__name__}, got {type(plain).__name__}")
-        return plain
-    if attrs.has(type(template)):
-        if not isinstance(plain, dict):
-            raise bad(f"expected fields of {type(template).__name__}")
-        kwargs = {}
-        for a in attrs.fields(type(template)):
-            if a.name not in plain:
-                raise bad(f"missing field {a.name!r}")
-            if not a.init:
-                continue
-            alias = getattr(a, "alias", None) or a.name.lstrip("_")
-            kwargs[alias] = _from_plain(getattr(template, a.name), plain[a.name], f"{where}.{a.name}")
-        return attrs.evolve(template, **kwargs)
-    if isinstance(template, (tuple, list)):
-        if not isinstance(plain, (tuple, list)) or len(plain) != len(template):
-            raise bad(f"expected a sequence of length {len(template)}")
-        vals = [_from_plain(t, p, f"{where}[{i}]") for i, (t, p) in enumerate(zip(template, plain))]
-        if isinstance(template, tuple) and hasattr(template, "_fields"):
-            return type(template)(*vals)
-        return type(template)(vals)
-    if isinstance(template, dict):
-        if not isinstance(plain, dict) or set(plain) != set(template):
-            raise bad(f"expected keys {sorted(template)}")
-        return {k: _from_plain(template[k], plain[k], f"{where}[{k!r}]") for k in template}
-    raise bad(f"unsupported state type {type(template).__name__}")
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -190,6 +109,24 @@ class DPOptimizer(torch.optim.Optimizer):
         metrics_callback: ``callback(metrics: dict)`` after every step (implies ``metrics``).
         validate: reject models with layers that mix examples (BatchNorm in training mode) up
             front, via :func:`pytorch_privacy.optimizer.validation.validate_model`.
+        data_loader: the loader the batches come from (a
+            :class:`~pytorch_privacy.optimizer.DPDataLoader`, or a shuffling ``DataLoader``).  It
+            is the truth about sampling: without ``ledger`` the ledger is built from it; with one,
+            their sampling must agree, and every step re-checks it
+            (:mod:`pytorch_privacy.optimizer.consistency`).
+        secure_mode: require every random source of the query to draw from the OS CSPRNG
+            (:mod:`pytorch_privacy.dp_query.randomness`); ``ValueError`` otherwise.
+
+    The ledger matches reality: a step whose batch exceeds the ledger's population is refused, and
+    realised batch sizes implausible under the ledger's ``q`` raise a warning
+    (:mod:`pytorch_privacy.optimizer.consistency`).  ``target_delta >= 1/N`` warns.
+
+    Misuse stopped at the next step: trainable parameters added to the model after wrapping (and
+    not given to the optimizer), batches on another device or of another floating dtype than the
+    parameters, and NaN/inf already in a weight.  The finite-weights check costs one pass over the
+    parameters; it runs every step for CPU parameters and every
+    :data:`~pytorch_privacy.optimizer.validation.FINITE_CHECK_EVERY_ACCELERATOR` steps (one host
+    sync) on accelerators.
 
     Microbatches.  With microbatches a record is a microbatch: the gradient of its mean loss is
     clipped to ``C``, so the query's sensitivity is still ``C`` for adding or removing one
@@ -238,6 +175,8 @@ class DPOptimizer(torch.optim.Optimizer):
         metrics: bool = False,
         metrics_callback: Callable[[dict], None] | None = None,
         validate: bool = True,
+        data_loader: Any = None,
+        secure_mode: bool = False,
     ):
         # hooks and profiling plumbing of torch.optim.Optimizer (its __init__ is not called:
         # param_groups/state/defaults are the wrapped optimizer's)
@@ -280,6 +219,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     )
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in trainable.items() if id(p) not in opt_params]
+        #: trainable parameters knowingly left out of the optimizer (warned about once, here)
+        self._known_missing = {id(trainable[n]) for n in missing}
         if missing:
             warnings.warn(
                 f"trainable parameters {missing} are not in the optimizer: their private gradients are computed "
@@ -302,6 +243,10 @@ class DPOptimizer(torch.optim.Optimizer):
 
         # ledger: the outermost QueryWithLedger is unwrapped and recorded by the optimizer itself,
         # so a step refused by the budget is never recorded
+        if data_loader is not None and ledger is None and not any(
+            isinstance(q, QueryWithLedger) for q in _query_chain(query)
+        ):
+            ledger = ledger_for_loader(data_loader)
         if ledger is not None:
             if not isinstance(ledger, PrivacyLedger):
                 raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
@@ -332,12 +277,28 @@ class DPOptimizer(torch.optim.Optimizer):
                 "replace_one" if self._ledger.sampling in ("shuffle", "without_replacement") else "add_or_remove_one"
             )
             self._budget = PrivacyBudget(target_epsilon, target_delta, accountant, neighboring_relation=relation)
+            check_target_delta(target_delta, self._ledger.population_size)
+        #: ties the real batches to the ledger's sampling (None without a ledger)
+        self._consistency = SamplingMonitor(self._ledger, data_loader) if self._ledger is not None else None
+        if data_loader is not None and self._consistency is None:
+            raise ValueError("data_loader= needs a ledger to check; the query records into none")
 
         self._metrics_callback = metrics_callback
         self._metrics = bool(metrics) or metrics_callback is not None
         self._acc = StepAccumulator(self._release_query, pass_clipping, collect_norms=self._metrics)
         self._global_state = self._release_query.initial_global_state()
-        self._generators = _find_generators(self.query)
+        self._random_sources: list[RandomSource] = find_random_sources(self.query)
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
+        self.secure_mode = secure_mode
+        if secure_mode and not all(src.secure_mode for src in self._random_sources):
+            raise ValueError(
+                "secure_mode=True but the query draws from a non-secure generator; build the query with "
+                "secure_mode=True (or generator=RandomSource(secure_mode=True) for queries without that option)"
+            )
+        #: examples in the current step (fit_batch), for the batch-size plausibility test
+        self._step_examples: int | None = None
+        self._finite_checks = 0
         self._steps = 0
         #: trainable parameters when the current step began (see :meth:`_ensure_started`)
         self._step_params: dict[str, nn.Parameter] = {}
@@ -429,11 +390,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_model(model: nn.Module) -> None:
-        try:
-            from .validation import validate_model
-        except ImportError:  # validation module not installed in this build
-            return
-        validate_model(model)
+        validation.validate_model(model)
 
     def _engine(self, loss_fn: LossFn) -> GradientEngine:
         eng = self._engines.get(loss_fn)
@@ -447,8 +404,18 @@ class DPOptimizer(torch.optim.Optimizer):
             params = self._trainable()
             if not params:
                 raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+            opt_ids = {id(p) for g in self.original_optimizer.param_groups for p in g["params"]}
+            validation.check_no_new_parameters(params, opt_ids, self._known_missing)
+            self._check_finite_weights(params)
             self._step_params = params
             self._acc.begin(self._global_state, {n: p.detach() for n, p in params.items()})
+
+    def _check_finite_weights(self, params: dict[str, nn.Parameter]) -> None:
+        on_cpu = all(p.device.type == "cpu" for p in params.values())
+        every = 1 if on_cpu else validation.FINITE_CHECK_EVERY_ACCELERATOR
+        if self._finite_checks % every == 0:
+            validation.check_finite_weights(params)
+        self._finite_checks += 1
 
     def _microbatch_size_for(self, n: int) -> int | None:
         if self.num_microbatches is not None:
@@ -485,10 +452,13 @@ class DPOptimizer(torch.optim.Optimizer):
 
         ``microbatch_size`` defaults to the optimizer's microbatch setting for this batch."""
         n = batch_size_of(inputs, targets)
+        if self._consistency is not None:
+            self._consistency.check_batch(n)
         if microbatch_size is None:
             microbatch_size = self._microbatch_size_for(n)
         if n == 0:
             return EmptyGradients(self._trainable())
+        validation.check_inputs_match(self._trainable(), inputs, targets)
         pe = self._engine(loss_fn or self.loss_fn).compute(inputs, targets, microbatch_size=microbatch_size)
         losses = pe.losses
         if losses is not None and losses.dim() == 0:
@@ -603,7 +573,12 @@ class DPOptimizer(torch.optim.Optimizer):
             qmetrics_before = self._release_query.derive_metrics(old_state) if self._metrics else None
             enforcing = self._budget is not None and self._budget.target_epsilon is not None
             # the release draws noise before its event is known: keep what a refusal must undo
-            saved_gens = [g.get_state() for g in self._generators] if enforcing else None
+            examples = self._step_examples
+            if examples is None and self.num_microbatches is None and self.microbatch_size is None:
+                examples = self._acc.num_records + max((pe.num_records for pe in self._acc.pending), default=0)
+            if self._consistency is not None and examples is not None:
+                self._consistency.check_batch(examples)
+            saved = snapshot_sources(self._random_sources) if enforcing else None
             result, new_state, event = self._acc.finish(old_state)
             if event is not None:
                 if enforcing:
@@ -611,13 +586,14 @@ class DPOptimizer(torch.optim.Optimizer):
                         self._budget.check(self._ledger, event)
                     except PrivacyBudgetExceeded:
                         # a refused step leaves no trace: no noise drawn, nothing recorded
-                        for g, st in zip(self._generators, saved_gens):
-                            g.set_state(st)
+                        restore_sources(self._random_sources, saved)
                         self._acc.dropped = self._acc.dropped_at_begin
                         self._acc.reset()
                         raise
                 if self._records_ledger:
                     self._ledger.record_sample(event)
+                    if self._consistency is not None and examples is not None:
+                        self._consistency.observe(examples)
                 self._global_state = new_state
                 self._last_event = event
             grads = combine_gradients(result, self._acc.public) if self._acc.public else (result or {})
@@ -647,6 +623,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._precheck_budget()
         self.zero_grad()
         n = batch_size_of(inputs, targets)
+        if self._consistency is not None:
+            self._consistency.check_batch(n)
         b = self._microbatch_size_for(n)
         loss_sum = None
         for cx, cy in split_into_physical_batches(inputs, targets, self.max_physical_batch_size, multiple_of=b or 1):
@@ -655,7 +633,11 @@ class DPOptimizer(torch.optim.Optimizer):
             s = pe.losses.detach().sum()
             loss_sum = s if loss_sum is None else loss_sum + s
             self.clip_and_accumulate()
-        self.step()
+        self._step_examples = n
+        try:
+            self.step()
+        finally:
+            self._step_examples = None
         return loss_sum / max(n, 1)
 
     # -- metrics -------------------------------------------------------------------------
@@ -689,56 +671,17 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Wrapped optimizer state, query global state, generator states, ledger, step count."""
-        return {
-            "format": STATE_DICT_FORMAT,
-            "version": STATE_DICT_VERSION,
-            "optimizer": self.original_optimizer.state_dict(),
-            "query_global_state": _to_plain(self._global_state),
-            "generators": [g.get_state() for g in self._generators],
-            "ledger": self._ledger.to_dict() if self._ledger is not None else None,
-            "steps": self._steps,
-            "last_event": self._last_event.to_dict() if self._last_event is not None else None,
-        }
+        """Wrapped optimizer state, query configuration and global state, random-source states,
+        ledger, step count (:mod:`pytorch_privacy.optimizer.checkpoint`)."""
+        return checkpoint.build_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the ledger object is updated in place (so
-        references to it stay valid) and the run continues the same privacy account."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
-            raise ValueError(
-                "not a DPOptimizer state dict (missing 'format'); to load a plain optimizer state use "
-                "dp_optimizer.original_optimizer.load_state_dict(...)"
-            )
-        if state_dict.get("version") != STATE_DICT_VERSION:
-            raise ValueError(f"unsupported DPOptimizer state dict version {state_dict.get('version')!r}")
-        saved_ledger = state_dict.get("ledger")
-        if (saved_ledger is None) != (self._ledger is None):
-            raise ValueError(
-                "the checkpoint " + ("has no ledger but this optimizer has one" if saved_ledger is None else
-                                     "has a ledger but this optimizer has none")
-                + "; the privacy account would not continue. Build the optimizer with the same ledger setup"
-            )
-        gens = state_dict.get("generators", [])
-        if len(gens) != len(self._generators):
-            raise ValueError(
-                f"the checkpoint holds {len(gens)} generator state(s), this query has {len(self._generators)}"
-            )
-        new_global = _from_plain(self._release_query.initial_global_state(), state_dict["query_global_state"])
-        new_ledger = PrivacyLedger.from_dict(saved_ledger) if saved_ledger is not None else None
-        self.original_optimizer.load_state_dict(state_dict["optimizer"])
-        self._global_state = new_global
-        for g, s in zip(self._generators, gens):
-            g.set_state(s)
-        if new_ledger is not None:
-            # replace the contents in place: the QueryWithLedger and the user hold this object
-            vars(self._ledger).clear()
-            vars(self._ledger).update(vars(new_ledger))
-        if self._budget is not None:
-            self._budget.reset()
-        self._steps = int(state_dict.get("steps", 0))
-        le = state_dict.get("last_event")
-        self._last_event = event_from_dict(le) if le is not None else None
-        self._acc.reset()
+        references to it stay valid) and the run continues the same privacy account and the same
+        noise stream.  Refused (``ValueError``, nothing changed) when the checkpoint's query
+        configuration (clip, noise) or ledger sampling differs from this optimizer's
+        (:mod:`pytorch_privacy.optimizer.checkpoint`)."""
+        checkpoint.load_state_dict(self, state_dict)
 
 
 class DPGaussianOptimizer(DPOptimizer):
@@ -761,7 +704,13 @@ class DPGaussianOptimizer(DPOptimizer):
         expected_batch_size: the public denominator (required without a ledger and without
             ``num_microbatches``).
         ledger: records every step (and provides ``q*N``).
-        generator: ``torch.Generator`` for the noise (reproducible runs and exact resume).
+        generator: ``torch.Generator`` for the noise (reproducible runs).  Default: the query
+            owns generators seeded from OS entropy (never torch's global RNG); either way their
+            state is checkpointed and a resume continues the stream.
+        secure_mode: draw the noise from the OS CSPRNG with the floating-point mitigation of
+            :mod:`pytorch_privacy.dp_query.randomness` (no ``generator``).
+        data_loader: the loader of the batches: builds the ledger (when ``ledger`` is not given)
+            and gives ``q*N``; see :class:`DPOptimizer`.
         **kwargs: the other :class:`DPOptimizer` options.
     """
 
@@ -778,9 +727,14 @@ class DPGaussianOptimizer(DPOptimizer):
         num_microbatches: int | None = None,
         microbatch_size: int | None = None,
         generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        data_loader: Any = None,
         **kwargs,
     ):
         from ..dp_query.normalized_query import GaussianAverageQuery
+
+        if data_loader is not None and ledger is None:
+            ledger = ledger_for_loader(data_loader)
 
         clip = check_clip(l2_norm_clip)
         sigma = check_stddev(noise_multiplier, "noise_multiplier")
@@ -809,7 +763,8 @@ class DPGaussianOptimizer(DPOptimizer):
         self.l2_norm_clip = clip
         self.noise_multiplier = sigma
         self.denominator = denominator
-        query = GaussianAverageQuery(clip, sigma * clip, denominator, generator=generator)
+        source = RandomSource(generator, secure_mode=secure_mode)
+        query = GaussianAverageQuery(clip, sigma * clip, denominator, generator=source)
         super().__init__(
             optimizer,
             model,
@@ -818,5 +773,7 @@ class DPGaussianOptimizer(DPOptimizer):
             ledger=ledger,
             num_microbatches=num_microbatches,
             microbatch_size=microbatch_size,
+            data_loader=data_loader,
+            secure_mode=secure_mode,
             **kwargs,
         )

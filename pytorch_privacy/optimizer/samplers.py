@@ -11,8 +11,11 @@ sums and noise) into *physical* chunks that fit in memory; the optimizer accumul
 per-example sums of the chunks (``merge_sample_states``) and adds noise once per logical step,
 so the privacy analysis is that of the logical batch.
 
-Randomness: samplers draw from a ``torch.Generator`` (seedable, checkpointable).  It is not a
-cryptographically secure generator; see the project README for what that means for a deployment.
+Randomness: a sampler owns a :class:`~pytorch_privacy.dp_query.randomness.RandomSource`: by
+default a ``torch.Generator`` seeded from OS entropy (never torch's global RNG), saved by
+:meth:`PoissonSampler.state_dict` so a resumed run continues the sequence of batches instead of
+repeating it; or, with ``secure_mode=True``, Bernoulli draws from the OS CSPRNG.  See
+docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from ..dp_query.randomness import RandomSource, as_random_source
+
 __all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of"]
 
 
@@ -33,13 +38,6 @@ def _check_rate(sample_rate) -> float:
     if math.isnan(sample_rate) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r} (expected batch size / dataset size)")
     return float(sample_rate)
-
-
-def _default_generator() -> torch.Generator:
-    g = torch.Generator()
-    # seeded from torch's global RNG, so torch.manual_seed makes runs reproducible
-    g.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
-    return g
 
 
 class PoissonSampler(Sampler[list[int]]):
@@ -54,12 +52,20 @@ class PoissonSampler(Sampler[list[int]]):
         num_samples: dataset size ``N``.
         sample_rate: ``q`` in (0, 1].
         steps: batches per iteration (default ``max(1, round(1/q))``).
-        generator: ``torch.Generator`` (CPU) to draw from; default: a private one seeded from
-            torch's global RNG.  :meth:`state_dict` saves it for resumable runs.
+        generator: ``torch.Generator`` (CPU) to draw from (reproducible runs); default: an owned
+            one seeded from OS entropy (``torch.manual_seed`` does not affect it).
+            :meth:`state_dict` saves it for resumable runs.
+        secure_mode: draw the Bernoulli masks from the OS CSPRNG (no ``generator``).
     """
 
     def __init__(
-        self, num_samples: int, sample_rate: float, *, steps: int | None = None, generator: torch.Generator | None = None
+        self,
+        num_samples: int,
+        sample_rate: float,
+        *,
+        steps: int | None = None,
+        generator: "torch.Generator | RandomSource | None" = None,
+        secure_mode: bool = False,
     ):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -70,7 +76,17 @@ class PoissonSampler(Sampler[list[int]]):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         self.steps = steps
-        self.generator = generator if generator is not None else _default_generator()
+        self.random = as_random_source(generator, secure_mode=secure_mode)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The CPU ``torch.Generator`` the masks are drawn from (``None`` in secure mode)."""
+        return None if self.random.secure_mode else self.random.torch_generator("cpu")
+
+    @property
+    def secure_mode(self) -> bool:
+        """Whether the masks come from the OS CSPRNG."""
+        return self.random.secure_mode
 
     @property
     def expected_batch_size(self) -> float:
@@ -82,7 +98,7 @@ class PoissonSampler(Sampler[list[int]]):
 
     def sample(self) -> torch.Tensor:
         """One Poisson batch of indices (an int64 tensor, possibly empty)."""
-        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        mask = self.random.bernoulli_mask(self.num_samples, self.sample_rate)
         return mask.nonzero().flatten()
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -90,12 +106,31 @@ class PoissonSampler(Sampler[list[int]]):
             yield self.sample().tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state (resume the same sequence of batches)."""
-        return {"generator": self.generator.get_state()}
+        """The sampling settings and the random-source state (resume the sequence of batches)."""
+        return {
+            "num_samples": self.num_samples,
+            "sample_rate": self.sample_rate,
+            "random": self.random.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the generator state saved by :meth:`state_dict`."""
-        self.generator.set_state(state["generator"])
+        """Restore the state saved by :meth:`state_dict`.  ``ValueError`` (nothing changed) when
+        the checkpoint sampled a different population or rate: a checkpoint never rewrites the
+        sampling.  (States of older releases, ``{"generator": tensor}``, still load.)"""
+        if not isinstance(state, dict):
+            raise ValueError("not a PoissonSampler state dict")
+        for key, ours in (("num_samples", self.num_samples), ("sample_rate", self.sample_rate)):
+            if key in state and state[key] != ours:
+                raise ValueError(
+                    f"the checkpoint's sampler has {key}={state[key]!r}, this one {ours!r}; build the sampler "
+                    "(loader) with the checkpointed run's settings"
+                )
+        if "random" in state:
+            self.random.load_state_dict(state["random"])
+        elif "generator" in state:
+            self.random.set_legacy_state(state["generator"])
+        else:
+            raise ValueError("not a PoissonSampler state dict (no 'random' state)")
 
 
 def _slice_tree(x: Any, start: int, stop: int) -> Any:
@@ -132,13 +167,16 @@ class DPDataLoader(DataLoader):
         dataset: a map-style dataset of size ``N``.
         sample_rate: ``q``; expected batch size ``q*N``.
         steps: batches per iteration (default ``round(1/q)``).
-        generator: ``torch.Generator`` for the sampling.
+        generator: ``torch.Generator`` for the sampling (default: owned, OS-seeded).
+        secure_mode: sample from the OS CSPRNG.
         collate_fn: as for ``DataLoader`` (default ``default_collate``).
         **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``...);
             ``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler`` and ``drop_last`` are
             decided by Poisson sampling and refused.
 
-    Use ``PrivacyLedger(N, q)`` (sampling ``"poisson"``) for the ledger of a run fed by it.
+    The loader is the truth about sampling: build the ledger with :meth:`make_ledger` (or pass
+    ``data_loader=`` to the optimizer), never by typing ``q`` again.  :meth:`state_dict` /
+    :meth:`load_state_dict` checkpoint the sampler.
     """
 
     def __init__(
@@ -148,13 +186,14 @@ class DPDataLoader(DataLoader):
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        secure_mode: bool = False,
         collate_fn=None,
         **kwargs,
     ):
         bad = sorted(set(kwargs) & {"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"})
         if bad:
             raise ValueError(f"DPDataLoader decides {bad} by Poisson sampling; do not pass them")
-        sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator)
+        sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, secure_mode=secure_mode)
         super().__init__(
             dataset,
             batch_sampler=sampler,
@@ -173,6 +212,14 @@ class DPDataLoader(DataLoader):
         """``q * N``."""
         return self.poisson_sampler.expected_batch_size
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state (see :meth:`PoissonSampler.state_dict`)."""
+        return self.poisson_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (refuses another population or rate)."""
+        self.poisson_sampler.load_state_dict(state)
+
     def make_ledger(self, **metadata) -> "PrivacyLedger":
         """A :class:`~pytorch_privacy.dp_query.PrivacyLedger` whose sampling settings are exactly
         this loader's (``poisson``, ``N = len(dataset)``, ``q = sample_rate``), so the two can
@@ -183,7 +230,12 @@ class DPDataLoader(DataLoader):
 
     @classmethod
     def from_data_loader(
-        cls, data_loader: DataLoader, *, generator: torch.Generator | None = None, steps: int | None = None
+        cls,
+        data_loader: DataLoader,
+        *,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        secure_mode: bool = False,
     ) -> "DPDataLoader":
         """The Poisson-sampled counterpart of an ordinary loader: ``q = 1 / len(data_loader)``
         (same expected batch size, same number of steps per epoch), same dataset, collate
@@ -204,6 +256,7 @@ class DPDataLoader(DataLoader):
             1.0 / len(data_loader),
             steps=steps if steps is not None else len(data_loader),
             generator=generator,
+            secure_mode=secure_mode,
             collate_fn=collate,
             **kwargs,
         )

@@ -170,3 +170,74 @@ def _to_groupnorm(bn: _BatchNorm, num_groups: int) -> nn.GroupNorm:
         gn.bias.requires_grad_(bn.bias.requires_grad)
     gn.train(bn.training)
     return gn
+
+
+# -- checks at every step (DPOptimizer) --------------------------------------------------
+#: on non-CPU devices the finite-weights check runs every this many steps (one host sync each)
+FINITE_CHECK_EVERY_ACCELERATOR = 100
+
+
+def check_no_new_parameters(trainable: dict[str, nn.Parameter], optimizer_param_ids: set[int],
+                            known_missing: set[int]) -> None:
+    """``ValueError`` naming trainable parameters that are neither in the optimizer nor were left
+    out of it knowingly when the DPOptimizer was built (a layer added to the model afterwards
+    would otherwise get private gradients that nothing ever applies)."""
+    new = [n for n, p in trainable.items() if id(p) not in optimizer_param_ids and id(p) not in known_missing]
+    if new:
+        raise ValueError(
+            f"trainable parameters {new} were added to the model after the DPOptimizer was built; the "
+            "optimizer does not hold them, so they would never be updated. Add them with "
+            "dp_optimizer.add_param_group({'params': [...]}), freeze them, or rebuild the optimizer"
+        )
+
+
+def check_inputs_match(params: dict[str, torch.Tensor], inputs, targets=None) -> None:
+    """Compare the tensors of a batch with the model's parameters: a tensor on another device, or
+    a floating-point input of another dtype, is refused with a message that names both.
+
+    Skipped when the parameters themselves span several devices (model parallelism) or several
+    floating dtypes (mixed-precision models); integer inputs (token ids, labels) are never
+    dtype-checked."""
+    devices = {p.device for p in params.values()}
+    dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
+    if not devices:
+        return
+    for what, x in (("inputs", inputs), ("targets", targets)):
+        for t in torch.utils._pytree.tree_leaves(x):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if len(devices) == 1:
+                (dev,) = devices
+                if t.device != dev:
+                    raise ValueError(
+                        f"{what} are on device {t.device} but the model's parameters are on {dev}; move the "
+                        f"batch with .to('{dev}') (or the model with model.to('{t.device}') before wrapping it)"
+                    )
+            if what == "inputs" and len(dtypes) == 1 and t.is_floating_point():
+                (dt,) = dtypes
+                if t.dtype != dt:
+                    raise TypeError(
+                        f"inputs have dtype {t.dtype} but the model's parameters are {dt}; convert the batch "
+                        f"with .to({dt}) (or the model with model.to({t.dtype}))"
+                    )
+
+
+def nonfinite_weights(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor (no host sync): whether any parameter holds a NaN or an inf."""
+    tensors = [p.detach() for p in params.values()]
+    if not tensors:
+        return torch.tensor(False)
+    maxabs = torch._foreach_norm(tensors, float("inf"))
+    dev = tensors[0].device
+    return ~torch.stack([m.to(dev, torch.float32) for m in maxabs]).isfinite().all()
+
+
+def check_finite_weights(params: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the parameters that hold NaN or inf (one host sync)."""
+    if bool(nonfinite_weights(params)):
+        bad = [n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+        raise ValueError(
+            f"parameters {bad} hold NaN or inf values: training cannot continue from them (every update "
+            "would be non-finite or meaningless). Restore the weights from a checkpoint and look for the "
+            "cause (learning rate too large, a bad initialisation, weights edited by hand)"
+        )

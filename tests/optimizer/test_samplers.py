@@ -54,7 +54,7 @@ def test_poisson_sampler_default_steps_reproducibility_and_state_dict():
     torch.manual_seed(3)
     a = list(PoissonSampler(100, 0.1))
     torch.manual_seed(3)
-    assert list(PoissonSampler(100, 0.1)) == a  # default generator seeded from torch's RNG
+    assert list(PoissonSampler(100, 0.1)) != a  # default generator seeded from OS entropy, not torch's RNG
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, -0.1, float("nan")])

@@ -127,5 +127,5 @@ def test_mismatched_checkpoints_are_refused():
     with pytest.raises(ValueError, match="not a DPOptimizer state dict"):
         opt.load_state_dict(opt.original_optimizer.state_dict())
     _, opt_a, _, _ = adaptive_run()
-    with pytest.raises(ValueError, match="does not match|generator"):
+    with pytest.raises(ValueError, match="differently configured"):
         opt_a.load_state_dict(sd)

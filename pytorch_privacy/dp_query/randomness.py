@@ -1,0 +1,261 @@
+"""Owned randomness for queries and samplers: OS-seeded generators, checkpointable state, and a
+cryptographically secure mode.
+
+Every object that draws private noise or private samples (a Gaussian query, a quantile query, a
+Poisson sampler) holds one :class:`RandomSource`.  It never touches torch's global RNG, so
+``torch.manual_seed`` in a training script can neither make two runs share noise nor make a resumed
+run repeat the noise of its first steps.
+
+Three kinds of source:
+
+* **owned** (the default, ``generator=None``): one ``torch.Generator`` per device, created on first
+  use and seeded with 63 bits from the OS (:func:`secrets.randbits`).  Fast (torch's Philox on CUDA,
+  Mersenne Twister on CPU), saved by :meth:`RandomSource.state_dict` and restored exactly, so a
+  resumed run continues the stream instead of restarting it.  Not cryptographically secure: an
+  adversary who sees enough raw draws could in principle recover the generator state.
+* **user** (``generator=torch.Generator(...).manual_seed(s)``): draws from the given generator, on
+  its device (reproducible runs, tests).  Saved and restored the same way.
+* **secure** (``secure_mode=True``): every draw reads fresh bytes from the OS CSPRNG
+  (:func:`os.urandom`); there is no state to save and nothing is ever repeated.  Gaussian noise is
+  built in float64 by the Box-Muller transform from 53-bit uniforms, and, as the mitigation of the
+  floating-point attacks on Gaussian samplers (Mironov 2012, "On significance of the least
+  significant bits for differential privacy"; Holohan and Braghin 2021, "Secure random sampling in
+  differential privacy"), each coordinate is the sum of :data:`SECURE_NOISE_TERMS` independent
+  normals of variance ``1/SECURE_NOISE_TERMS``, which smooths the gaps and the non-uniform spacing
+  of a single floating-point sample (the approach Opacus takes in its secure mode).  The cost is
+  ``SECURE_NOISE_TERMS`` times the uniform bits plus a CPU transform (see docs/deployment.md for
+  measured figures); noise for GPU tensors is drawn on the CPU and copied.  Bernoulli masks for
+  Poisson sampling compare 64 secure bits with ``floor(q * 2**64)``, exact to ``2**-64``.
+
+Noise is always drawn in float32 or wider (float64 for float64 tensors, float64 in secure mode),
+never in the precision of float16/bfloat16 parameters: an fp16 draw takes only ~22 thousand
+distinct values per million draws (bf16: ~3.5 thousand), a discretisation the Gaussian
+mechanism's analysis does not cover.  :func:`noise_dtype` is the rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "RandomSource",
+    "as_random_source",
+    "noise_dtype",
+    "os_seed",
+    "secure_standard_normal",
+    "secure_bernoulli",
+    "SECURE_NOISE_TERMS",
+]
+
+#: Independent normals summed (each of variance ``1/k``) per coordinate in secure mode.
+SECURE_NOISE_TERMS = 4
+
+_CHUNK = 1 << 20  # secure draws are made in chunks of this many values (bounded memory)
+
+
+def os_seed() -> int:
+    """63 bits of OS entropy, a seed for a fresh ``torch.Generator`` (never torch's global RNG)."""
+    return secrets.randbits(63)
+
+
+def noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype noise for a tensor of ``dtype`` is drawn and added in: float64 for float64,
+    float32 for everything else (float16, bfloat16, float32 and non-floating)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _device_key(device: torch.device | str) -> str:
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
+
+
+def _secure_uniform_open(n: int) -> np.ndarray:
+    """``n`` float64 uniforms on (0, 1], each ``(k + 1) * 2**-53`` for 53 secure random bits ``k``."""
+    k = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (k.astype(np.float64) + 1.0) * 2.0**-53
+
+
+def secure_standard_normal(n: int, terms: int = SECURE_NOISE_TERMS) -> np.ndarray:
+    """``n`` standard normals (float64) from the OS CSPRNG.
+
+    Each value is ``sum_{j<terms} Z_j / sqrt(terms)`` with independent ``Z_j`` drawn by the
+    Box-Muller transform ``sqrt(-2 ln U1) * (cos, sin)(2 pi U2)`` of secure 53-bit uniforms.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 1:
+        raise ValueError(f"terms must be a positive integer, got {terms!r}")
+    out = np.zeros(n, dtype=np.float64)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        half = (m + 1) // 2
+        acc = np.zeros(m, dtype=np.float64)
+        for _ in range(terms):
+            r = np.sqrt(-2.0 * np.log(_secure_uniform_open(half)))
+            theta = (2.0 * math.pi) * _secure_uniform_open(half)
+            acc += np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:m]
+        out[start : start + m] = acc / math.sqrt(terms)
+    return out
+
+
+def secure_bernoulli(n: int, p: float) -> torch.Tensor:
+    """A bool tensor of ``n`` independent Bernoulli(``p``) from the OS CSPRNG: 64 random bits
+    ``u`` per entry, ``True`` iff ``u < floor(p * 2**64)`` (so ``P = p`` to within ``2**-64``)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    if p >= 1:
+        return torch.ones(n, dtype=torch.bool)
+    threshold = np.uint64(int(p * 2.0**64))
+    out = np.empty(n, dtype=bool)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        out[start : start + m] = np.frombuffer(os.urandom(8 * m), dtype=np.uint64) < threshold
+    return torch.from_numpy(out)
+
+
+class RandomSource:
+    """The randomness one query or sampler owns (see the module docstring).
+
+    Args:
+        generator: a ``torch.Generator`` to draw from (reproducible runs), or ``None`` for
+            owned generators seeded from OS entropy, one per device, created on first use.
+        secure_mode: draw everything from the OS CSPRNG instead (no ``generator`` allowed).
+
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator states exactly
+    (a secure source has none).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None, *, secure_mode: bool = False):
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if secure_mode and generator is not None:
+            raise ValueError(
+                "secure_mode=True draws from the OS CSPRNG; a torch.Generator is not cryptographically "
+                "secure and cannot be used with it. Drop generator=..., or set secure_mode=False"
+            )
+        self._user = generator
+        self._secure = secure_mode
+        self._owned: dict[str, torch.Generator] = {}
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def secure_mode(self) -> bool:
+        """Whether draws come from the OS CSPRNG."""
+        return self._secure
+
+    @property
+    def kind(self) -> str:
+        """``"secure"``, ``"user"`` (a given generator) or ``"owned"`` (OS-seeded)."""
+        return "secure" if self._secure else ("user" if self._user is not None else "owned")
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The user's generator, or ``None``."""
+        return self._user
+
+    def torch_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The ``torch.Generator`` draws for ``device`` use (the user's on its own device)."""
+        if self._secure:
+            raise ValueError("a secure_mode source has no torch.Generator; it draws from os.urandom")
+        if self._user is not None:
+            return self._user
+        key = _device_key(device)
+        g = self._owned.get(key)
+        if g is None:
+            g = torch.Generator(device=key)
+            g.manual_seed(os_seed())
+            self._owned[key] = g
+        return g
+
+    # -- draws ---------------------------------------------------------------------------
+    def normal(self, shape, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normals of ``shape`` on ``device``, drawn in ``noise_dtype(dtype)`` (float64
+        in secure mode) and returned in that dtype (float32 or wider)."""
+        wide = noise_dtype(dtype)
+        shape = tuple(shape)
+        if self._secure:
+            n = math.prod(shape)
+            z = torch.from_numpy(secure_standard_normal(n)).reshape(shape)
+            return z.to(device=device, dtype=wide)
+        g = self.torch_generator(device)
+        z = torch.randn(shape, generator=g, device=g.device, dtype=wide)
+        return z if z.device == torch.device(device) else z.to(device)
+
+    def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
+        """A CPU bool tensor of ``n`` independent Bernoulli(``p``) draws."""
+        if self._secure:
+            return secure_bernoulli(n, p)
+        g = self.torch_generator("cpu")
+        if g.device.type != "cpu":
+            return (torch.rand(n, generator=g, device=g.device) < p).cpu()
+        return torch.rand(n, generator=g) < p
+
+    # -- state ---------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        if self._secure:
+            return {}
+        if self._user is not None:
+            return {_device_key(self._user.device): self._user}
+        return dict(self._owned)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": ..., "states": {device: generator state}}`` (plain tensors; safe for
+        ``torch.load(weights_only=True)``)."""
+        return {"kind": self.kind, "states": {k: g.get_state() for k, g in self._generators().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore generator states saved by :meth:`state_dict` (of any kind of source).
+
+        A secure source ignores saved states (it never needs them).  An owned source recreates
+        the generator of each saved device; a device that is not available here keeps a fresh
+        OS-seeded generator (the stream never repeats; it just is not the saved one).
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("states"), dict):
+            raise ValueError("not a RandomSource state dict (expected {'kind': ..., 'states': {device: tensor}})")
+        if self._secure:
+            return
+        for key, st in state["states"].items():
+            if not isinstance(st, torch.Tensor) or st.dtype != torch.uint8:
+                raise ValueError(f"corrupt generator state for device {key!r}: expected a uint8 tensor")
+            if self._user is not None:
+                if key == _device_key(self._user.device) or len(state["states"]) == 1:
+                    self._user.set_state(st)
+                continue
+            dev = torch.device(key)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                continue
+            self.torch_generator(dev).set_state(st)
+
+    def set_legacy_state(self, st: torch.Tensor) -> None:
+        """Restore a bare generator state from an old checkpoint (one ``torch.Generator`` per
+        query); it applies to the user's generator or the CPU generator."""
+        if self._secure:
+            return
+        g = self._user if self._user is not None else self.torch_generator("cpu")
+        g.set_state(st)
+
+    def __repr__(self) -> str:
+        return f"RandomSource(kind={self.kind!r})"
+
+
+def as_random_source(generator: Any = None, *, secure_mode: bool = False) -> RandomSource:
+    """The :class:`RandomSource` for a query's or sampler's ``generator`` argument: a
+    ``RandomSource`` is shared as is, a ``torch.Generator`` is wrapped, ``None`` gives a fresh
+    OS-seeded (or, with ``secure_mode``, secure) source."""
+    if isinstance(generator, RandomSource):
+        if secure_mode and not generator.secure_mode:
+            raise ValueError("secure_mode=True needs a secure RandomSource; this one is " + generator.kind)
+        return generator
+    if generator is None or isinstance(generator, torch.Generator):
+        return RandomSource(generator, secure_mode=secure_mode)
+    raise TypeError(f"generator must be a torch.Generator, a RandomSource or None, got {type(generator).__name__}")
