@@ -62,6 +62,15 @@ def ce(out, y):
     return nn.functional.cross_entropy(out, y, reduction="none")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Sized for one core; one intra-op thread also avoids thread-pool stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _sum_noise_multiplier(event) -> float:
     """The noise multiplier of the gradient sum in a recorded step's event: the event itself
     for a Gaussian sum, the first component of adaptive clipping's (sum, count) pair."""

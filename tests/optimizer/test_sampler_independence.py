@@ -80,6 +80,15 @@ def _binom_pvalue(k: int, n: int, p: float) -> float:
     return float(stats.binomtest(int(k), n, p).pvalue)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Sized for one core; one intra-op thread also avoids thread-pool stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- the checks (each raises AssertionError naming what failed) ------------------------------
 def check_inclusion_rates(X: np.ndarray, q: float) -> None:
     T_, N = X.shape
