@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import time
 from typing import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -69,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ledger")
     a.add_argument("--delta", type=_delta, default=1e-5)
     a.add_argument("--no-pld", action="store_true", help="skip the (slower, tighter) PLD accountant")
+    a.add_argument(
+        "--time-limit", type=float, default=9.0,
+        help="seconds the audit (reading and analysis) may take before the analysis is stopped and "
+        "the ledger refused (default 9, which keeps the whole command under 10 s; 0: none)",
+    )
+    a.add_argument(
+        "--memory-limit-mb", type=float, default=700.0,
+        help="address space (MiB) the analysis may add to what is loaded (~310 MiB) before it is stopped "
+        "(default 700, which keeps the command under 1 GiB; 0: none)",
+    )
     k = a.add_mutually_exclusive_group()
     k.add_argument("--key", help="HMAC-SHA256 key (UTF-8 text) the ledger was signed with")
     k.add_argument(
@@ -91,9 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: The audit refuses ledgers whose composed event has more distinct parts than this (each part
-#: costs one RDP curve and one PLD; the bound keeps any ledger under 1 MB within seconds).
-AUDIT_MAX_PARTS = 200
 #: At most this many lines of the ledger summary are printed.
 AUDIT_SUMMARY_LINES = 25
 
@@ -118,6 +127,123 @@ def _read_key(args) -> bytes | None:
     return None
 
 
+def _analysis_steps(ledger, delta: float, pld: bool):
+    """The audit's analysis, one printable line at a time (a generator, so that a time limit can
+    stop it between accountants)."""
+    from .analysis import DEFAULT_ORDERS, compute_rdp_from_ledger, get_privacy_spent, get_privacy_spent_moments
+
+    rdp = compute_rdp_from_ledger(ledger, DEFAULT_ORDERS)
+    eps, _, order = get_privacy_spent(DEFAULT_ORDERS, rdp, target_delta=delta)
+    yield f"delta = {delta:g}"
+    yield f"  RDP (tight conversion)      epsilon = {eps:.4f}   (order {order:g})"
+    # moments accountant: log moment alpha(lambda) = lambda * RDP(lambda + 1)
+    lambdas = [o - 1.0 for o in DEFAULT_ORDERS]
+    eps_m, _, lam_m = get_privacy_spent_moments(lambdas, [l * r for l, r in zip(lambdas, rdp)], target_delta=delta)
+    yield f"  moments accountant (classic) epsilon = {eps_m:.4f}   (lambda {lam_m:g})"
+    if pld:
+        from .analysis import compute_pld_from_ledger
+
+        acc = compute_pld_from_ledger(ledger)
+        yield f"  PLD (pessimistic, tight)    epsilon = {acc.get_epsilon(delta):.4f}"
+
+
+def _vm_bytes() -> int | None:
+    """This process's address space (Linux ``/proc``), or ``None`` where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _analysis_worker(conn, ledger, delta: float, pld: bool, memory_bytes: int | None) -> None:
+    try:
+        if memory_bytes:
+            import resource
+
+            vm = _vm_bytes()
+            if vm is not None:
+                soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+                cap = vm + memory_bytes
+                if hard != resource.RLIM_INFINITY:
+                    cap = min(cap, hard)
+                resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        for line in _analysis_steps(ledger, delta, pld):
+            conn.send(("line", line))
+        conn.send(("done", ""))
+    except MemoryError as exc:
+        conn.send(("error", f"the analysis needed more than the memory limit ({exc or 'MemoryError'})"))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which exits 2
+        conn.send(("error", f"the analysis could not bound this ledger ({type(exc).__name__}: {exc})"))
+    finally:
+        conn.close()
+
+
+def _bounded_analysis(ledger, args) -> bool | None:
+    """Run the analysis in a forked child limited to ``--time-limit`` seconds (counted from the
+    start of the audit) and ``--memory-limit-mb`` MiB of address space beyond what is loaded (RLIMIT_AS; Linux), printing its lines as they come.  Returns ``True`` when at least
+    the RDP bound was printed, ``None`` (after printing the reason) when the ledger is refused.
+    Where ``fork`` is unavailable the analysis runs in-process, without limits."""
+    import multiprocessing as mp
+
+    pld = not args.no_pld
+    time_limit = args.time_limit if args.time_limit and args.time_limit > 0 else None
+    memory = int(args.memory_limit_mb * 2**20) if args.memory_limit_mb and args.memory_limit_mb > 0 else None
+    if "fork" not in mp.get_all_start_methods():
+        for line in _analysis_steps(ledger, args.delta, pld):
+            print(line)
+        return True
+    # import the analysis before forking, so the child's time and memory go to the analysis
+    from . import analysis  # noqa: F401
+    from .analysis import compute_pld_from_ledger, compute_rdp_from_ledger  # noqa: F401
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_analysis_worker, args=(child, ledger, args.delta, pld, memory), daemon=True)
+    sys.stdout.flush()
+    proc.start()
+    child.close()
+    deadline = None if time_limit is None else args.started + time_limit
+    printed = 0
+    reason = None
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                reason = (
+                    f"the analysis did not finish within the time limit of {time_limit:g} s "
+                    "(--time-limit; 0 for none)"
+                )
+                break
+            if not parent.poll(remaining):
+                continue
+            try:
+                kind, text = parent.recv()
+            except EOFError:
+                reason = "the analysis process ended without a result (killed, or out of memory)"
+                break
+            if kind == "line":
+                print(text)
+                printed += 1
+            elif kind == "done":
+                break
+            else:
+                reason = text
+                break
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        parent.close()
+    if reason is None:
+        return True
+    if printed >= 2:  # the RDP bound is out; only the tighter accountants are missing
+        print(f"  (not computed: {reason})")
+        return True
+    print(f"pytorch-privacy audit: error: ledger refused: {reason}", file=sys.stderr)
+    return None
+
+
 def _cmd_audit(args) -> int:
     from .dp_query.privacy_ledger import (
         SIGNATURE_OK,
@@ -128,6 +254,7 @@ def _cmd_audit(args) -> int:
         suspicious_content,
     )
 
+    args.started = time.monotonic()
     key = _read_key(args)
     try:
         ledger = PrivacyLedger.load(args.ledger, key=key)
@@ -151,34 +278,10 @@ def _cmd_audit(args) -> int:
     print("\n".join(lines[:AUDIT_SUMMARY_LINES]))
     if len(lines) > AUDIT_SUMMARY_LINES:
         print(f"  ... {len(lines) - AUDIT_SUMMARY_LINES} more setting(s)")
-    event = ledger.to_event()
-    parts = len(event.events) if event.kind == "composed" else 1
-    if parts > AUDIT_MAX_PARTS:
-        raise ValueError(
-            f"the ledger composes {parts} distinct settings, more than the audit's limit of {AUDIT_MAX_PARTS} "
-            "(AUDIT_MAX_PARTS); analyse it with the library (pytorch_privacy.analysis) instead"
-        )
 
-    from .analysis import DEFAULT_ORDERS, compute_rdp_from_ledger, get_privacy_spent, get_privacy_spent_moments
-
-    try:
-        rdp = compute_rdp_from_ledger(ledger, DEFAULT_ORDERS)
-        eps, _, order = get_privacy_spent(DEFAULT_ORDERS, rdp, target_delta=args.delta)
-        # moments accountant: log moment alpha(lambda) = lambda * RDP(lambda + 1)
-        lambdas = [o - 1.0 for o in DEFAULT_ORDERS]
-        eps_m, _, lam_m = get_privacy_spent_moments(
-            lambdas, [l * r for l, r in zip(lambdas, rdp)], target_delta=args.delta
-        )
-        print(f"delta = {args.delta:g}")
-        print(f"  RDP (tight conversion)      epsilon = {eps:.4f}   (order {order:g})")
-        print(f"  moments accountant (classic) epsilon = {eps_m:.4f}   (lambda {lam_m:g})")
-        if not args.no_pld:
-            from .analysis import compute_pld_from_ledger
-
-            pld = compute_pld_from_ledger(ledger)
-            print(f"  PLD (pessimistic, tight)    epsilon = {pld.get_epsilon(args.delta):.4f}")
-    except (OverflowError, ZeroDivisionError, RecursionError, MemoryError) as exc:
-        raise ValueError(f"the analysis could not bound this ledger ({type(exc).__name__}: {exc})") from None
+    results = _bounded_analysis(ledger, args)
+    if results is None:
+        return _EXIT_ERROR
     if status == SIGNATURE_OK:
         return _EXIT_OK
     if unverified:

@@ -182,3 +182,109 @@ def test_audit_refusals_exit_2_never_1(tmp_path, capsys):
     empty_key = tmp_path / "k"
     empty_key.write_text("")
     assert main(["audit", str(_honest(tmp_path)), "--key-file", str(empty_key)]) == 2
+
+
+# -- audit: bounded cost on hostile ledgers -------------------------------------------------
+
+
+def _hostile_ledgers():
+    """Small (< 1 MB) ledgers built to make the analysis slow or huge."""
+    out = {}
+    wr = PrivacyLedger(60000, sampling="without_replacement", batch_size=256)
+    wr.record_sample(GaussianEvent(0.01), 1000)  # used to grow the audit to 24 GB
+    out["without_replacement_sigma_0.01"] = wr
+    wr5 = PrivacyLedger(60000, sampling="without_replacement", batch_size=256)
+    wr5.record_sample(GaussianEvent(0.05), 1000)  # used to take over 40 s
+    out["without_replacement_sigma_0.05"] = wr5
+    tiny = PrivacyLedger(60000, sampling="without_replacement", batch_size=256)
+    tiny.record_sample(GaussianEvent(1e-250), 10)  # used to raise ZeroDivisionError
+    out["sigma_1e-250"] = tiny
+    many = PrivacyLedger(60000, 0.01)
+    for i in range(400):  # 400 distinct settings: one RDP curve and one PLD each
+        many.record_sample(GaussianEvent(0.5 + i * 0.01), 10)
+    out["400_distinct_settings"] = many
+    steps = PrivacyLedger(60000, 0.01)
+    steps.record_sample(GaussianEvent(1.0), 10**9)
+    out["1e9_steps"] = steps
+    return out
+
+
+def _audit_subprocess(path, *extra, timeout=30):
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    def limit():  # the audit must stay far below this on its own
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytorch_privacy.cli", "audit", str(path), *extra],
+        capture_output=True, text=True, timeout=timeout, preexec_fn=limit,
+    )
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_hostile_ledgers()))
+def test_audit_of_hostile_ledger_is_bounded(tmp_path, name):
+    path = tmp_path / "hostile.json"
+    _hostile_ledgers()[name].save(path)
+    assert path.stat().st_size < 2**20
+    proc, seconds = _audit_subprocess(path)
+    # either a bound or a refusal that says why; never a traceback, a hang or a memory blow-up
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 0:
+        assert "RDP (tight conversion)      epsilon = " in proc.stdout
+    else:
+        assert proc.returncode == 2, (proc.returncode, proc.stderr)
+        assert "refused" in proc.stderr or "error:" in proc.stderr
+    assert seconds < 25  # 9 s time limit + interpreter start, with slack for a loaded machine
+
+
+def test_audit_time_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch):
+    import time
+
+    import pytorch_privacy.cli as cli
+
+    def slow(ledger, delta, pld):  # an analysis that never finishes
+        time.sleep(60)
+        yield "unreachable"
+
+    monkeypatch.setattr(cli, "_analysis_steps", slow)
+    path = _honest(tmp_path)
+    t0 = time.monotonic()
+    assert main(["audit", str(path), "--time-limit", "1"]) == 2
+    assert time.monotonic() - t0 < 10
+    assert "time limit" in capsys.readouterr().err
+
+
+def test_audit_time_limit_keeps_the_rdp_bound_already_printed(tmp_path, capsys, monkeypatch):
+    import time
+
+    import pytorch_privacy.cli as cli
+
+    def rdp_then_slow_pld(ledger, delta, pld):
+        yield "delta = 1e-05"
+        yield "  RDP (tight conversion)      epsilon = 1.2345   (order 9)"
+        time.sleep(60)
+        yield "unreachable"
+
+    monkeypatch.setattr(cli, "_analysis_steps", rdp_then_slow_pld)
+    assert main(["audit", str(_honest(tmp_path)), "--time-limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon = 1.2345" in out and "not computed" in out and "time limit" in out
+
+
+def test_audit_memory_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch):
+    import pytorch_privacy.cli as cli
+
+    def hungry(ledger, delta, pld):  # an analysis that asks for 2 GiB
+        yield "delta = 1e-05"
+        buf = bytearray(2 * 2**30)
+        yield str(len(buf))
+
+    monkeypatch.setattr(cli, "_analysis_steps", hungry)
+    assert main(["audit", str(_honest(tmp_path)), "--memory-limit-mb", "200"]) == 2
+    assert "memory" in capsys.readouterr().err
