@@ -325,7 +325,7 @@ def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         times = time_interleaved({n: m.step for n, m in runnable.items()}, device, warmup=1, repeats=args.reps,
-                                 steps_per_repeat=n_steps)
+                                 steps_per_repeat=n_steps, clock=args.clock)
         ops = {n: count_ops(m.step) for n, m in runnable.items()}
         mem = {n: peak_step_memory(m.step, device) for n, m in runnable.items()}
     res: dict[str, dict] = {}
@@ -337,7 +337,7 @@ def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
         res[name] = {"ms": statistics.median(times[name]) * 1e3, "min": min(times[name]) * 1e3,
                      "max": max(times[name]) * 1e3, "mem": mem[name], "ops": ops[name].count,
                      "by_op": ops[name].by_op, "engine": engine, "note": m.note}
-    print(f"   {args.reps} reps x {n_steps} steps, interleaved; peak mem = {MEM_WHAT[device.type]}")
+    print(f"   {args.reps} reps x {n_steps} steps, interleaved, {args.clock} clock; peak mem = {MEM_WHAT[device.type]}")
     print(format_results(res))
     if args.top_ops:
         for name, r in res.items():
@@ -418,6 +418,8 @@ def main(argv=None) -> dict[str, dict]:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and 2 reps (smoke test)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--clock", default="wall", choices=["wall", "process"],
+                    help="wall time, or this process's CPU time (all threads; less sensitive to other load)")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--top-ops", type=int, default=0, help="also print the N most frequent ATen ops per method")
     args = ap.parse_args(argv)

@@ -42,6 +42,17 @@ def test_op_counter_sees_backward_ops():
     assert both > fwd  # the autograd engine's ops (mul backward, grad accumulation) are counted
 
 
+def test_op_counter_keeps_non_aten_ops_apart():
+    common = _bench_common()
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    w.grad = torch.ones(3)
+    c = common.count_ops(opt.step)  # Optimizer.step runs under a profiler record_function scope
+    assert c.other > 0
+    assert c.count == sum(n for op, n in c.by_op.items() if op.startswith("aten."))
+    assert c.count >= 1  # the update itself
+
+
 def test_peak_step_memory_sees_transient_allocations():
     common = _bench_common()
     mib = 2**20
