@@ -1,14 +1,19 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CI machine."""
+"""Shared test settings: hypothesis profiles sized for a 2-core CI machine.
+
+``ci`` (the default, and what CI runs): derandomised, so every run tests the same examples and a
+failure reproduces exactly.  ``dev``: fewer examples.  ``explore``: random examples, more of
+them, for hunting new counterexamples locally (``HYPOTHESIS_PROFILE=explore``).
+"""
 
 import os
 
 from hypothesis import HealthCheck, settings
 
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
 settings.register_profile(
-    "ci",
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    "ci", max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=_SUPPRESS
 )
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", max_examples=200, deadline=None, suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
