@@ -25,6 +25,7 @@ from .base import (  # noqa: F401
 )
 from .functorch_engine import NOT_VMAPPABLE, FunctorchEngine  # noqa: F401
 from .ghost_engine import GhostEngine, GhostGradients  # noqa: F401
+from . import rules  # noqa: F401  (registers the per-layer ghost rules of .rules)
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules, register_ghost_rule  # noqa: F401
 from .loop_engine import LoopEngine  # noqa: F401
 from .dp_layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention, DPRNNBase  # noqa: F401
