@@ -210,20 +210,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     if version not in _READABLE_VERSIONS:
         raise ValueError(f"unsupported DPOptimizer state dict version {version!r} (this release reads {_READABLE_VERSIONS})")
 
-    # 1. the query's configuration: refuse a checkpoint of a differently configured query
-    template = opt._release_query.initial_global_state()
-    saved_cfg = state_dict.get("query_config")
-    if saved_cfg is not None:
-        diff = _config_diff(saved_cfg, to_plain(template), "query")
-        if diff:
-            raise ValueError(
-                "the checkpoint was made by a differently configured query (" + "; ".join(diff[:4])
-                + "). Its noise and clip would contradict this optimizer's settings and its privacy "
-                "account; build the optimizer with the checkpoint's settings (e.g. the same l2_norm_clip "
-                "and noise_multiplier) and load again"
-            )
-
-    # 2. the ledger: same presence, same sampling settings (the loader is the truth)
+    # 1. the ledger: same presence, same sampling settings (the loader is the truth)
     saved_ledger = state_dict.get("ledger")
     if (saved_ledger is None) != (opt._ledger is None):
         raise ValueError(
@@ -240,6 +227,19 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
                 f"the checkpoint's ledger samples with {theirs}, this optimizer's ledger with {ours}; a "
                 "checkpoint never rewrites the sampling settings (the data loader is the truth about them). "
                 "Build the ledger from the same loader (DPDataLoader.make_ledger()) as the checkpointed run"
+            )
+
+    # 2. the query's configuration: refuse a checkpoint of a differently configured query
+    template = opt._release_query.initial_global_state()
+    saved_cfg = state_dict.get("query_config")
+    if saved_cfg is not None:
+        diff = _config_diff(saved_cfg, to_plain(template), "query")
+        if diff:
+            raise ValueError(
+                "the checkpoint was made by a differently configured query (" + "; ".join(diff[:4])
+                + "). Its noise and clip would contradict this optimizer's settings and its privacy "
+                "account; build the optimizer with the checkpoint's settings (e.g. the same l2_norm_clip "
+                "and noise_multiplier) and load again"
             )
 
     # 3. randomness
