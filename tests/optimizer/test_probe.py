@@ -288,3 +288,52 @@ def test_mixing_within_changed_model_is_probed_again():
     model[1] = MixBlock()
     with pytest.raises(IndependenceError):
         eng.compute(x, y)
+
+
+# ---- raw parameters used elementwise ---------------------------------------------------------
+
+
+class RawScaleAndTable(nn.Module):
+    """A learned scale and an additive position table as raw parameters (no ghost rule)."""
+
+    def __init__(self, t=4, d=5):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.pos = nn.Parameter(torch.randn(t, d))
+        self.gamma = nn.Parameter(torch.randn(d))
+        self.bias = nn.Parameter(torch.randn(1, 1, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        h = self.inp(x) + self.pos
+        h = torch.tanh(h) * self.gamma - self.bias
+        h = 0.5 - h * 2.0 * self.gamma  # p on the right of a mul and of an rsub
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("t", [3, 4])
+def test_raw_parameters_run_on_ghost(t):
+    torch.manual_seed(3)
+    B = 4  # t == 4 puts T == B
+    x, y = torch.randn(B, t, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
+    eng = _check_against_naive(RawScaleAndTable(t=t), ce, x, y, GhostEngine)
+    assert not eng._switched
+
+
+def test_raw_parameter_in_unsupported_op_falls_back_exactly():
+    class RawMatmul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2))
+
+        def forward(self, x):
+            return x @ self.w
+
+    torch.manual_seed(0)
+    model = RawMatmul().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    eng = GhostEngine(model, ce)
+    with pytest.warns(RuntimeWarning, match=r"raw parameter\(s\) \['w'\] are used in"):
+        pe = eng.compute(x, y)
+    ref = torch.stack([naive.norm(g) for g in naive.per_example_grads(model, ce, x, y)])
+    torch.testing.assert_close(pe.norms().double(), ref, rtol=1e-9, atol=1e-12)

@@ -19,6 +19,7 @@ hands the model to the next engine (functorch, or loop) for good.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -37,6 +38,7 @@ from .base import (
     register_engine,
 )
 from .functorch_engine import check_losses
+from .raw_params import RAW_RULE, RawUseMode, is_raw_owner, raw_parameters, trace_raw_uses, unsupported_use
 from .probe import CallLayout, input_signature, model_signature, trace_batch_dims, verified_independent
 from .ghost_rules import Contribution, LayerRule, NormPolicy, PerRecord, ghost_rule_for, ghost_rules, sum_sq_norms
 
@@ -154,6 +156,8 @@ class GhostEngine(GradientEngine):
         rule (or in an unsupported configuration); ``None`` when every one is covered."""
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         for mname, m, rule, local in _hooked_modules(model, trainable):
+            if is_raw_owner(m, rule):
+                continue  # a user module's raw parameters: elementwise uses are tapped (.raw_params)
             if rule is None:
                 supported = sorted({k.__name__ for k in ghost_rules()})
                 return (
@@ -202,7 +206,7 @@ class GhostEngine(GradientEngine):
             stacklevel=4,
         )
 
-    def _layouts_for(self, inputs: Any, targets: Any, hooked) -> tuple[dict, frozenset] | None:
+    def _layouts_for(self, inputs: Any, targets: Any, hooked, raw: dict) -> tuple[dict, frozenset, dict] | None:
         """``(layout of every hooked call, unbatched calls broadcast over a leading size-1 dim)``
         for this input signature (traced once, see :func:`~.probe.trace_batch_dims`); ``None``
         after switching to the fallback engine because some call has no batch dimension the
@@ -233,6 +237,11 @@ class GhostEngine(GradientEngine):
                     "which its ghost rule cannot move to the front"
                 )
         lead1: frozenset = frozenset()
+        raw_dims: dict = {}
+        if not problems and raw:
+            raw_dims, bad = trace_raw_uses(self.model, inputs, raw)
+            if bad:
+                problems.append(bad)
         if not problems and unbatched:
             lead1, bad = _verify_expansion(self.model, self.loss_fn, inputs, targets, layouts, unbatched, rules)
             if bad:
@@ -242,7 +251,7 @@ class GhostEngine(GradientEngine):
             return None
         if len(self._layouts) >= 64:  # many input signatures (variable lengths): keep the newest
             self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[key] = (layouts, lead1)
+        self._layouts[key] = (layouts, lead1, raw_dims)
         return self._layouts[key]
 
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
@@ -256,14 +265,17 @@ class GhostEngine(GradientEngine):
         verified_independent(self.model, self.loss_fn, inputs, targets)
         b = microbatch_size or 1
         hooked = _hooked_modules(self.model, trainable)
+        raw = raw_parameters(hooked)
+        raw_owners = {id(owner) for owner, *_ in raw.values()}
+        hooked = [h for h in hooked if id(h[1]) not in raw_owners]
         for mname, m, rule, local in hooked:  # the model may have changed since selection
             why = "no ghost rule" if rule is None else rule.unsupported_reason(m)
             if why:
                 raise ValueError(f"ghost engine: {_describe(mname, m)}: {why}; use engine='functorch'")
-        traced = self._layouts_for(inputs, targets, hooked)
+        traced = self._layouts_for(inputs, targets, hooked, raw)
         if traced is None:
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
-        layouts, lead1_calls = traced
+        layouts, lead1_calls, raw_dims = traced
         device = next(iter(trainable.values())).device if trainable else None
         anchor = torch.zeros((), device=device, requires_grad=True)
         calls: list[_Call] = []
@@ -304,12 +316,41 @@ class GhostEngine(GradientEngine):
 
             return hook
 
+        raw_counts: dict[int, int] = {}
+
+        def on_raw_use(func, args, kwargs, kind, pos):
+            out = func(*args, **kwargs)
+            if kind is None:
+                mismatch.append(unsupported_use(func, args, raw))
+                return out
+            p = args[pos]
+            k = raw_counts.get(id(p), 0)
+            raw_counts[id(p)] = k + 1
+            d = raw_dims.get((id(p), k))
+            if d is None or not (torch.is_grad_enabled() and out.requires_grad) or out.shape[d] != batch:
+                if d is None or out.shape[d] != batch:
+                    mismatch.append(f"use {k} of raw parameter {raw[id(p)][2]!r} differs from the traced layout")
+                return out
+            owner, local_name, canon, _ = raw[id(p)]
+            other = args[1 - pos]
+            saved_other = None
+            if kind == "mul":
+                t = other.detach() if isinstance(other, torch.Tensor) else torch.as_tensor(other, dtype=out.dtype)
+                saved_other = torch.broadcast_to(t, out.shape).movedim(d, 0)
+            tensors = [other] if isinstance(other, torch.Tensor) and other.requires_grad else []
+            call = _Call(
+                owner, RAW_RULE, {local_name: canon}, (kind, saved_other, local_name),
+                [t.grad_fn for t in tensors if t.grad_fn is not None], [t for t in tensors if t.grad_fn is None], d,
+            )
+            calls.append(call)
+            return tap.apply(anchor, out, call)
+
         handles = []
         outside: list[str] = []
         try:
             for mname, m, rule, local in hooked:
                 handles.append(m.register_forward_hook(make_hook(mname, rule, local), with_kwargs=True))
-            with torch.enable_grad():
+            with torch.enable_grad(), (RawUseMode(raw, on_raw_use) if raw else contextlib.nullcontext()):
                 output = call_model(self.model, inputs)
                 losses = self.loss_fn(output, targets)
                 check_losses(losses, batch)
