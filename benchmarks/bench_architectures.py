@@ -26,14 +26,16 @@ Methods, each on a fresh copy of the same model (same seed) and the same batch:
 
 Measured per method, in one run:
 
-* step time: after one untimed step, ``--reps`` repetitions interleaved across the methods
-  (each repetition runs every method in turn for a few steps, the same count for all methods of a
-  case); the median over repetitions, and its ratio to ``non-private``.
+* step time: after three untimed steps (the first, and the ops and memory steps below),
+  ``--reps`` repetitions interleaved across the methods (each repetition runs every method in
+  turn for a few steps, the same count for all methods of a case); the median over
+  repetitions, and its ratio to ``non-private``.
 * peak memory: see :func:`common.peak_step_memory` -- on CPU, the peak of the bytes allocated
   by torch's CPU allocator during one warm step (``torch.profiler`` memory events) over what
   was allocated at its start; on CUDA, ``torch.cuda.max_memory_allocated`` over the start.
 * ATen ops per step: :class:`common.OpCounter` (a ``TorchDispatchMode`` counting
-  ``__torch_dispatch__`` calls) over one warm step.
+  ``__torch_dispatch__`` calls of ``aten`` ops) over one warm step (the one before the memory
+  step).
 
 The targets of issue 12 are checked at the end (``met`` / ``NOT met``).
 
@@ -59,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import count_ops, peak_step_memory, sync, time_interleaved  # noqa: E402
+from common import OpCounter, peak_step_memory, sync, time_interleaved  # noqa: E402
 from models import LSTMClassifier, SmallGPT, ce_per_example_loss, lm_per_example_loss  # noqa: E402
 
 from pytorch_privacy.optimizer.models import MnistCNN, SmallResNet  # noqa: E402
@@ -324,10 +326,12 @@ def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
     n_steps = steps_per_rep(runnable[NP].step, device, args.rep_seconds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = time_interleaved({n: m.step for n, m in runnable.items()}, device, warmup=1, repeats=args.reps,
+        # two warm steps per method (after the first one, taken when building): ATen ops counted
+        # over the first, peak memory over the second; they also warm up for the timing
+        ops = {n: OpCounter() for n in runnable}
+        mem = {n: peak_step_memory(m.step, device, counter=ops[n]) for n, m in runnable.items()}
+        times = time_interleaved({n: m.step for n, m in runnable.items()}, device, warmup=0, repeats=args.reps,
                                  steps_per_repeat=n_steps, clock=args.clock)
-        ops = {n: count_ops(m.step) for n, m in runnable.items()}
-        mem = {n: peak_step_memory(m.step, device) for n, m in runnable.items()}
     res: dict[str, dict] = {}
     for name, m in methods.items():
         if m.step is None:

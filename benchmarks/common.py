@@ -145,7 +145,7 @@ def count_ops(fn: Callable[[], None]) -> OpCounter:
     return counter
 
 
-def peak_step_memory(fn: Callable[[], None], device: torch.device) -> int:
+def peak_step_memory(fn: Callable[[], None], device: torch.device, *, counter: OpCounter | None = None) -> int:
     """Peak bytes of memory allocated by one call of ``fn()`` (a step), over what was allocated
     when it started.
 
@@ -158,8 +158,14 @@ def peak_step_memory(fn: Callable[[], None], device: torch.device) -> int:
       a block early is charged a little too much (all methods alike: parameters never move).
       Memory not allocated through torch's allocator (Python objects, oneDNN scratch) is not
       counted.
+
+    With ``counter``, the first call (on CPU; on CUDA an extra call before the measured one)
+    runs under that :class:`OpCounter`, so one call gives both figures.
     """
     if device.type == "cuda":
+        if counter is not None:
+            with counter:
+                fn()
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -170,7 +176,11 @@ def peak_step_memory(fn: Callable[[], None], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("bench::first_step"):
-            fn()
+            if counter is not None:
+                with counter:
+                    fn()
+            else:
+                fn()
         with record_function("bench::measured_step"):
             fn()
     events = list(prof.profiler.kineto_results.events())

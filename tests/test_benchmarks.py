@@ -71,6 +71,10 @@ def test_peak_step_memory_sees_transient_allocations():
     p2 = common.peak_step_memory(two_at_once, torch.device("cpu"))
     assert mib <= p1 < mib + 64 * 1024
     assert 2 * mib <= p2 < 2 * mib + 64 * 1024
+    counter = common.OpCounter()
+    p3 = common.peak_step_memory(two_at_once, torch.device("cpu"), counter=counter)
+    assert 2 * mib <= p3 < 2 * mib + 64 * 1024
+    assert dict(counter.by_op) == {"aten.empty": 2, "aten.fill_": 2}  # one call counted, not two
 
 
 @pytest.mark.slow
