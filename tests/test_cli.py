@@ -28,11 +28,20 @@ def test_privacy_reproduces_tf_privacy_example(capsys):
     assert "Poisson" in out or "poisson" in out
 
 
-def test_noise_then_privacy_round_trip(capsys):
-    assert main(["noise", "--N", "60000", "--batch-size", "256", "--epsilon", "3.0", "--epochs", "30"]) == 0
-    out = capsys.readouterr().out
-    sigma = float(re.search(r"noise multiplier ([0-9.]+)", out).group(1))
-    assert 0.5 < sigma < 2.0
+@pytest.mark.parametrize("N,batch,target,epochs", [(60000, 256, 3.0, 30), (5000, 50, 1.0, 4)])
+def test_noise_then_privacy_round_trip(capsys, N, batch, target, epochs):
+    """``noise`` answers sigma for a target epsilon; ``privacy`` with that sigma (as printed)
+    meets the target, and 1% less noise does not: the answer is the smallest that works."""
+    plan = ["--N", str(N), "--batch-size", str(batch), "--epochs", str(epochs), "--delta", "1e-5"]
+    assert main(["noise", *plan, "--epsilon", str(target)]) == 0
+    sigma = float(re.search(r"noise multiplier ([0-9.]+)", capsys.readouterr().out).group(1))
+
+    def eps_at(s: float) -> float:
+        assert main(["privacy", *plan, "--noise-multiplier", repr(s)]) == 0
+        return float(re.search(r"eps = ([0-9.]+)", capsys.readouterr().out).group(1))
+
+    assert eps_at(sigma) <= target
+    assert eps_at(0.99 * sigma) > target
 
 
 def test_audit_prints_three_accountants_in_order(tmp_path, capsys):
