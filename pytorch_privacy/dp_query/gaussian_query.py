@@ -8,8 +8,8 @@ import attrs
 import torch
 
 from . import tree
-from .dp_query import SumAggregationDPQuery, check_clip, check_stddev, clip_coefficients
-from .events import DpEvent, GaussianEvent
+from .dp_query import SumAggregationDPQuery, check_stddev, clip_coefficients
+from .events import DpEvent, GaussianEvent, NoOpEvent
 from .randomness import RandomSource, as_random_source
 
 __all__ = ["GaussianSumQuery", "GaussianSumGlobalState", "add_gaussian_noise", "clip_record"]
@@ -26,14 +26,20 @@ class GaussianSumGlobalState:
 def clip_record(record: Any, l2_norm_clip) -> Any:
     """Scale ``record`` (a tensor or pytree) so its global L2 norm is at most ``l2_norm_clip``.
 
-    Records already within the bound are returned unchanged (bit for bit).
+    Records already within the bound are returned unchanged (bit for bit).  The norm and the
+    scaling are computed exactly as in the batched path (:func:`~.tree.global_norms`, overflow-safe,
+    then :func:`~.tree.scale_rows`), so a record is clipped identically either way.  A record with a NaN or infinite entry raises ``ValueError``.  ``l2_norm_clip`` 0 gives
+    zeros.
     """
     leaves, spec = tree.flatten(record)
-    norm = torch.sqrt(sum(l.double().pow(2).sum() for l in leaves)) if leaves else torch.tensor(0.0)
-    if bool(norm <= l2_norm_clip):
+    if not leaves:
         return record
-    coef = l2_norm_clip / norm
-    return tree.unflatten([(l.double() * coef).to(l.dtype) for l in leaves], spec)
+    norms = tree.global_norms([l.unsqueeze(0) for l in leaves])
+    tree.check_finite_norms(norms, single=True)
+    if bool(norms[0] <= l2_norm_clip):
+        return record
+    coef = clip_coefficients(norms, l2_norm_clip)[0]
+    return tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
 
 
 def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None) -> Any:
@@ -76,7 +82,9 @@ class GaussianSumQuery(SumAggregationDPQuery):
     released event is ``GaussianEvent(stddev / l2_norm_clip)``.
 
     Args:
-        l2_norm_clip: clip bound C > 0.
+        l2_norm_clip: clip bound C >= 0.  With C = 0 (also when a global state's clip is set to 0,
+            as TF Privacy allows) every record clips to zero, the result is pure noise and the event
+            is :class:`~.events.NoOpEvent` (nothing about the data is released).
         stddev: noise standard deviation (``noise_multiplier * C``), >= 0.
         generator: optional ``torch.Generator`` for reproducible noise (tests), or a shared
             :class:`~pytorch_privacy.dp_query.randomness.RandomSource`.  Default: the query owns
@@ -95,7 +103,7 @@ class GaussianSumQuery(SumAggregationDPQuery):
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
     ):
-        self._l2_norm_clip = check_clip(l2_norm_clip)
+        self._l2_norm_clip = check_stddev(l2_norm_clip, "l2_norm_clip")  # finite, >= 0 (TF allows 0)
         self._stddev = check_stddev(stddev)
         self.generator = as_random_source(generator, secure_mode=secure_mode)
 
@@ -115,10 +123,10 @@ class GaussianSumQuery(SumAggregationDPQuery):
         leaves, spec = tree.flatten(batch)
         if not leaves or leaves[0].shape[0] == 0:
             return batch
-        coef = clip_coefficients(tree.global_norms(batch), params)
-        return tree.unflatten(
-            [l * coef.to(l.dtype).reshape((-1,) + (1,) * (l.dim() - 1)) for l in leaves], spec
-        )
+        norms = tree.global_norms(batch)
+        tree.check_finite_norms(norms)
+        coef = clip_coefficients(norms, params)
+        return tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
 
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
         return self.accumulate_preprocessed_record(sample_state, weighted_sum(clip_coefficients(norms, params)))
@@ -138,6 +146,12 @@ class GaussianSumQuery(SumAggregationDPQuery):
         return result, global_state, self.event(global_state)
 
     def event(self, global_state: GaussianSumGlobalState) -> DpEvent:
-        """The privacy event of one sample under ``global_state``."""
+        """The privacy event of one sample under ``global_state``: ``GaussianEvent(stddev / clip)``,
+        or :class:`~.events.NoOpEvent` for clip 0 (every record is clipped to zero, so the result
+        does not depend on the data; TF Privacy's sum is zero there too)."""
         clip = float(global_state.l2_norm_clip)
+        if clip == 0:
+            return NoOpEvent()
+        if not clip > 0:
+            raise ValueError(f"the global state's l2_norm_clip must be >= 0, got {clip!r}")
         return GaussianEvent(float(global_state.stddev) / clip)

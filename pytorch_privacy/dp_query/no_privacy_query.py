@@ -19,12 +19,31 @@ from .events import DpEvent, NonPrivateEvent
 __all__ = ["NoPrivacySumQuery", "NoPrivacyAverageQuery", "AverageSampleState"]
 
 
+def _finite_record(record):
+    tree.check_finite_norms(tree.record_norm(record).reshape(1), single=True)
+    return record
+
+
+def _finite_batch(batch):
+    leaves, _ = tree.flatten(batch)
+    if leaves and leaves[0].dim() > 0 and leaves[0].shape[0] > 0:
+        tree.check_finite_norms(tree.global_norms(batch))
+    return batch
+
+
 class NoPrivacySumQuery(SumAggregationDPQuery):
     """The exact sum of the records: no clipping, no noise, event :class:`NonPrivateEvent`.
 
     Supports :meth:`accumulate_records_by_norm` (every coefficient is 1), so per-sample
-    gradient engines that never materialise per-record gradients can use it.
+    gradient engines that never materialise per-record gradients can use it.  A record with a
+    NaN or infinite entry raises ``ValueError`` (it would make the sum NaN).
     """
+
+    def preprocess_record(self, params, record):
+        return _finite_record(record)
+
+    def preprocess_records(self, params, batch):
+        return _finite_batch(batch)
 
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
         return self.accumulate_preprocessed_record(sample_state, weighted_sum(torch.ones_like(norms)))
@@ -54,10 +73,23 @@ class NoPrivacyAverageQuery(DPQuery):
     instead (:class:`~pytorch_privacy.dp_query.normalized_query.NormalizedQuery`).  The event is
     :class:`NonPrivateEvent`, so a ledger containing it has no finite epsilon.
 
-    Records have weight 1 unless given with :meth:`accumulate_weighted_record` or the
-    ``weights`` argument of :meth:`accumulate_records`.  An empty sample (total weight 0)
-    averages to zeros.
+    Records have weight 1 unless given with the ``weight`` argument of
+    :meth:`accumulate_record` (TF Privacy's signature ``accumulate_record(params, sample_state,
+    record, weight)``), :meth:`accumulate_weighted_record`, or the ``weights`` argument of
+    :meth:`accumulate_records`.  An empty sample (total weight 0) averages to zeros.  A record
+    with a NaN or infinite entry, or a non-finite weight, raises ``ValueError``.
     """
+
+    def preprocess_record(self, params, record):
+        return _finite_record(record)
+
+    def preprocess_records(self, params, batch):
+        return _finite_batch(batch)
+
+    def accumulate_record(self, params, sample_state: AverageSampleState, record, weight=1.0):
+        """Add ``record`` with weight ``weight`` (default 1): the result is
+        ``sum_i w_i x_i / sum_i w_i``."""
+        return self.accumulate_preprocessed_record(sample_state, self.preprocess_record(params, record), weight)
 
     def initial_sample_state(self, template) -> AverageSampleState:
         leaves, _ = tree.flatten(template)
@@ -67,7 +99,13 @@ class NoPrivacyAverageQuery(DPQuery):
 
     def accumulate_preprocessed_record(self, sample_state: AverageSampleState, preprocessed_record, weight=1.0):
         tree.check_same_structure(sample_state.sum, preprocessed_record)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, torch.Tensor)):
+            raise TypeError(f"weight must be a number or a 0-dim tensor, got {type(weight).__name__}")
         w = torch.as_tensor(weight, dtype=torch.float64)
+        if w.dim() != 0:
+            raise ValueError(f"weight must be a scalar, got shape {tuple(w.shape)}")
+        if w.device.type == "cpu" and not bool(torch.isfinite(w)):
+            raise ValueError(f"weight must be finite, got {weight!r}")
         new_sum = tree.tree_map(
             lambda s, r: s + (r * w.to(device=r.device, dtype=r.dtype)).to(s.dtype), sample_state.sum, preprocessed_record
         )

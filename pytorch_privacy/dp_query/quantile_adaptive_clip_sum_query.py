@@ -31,7 +31,7 @@ import attrs
 import torch
 
 from . import tree
-from .dp_query import DPQuery, check_clip, check_stddev, clip_coefficients
+from .dp_query import DPQuery, check_stddev, clip_coefficients
 from .events import ComposedEvent, DpEvent, GaussianEvent
 from .gaussian_query import GaussianSumGlobalState, GaussianSumQuery, add_gaussian_noise
 from .quantile_estimator_query import INDICATOR_SENSITIVITY, QuantileEstimatorGlobalState, QuantileEstimatorQuery
@@ -120,7 +120,8 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
     """:class:`GaussianSumQuery` whose clip tracks a quantile of the record norms.
 
     Args:
-        initial_l2_norm_clip: clip for the first sample (> 0).
+        initial_l2_norm_clip: clip for the first sample (> 0; 0 is allowed with
+            ``geometric_update=False``, as in TF Privacy).
         noise_multiplier: ``z`` of the sum; the sum's noise stddev is ``z * current_clip``.  To
             match a total budget ``z_total`` pass ``compute_sum_noise_multiplier(z_total,
             clipped_count_stddev)``.
@@ -148,7 +149,9 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         geometric_update: bool = True,
         generator: torch.Generator | None = None,
     ):
-        clip = check_clip(initial_l2_norm_clip)
+        # 0 is allowed with the arithmetic update (TF Privacy parity); the quantile estimator
+        # refuses it with the geometric update, which could never move it
+        clip = check_stddev(initial_l2_norm_clip, "initial_l2_norm_clip")
         generator = as_random_source(generator)  # one owned source for both releases
         self._noise_multiplier = check_stddev(noise_multiplier, "noise_multiplier")
         self._sum_query = GaussianSumQuery(clip, self._noise_multiplier * clip, generator=generator)
@@ -213,7 +216,7 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         leaves, _ = tree.flatten(record)
         if not leaves:
             raise ValueError("record has no tensors")
-        norm = torch.sqrt(sum(l.double().pow(2).sum() for l in leaves))
+        norm = tree.record_norm(record)  # NaN/inf records are refused by the clip below
         return AdaptiveClipSampleState(
             self._sum_query.preprocess_record(params.l2_norm_clip, record),
             self._quantile_query.preprocess_record(params.estimate, norm),
@@ -224,10 +227,9 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         if not leaves:
             raise ValueError("record has no tensors")
         norms = tree.global_norms(batch)
+        tree.check_finite_norms(norms)
         coef = clip_coefficients(norms, params.l2_norm_clip)
-        clipped = tree.unflatten(
-            [l * coef.to(l.dtype).reshape((-1,) + (1,) * (l.dim() - 1)) for l in leaves], spec
-        )
+        clipped = tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
         return AdaptiveClipSampleState(clipped, self._quantile_query.preprocess_records(params.estimate, norms))
 
     def accumulate_preprocessed_record(self, sample_state: AdaptiveClipSampleState, preprocessed_record):

@@ -90,7 +90,8 @@ class QuantileEstimatorQuery(DPQuery):
     :meth:`derive_metrics` converts it to a float for logging (that one synchronises).
 
     Args:
-        initial_estimate: starting estimate (> 0).
+        initial_estimate: starting estimate (> 0; 0 is allowed with the arithmetic update,
+            ``geometric_update=False``, as in TF Privacy).
         target_quantile: the quantile ``gamma`` in [0, 1] to track.
         learning_rate: ``eta`` >= 0.
         below_estimate_stddev: ``sigma_b`` >= 0, stddev of the noise on the sum of centred
@@ -111,7 +112,14 @@ class QuantileEstimatorQuery(DPQuery):
         geometric_update: bool = True,
         generator: torch.Generator | None = None,
     ):
-        self._initial_estimate = _check_real("initial_estimate", initial_estimate, 0.0, lo_open=True)
+        if not isinstance(geometric_update, bool):
+            raise TypeError(f"geometric_update must be a bool, got {type(geometric_update).__name__}")
+        self._initial_estimate = _check_real("initial_estimate", initial_estimate, 0.0)
+        if geometric_update and self._initial_estimate == 0:
+            raise ValueError(
+                "initial_estimate must be > 0 with the geometric update (a multiplicative update never "
+                "moves an estimate of 0); use geometric_update=False for an initial estimate of 0"
+            )
         self._target_quantile = _check_real("target_quantile", target_quantile, 0.0, 1.0)
         self._learning_rate = _check_real("learning_rate", learning_rate, 0.0)
         self._below_estimate_stddev = check_stddev(below_estimate_stddev, "below_estimate_stddev")

@@ -10,7 +10,17 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["flatten", "unflatten", "tree_map", "check_same_structure", "global_norms", "zeros_like"]
+__all__ = [
+    "flatten",
+    "unflatten",
+    "tree_map",
+    "check_same_structure",
+    "global_norms",
+    "record_norm",
+    "scale_rows",
+    "check_finite_norms",
+    "zeros_like",
+]
 
 
 def flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:
@@ -87,22 +97,96 @@ def check_same_structure(template: Any, record: Any, *, batched: bool = False) -
 
 
 def global_norms(batch: Any) -> torch.Tensor:
-    """Per-row L2 norm over all leaves together of a batched record: shape ``[B]``."""
+    """Per-row L2 norm over all leaves together of a batched record: float64, shape ``[B]``.
+
+    Overflow-safe: a row whose largest magnitude ``m`` is above 1 is first divided by the power
+    of two ``2^ceil(log2 m)`` (exact), so finite float32 records whose squares overflow (entries
+    of 1e20 and more) get their true norm instead of ``inf``.  Rows with a NaN or infinite entry
+    get a NaN or infinite norm (see :func:`check_finite_norms`).  The single-record path
+    (:func:`record_norm`) runs the same computation, so both clip a record identically.
+    """
     leaves = list(batch.values()) if _flat_dict(batch) else flatten(batch)[0]
     if not leaves:
         raise ValueError("record has no tensors")
-    sq = None
+    b = None
     for i, leaf in enumerate(leaves):
         if leaf.dim() == 0:
             raise ValueError(f"batched record leaf {i} has no batch dimension")
-        if leaf.shape[0] != leaves[0].shape[0]:
-            raise ValueError(
-                f"batched record leaves disagree on batch size: {leaves[0].shape[0]} vs {leaf.shape[0]} (leaf {i})"
-            )
-        # sum over every dim but the first; unlike reshape(B, -1) this also works for B == 0
-        s = leaf.pow(2).sum(dim=tuple(range(1, leaf.dim()))) if leaf.dim() > 1 else leaf.pow(2)
-        sq = s if sq is None else sq + s
-    return sq.sqrt()
+        if b is None:
+            b = leaf.shape[0]
+        elif leaf.shape[0] != b:
+            raise ValueError(f"batched record leaves disagree on batch size: {b} vs {leaf.shape[0]} (leaf {i})")
+    inf = float("inf")
+
+    def rows_norm(x: torch.Tensor, ord: float) -> torch.Tensor:
+        # over every dim but the first; unlike reshape(B, -1) this also works for B == 0
+        if x.dim() == 1:
+            return x.abs()
+        return torch.linalg.vector_norm(x, ord=ord, dim=tuple(range(1, x.dim())))
+
+    amax = None
+    for leaf in leaves:
+        m = rows_norm(leaf, inf).to(torch.float64)
+        amax = m if amax is None else torch.maximum(amax, m.to(amax.device))
+    # scale = 2^e with m / scale <= 1 for rows with m > 1; 1 otherwise (and for NaN/inf rows)
+    _, e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))
+    e = e.clamp_min(0).to(torch.float64)
+    scaled = amax.device.type != "cpu" or bool((e > 0).any())  # free to check on the CPU only
+    inv = torch.exp2(-e)
+    sq = None
+    for leaf in leaves:
+        x = leaf * inv.to(device=leaf.device, dtype=leaf.dtype).reshape((-1,) + (1,) * (leaf.dim() - 1)) if scaled else leaf
+        n = rows_norm(x, 2.0).to(torch.float64).square()
+        sq = n if sq is None else sq + n.to(sq.device)
+    return sq.sqrt() * torch.exp2(e).to(sq.device)
+
+
+def scale_rows(leaf: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``leaf * coef`` row-wise (``coef`` has one entry per row; a 1-element ``coef`` scales a
+    single record).  Half-precision leaves are multiplied in float32 and rounded once, so a tiny
+    coefficient is not first rounded to a float16 subnormal (which can leave a clipped record
+    percents above its bound); other dtypes multiply in their own dtype."""
+    wide = torch.float32 if leaf.dtype in (torch.float16, torch.bfloat16) else leaf.dtype
+    c = coef.to(device=leaf.device, dtype=wide)
+    if leaf.dim() > 0 and c.numel() == leaf.shape[0] and c.dim() == 1:
+        c = c.reshape((-1,) + (1,) * (leaf.dim() - 1))
+    else:
+        c = c.reshape(())
+    out = (leaf if leaf.dtype == wide else leaf.to(wide)) * c
+    return out if out.dtype == leaf.dtype else out.to(leaf.dtype)
+
+
+def record_norm(record: Any) -> torch.Tensor:
+    """The global L2 norm of one record (0-dim float64), computed exactly as
+    :func:`global_norms` computes each row of a batch."""
+    leaves = list(record.values()) if _flat_dict(record) else flatten(record)[0]
+    if not leaves:
+        raise ValueError("record has no tensors")
+    return global_norms([l.unsqueeze(0) for l in leaves])[0]
+
+
+def check_finite_norms(norms: torch.Tensor, what: str = "record", *, single: bool = False) -> None:
+    """Raise ``ValueError`` naming the first record with a NaN or infinite entry (``single``: the
+    norms of one record, named without an index).
+
+    ``norms`` come from :func:`global_norms` (a non-finite norm means a non-finite entry: finite
+    records never overflow there).  A query fed such a record would return a NaN result, or, after
+    clipping, silently drop it.  The check reads the norms on the host: free for CPU tensors, one
+    synchronisation per batch on accelerators (the DP optimizer's fast path,
+    ``accumulate_records_by_norm``, is not checked: it masks non-finite records itself).
+    """
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(-1).nonzero()[0, 0].item()
+    v = norms.reshape(-1)[bad].item()
+    kind = "NaN" if v != v else "infinite"
+    name = f"the {what}" if single else f"{what} {bad}"
+    raise ValueError(
+        f"{name} has a {kind} entry (its L2 norm is {v}); a non-finite record would make the "
+        "noised result NaN. Remove or fix such records before they reach the query (the DP optimizer "
+        "drops them itself)"
+    )
 
 
 def zeros_like(tree: Any) -> Any:
