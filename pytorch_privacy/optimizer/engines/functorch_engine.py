@@ -26,6 +26,7 @@ from .base import (
     num_records_for,
     register_engine,
 )
+from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .probe import verified_independent
 
 __all__ = ["FunctorchEngine", "NOT_VMAPPABLE"]
@@ -145,27 +146,37 @@ class FunctorchEngine(GradientEngine):
         """Per-example (or per-microbatch) gradients, materialised (see the class docstring).
 
         If ``vmap`` fails with a ``RuntimeError`` (a layer without a batching rule that
-        :meth:`unsupported_reason` does not know of) and the loop engine succeeds on the same
-        batch, this engine warns once and uses the loop engine from then on.
+        :meth:`unsupported_reason` does not know of, or non-reentrant activation checkpointing)
+        and the loop engine succeeds on the same batch, this engine warns once and uses the loop
+        engine from then on.  Reentrant checkpointing raises ``ValueError`` (use
+        ``use_reentrant=False``); sparse embeddings get dense per-example gradients (see
+        :mod:`.checkpointing`).
         """
         if self.fallback is not None:
             return self.fallback.compute(inputs, targets, microbatch_size=microbatch_size)
         # vmap evaluates each example alone, which would silently change a model that mixes
         # examples; such models are refused instead (see .probe)
-        verified_independent(self.model, self.loss_fn, inputs, targets)
         try:
-            return self._compute(inputs, targets, microbatch_size)
+            with refuse_reentrant_checkpoint(), dense_embedding_gradients(self.model):
+                verified_independent(self.model, self.loss_fn, inputs, targets)
+                return self._compute(inputs, targets, microbatch_size)
         except RuntimeError as err:
             from .loop_engine import LoopEngine
 
             loop = LoopEngine(self.model, self.loss_fn)
             result = loop.compute(inputs, targets, microbatch_size=microbatch_size)  # re-raises real errors
-            warnings.warn(
-                f"functorch engine: vmap failed ({str(err).splitlines()[0][:200]}); the loop engine works for this "
-                "model and is used from now on (slower)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            if is_saved_tensor_hooks_error(err):
+                why = (
+                    "torch.func cannot differentiate through non-reentrant activation checkpointing (saved-tensor "
+                    "hooks); the loop engine (plain autograd per example) handles it and is used from now on "
+                    "(slower; drop the checkpointing, or use engine='ghost', for speed)"
+                )
+            else:
+                why = (
+                    f"vmap failed ({str(err).splitlines()[0][:200]}); the loop engine works for this model and is "
+                    "used from now on (slower)"
+                )
+            warnings.warn(f"functorch engine: {why}", RuntimeWarning, stacklevel=2)
             self.fallback = loop
             return result
 

@@ -23,6 +23,8 @@ from .base import (
     num_records_for,
     register_engine,
 )
+from .base import call_model
+from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .functorch_engine import check_losses, functional_forward, split_params
 from .probe import verified_independent
 
@@ -46,8 +48,39 @@ class LoopEngine(GradientEngine):
     name = "loop"
     priority = 0
 
+    #: set once ``torch.func.grad`` met saved-tensor hooks (non-reentrant checkpointing)
+    use_autograd: bool = False
+
     def compute(self, inputs: Any, targets: Any, *, microbatch_size: int | None = None) -> PerExampleGradients:
-        """Per-record gradients, materialised and stacked ``[num_records, *param.shape]``."""
+        """Per-record gradients, materialised and stacked ``[num_records, *param.shape]``.
+
+        Models with non-reentrant activation checkpointing (which ``torch.func.grad`` cannot
+        trace) are differentiated with plain ``torch.autograd.grad`` per record instead (same
+        values); reentrant checkpointing raises ``ValueError`` (use ``use_reentrant=False``);
+        sparse embeddings get dense per-record gradients (see :mod:`.checkpointing`).
+        """
+        with refuse_reentrant_checkpoint(), dense_embedding_gradients(self.model):
+            if not self.use_autograd:
+                try:
+                    return self._compute(inputs, targets, microbatch_size)
+                except RuntimeError as err:
+                    if not is_saved_tensor_hooks_error(err):
+                        raise
+                    self.use_autograd = True
+            return self._compute(inputs, targets, microbatch_size, autograd=True)
+
+    def _autograd_record(self, x: Any, y: Any, b: int, names: list[str], params: list[torch.Tensor]):
+        """``({name: grad}, losses)`` of one record by ``torch.autograd.grad`` on the module's
+        own parameters (dense, zeros for unused parameters)."""
+        loss = self.loss_fn(call_model(self.model, x), y)
+        check_losses(loss, b)
+        gs = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+        out = {}
+        for n, p, g in zip(names, params, gs):
+            out[n] = torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g).detach()
+        return out, loss.detach()
+
+    def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, autograd: bool = False) -> PerExampleGradients:
         trainable = self.trainable_parameters()
         batch = batch_size_of(inputs)
         records = num_records_for(batch, microbatch_size)
@@ -55,6 +88,9 @@ class LoopEngine(GradientEngine):
             return empty_gradients(trainable)
         verified_independent(self.model, self.loss_fn, inputs, targets)
         b = microbatch_size or 1
+        if autograd:
+            names, plist = list(trainable), list(trainable.values())
+            gfn = lambda p, x, y: self._autograd_record(x, y, b, names, plist)  # noqa: E731
         params, consts = split_params(self.model, trainable)
         model, loss_fn = self.model, self.loss_fn
 
@@ -63,7 +99,8 @@ class LoopEngine(GradientEngine):
             check_losses(losses, b)
             return losses.mean(), losses.detach()
 
-        gfn = grad(group_loss, has_aux=True)
+        if not autograd:
+            gfn = grad(group_loss, has_aux=True)
         per_record: dict[str, list[torch.Tensor]] = {n: [] for n in params}
         losses = []
         with torch.enable_grad():
