@@ -16,11 +16,53 @@ from pytorch_privacy.analysis.rdp import compute_rdp
 LAMBDAS = np.arange(1, 33, dtype=float)  # Abadi et al. used integer lambda <= 32
 
 
-def test_log_moment_is_lambda_times_rdp():
-    lam = np.array([0.5, 1.0, 2.0, 6.3, 31.0])
-    np.testing.assert_allclose(
-        compute_log_moments(0.01, 1.1, 100, lam), lam * compute_rdp(0.01, 1.1, 100, lam + 1), rtol=1e-15
-    )
+@pytest.mark.parametrize("q,sigma,steps", [(0.01, 1.1, 100), (0.004, 0.8, 1), (0.2, 3.0, 5000), (1e-4, 4.0, 10**4)])
+def test_log_moments_from_abadi_definition(q, sigma, steps):
+    """Abadi et al. 2016 (Sec. 3.2): per step alpha(lambda) = max(log E_{z~mu}[(mu/mu_0)^lambda],
+    log E_{z~mu_0}[(mu_0/mu)^lambda]), mu = (1-q) N(0, sigma^2) + q N(1, sigma^2), mu_0 =
+    N(0, sigma^2); steps compose additively.  Computed here independently of the accountant:
+    for integer lambda the first term (the larger, their Lemma 3) by the exact binomial expansion
+    sum_k C(lambda+1, k) (1-q)^(lambda+1-k) q^k exp((k^2 - k) / (2 sigma^2)) in 40 digits; for
+    fractional lambda both terms by 30-digit quadrature."""
+    import mpmath as mp
+
+    lam = np.arange(1, 33, dtype=float)
+    with mp.workdps(40):
+        qq, ss = mp.mpf(q), mp.mpf(sigma)
+        ref = [
+            float(steps * mp.log(mp.fsum(
+                mp.binomial(int(l) + 1, k) * (1 - qq) ** (int(l) + 1 - k) * qq**k * mp.exp((k * k - k) / (2 * ss * ss))
+                for k in range(int(l) + 2)
+            )))
+            for l in lam
+        ]
+    np.testing.assert_allclose(compute_log_moments(q, sigma, steps, lam), ref, rtol=1e-10)
+
+    frac = np.array([0.5, 2.7])
+    with mp.workdps(30):
+        qq, ss = mp.mpf(q), mp.mpf(sigma)
+        mu0 = lambda z: mp.npdf(z, 0, ss)  # noqa: E731
+        mu = lambda z: (1 - qq) * mp.npdf(z, 0, ss) + qq * mp.npdf(z, 1, ss)  # noqa: E731
+        cuts = [-mp.inf, -6 * ss, 0, 1, 1 + 6 * ss, mp.inf]
+        ref = [
+            float(steps * max(
+                mp.log(mp.quad(lambda z: mu(z) * (mu(z) / mu0(z)) ** l, cuts)),
+                mp.log(mp.quad(lambda z: mu0(z) * (mu0(z) / mu(z)) ** l, cuts)),
+            ))
+            for l in frac
+        ]
+    np.testing.assert_allclose(compute_log_moments(q, sigma, steps, frac), ref, rtol=1e-8)
+
+
+@pytest.mark.peer
+def test_log_moments_are_dp_accounting_rdp_at_lambda_plus_one():
+    """alpha(lambda) = lambda * RDP(lambda + 1), with the RDP from dp-accounting (integer lambda,
+    where its formula is exact; for fractional orders it returns an upper bound)."""
+    dpa = pytest.importorskip("dp_accounting.rdp.rdp_privacy_accountant")
+    lam = np.array([1.0, 2.0, 6.0, 17.0, 31.0])
+    for q, sigma, steps in [(0.01, 1.1, 100), (0.2, 3.0, 5000), (1e-4, 0.9, 10**4)]:
+        theirs = lam * steps * np.asarray(dpa._compute_rdp_poisson_subsampled_gaussian(q, sigma, lam + 1))
+        np.testing.assert_allclose(compute_log_moments(q, sigma, steps, lam), theirs, rtol=1e-9)
 
 
 def test_classic_conversion_is_mironov_basic():
