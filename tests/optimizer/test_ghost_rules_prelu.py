@@ -38,3 +38,24 @@ def test_prelu(num_parameters, seq, microbatch):
         model.act.weight.uniform_(-0.5, 0.5)
     x = torch.randn(6, 5, 3, dtype=D) if seq else torch.randn(6, 3, dtype=D)
     check_ghost_against_naive(model, x, torch.randint(0, 2, (6,)), microbatch=microbatch)
+
+
+class SeqFirstPReLU(nn.Module):
+    """A single-slope PReLU applied to a sequence-first ``[T, B, F]`` tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.act = nn.PReLU(1, init=-0.4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.act(self.lin(x).transpose(0, 1)).transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+def test_prelu_single_slope_sequence_first():
+    torch.manual_seed(7)
+    model = SeqFirstPReLU().to(D)
+    x = torch.randn(6, 5, 3, dtype=D)
+    check_ghost_against_naive(model, x, torch.randint(0, 2, (6,)), microbatch=2)

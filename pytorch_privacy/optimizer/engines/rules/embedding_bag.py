@@ -78,6 +78,11 @@ class EmbeddingBagRule(LayerRule):
         input = args[0]
         offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
         psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+        if input.dim() == 2 and offsets is not None:
+            raise ValueError(
+                "ghost engine: EmbeddingBag got a 2-D input together with offsets (a 1-D input broadcast to a "
+                "batch); its bags come from offsets, one per example, so the input must be passed as given"
+            )
         ids, weights = bag_layout(module, input.detach(), None if offsets is None else offsets.detach(),
                                   None if psw is None else psw.detach())
         return ids, weights

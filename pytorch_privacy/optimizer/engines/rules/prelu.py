@@ -16,6 +16,10 @@ class PReLURule(LayerRule):
 
     param_names = ("weight",)
 
+    def movable_batch_dim(self, module, ndim, dim):
+        # one shared slope acts elementwise; per-channel slopes are tied to dimension 1
+        return module.num_parameters == 1 or dim == 0
+
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         _records(saved, batch, microbatch)
         _records(grad_output, batch, microbatch)
