@@ -110,6 +110,10 @@ class GaussianSumQuery(SumAggregationDPQuery):
     def initial_global_state(self) -> GaussianSumGlobalState:
         return GaussianSumGlobalState(self._l2_norm_clip, self._stddev)
 
+    def random_sources(self) -> list[RandomSource]:
+        """The randomness this query owns (what a checkpoint saves)."""
+        return [self.generator]
+
     def derive_sample_params(self, global_state: GaussianSumGlobalState):
         return global_state.l2_norm_clip
 

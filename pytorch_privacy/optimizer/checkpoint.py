@@ -3,8 +3,9 @@ refuses.
 
 A DPOptimizer state dict holds the wrapped optimizer's state, the query's global state, the state
 of every :class:`~pytorch_privacy.dp_query.randomness.RandomSource` the query owns, the ledger, the
-step count, and the query's *configuration* (its initial global state: clip ``C``, noise stddev
-``sigma*C``, ...).  It holds only tensors and plain containers, so ``torch.load(weights_only=True)``
+step count, the query's *configuration* (its initial global state: clip ``C``, noise stddev
+``sigma*C``, ...), and the sampler state of the data loader given as ``data_loader=`` (so a resumed
+run continues its sampling stream too).  It holds only tensors and plain containers, so ``torch.load(weights_only=True)``
 reads it.
 
 Loading is refused with a ``ValueError`` (nothing is changed) when the checkpoint contradicts the
@@ -196,7 +197,15 @@ def build_state_dict(opt) -> dict[str, Any]:
         "ledger": opt._ledger.to_dict() if opt._ledger is not None else None,
         "steps": opt._steps,
         "last_event": opt._last_event.to_dict() if opt._last_event is not None else None,
+        "data_loader": _loader_state(opt),
     }
+
+
+def _loader_state(opt) -> dict[str, Any] | None:
+    mon = getattr(opt, "_consistency", None)
+    loader = mon.data_loader if mon is not None else None
+    sd = getattr(loader, "state_dict", None)
+    return sd() if callable(sd) else None
 
 
 def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
@@ -257,6 +266,11 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
             raise ValueError(f"the checkpoint holds {len(legacy)} generator state(s), this query has {len(sources)}")
 
     new_global = from_plain(template, state_dict["query_global_state"])
+    loader_state = state_dict.get("data_loader")
+    mon = getattr(opt, "_consistency", None)
+    loader = mon.data_loader if mon is not None else None
+    if loader_state is not None and callable(getattr(loader, "load_state_dict", None)):
+        loader.load_state_dict(loader_state)  # checks the loader's N and q before changing anything
 
     # -- everything checked: restore --------------------------------------------------
     opt.original_optimizer.load_state_dict(state_dict["optimizer"])

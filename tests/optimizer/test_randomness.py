@@ -220,3 +220,39 @@ def test_secure_noise_cost_is_bounded():
     secure_standard_normal(10**5)
     assert time.perf_counter() - t < 1.0  # ~20 ms per 1e5 values on one core
     assert math.isfinite(float(secure_standard_normal(1)[0]))
+
+
+def test_the_optimizer_checkpoints_its_loader_so_sampling_resumes_too():
+    ds = torch.utils.data.TensorDataset(torch.randn(200, 20), torch.randn(200, 10))
+
+    def build():
+        torch.manual_seed(0)
+        loader = DPDataLoader(ds, 0.05)
+        model = nn.Linear(20, 10, bias=False)
+        opt = DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mse, 1.0, 1.0,
+                                  data_loader=loader)
+        return loader, opt
+
+    loader, opt = build()
+    it = iter(loader)
+    first = [next(it)[0] for _ in range(3)]
+    ckpt = _roundtrip(opt.state_dict())
+    nxt = [next(it)[0] for _ in range(3)]
+    loader2, opt2 = build()
+    opt2.load_state_dict(ckpt)
+    it2 = iter(loader2)
+    again = [next(it2)[0] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(again, nxt))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(again, first))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_owned_cuda_generator_draws_on_device_and_resumes_exactly():
+    src = RandomSource()
+    a = src.normal((1000,), device="cuda")
+    assert a.device.type == "cuda" and src.torch_generator("cuda").device.type == "cuda"
+    st = src.state_dict()
+    b = src.normal((1000,), device="cuda")
+    src2 = RandomSource()
+    src2.load_state_dict(_roundtrip(st))
+    assert torch.equal(src2.normal((1000,), device="cuda"), b)
