@@ -16,7 +16,8 @@ import math
 import numbers
 from collections.abc import Sequence
 
-from .compute_dp_sgd_privacy import _check_plan, _epsilon_for
+from .compute_dp_sgd_privacy import _check_plan, _epsilon_for, _warn_large_delta
+from .rdp import _check_sigma
 
 __all__ = ["compute_noise", "compute_epochs"]
 
@@ -57,12 +58,15 @@ def compute_noise(
             always meets the target and ``result * (1 - rtol)`` does not.
         max_noise: give up (``ValueError``) if even this noise does not meet the target.
 
+    Warns (``UserWarning``) when ``delta >= 1/n``.
+
     Returns:
         The noise multiplier ``s``: epsilon at ``s`` is ``<= target_epsilon``, at ``s*(1-rtol)``
         it is larger.
     """
     target = _check_target(target_epsilon)
     q, t, delta = _check_plan(n, batch_size, epochs, delta, steps)
+    _warn_large_delta(n, delta)
     if not 0.0 < rtol < 0.5:
         raise ValueError(f"rtol must be in (0, 0.5), got {rtol!r}")
 
@@ -123,7 +127,8 @@ def compute_epochs(
     if unit not in ("epochs", "steps"):
         raise ValueError(f"unit must be 'epochs' or 'steps', got {unit!r}")
     q, _, delta = _check_plan(n, batch_size, None, delta, 1)
-    sigma = float(noise_multiplier)
+    _warn_large_delta(n, delta)
+    sigma = _check_sigma(noise_multiplier)
     if not sigma > 0:
         raise ValueError(f"noise_multiplier must be > 0 to spend a finite budget, got {noise_multiplier!r}")
     per_epoch = n / batch_size

@@ -60,6 +60,17 @@ def _check_plan(n, batch_size, epochs, delta, steps=None) -> tuple[float, int, f
     return batch_size / n, t, _check_delta(delta)
 
 
+def _warn_large_delta(n: int, delta: float, stacklevel: int = 3) -> None:
+    """Warn when ``delta >= 1/n``: such a delta allows releasing one record outright."""
+    if delta >= 1.0 / n:
+        warnings.warn(
+            f"delta = {delta:g} is not below 1/N = {1.0 / n:.3g}: a mechanism that publishes one random "
+            "record in the clear meets it. Choose delta well below 1/N (e.g. 1/N^1.1)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def _epsilon_for(q: float, sigma: float, steps: int, delta: float, orders=None, refine: bool = True):
     orders = DEFAULT_ORDERS if orders is None else orders
 
@@ -88,12 +99,13 @@ def compute_dp_sgd_privacy(
 ) -> tuple[float, float]:
     """Epsilon of DP-SGD with Poisson sampling ``q = batch_size / n`` for ``epochs`` epochs.
 
-    Returns ``(eps, opt_order)``.  ``refine=False`` keeps to the grid ``orders`` (default
+    Returns ``(eps, opt_order)``.  Warns (``UserWarning``) when ``delta >= 1/n``.  ``refine=False`` keeps to the grid ``orders`` (default
     :data:`.rdp.DEFAULT_ORDERS`) instead of optimising the order continuously around it.
     ``eps`` is ``inf`` (with a warning) when ``noise_multiplier`` is 0.
     """
     q, steps, delta = _check_plan(n, batch_size, epochs, delta)
     sigma = _check_sigma(noise_multiplier)
+    _warn_large_delta(n, delta)
     if sigma == 0.0 and steps > 0:
         warnings.warn("infinite privacy loss: noise_multiplier is 0 (no noise)", RuntimeWarning, stacklevel=2)
         return math.inf, float((DEFAULT_ORDERS if orders is None else orders)[0])
@@ -127,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         q, steps, delta = _check_plan(args.n, args.batch_size, args.epochs, args.delta)
         sigma = _check_sigma(args.noise_multiplier)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore")  # the 1/N warning is printed below
             eps, order = compute_dp_sgd_privacy(args.n, args.batch_size, sigma, args.epochs, delta)
             classic_eps, classic_lambda = _classic_epsilon(q, sigma, steps, delta) if sigma > 0 else (math.inf, math.nan)
     except ValueError as exc:

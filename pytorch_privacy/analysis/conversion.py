@@ -60,27 +60,42 @@ def _check_delta(delta) -> float:
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps) < math.inf:
-        raise ValueError(f"target_eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps):
+        raise ValueError(f"target_eps must be a number >= 0 (inf allowed), got {eps!r}")
     return float(eps)
 
 
 def eps_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> np.ndarray:
-    """Per-order epsilon of the tight conversion (no validation; ``inf`` where ``rdp`` is)."""
+    """Per-order epsilon of the tight conversion (no validation; ``inf`` where ``rdp`` is).
+
+    At order ``inf`` (max-divergence) the formula's limit is ``rdp`` itself (pure DP).
+    """
+    fin = np.isfinite(orders)
+    o = np.where(fin, orders, 2.0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        eps = rdp + np.log1p(-1.0 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1.0)
+        eps = rdp + np.log1p(-1.0 / o) - (math.log(delta) + np.log(o)) / (o - 1.0)
         # KL / total-variation rule: delta >= sqrt(1 - exp(-r))  =>  eps = 0
         kl_ok = delta * delta + np.expm1(-rdp) > 0.0
+    eps = np.where(fin, eps, rdp)
     eps = np.where(kl_ok, 0.0, eps)
     eps = np.where(np.isinf(rdp), np.inf, eps)
     return np.maximum(eps, 0.0)
 
 
 def delta_from_rdp(orders: np.ndarray, rdp: np.ndarray, eps: float) -> np.ndarray:
-    """Per-order log(delta) of the tight conversion combined with the KL rule (no validation)."""
+    """Per-order log(delta) of the tight conversion combined with the KL rule (no validation).
+
+    At order ``inf`` an ``(inf, r)``-RDP mechanism is ``(r, 0)``-DP: ``log delta = -inf`` once
+    ``eps >= r``.  ``eps = inf`` gives ``delta = 0`` at every order with finite RDP.
+    """
+    fin = np.isfinite(orders)
+    o = np.where(fin, orders, 2.0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        log_delta = (orders - 1.0) * (rdp - eps + np.log1p(-1.0 / orders)) - np.log(orders)
+        log_delta = (o - 1.0) * (rdp - eps + np.log1p(-1.0 / o)) - np.log(o)
         log_kl = np.where(rdp > 0, 0.5 * np.log(-np.expm1(-rdp)), -np.inf)
+    log_delta = np.where(fin, log_delta, np.where(rdp <= eps, -np.inf, 0.0))
+    if math.isinf(eps):
+        log_delta = np.full(orders.shape, -np.inf)
     log_delta = np.minimum(log_delta, log_kl)
     log_delta = np.where(np.isinf(rdp), 0.0, log_delta)
     return np.minimum(log_delta, 0.0)
@@ -95,9 +110,10 @@ def get_privacy_spent(
     """Best :math:`(\\varepsilon, \\delta)` over the orders for an RDP curve; exactly one target.
 
     Args:
-        orders: RDP orders (each > 1).
+        orders: RDP orders (each > 1; ``inf``, the max-divergence, is allowed as in TF Privacy).
         rdp: RDP values at ``orders`` (>= 0; ``inf`` allowed).
-        target_eps: compute the smallest delta for this epsilon (>= 0), or
+        target_eps: compute the smallest delta for this epsilon (>= 0; ``inf`` gives delta 0
+            unless the RDP is infinite at every order), or
         target_delta: compute the smallest epsilon for this delta, in (0, 1).
 
     Returns:
@@ -163,10 +179,10 @@ def refine_epsilon(
     e = eps_from_rdp(o, np.atleast_1d(np.asarray(rdp_at(o), dtype=float)), delta)
     i = int(np.argmin(e))
     best_eps, best_order = float(e[i]), float(o[i])
-    if math.isinf(best_eps) or best_eps == 0.0:
+    if math.isinf(best_eps) or best_eps == 0.0 or math.isinf(best_order):
         return best_eps, best_order
     lo = float(o[i - 1]) if i > 0 else 1.0 + (float(o[0]) - 1.0) / 4.0
-    hi = float(o[i + 1]) if i + 1 < o.size else 2.0 * float(o[-1])
+    hi = float(o[i + 1]) if i + 1 < o.size and math.isfinite(o[i + 1]) else 2.0 * float(o[i])
     for _ in range(rounds):
         cand = np.linspace(lo, hi, points + 2)[1:-1]
         ec = eps_from_rdp(cand, np.atleast_1d(np.asarray(rdp_at(cand), dtype=float)), delta)

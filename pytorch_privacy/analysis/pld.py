@@ -155,6 +155,10 @@ _CORE = 1e-16
 _LOG_CORE = math.log(_CORE)
 #: ... and beyond, each cell changes the curve by at most a factor e^_KAPPA
 _KAPPA = 0.25
+#: Most steps (summed over every composed event) a :class:`PLDAccountant` accepts.  Beyond, the
+#: composed loss needs grids too fine or too wide for a few seconds of FFT work (1e12 steps took
+#: ~20 s and 1e15 overflowed); :class:`~pytorch_privacy.analysis.RdpAccountant` has no such limit.
+MAX_STEPS = 10**10
 
 
 # ----------------------------------------------------------------------------------------
@@ -1374,6 +1378,12 @@ class PLDAccountant(PrivacyAccountant):
         _check_relation(event, self.neighboring_relation)
         staged = _Parsed()
         _parse(event, count, self.neighboring_relation, staged)  # validates before changing state
+        total = sum(self._parsed.specs.values()) + sum(staged.specs.values())
+        if total > MAX_STEPS:
+            raise ValueError(
+                f"PLDAccountant accepts at most {MAX_STEPS:.0e} composed steps; this composition would "
+                f"hold {total}. Use RdpAccountant (no limit, slightly looser) for such long runs"
+            )
         for spec, c in staged.specs.items():
             self._parsed.add(spec, c)
         self._parsed.non_private |= staged.non_private

@@ -107,7 +107,10 @@ def _default_orders() -> tuple[float, ...]:
 DEFAULT_ORDERS: tuple[float, ...] = _default_orders()
 
 _LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
-_GRID_MIN_SIGMA = 0.1  # below this, fractional orders use the (safe) convexity interpolation
+_GRID_MIN_SIGMA = 0.005  # below this, fractional orders use the closed-form small-noise bound
+#: Orders above this use a closed-form (Jensen) upper bound instead of the exact series/integral.
+MAX_EXACT_ORDER = 10_000.0
+_MARGIN = 40.0  # the small-noise bound splits the privacy loss at log((1-q)/q) +- _MARGIN
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def _check_steps(steps) -> int:
 
 
 def _check_orders(orders) -> np.ndarray:
-    """Orders as a float array; ``ValueError`` unless every order is finite and > 1."""
+    """Orders as a float array; ``ValueError`` unless every order is > 1 (``inf`` allowed) and not NaN."""
     if orders is None:
         return np.asarray(DEFAULT_ORDERS, dtype=float)
     try:
@@ -157,10 +160,10 @@ def _check_orders(orders) -> np.ndarray:
         raise ValueError(f"orders must be a scalar or a 1-D sequence, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError("orders must not be empty")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 1.0):
-        bad = arr[~(np.isfinite(arr) & (arr > 1.0))]
+    if not np.all(arr > 1.0):  # also rejects NaN
+        bad = arr[~(arr > 1.0)]
         raise ValueError(
-            f"RDP orders must be finite and > 1 (order 1 is KL, <= 1 is not used here); got {bad.tolist()}"
+            f"RDP orders must be > 1 (order 1 is KL, <= 1 is not used here; inf is allowed); got {bad.tolist()}"
         )
     return arr
 
@@ -192,7 +195,8 @@ def _log_a_minus_1_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray
         a = alphas[idx]
         amax = int(a.max())
         k = np.arange(2, amax + 1, dtype=float)
-        le = _log_expm1(k * (k - 1.0) / (2.0 * sigma * sigma))
+        mu = 1.0 / sigma
+        le = _log_expm1(k * (k - 1.0) * (0.5 * mu * mu))
         A = a[:, None]
         with np.errstate(invalid="ignore"):
             terms = (
@@ -218,12 +222,15 @@ def _log_a_minus_1_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray
     return out
 
 
-def _log_g(u: np.ndarray, log1pu: np.ndarray, L: np.ndarray, alpha: np.ndarray, logq: float) -> np.ndarray:
+def _log_g(u: np.ndarray, log1pu: np.ndarray, L: np.ndarray, alpha: np.ndarray, logq: float, log_abs_u=None) -> np.ndarray:
     r"""log of g(u) = (1+u)^alpha - 1 - alpha*u >= 0, stable for every u > -1.
 
     ``log1pu = log(1+u)`` and ``L`` (with ``u = q (e^L - 1)``) are passed in so that huge ``u``
-    never has to be formed.
+    never has to be formed; ``log_abs_u`` (optional) keeps ``|u|`` below the float range.
     """
+    if log_abs_u is None:
+        with np.errstate(divide="ignore"):
+            log_abs_u = np.log(np.abs(u))
     with np.errstate(all="ignore"):
         au = alpha * np.abs(u)
         small = au < 0.1
@@ -237,7 +244,7 @@ def _log_g(u: np.ndarray, log1pu: np.ndarray, L: np.ndarray, alpha: np.ndarray, 
         s = coefs[-1]
         for c in reversed(coefs[:-1]):
             s = c + us * s
-        log_small = 2.0 * np.log(np.abs(us)) + np.log(s)
+        log_small = 2.0 * np.where(small, log_abs_u, 0.0) + np.log(s)
         # (b) direct: expm1(a) - alpha*u, a = alpha*log(1+u) < 600
         a = alpha * log1pu
         mid = ~small & (a < 600.0)
@@ -256,22 +263,29 @@ _TRIM_NATS = 90.0  # the fine grid covers where the integrand is within e^-90 of
 
 
 def _frac_window(sigma: float, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A window that holds all but a fraction e^-80 of the integrand's mass."""
+    """A window in ``t = x / sigma`` that holds all but a fraction e^-80 of the integrand's mass."""
     K = np.sqrt(2.0 * (alpha * math.log(2.0) + 80.0))
-    return -K * sigma - 2.0, alpha + 2.0 + K * sigma
+    return -K - 2.0 / sigma, (alpha + 2.0) / sigma + K
 
 
-def _log_integrand(x: np.ndarray, alpha: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """log( phi_sigma(x) * g(u(x)) ) on a (orders x points) grid."""
+def _log_integrand(t: np.ndarray, alpha: np.ndarray, q: float, sigma: float) -> np.ndarray:
+    """log( phi(t) * g(u) ) on a (orders x points) grid, in the standardised variable ``t = x / sigma``.
+
+    The privacy loss is ``L = (2x - 1) / (2 sigma^2) = mu t - mu^2 / 2`` with ``mu = 1 / sigma``;
+    writing it this way never forms ``sigma^2`` (which overflows for ``sigma >= 1e154``).
+    """
     logq, log1mq = math.log(q), math.log1p(-q)
-    L = (2.0 * x - 1.0) / (2.0 * sigma * sigma)
-    with np.errstate(over="ignore"):
+    mu = 1.0 / sigma
+    L = mu * t - 0.5 * mu * mu
+    with np.errstate(over="ignore", divide="ignore"):
         # u = q (e^L - 1), formed without overflowing e^L when q is tiny (u may be inf only where
         # alpha*log(1+u) is huge, and that branch of _log_g does not use u)
-        u = np.where(L > 700.0, np.exp(np.minimum(logq + L, 709.0)), q * np.expm1(np.minimum(L, 700.0)))
+        em1 = np.expm1(np.minimum(L, 700.0))
+        u = np.where(L > 700.0, np.exp(np.minimum(logq + L, 709.0)), q * em1)
+        log_abs_u = logq + np.where(L > 700.0, L, np.log(np.abs(em1)))
     log1pu = np.logaddexp(log1mq, logq + L)
-    log_phi = -x * x / (2.0 * sigma * sigma) - math.log(sigma) - _LOG_2PI_HALF
-    return log_phi + _log_g(u, log1pu, L, alpha, logq)
+    log_phi = -0.5 * t * t - _LOG_2PI_HALF
+    return log_phi + _log_g(u, log1pu, L, alpha, logq, log_abs_u)
 
 
 def _grid_pass(q: float, sigma: float, alphas: np.ndarray, lo: np.ndarray, hi: np.ndarray, h: float, reduce):
@@ -297,12 +311,13 @@ def _grid_pass(q: float, sigma: float, alphas: np.ndarray, lo: np.ndarray, hi: n
 def _log_a_minus_1_frac_grid(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """log(A_alpha - 1) for fractional orders by log-space trapezoidal quadrature (vectorised).
 
-    A coarse pass (step sigma/2) over the a-priori window locates where the integrand is within
-    e^-90 of its peak; the fine pass (step min(sigma, sigma^2)/3) integrates over that part only.
+    Works in ``t = x / sigma``.  A coarse pass (step 1/2, i.e. sigma/2 in x) over the a-priori
+    window locates where the integrand is within e^-90 of its peak; the fine pass (step
+    min(1, sigma)/3, i.e. min(sigma, sigma^2)/3 in x) integrates over that part only.
     """
     lo, hi = _frac_window(sigma, alphas)
     tlo, thi = lo.copy(), hi.copy()
-    hc = sigma / 2.0
+    hc = 0.5  # sigma / 2 in x
 
     def trim(idx, x, lf, step):
         m = lf.max(axis=1, keepdims=True)
@@ -319,47 +334,151 @@ def _log_a_minus_1_frac_grid(q: float, sigma: float, alphas: np.ndarray) -> np.n
     def integrate(idx, x, lf, step):
         out[idx] = special.logsumexp(lf, axis=1) + np.log(step)
 
-    _grid_pass(q, sigma, alphas, tlo, thi, min(sigma, sigma * sigma) / _STEP_DIV, integrate)
+    _grid_pass(q, sigma, alphas, tlo, thi, min(1.0, sigma) / _STEP_DIV, integrate)
     return out
 
 
-def _log_a_minus_1_frac_interp(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """Upper bound for very small noise: interpolate the exact integer-order cumulants.
+def _log_g_scalar(u: float, alpha: np.ndarray, q: float) -> np.ndarray:
+    """log g(u) for one moderate value ``u > -1`` at every order (``|u| <= e^41``)."""
+    uu = np.full(alpha.shape, float(u))
+    with np.errstate(divide="ignore"):
+        L = np.full(alpha.shape, math.log1p(u / q) if u > -q else -1e3)
+    return _log_g(uu, np.log1p(uu), L, alpha, math.log(q))
 
-    ``c(alpha) = log A_alpha = (alpha - 1) * RDP(alpha)`` is a cumulant generating function, hence
-    convex in alpha, so the chord between ``floor(alpha)`` and ``ceil(alpha)`` bounds it from above.
+
+def _rdp_frac_small_noise(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    r"""RDP upper bound at orders ``alphas`` for ``sigma < 0.005``, in closed form (0 < q < 1).
+
+    With the privacy loss :math:`L \sim \mathcal N(-\mu^2/2, \mu^2)` under :math:`Q`
+    (:math:`\mu = 1/\sigma`), :math:`A_\alpha - 1 = \mathbb E[g(u)]` with :math:`u = q(e^L - 1)`.
+    With :math:`c = \log((1-q)/q)`, split the line at :math:`c \pm 40`:
+
+    * :math:`L \ge c + 40`: :math:`(1+u)^\alpha = q^\alpha e^{\alpha L}(1 + e^{c-L})^\alpha
+      \le q^\alpha e^{\alpha L} e^{\alpha e^{-40}}` and :math:`-(1 + \alpha u) \le (\alpha q - 1)^+`,
+      so this part is at most :math:`q^\alpha e^{\alpha e^{-40}} e^{\alpha(\alpha-1)\mu^2/2}
+      \bar\Phi((c + 40)/\mu - (\alpha - \tfrac12)\mu) + (\alpha q - 1)^+\Pr[L \ge c + 40]`;
+    * :math:`c - 40 \le L < c + 40`: :math:`g` is convex in :math:`u` with minimum 0 at 0, so it is
+      at most its larger end value, times :math:`\Pr[L \ge c - 40]`;
+    * :math:`L < c - 40`: at most :math:`\max(g(-q), g(u(c-40)))`.
+
+    Every piece is an upper bound, so the sum is one.  For :math:`\mu \ge 200` the first piece
+    dominates the others by a factor above :math:`e^{150}` at every order and every ``q``, so the
+    bound equals the exact value to double precision up to the factor :math:`e^{\alpha e^{-40}}`
+    (relative :math:`4\cdot 10^{-18}\alpha`).  ``tests/analysis/test_rdp_reference.py`` checks it
+    against an mpmath integration and against the exact grid at the switch-over ``sigma = 0.005``.
     """
-    fl = np.floor(alphas)
-    ce = fl + 1.0
-    ints = np.unique(np.concatenate([fl[fl >= 2], ce]))
-    log_am1 = dict(zip(ints.tolist(), _log_a_minus_1_int(q, sigma, ints).tolist()))
+    mu = 1.0 / sigma
+    mu2 = mu * mu
+    logq, log1mq = math.log(q), math.log1p(-q)
+    c = log1mq - logq
+    a = alphas
+    # L >= c + 40: head = E + t1 with E = a (a-1) mu^2 / 2 (may overflow to inf)
+    z = (c + _MARGIN) / mu - (a - 0.5) * mu
+    t1 = a * logq + a * math.exp(-_MARGIN) + special.log_ndtr(-z)
+    with np.errstate(over="ignore"):
+        E = a * (a - 1.0) * (0.5 * mu2)
+    others = []
+    pr_r = special.log_ndtr(-((c + _MARGIN) / mu + 0.5 * mu))
+    with np.errstate(divide="ignore"):
+        others.append(np.log(np.maximum(a * q - 1.0, 0.0)) + pr_r)
+    # c - 40 <= L < c + 40
+    u_hi = (1.0 - q) * math.exp(_MARGIN) - q
+    u_lo = (1.0 - q) * math.exp(-_MARGIN) - q
+    g_lo = _log_g_scalar(u_lo, a, q)
+    pr_m = special.log_ndtr(-((c - _MARGIN) / mu + 0.5 * mu))
+    others.append(np.maximum(_log_g_scalar(u_hi, a, q), g_lo) + pr_m)
+    # L < c - 40
+    others.append(np.maximum(_log_g_scalar(-q, a, q), g_lo))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        head = E + t1
+        rest = special.logsumexp(np.stack(others), axis=0)
+        extra = np.where(np.isinf(head), 0.0, np.log1p(np.exp(np.minimum(rest - head, 700.0))))
+        log_am1 = head + extra
+        # log A = log_am1 + log1p(e^-log_am1); huge values are formed as a mu^2/2 + (...)/(a-1)
+        huge = log_am1 > 700.0
+        lh = np.where(huge, log_am1, 700.0)
+        rdp_huge = a * (0.5 * mu2) + (t1 + extra + np.log1p(np.exp(-lh))) / (a - 1.0)
+        lam = np.where(huge, 0.0, log_am1)
+        rdp_mod = np.where(lam < -30.0, np.exp(lam), np.logaddexp(0.0, lam)) / (a - 1.0)
+    return np.where(huge, rdp_huge, rdp_mod)
 
-    def cgf(a: float) -> float:
-        return 0.0 if a <= 1.0 else float(np.logaddexp(0.0, log_am1[a]))
 
-    t = alphas - fl
-    c = np.array([(1.0 - ti) * cgf(f) + ti * cgf(g) for ti, f, g in zip(t, fl, ce)])
-    return _log_expm1(c)
+def _rdp_jensen(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    r"""Closed-form upper bound for huge orders: by convexity of :math:`x^\alpha`,
+    :math:`(1-q+qe^L)^\alpha \le 1-q+qe^{\alpha L}`, so
+    :math:`A_\alpha \le 1 + q(e^{\alpha(\alpha-1)/(2\sigma^2)} - 1)`.  It exceeds the exact value by
+    at most about :math:`|\log q|` (the amplification it gives up)."""
+    mu = 1.0 / sigma
+    a = alphas
+    with np.errstate(over="ignore", invalid="ignore"):
+        E = a * (a - 1.0) * (0.5 * mu * mu)
+        small = E < 700.0
+        r_small = np.log1p(q * np.expm1(np.where(small, E, 0.0))) / (a - 1.0)
+        Eb = np.where(small, 700.0, E)
+        r_big = a * (0.5 * mu * mu) + (math.log(q) + np.log1p((1.0 - q) / q * np.exp(-Eb))) / (a - 1.0)
+    return np.where(small, r_small, r_big)
 
 
+def _with_infinite_orders(fun):
+    """Order ``inf`` (max-divergence): ``inf`` for a noisy mechanism that samples (the privacy loss of
+    a Gaussian is unbounded), as TF Privacy returns; ``fun`` sees only the finite orders."""
+
+    @functools.wraps(fun)
+    def wrapper(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+        inf = np.isinf(orders)
+        if not np.any(inf):
+            return fun(q, sigma, orders)
+        out = np.full(orders.shape, 0.0 if (q == 0.0 or math.isinf(sigma)) else math.inf)
+        if not np.all(inf):
+            out[~inf] = fun(q, sigma, orders[~inf])
+        return out
+
+    return wrapper
+
+
+@_with_infinite_orders
 def _rdp_poisson_gaussian_one_step(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     """RDP of one step of the Poisson-subsampled Gaussian at ``orders`` (already validated)."""
     if q == 0.0 or math.isinf(sigma):
         return np.zeros(orders.shape)
     if sigma == 0.0:
         return np.full(orders.shape, np.inf)
+    mu = 1.0 / sigma
+    if not math.isfinite(mu * mu):
+        # sigma < ~1e-154: the RDP (about a mu^2/2 + a log(q)/(a-1)) exceeds the float range
+        return np.full(orders.shape, np.inf)
     if q == 1.0:
-        return orders / (2.0 * sigma * sigma)
-    log_am1 = np.empty(orders.shape, dtype=float)
-    is_int = orders == np.round(orders)
+        with np.errstate(over="ignore"):
+            return orders * (0.5 * mu * mu)
+    out = np.empty(orders.shape, dtype=float)
+    big = orders > MAX_EXACT_ORDER
+    if np.any(big):
+        out[big] = _rdp_jensen(q, sigma, orders[big])
+    is_int = (orders == np.round(orders)) & ~big
+    frac = ~is_int & ~big
+    exact = is_int.copy()
+    log_am1 = np.zeros(orders.shape, dtype=float)
     if np.any(is_int):
         log_am1[is_int] = _log_a_minus_1_int(q, sigma, orders[is_int])
-    if np.any(~is_int):
-        fn = _log_a_minus_1_frac_grid if sigma >= _GRID_MIN_SIGMA else _log_a_minus_1_frac_interp
-        log_am1[~is_int] = fn(q, sigma, orders[~is_int])
-    with np.errstate(over="ignore", under="ignore"):
-        log_a = np.where(log_am1 < -30.0, np.exp(log_am1), np.logaddexp(0.0, log_am1))
-    return log_a / (orders - 1.0)
+    if np.any(frac):
+        if sigma >= _GRID_MIN_SIGMA:
+            log_am1[frac] = _log_a_minus_1_frac_grid(q, sigma, orders[frac])
+            exact |= frac
+        else:
+            out[frac] = _rdp_frac_small_noise(q, sigma, orders[frac])
+    if np.any(exact):
+        la = log_am1[exact]
+        with np.errstate(over="ignore", under="ignore"):
+            log_a = np.where(la < -30.0, np.exp(la), np.logaddexp(0.0, la))
+        out[exact] = log_a / (orders[exact] - 1.0)
+    return out
+
+
+def _times_steps(one: np.ndarray, steps: int) -> np.ndarray:
+    """``steps * one`` for any integer ``steps`` (``0 * x = 0``; overflow gives ``inf``)."""
+    s = float(steps) if steps < 2**1023 else math.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(one == 0.0, 0.0, one * s)
 
 
 @functools.lru_cache(maxsize=512)
@@ -404,7 +523,7 @@ def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: Sequence[
     if steps == 0:
         return _shape_like(orders, np.zeros(arr.shape))
     one = _rdp_one_step_array(q, sigma, arr)
-    return _shape_like(orders, one * steps)
+    return _shape_like(orders, _times_steps(one, steps))
 
 
 def compute_heterogeneous_rdp(
@@ -430,31 +549,48 @@ def compute_heterogeneous_rdp(
 # --------------------------------------------------------------------------------------------
 # Sampling without replacement (Wang, Balle, Kasiviswanathan 2019)
 # --------------------------------------------------------------------------------------------
+_CHI_CLOSED_FORM_MU2 = 40.0  # mu^2 = 1/s^2 from which the chi moments use their closed-form bound
+
+
 def _log_chi_moments_gaussian(sigma: float, lmax: int) -> np.ndarray:
     r"""log E_{N(0,s^2)}[(e^L - 1)^l] for l = 0..lmax, L = (2x-1)/(2 s^2) (the Pearson-Vajda
     chi^l moments of N(1,s^2) vs N(0,s^2)); exact forward differences of e^{j(j-1)/(2 s^2)}.
 
     Only even ``l`` are used (odd moments can be negative; they are returned as NaN).
-    Computed by log-space trapezoidal quadrature (the alternating binomial sum cancels badly).
+    For ``mu^2 = 1/s^2 < 40`` they are computed by log-space trapezoidal quadrature (the
+    alternating binomial sum cancels badly).  For ``mu^2 >= 40`` (small noise, where that
+    quadrature would need ~lmax/s^2 points) they are bounded above in closed form,
+    :math:`\chi^l \le e^{l(l-1)\mu^2/2} + (2^l - 1)e^{(l-1)(l-2)\mu^2/2}` (the largest term of the
+    binomial sum plus the absolute values of the others), which is within a factor
+    ``1 + 2^l e^{-40(l-1)}`` of the truth there.  Upper bounds keep the WBK19 bound valid.
     """
     out = np.full(lmax + 1, np.nan)
     out[0] = 0.0
+    mu2 = (1.0 / sigma) * (1.0 / sigma)
     if lmax >= 2:
-        out[2] = _log_expm1(np.array(1.0 / (sigma * sigma)))
+        out[2] = _log_expm1(np.array(mu2)) if mu2 > 1e-300 else 2.0 * math.log(1.0 / sigma)
     ls = np.arange(4, lmax + 1, 2, dtype=float)
     if ls.size == 0:
         return out
+    if mu2 >= _CHI_CLOSED_FORM_MU2:
+        with np.errstate(over="ignore"):
+            out[ls.astype(int)] = ls * (ls - 1.0) * (0.5 * mu2) + np.log1p(
+                np.exp(ls * math.log(2.0) - (ls - 1.0) * mu2)
+            )
+        return out
+    # quadrature in t = x / s (so that s^2 is never formed): L = mu t - mu^2 / 2
+    mu = 1.0 / sigma
     K = math.sqrt(2.0 * (float(ls.max()) * math.log(2.0) + 80.0))
-    lo, hi = -K * sigma - 2.0, float(ls.max()) + 2.0 + K * sigma
-    h = min(sigma, sigma * sigma) / 4.0
+    lo, hi = -K - 2.0 * mu, (float(ls.max()) + 2.0) * mu + K
+    h = min(1.0, sigma) / 4.0
     n = int(math.ceil((hi - lo) / h)) + 1
-    x = np.linspace(lo, hi, n)
+    t = np.linspace(lo, hi, n)
     step = (hi - lo) / (n - 1)
-    L = (2.0 * x - 1.0) / (2.0 * sigma * sigma)
+    L = mu * t - 0.5 * mu2
     with np.errstate(divide="ignore"):
         log_abs = np.log(np.abs(np.expm1(np.minimum(L, 700.0))))
         log_abs = np.where(L > 700.0, L, log_abs)
-    log_phi = -x * x / (2.0 * sigma * sigma) - math.log(sigma) - _LOG_2PI_HALF
+    log_phi = -0.5 * t * t - _LOG_2PI_HALF
     for j in range(0, ls.size, 64):
         blk = ls[j:j + 64]
         out[blk.astype(int)] = special.logsumexp(blk[:, None] * log_abs[None, :] + log_phi[None, :], axis=1) + math.log(step)
@@ -464,14 +600,16 @@ def _log_chi_moments_gaussian(sigma: float, lmax: int) -> np.ndarray:
 def _wor_log_a_int(q: float, sigma_eff: float, alpha: int, log_chi: np.ndarray) -> float:
     """log of the WBK19 bound on exp((alpha-1) eps'(alpha)) for an integer order alpha >= 2."""
     logq = math.log(q)
-    eps2 = 1.0 / (sigma_eff * sigma_eff)  # (2-1) * eps(2) with eps(j) = j / (2 s^2)
+    mu2 = (1.0 / sigma_eff) * (1.0 / sigma_eff)
+    eps2 = mu2  # (2-1) * eps(2) with eps(j) = j / (2 s^2)
     # j = 2: min(4 (e^{eps(2)} - 1), 2 e^{eps(2)})   (Theorem 9 with eps(inf) = inf)
     t2 = min(math.log(4.0) + float(_log_expm1(np.array(eps2))), eps2 + math.log(2.0))
     log_c2 = float(special.gammaln(alpha + 1) - special.gammaln(3) - special.gammaln(alpha - 1))
     terms = [0.0, 2 * logq + log_c2 + t2]
     if alpha >= 3:
         j = np.arange(3, alpha + 1)
-        b = math.log(2.0) + (j - 1.0) * j / (2.0 * sigma_eff * sigma_eff)  # 2 e^{(j-1) eps(j)}
+        with np.errstate(over="ignore"):
+            b = math.log(2.0) + (j - 1.0) * j * (0.5 * mu2)  # 2 e^{(j-1) eps(j)}
         # Gaussian refinement: 4 sqrt(chi^{2 floor(j/2)} chi^{2 ceil(j/2)})
         lo_e, hi_e = 2 * (j // 2), 2 * ((j + 1) // 2)
         ok = hi_e < log_chi.size
@@ -524,9 +662,10 @@ def compute_rdp_sample_without_replacement(
         _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
     if steps == 0:
         return _shape_like(orders, np.zeros(arr.shape))
-    return _shape_like(orders, steps * _wor_rdp_one_step(q, sigma, arr))
+    return _shape_like(orders, _times_steps(_wor_rdp_one_step(q, sigma, arr), steps))
 
 
+@_with_infinite_orders
 def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
     """One step of :func:`compute_rdp_sample_without_replacement` (validated input, no warning)."""
     if q == 0.0 or math.isinf(sigma):
@@ -534,9 +673,19 @@ def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
     if sigma == 0.0:
         return np.full(arr.shape, np.inf)
     sigma_eff = sigma / 2.0  # replace-one sensitivity is 2 * clip norm
+    mu2 = (2.0 / sigma) * (2.0 / sigma)
+    if not math.isfinite(mu2):
+        # sigma < ~1e-154: the bound (about a mu^2 / 2) exceeds the float range at every order
+        return np.full(arr.shape, np.inf)
+    with np.errstate(over="ignore"):
+        cap = arr * (0.5 * mu2)  # the un-amplified replace-one Gaussian, 2 a / sigma^2
     if q == 1.0:
-        return arr / (2.0 * sigma_eff * sigma_eff)
-    ceil_max = int(math.ceil(float(arr.max())))
+        return cap
+    out = cap.copy()  # orders above MAX_EXACT_ORDER keep this valid bound
+    exact = arr <= MAX_EXACT_ORDER
+    if not np.any(exact):
+        return out
+    ceil_max = int(math.ceil(float(arr[exact].max())))
     # the chi-moment refinement is used for j <= 257 (beyond, Theorem 9's term alone: still valid)
     log_chi = _log_chi_moments_gaussian(sigma_eff, min(ceil_max + 1, 258))
     cache: dict[int, float] = {1: 0.0}
@@ -546,8 +695,9 @@ def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
             cache[a] = _wor_log_a_int(q, sigma_eff, a, log_chi)
         return cache[a]
 
-    out = np.empty(arr.shape)
     for i, a in enumerate(arr):
+        if not exact[i]:
+            continue
         if float(a).is_integer():
             out[i] = cgf(int(a)) / (a - 1.0)
         else:
@@ -556,7 +706,7 @@ def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
             out[i] = ((1.0 - t) * cgf(fl) + t * cgf(ce)) / (a - 1.0)
     # never worse than no amplification (the subsampled mechanism is a mixture of coupled
     # replace-one pairs; joint convexity of exp((alpha-1) D_alpha))
-    return np.minimum(out, arr / (2.0 * sigma_eff * sigma_eff))
+    return np.minimum(out, cap)
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,25 +79,35 @@ _HISTORY_SIZE = 256
 def _gaussian_rdp(sigma: float, orders: np.ndarray, relation: str) -> np.ndarray:
     if sigma == 0.0:
         return np.full(orders.shape, np.inf)
+    if math.isinf(sigma):
+        return np.zeros(orders.shape)
     sens = 2.0 if relation == REPLACE_ONE else 1.0
-    return orders * sens * sens / (2.0 * sigma * sigma)
+    mu = sens / sigma  # never forms sigma^2 (it underflows for sigma < 1e-154)
+    with np.errstate(over="ignore"):
+        return orders * (0.5 * mu * mu)
 
 
 def _laplace_rdp(b: float, orders: np.ndarray, relation: str) -> np.ndarray:
     """Mironov 2017 (Prop. 6): the Laplace mechanism with L1 sensitivity 1 and scale b is
-    (alpha, log(alpha/(2alpha-1) e^{(alpha-1)/b} + (alpha-1)/(2alpha-1) e^{-alpha/b})/(alpha-1))-RDP."""
+    (alpha, log(alpha/(2alpha-1) e^{(alpha-1)/b} + (alpha-1)/(2alpha-1) e^{-alpha/b})/(alpha-1))-RDP;
+    at order ``inf`` it is ``1/b`` (pure DP)."""
     if b == 0.0:
         return np.full(orders.shape, np.inf)
     if math.isinf(b):
         return np.zeros(orders.shape)
     if relation == REPLACE_ONE:
         b = b / 2.0
-    a = orders
-    log_val = np.logaddexp(
-        np.log(a) - np.log(2.0 * a - 1.0) + (a - 1.0) / b,
-        np.log(a - 1.0) - np.log(2.0 * a - 1.0) - a / b,
-    )
-    return np.maximum(log_val / (a - 1.0), 0.0)
+    fin = np.isfinite(orders)
+    a = np.where(fin, orders, 2.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv_b = 1.0 / b
+        log_val = np.logaddexp(
+            np.log(a) - np.log(2.0 * a - 1.0) + (a - 1.0) * inv_b,
+            np.log(a - 1.0) - np.log(2.0 * a - 1.0) - a * inv_b,
+        )
+        r = np.maximum(log_val / (a - 1.0), 0.0)
+    # the divergence never exceeds the pure-DP epsilon 1/b (and overflow of e^{a/b} gives inf)
+    return np.where(fin, np.minimum(np.nan_to_num(r, nan=inv_b), inv_b), inv_b)
 
 
 def _effective_noise_multiplier(event: DpEvent, outer: DpEvent) -> float:
@@ -115,7 +125,8 @@ class RdpAccountant(PrivacyAccountant):
     """Online Rényi-DP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019).
 
     Args:
-        orders: RDP orders (each finite and > 1); default :data:`.rdp.DEFAULT_ORDERS`.
+        orders: RDP orders (each > 1; ``inf`` allowed, where every noisy sampled mechanism has
+            infinite RDP); default :data:`.rdp.DEFAULT_ORDERS`.
         neighboring_relation: ``"add_or_remove_one"`` (default) or ``"replace_one"``; see the
             module docstring for which events each relation accepts and the sensitivity
             convention.
@@ -256,7 +267,8 @@ class RdpAccountant(PrivacyAccountant):
         vec = self._event_rdp(event)
         if count == 0:
             return self
-        if np.any(np.isinf(vec)):
+        fin = np.isfinite(self._orders)
+        if np.any(np.isinf(vec[fin] if np.any(fin) else vec)):  # order inf is infinite for any Gaussian
             warnings.warn(
                 f"infinite privacy loss: composing {event!r} makes the RDP infinite (it contains a "
                 "NonPrivateEvent or a mechanism with zero noise)",
