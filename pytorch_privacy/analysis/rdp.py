@@ -57,12 +57,22 @@ converges geometrically; with this :math:`h` the discretisation error bound is b
 integration (``tests/analysis/test_rdp_reference.py``) the relative error is below 1e-12.
 Working with :math:`A_\alpha - 1` rather than :math:`A_\alpha` keeps full *relative* precision
 when the RDP is tiny (``q = 1e-4``, order ``1.01``: :math:`A_\alpha - 1 \approx 10^{-11}`).
-Below ``noise_multiplier = 0.1`` (far outside the documented accuracy range, where the grid would
-become too fine) fractional orders are bounded *from above* by interpolating the exact
-integer-order cumulants :math:`\log A_\alpha`, which are convex in :math:`\alpha`: safe, not exact.
+The quadrature runs in the standardised variable :math:`t = x/\sigma` (so :math:`\sigma^2` is never
+formed and ``noise_multiplier`` up to the float maximum works); it costs :math:`O(1/\sigma)` points
+per order.  Below ``noise_multiplier = 0.005`` fractional orders use a closed form instead
+(:func:`_rdp_frac_small_noise`): an upper bound that equals the exact value to double precision
+there (``tests/analysis/test_rdp_reference.py`` checks both against mpmath down to
+``sigma = 0.001``).
 
-Limits: ``q = 0`` gives 0; ``q = 1`` gives the plain Gaussian :math:`\alpha/(2\sigma^2)`;
-``noise_multiplier = 0`` with ``q > 0`` gives ``inf`` (with a warning).
+Limits and the edges of the domain: ``q = 0`` gives 0; ``q = 1`` gives the plain Gaussian
+:math:`\alpha/(2\sigma^2)`; ``noise_multiplier = 0`` with ``q > 0`` gives ``inf`` (with a warning).
+Order ``inf`` (the max-divergence) is accepted and gives ``inf`` for any ``q > 0`` (the Gaussian's
+privacy loss is unbounded), as TF Privacy does.  Orders above :data:`MAX_EXACT_ORDER` (1e4) use the
+closed-form upper bound :math:`A_\alpha \le 1 + q(e^{\alpha(\alpha-1)/(2\sigma^2)} - 1)`
+(convexity of :math:`x^\alpha`), above the exact value by at most about :math:`|\log q|`.  Values
+beyond the float range are ``inf`` (``noise_multiplier`` below ~1e-154, or ``steps`` times the
+per-step RDP overflowing); per-step values below ~1e-308 (``noise_multiplier`` above ~1e150)
+underflow to 0.
 
 Sampling without replacement (replace-one neighbours)
 -----------------------------------------------------
@@ -508,11 +518,13 @@ def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: Sequence[
         q: sampling probability in [0, 1] (expected batch size / dataset size).
         noise_multiplier: noise stddev / L2 sensitivity (the clip norm), >= 0.
         steps: number of steps (compositions), a non-negative integer.
-        orders: RDP orders, each finite and > 1; default :data:`DEFAULT_ORDERS`.
+        orders: RDP orders, each > 1 (``inf`` allowed); default :data:`DEFAULT_ORDERS`.
 
     Returns:
         The RDP at each order (same shape as ``orders``; 0-d for a scalar order).  ``inf``
-        (with a ``RuntimeWarning``) when ``noise_multiplier == 0`` and ``q > 0``.
+        (with a ``RuntimeWarning``) when ``noise_multiplier == 0`` and ``q > 0``; ``inf`` at order
+        ``inf`` and wherever the value exceeds the float range (see the module docstring).
+        Runs in well under a second and a few MB for every input in this domain.
     """
     q = _check_q(q)
     sigma = _check_sigma(noise_multiplier)
@@ -645,6 +657,12 @@ def compute_rdp_sample_without_replacement(
     (valid since it is convex in :math:`\alpha`; WBK19 Corollary 10).  This is an upper bound, not
     an exact value.  It is capped by the un-amplified replace-one Gaussian :math:`2\alpha/\sigma^2`
     (valid by joint convexity; WBK19's constants make their bound exceed it for large ``q``).
+
+    Cost: the :math:`\chi^l` moments (``l <= 258``) come from a quadrature when
+    ``noise_multiplier > 2/sqrt(40) ~ 0.316`` and from a closed-form upper bound below (exact to
+    double precision there), so every input runs in well under a second and a few MB.  Orders
+    above :data:`MAX_EXACT_ORDER` get the cap :math:`2\alpha/\sigma^2`; order ``inf`` gives ``inf``;
+    ``noise_multiplier`` below ~1e-154 gives ``inf`` (the bound exceeds the float range).
 
     **Sensitivity convention.**  Throughout this package ``noise_multiplier`` is the noise stddev
     divided by the clip norm ``C``, which is the *add/remove* L2 sensitivity of a sum.  Replacing
