@@ -37,6 +37,7 @@ from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
 from .consistency import SamplingMonitor, check_target_delta, ledger_for_loader
 from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, call_model, select_engine
+from .layer_swap import swap_layers_for_optimizer
 from .multipass import JOINT, PASS_CLIPPING_MODES, EmptyGradients, StepAccumulator, combine_gradients
 from .samplers import batch_size_of, split_into_physical_batches
 
@@ -91,7 +92,9 @@ class DPOptimizer(torch.optim.Optimizer):
         max_physical_batch_size: split each logical batch of :meth:`fit_batch` into chunks of
             at most this many examples (memory); the privacy math is unchanged.
         engine: per-example gradient engine name, or ``"auto"`` (registry; see
-            :mod:`pytorch_privacy.optimizer.engines`).
+            :mod:`pytorch_privacy.optimizer.engines`).  ``"auto"`` first swaps native
+            ``nn.LSTM``/``GRU``/``RNN``/``MultiheadAttention`` layers for DP drop-ins computing
+            the same function (announced; see :mod:`pytorch_privacy.optimizer.layer_swap`).
         ledger: a :class:`~pytorch_privacy.dp_query.PrivacyLedger`; wraps ``query`` in a
             :class:`~pytorch_privacy.dp_query.QueryWithLedger` (don't pass one if ``query``
             already has a ledger).
@@ -238,6 +241,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
         if validate:
             self._validate_model(model)
+        if engine == "auto":  # fused LSTM/GRU/RNN/attention -> ghost-visible drop-ins (announced)
+            swap_layers_for_optimizer(model, optimizer)
         self._engine_cls: type[GradientEngine] = select_engine(model, engine)
         self._engines: dict[Any, GradientEngine] = {}
 

@@ -95,7 +95,6 @@ def test_reentrant_checkpoint_is_refused_naming_the_fix(engine, sequential):
     assert xg.grad is not None
 
 
-@pytest.mark.xfail(strict=True, reason="ghost_engine.py must run its forward inside refuse_reentrant_checkpoint()")
 def test_reentrant_checkpoint_is_refused_by_ghost():
     model = Checkpointed(True).to(D)
     x, y = _batch()

@@ -38,6 +38,7 @@ from .base import (
     register_engine,
 )
 from .functorch_engine import check_losses
+from .checkpointing import refuse_reentrant_checkpoint
 from .raw_params import RAW_RULE, RawUseMode, is_raw_owner, raw_parameters, trace_raw_uses, unsupported_use
 from .probe import CallLayout, input_signature, model_signature, trace_batch_dims, verified_independent
 from .ghost_rules import Contribution, LayerRule, NormPolicy, PerRecord, ghost_rule_for, ghost_rules, sum_sq_norms
@@ -350,7 +351,9 @@ class GhostEngine(GradientEngine):
         try:
             for mname, m, rule, local in hooked:
                 handles.append(m.register_forward_hook(make_hook(mname, rule, local), with_kwargs=True))
-            with torch.enable_grad(), (RawUseMode(raw, on_raw_use) if raw else contextlib.nullcontext()):
+            with torch.enable_grad(), refuse_reentrant_checkpoint(), (
+                RawUseMode(raw, on_raw_use) if raw else contextlib.nullcontext()
+            ):
                 output = call_model(self.model, inputs)
                 losses = self.loss_fn(output, targets)
                 check_losses(losses, batch)
