@@ -1,4 +1,6 @@
-"""``nn.Conv3d`` under the ghost engine, and N-d patch unfolding.
+"""Convolutions under the ghost engine: ``nn.Conv1d``/``nn.Conv2d`` (with a CPU kernel that
+unfolds patches chunk by chunk, and book-keeping by the native weight-gradient kernel),
+``nn.Conv3d``, and N-d patch unfolding.
 
 The per-example weight gradient of a convolution is ``sum_l g_l u_l^T`` over output positions
 ``l``, with ``g_l`` the output gradient (``[C_out]``) and ``u_l`` the unfolded input patch
@@ -15,9 +17,196 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ghost_rules import Contribution, DirectContribution, LayerRule, OuterContribution, _records, register_ghost_rule
+from ..ghost_rules import (
+    Contribution,
+    DirectContribution,
+    LayerRule,
+    NormPolicy,
+    OuterContribution,
+    PerRecord,
+    keep_rows,
+    register_ghost_rule,
+    scale_rows,
+    to_records,
+)
 
-__all__ = ["unfold_nd", "Conv3dRule", "group_outer", "explicit_padding"]
+__all__ = ["unfold2d", "unfold_nd", "ConvContribution", "ConvRule", "Conv3dRule", "group_outer", "explicit_padding"]
+
+
+def unfold2d(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
+    """``F.unfold`` (``[B, C*kh*kw, L]``) by one strided copy, which is faster than ``im2col``
+    on CPU."""
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    x = x.contiguous()
+    B, C, H, W = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    Lh, Lw = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    sB, sC, sH, sW = x.stride()
+    view = x.as_strided((B, C, kh, kw, Lh, Lw), (sB, sC, dh * sH, dw * sW, sh * sH, sw * sW), x.storage_offset())
+    return view.reshape(B, C * kh * kw, Lh * Lw)
+
+
+class ConvContribution(OuterContribution):
+    """A convolution weight's contribution: an :class:`OuterContribution` whose ``a`` (unfolded
+    input patches) is built only when needed, and whose :meth:`weighted_sum` uses the native
+    convolution weight-gradient kernel on coefficient-scaled output gradients (book-keeping
+    without unfolding).  ``x`` is the (explicitly padded, 2-d) input ``[B, C, H, W]`` and
+    ``grad_output`` ``[B, O, Lh, Lw]``."""
+
+    def __init__(self, x, grad_output, kernel, stride, padding, dilation, groups, microbatch, shape):
+        self.x, self.grad_output = x, grad_output
+        self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
+        self.groups, self.microbatch = groups, microbatch
+        self.shape = torch.Size(shape)
+        self._dtype = grad_output.dtype
+        self._g = self._a = None
+
+    @property
+    def num_records(self) -> int:
+        return self.x.shape[0] // self.microbatch
+
+    def _build(self):
+        B, O = self.grad_output.shape[:2]
+        G, b = self.groups, self.microbatch
+        U = unfold2d(self.x, self.kernel, self.dilation, self.padding, self.stride)
+        L = U.shape[2]
+        g = self.grad_output.reshape(B, O, L)
+        a = U.reshape(B, G, U.shape[1] // G, L).transpose(2, 3)  # [B, G, L, d]
+        gg = g.reshape(B, G, O // G, L).transpose(2, 3)  # [B, G, L, p]
+        if b > 1:
+            R = B // b
+            a = a.reshape(R, b, G, L, -1).transpose(1, 2).reshape(R, G, b * L, -1)
+            gg = gg.reshape(R, b, G, L, -1).transpose(1, 2).reshape(R, G, b * L, -1)
+        self._g, self._a = gg, a
+
+    @property
+    def g(self) -> torch.Tensor:  # type: ignore[override]
+        """Output gradients ``[R, G, N, p]``."""
+        if self._g is None:
+            self._build()
+        return self._g
+
+    @property
+    def a(self) -> torch.Tensor:  # type: ignore[override]
+        """Unfolded input patches ``[R, G, N, d]``."""
+        if self._a is None:
+            self._build()
+        return self._a
+
+    def _dims(self) -> tuple[int, int, int, int, int]:
+        """``(R, G, N, p, d)`` of the outer-product form, without unfolding anything."""
+        B, O = self.grad_output.shape[:2]
+        L = self.grad_output.shape[2] * self.grad_output.shape[3]
+        G, b = self.groups, self.microbatch
+        return B // b, G, b * L, O // G, self.x.shape[1] // G * math.prod(self.kernel)
+
+    def sq_norms(self, policy: NormPolicy) -> tuple[torch.Tensor, PerRecord | None]:
+        R, G, N, p, d = self._dims()
+        if N == 1 or policy.use_ghost(R, G, N, p, d, self.grad_output.element_size()):
+            return super().sq_norms(policy)
+        mat = self._per_record()
+        return mat.sq_norms(self._acc()), mat
+
+    #: bytes of unfolded patches per chunk on the CPU (about an L2 cache: the patches are
+    #: consumed by the matmul while still cached, and the buffer is small enough to be reused)
+    cpu_chunk_bytes = 1 << 19
+
+    def _per_record(self) -> PerRecord:
+        if self.x.device.type != "cpu" or self._a is not None:
+            # input-major: [R, G, d, N] @ [R, G, N, p]; the unfolded input is contiguous that
+            # way and the output-gradient operand is a transposed view, so nothing is copied
+            return PerRecord(torch.matmul(self.a.transpose(2, 3), self.g), self.shape, layout="gdp")
+        # CPU: per chunk of records, make the input channels-last (a no-op for one channel) and
+        # unfold its patches [m*G, b*L, kh*kw*c] (contiguous runs of kw*c without dilation, of c
+        # with), multiplying each chunk while it is in cache and writing [R, G, p, kh*kw*c] in
+        # place: no full-batch unfold buffer.  (A space-to-depth by the stride gives longer runs
+        # but costs more to build than it saves here.)
+        x = self.x
+        ph, pw = self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        go = self.grad_output
+        B, C = x.shape[:2]
+        O, Lh, Lw = go.shape[1:]
+        G, b = self.groups, self.microbatch
+        R, c, p, L = B // b, C // G, O // G, Lh * Lw
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        d = kh * kw * c
+        g = go.reshape(R, b, G, p, L)
+        g = g.reshape(R * G, p, L) if b == 1 else g.permute(0, 2, 3, 1, 4).reshape(R * G, p, b * L)
+        out = go.new_empty((R, G, p, d))
+        out3 = out.view(R * G, p, d)
+        rec_bytes = G * b * L * d * x.element_size()
+        n = max(1, min(R, self.cpu_chunk_bytes // max(rec_bytes, 1)))
+        for r0 in range(0, R, n):
+            m = min(n, R - r0)
+            xc = x[r0 * b : (r0 + m) * b].contiguous(memory_format=torch.channels_last)
+            sB, sC, sH, sW = xc.stride()
+            patches = xc.as_strided(
+                (m, G, b, Lh, Lw, kh, kw, c), (b * sB, c * sC, sB, sh * sH, sw * sW, dh * sH, dw * sW, sC)
+            ).reshape(m * G, b * L, d)
+            torch.bmm(g[r0 * G : (r0 + m) * G], patches, out=out3[r0 * G : (r0 + m) * G])
+        # [G, p, kh, kw, c] -> [G, p, c, kh, kw] = [G*p, c, kh, kw]
+        return PerRecord(out, self.shape, layout=("permuted", (G, p, kh, kw, c), (0, 1, 4, 2, 3)))
+
+    def key(self) -> tuple:
+        O, G = self.grad_output.shape[1], self.groups
+        return (G, O // G, self.x.shape[1] // G * math.prod(self.kernel), self.shape)
+
+    def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
+        per_example = coefficients.repeat_interleave(self.microbatch) if self.microbatch > 1 else coefficients
+        if mask:
+            gs, x = scale_rows(self.grad_output, per_example), keep_rows(self.x, per_example)
+        else:
+            gs, x = self.grad_output * per_example.to(self._dtype).reshape(-1, 1, 1, 1), self.x
+        O, G = gs.shape[1], self.groups
+        weight = gs.new_empty((O, x.shape[1] // G) + tuple(self.kernel))
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gs, x, weight, None, list(self.stride), list(self.padding), list(self.dilation), False, [0, 0], G,
+            [False, True, False],
+        )
+        return gw.reshape(self.shape)
+
+
+class ConvRule(LayerRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, dilation, groups, padding and padding mode):
+    the weight gradient is an outer product of output gradients and unfolded input patches."""
+
+    def contributions(self, module, saved, grad_output, batch, microbatch, names):
+        x = saved
+        B = batch
+        to_records(x, B, microbatch)  # checks the batch-first layout
+        to_records(grad_output, B, microbatch)
+        one_d = isinstance(module, nn.Conv1d)
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            if isinstance(padding, str) and padding == "valid":
+                padding = (0,) * (1 if one_d else 2)
+            else:
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+                padding = (0,) * (1 if one_d else 2)
+        if one_d:
+            x = x.unsqueeze(2)
+            kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+            padding, stride = (0, padding[0]), (1, module.stride[0])
+        else:
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        out: dict[str, Contribution] = {}
+        C_out, G = module.out_channels, module.groups
+        g = grad_output.reshape(B, C_out, -1)  # [B, C_out, L]
+        if "weight" in names:
+            g4 = grad_output.reshape(B, C_out, -1, grad_output.shape[-1]) if one_d else grad_output
+            out["weight"] = ConvContribution(
+                x, g4, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), G, microbatch, module.weight.shape
+            )
+        if "bias" in names:
+            gb = g.sum(2)
+            if microbatch > 1:
+                gb = gb.reshape(B // microbatch, microbatch, C_out).sum(1)
+            out["bias"] = DirectContribution(gb, module.bias.shape)
+        return out
 
 
 def unfold_nd(x: torch.Tensor, kernel, dilation, stride, positions=None) -> torch.Tensor:
@@ -84,8 +273,8 @@ class Conv3dRule(LayerRule):
     """``nn.Conv3d`` (any stride, dilation, groups, padding, padding mode)."""
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
-        _records(saved, batch, microbatch)  # batch-first checks
-        _records(grad_output, batch, microbatch)
+        to_records(saved, batch, microbatch)  # batch-first checks
+        to_records(grad_output, batch, microbatch)
         out: dict[str, Contribution] = {}
         if "weight" in names:
             x, padding = explicit_padding(module, saved)
@@ -97,4 +286,6 @@ class Conv3dRule(LayerRule):
         return out
 
 
+register_ghost_rule(nn.Conv1d, ConvRule())
+register_ghost_rule(nn.Conv2d, ConvRule())
 register_ghost_rule(nn.Conv3d, Conv3dRule())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ghost_rules import Contribution, DirectContribution, LayerRule, _records, register_ghost_rule
+from ..ghost_rules import Contribution, DirectContribution, LayerRule, to_records, register_ghost_rule
 from .conv import channel_sums, group_outer, unfold_nd, zero_pad
 
 __all__ = ["ConvTransposeRule"]
@@ -30,8 +30,8 @@ class ConvTransposeRule(LayerRule):
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         x = saved
-        _records(x, batch, microbatch)
-        _records(grad_output, batch, microbatch)
+        to_records(x, batch, microbatch)
+        to_records(grad_output, batch, microbatch)
         out: dict[str, Contribution] = {}
         if "weight" in names:
             V = unfold_nd(

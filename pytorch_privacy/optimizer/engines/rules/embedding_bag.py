@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ghost_rules import EmbeddingContribution, LayerRule, _records, register_ghost_rule
+from ..ghost_rules import EmbeddingContribution, LayerRule, to_records, register_ghost_rule
 
 __all__ = ["EmbeddingBagRule", "bag_layout"]
 
@@ -90,8 +90,8 @@ class EmbeddingBagRule(LayerRule):
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         ids, weights = saved
         R = batch // microbatch
-        _records(grad_output, batch, microbatch)
-        _records(ids, batch, microbatch)
+        to_records(grad_output, batch, microbatch)
+        to_records(ids, batch, microbatch)
         g = weights.to(grad_output.dtype).unsqueeze(2) * grad_output.unsqueeze(1)  # [B, N, d]
         return {
             "weight": EmbeddingContribution(

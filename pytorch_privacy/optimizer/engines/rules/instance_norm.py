@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..ghost_rules import LayerRule, _affine_direct, _records, register_ghost_rule
+from ..ghost_rules import LayerRule, register_ghost_rule, to_records
+from .norm import affine_direct
 
 __all__ = ["InstanceNormRule"]
 
@@ -27,10 +28,10 @@ class InstanceNormRule(LayerRule):
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         x, mean, var = saved
-        _records(x, batch, microbatch)
-        _records(grad_output, batch, microbatch)
+        to_records(x, batch, microbatch)
+        to_records(grad_output, batch, microbatch)
         xhat = F.instance_norm(x, mean, var, None, None, mean is None, 0.0, module.eps)
-        return _affine_direct(module, xhat, grad_output, microbatch, names, lead=1)
+        return affine_direct(module, xhat, grad_output, microbatch, names, lead=1)
 
 
 for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ghost_rules import DirectContribution, LayerRule, _records, register_ghost_rule
+from ..ghost_rules import DirectContribution, LayerRule, to_records, register_ghost_rule
 
 __all__ = ["PReLURule"]
 
@@ -21,8 +21,8 @@ class PReLURule(LayerRule):
         return module.num_parameters == 1 or dim == 0
 
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
-        _records(saved, batch, microbatch)
-        _records(grad_output, batch, microbatch)
+        to_records(saved, batch, microbatch)
+        to_records(grad_output, batch, microbatch)
         v = grad_output * saved.clamp(max=0)
         R, C = batch // microbatch, module.num_parameters
         if C == 1:
