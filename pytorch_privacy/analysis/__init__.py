@@ -10,12 +10,12 @@ from .._lazy import lazy_attributes
 
 _LAZY = {
     # rdp.py: RDP of subsampled Gaussian mechanisms, ledger/event analysis
-    "DEFAULT_ORDERS": ".rdp",
+    "DEFAULT_ORDERS": ".orders",
     "compute_rdp": ".rdp",
     "compute_rdp_sample_without_replacement": ".rdp",
     "compute_heterogeneous_rdp": ".rdp",
-    "compute_rdp_from_event": ".rdp",
-    "compute_rdp_from_ledger": ".rdp",
+    "compute_rdp_from_event": ".rdp_accountant",
+    "compute_rdp_from_ledger": ".rdp_accountant",
     # conversion.py: RDP -> (eps, delta)
     "get_privacy_spent": ".conversion",
     "refine_epsilon": ".conversion",
@@ -33,8 +33,8 @@ _LAZY = {
     # calibration.py
     "compute_noise": ".calibration",
     "compute_epochs": ".calibration",
-    # compute_dp_sgd_privacy.py
-    "compute_dp_sgd_privacy": ".compute_dp_sgd_privacy",
+    # compute_dp_sgd_privacy_lib.py (the script compute_dp_sgd_privacy.py re-exports it)
+    "compute_dp_sgd_privacy": ".compute_dp_sgd_privacy_lib",
 }
 
 __getattr__, __dir__, __all__ = lazy_attributes(__name__, globals(), _LAZY)

@@ -1,6 +1,6 @@
 """Calibration: the noise (or the training length) that meets a target (epsilon, delta).
 
-Both functions account DP-SGD exactly like :func:`.compute_dp_sgd_privacy.compute_dp_sgd_privacy`:
+Both functions account DP-SGD exactly like :func:`.compute_dp_sgd_privacy_lib.compute_dp_sgd_privacy`:
 Poisson sampling with ``q = batch_size / n``, add-or-remove-one neighbours,
 ``steps = ceil(epochs * n / batch_size)``, exact RDP (:func:`.rdp.compute_rdp`) and the tight
 conversion with the order optimised continuously (:func:`.conversion.refine_epsilon`).  So
@@ -16,8 +16,8 @@ import math
 import numbers
 from collections.abc import Sequence
 
-from .compute_dp_sgd_privacy import _check_plan, _epsilon_for, _warn_large_delta
-from .rdp import _check_sigma
+from ._checks import check_sigma
+from .compute_dp_sgd_privacy_lib import check_plan, epsilon_for, warn_large_delta
 
 __all__ = ["compute_noise", "compute_epochs"]
 
@@ -65,13 +65,13 @@ def compute_noise(
         it is larger.
     """
     target = _check_target(target_epsilon)
-    q, t, delta = _check_plan(n, batch_size, epochs, delta, steps)
-    _warn_large_delta(n, delta)
+    q, t, delta = check_plan(n, batch_size, epochs, delta, steps)
+    warn_large_delta(n, delta)
     if not 0.0 < rtol < 0.5:
         raise ValueError(f"rtol must be in (0, 0.5), got {rtol!r}")
 
     def eps_at(sigma: float) -> float:
-        return _epsilon_for(q, sigma, t, delta, orders)[0]
+        return epsilon_for(q, sigma, t, delta, orders)[0]
 
     hi = 1.0
     while eps_at(hi) > target:
@@ -126,9 +126,9 @@ def compute_epochs(
     target = _check_target(target_epsilon)
     if unit not in ("epochs", "steps"):
         raise ValueError(f"unit must be 'epochs' or 'steps', got {unit!r}")
-    q, _, delta = _check_plan(n, batch_size, None, delta, 1)
-    _warn_large_delta(n, delta)
-    sigma = _check_sigma(noise_multiplier)
+    q, _, delta = check_plan(n, batch_size, None, delta, 1)
+    warn_large_delta(n, delta)
+    sigma = check_sigma(noise_multiplier)
     if not sigma > 0:
         raise ValueError(f"noise_multiplier must be > 0 to spend a finite budget, got {noise_multiplier!r}")
     per_epoch = n / batch_size
@@ -137,7 +137,7 @@ def compute_epochs(
         return k if unit == "steps" else math.ceil(k * per_epoch)
 
     def fits(k: int) -> bool:
-        return _epsilon_for(q, sigma, steps_of(k), delta, orders)[0] <= target
+        return epsilon_for(q, sigma, steps_of(k), delta, orders)[0] <= target
 
     if not fits(1):
         one = "one step" if unit == "steps" else f"one epoch ({steps_of(1)} steps)"

@@ -1,5 +1,8 @@
 r"""Privacy of a DP-SGD training run: ``python -m pytorch_privacy.analysis.compute_dp_sgd_privacy``.
 
+This module is the command-line script; the library code lives in
+:mod:`.compute_dp_sgd_privacy_lib` (``compute_dp_sgd_privacy`` is re-exported here).
+
 Example (the settings of TF Privacy's MNIST tutorial)::
 
     python -m pytorch_privacy.analysis.compute_dp_sgd_privacy \
@@ -20,107 +23,24 @@ bound does not apply to it (record the run in a ``PrivacyLedger`` with ``samplin
 and analyse the ledger instead).
 """
 
+
 from __future__ import annotations
 
 import argparse
 import math
-import numbers
 import sys
 import types
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
-
-from .conversion import _check_delta, refine_epsilon
-from .moments import DEFAULT_LAMBDAS, compute_log_moments, get_privacy_spent_moments
-from .rdp import DEFAULT_ORDERS, _check_sigma, compute_rdp
+from ._checks import check_sigma
+from .compute_dp_sgd_privacy_lib import check_plan, classic_epsilon, compute_dp_sgd_privacy, epsilon_for
 
 __all__ = ["compute_dp_sgd_privacy", "main"]
 
-
-def _check_plan(n, batch_size, epochs, delta, steps=None) -> tuple[float, int, float]:
-    """Validate a training plan; returns ``(q, steps, delta)``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        raise ValueError(f"n (dataset size N) must be a positive integer, got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size > n:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed n ({n})")
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs and steps")
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        t = int(steps)
-    else:
-        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not 0 <= float(epochs) < math.inf:
-            raise ValueError(f"epochs must be a finite number >= 0, got {epochs!r}")
-        t = int(math.ceil(float(epochs) * n / batch_size))
-    return batch_size / n, t, _check_delta(delta)
-
-
-def _warn_large_delta(n: int, delta: float, stacklevel: int = 3) -> None:
-    """Warn when ``delta >= 1/n``: such a delta allows releasing one record outright."""
-    if delta >= 1.0 / n:
-        warnings.warn(
-            f"delta = {delta:g} is not below 1/N = {1.0 / n:.3g}: a mechanism that publishes one random "
-            "record in the clear meets it. Choose delta well below 1/N (e.g. 1/N^1.1)",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-
-
-def _epsilon_for(q: float, sigma: float, steps: int, delta: float, orders=None, refine: bool = True):
-    orders = DEFAULT_ORDERS if orders is None else orders
-
-    def rdp_at(o):
-        return compute_rdp(q, sigma, steps, o)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if refine:
-            return refine_epsilon(rdp_at, orders, delta)
-        from .conversion import get_privacy_spent
-
-        eps, _, order = get_privacy_spent(orders, rdp_at(np.asarray(orders, dtype=float)), target_delta=delta)
-        return eps, order
-
-
-def compute_dp_sgd_privacy(
-    n: int,
-    batch_size: int,
-    noise_multiplier: float,
-    epochs: float,
-    delta: float,
-    *,
-    orders: Sequence[float] | None = None,
-    refine: bool = True,
-) -> tuple[float, float]:
-    """Epsilon of DP-SGD with Poisson sampling ``q = batch_size / n`` for ``epochs`` epochs.
-
-    Returns ``(eps, opt_order)``.  Warns (``UserWarning``) when ``delta >= 1/n``.  ``refine=False`` keeps to the grid ``orders`` (default
-    :data:`.rdp.DEFAULT_ORDERS`) instead of optimising the order continuously around it.
-    ``eps`` is ``inf`` (with a warning) when ``noise_multiplier`` is 0.
-    """
-    q, steps, delta = _check_plan(n, batch_size, epochs, delta)
-    sigma = _check_sigma(noise_multiplier)
-    _warn_large_delta(n, delta)
-    if sigma == 0.0 and steps > 0:
-        warnings.warn("infinite privacy loss: noise_multiplier is 0 (no noise)", RuntimeWarning, stacklevel=2)
-        return math.inf, float((DEFAULT_ORDERS if orders is None else orders)[0])
-    eps, order = _epsilon_for(q, sigma, steps, delta, orders, refine)
-    return float(eps), float(order)
-
-
-def _classic_epsilon(q: float, sigma: float, steps: int, delta: float) -> tuple[float, float]:
-    lam = np.asarray(DEFAULT_LAMBDAS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        eps, _, opt_lambda = get_privacy_spent_moments(
-            lam, compute_log_moments(q, sigma, steps, lam), target_delta=delta
-        )
-    return eps, opt_lambda
+# old private names, kept for one release (use compute_dp_sgd_privacy_lib.check_plan / epsilon_for)
+_check_plan = check_plan
+_epsilon_for = epsilon_for
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta (default 1e-5)")
     args = parser.parse_args(argv)
     try:
-        q, steps, delta = _check_plan(args.n, args.batch_size, args.epochs, args.delta)
-        sigma = _check_sigma(args.noise_multiplier)
+        q, steps, delta = check_plan(args.n, args.batch_size, args.epochs, args.delta)
+        sigma = check_sigma(args.noise_multiplier)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the 1/N warning is printed below
             eps, order = compute_dp_sgd_privacy(args.n, args.batch_size, sigma, args.epochs, delta)
-            classic_eps, classic_lambda = _classic_epsilon(q, sigma, steps, delta) if sigma > 0 else (math.inf, math.nan)
+            classic_eps, classic_lambda = classic_epsilon(q, sigma, steps, delta) if sigma > 0 else (math.inf, math.nan)
     except ValueError as exc:
         parser.error(str(exc))
         return 2  # pragma: no cover  (parser.error exits)

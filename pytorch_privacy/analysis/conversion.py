@@ -30,13 +30,12 @@ rule, epsilon clipped at 0, delta at 1), with two deliberate differences:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .rdp import _check_orders
+from ._checks import check_delta, check_eps, check_orders
 
 __all__ = ["get_privacy_spent", "eps_from_rdp", "delta_from_rdp", "refine_epsilon"]
 
@@ -51,18 +50,6 @@ def _check_rdp(orders: np.ndarray, rdp) -> np.ndarray:
     if np.any(np.isnan(r)) or np.any(r < 0):
         raise ValueError(f"RDP values must be >= 0 (and not NaN), got {r[np.isnan(r) | (r < 0)].tolist()}")
     return r
-
-
-def _check_delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0.0 < float(delta) < 1.0:
-        raise ValueError(f"target_delta must be in (0, 1), got {delta!r}")
-    return float(delta)
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps):
-        raise ValueError(f"target_eps must be a number >= 0 (inf allowed), got {eps!r}")
-    return float(eps)
 
 
 def eps_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> np.ndarray:
@@ -123,10 +110,10 @@ def get_privacy_spent(
     """
     if (target_eps is None) == (target_delta is None):
         raise ValueError("give exactly one of target_eps and target_delta")
-    o = np.atleast_1d(_check_orders(orders))
+    o = np.atleast_1d(check_orders(orders))
     r = _check_rdp(o, rdp)
     if target_delta is not None:
-        delta = _check_delta(target_delta)
+        delta = check_delta(target_delta)
         eps = eps_from_rdp(o, r, delta)
         i = int(np.argmin(eps))
         if math.isinf(eps[i]):
@@ -137,7 +124,7 @@ def get_privacy_spent(
                 stacklevel=2,
             )
         return float(eps[i]), delta, float(o[i])
-    eps = _check_eps(target_eps)
+    eps = check_eps(target_eps)
     log_delta = delta_from_rdp(o, r, eps)
     i = int(np.argmin(log_delta))
     if np.all(np.isinf(r)):
@@ -174,8 +161,8 @@ def refine_epsilon(
     Returns:
         ``(eps, order)``.
     """
-    delta = _check_delta(delta)
-    o = np.sort(np.atleast_1d(_check_orders(orders)))
+    delta = check_delta(delta)
+    o = np.sort(np.atleast_1d(check_orders(orders)))
     e = eps_from_rdp(o, np.atleast_1d(np.asarray(rdp_at(o), dtype=float)), delta)
     i = int(np.argmin(e))
     best_eps, best_order = float(e[i]), float(o[i])

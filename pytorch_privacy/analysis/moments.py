@@ -35,8 +35,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .conversion import _check_delta, _check_eps
-from .rdp import DEFAULT_ORDERS, compute_rdp
+from ._checks import check_delta, check_eps
+from .orders import DEFAULT_ORDERS
+from .rdp import compute_rdp
 
 __all__ = ["DEFAULT_LAMBDAS", "compute_log_moments", "get_privacy_spent_moments"]
 
@@ -97,11 +98,11 @@ def get_privacy_spent_moments(
             stacklevel=2,
         )
     if target_delta is not None:
-        delta = _check_delta(target_delta)
+        delta = check_delta(target_delta)
         eps = (lm - math.log(delta)) / lam
         i = int(np.argmin(eps))
         return float(max(eps[i], 0.0)), delta, float(lam[i])
-    eps = _check_eps(target_eps)
+    eps = check_eps(target_eps)
     with np.errstate(invalid="ignore"):
         log_delta = lm - lam * eps
     i = int(np.argmin(log_delta))

@@ -84,98 +84,31 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import special
 
+from ._checks import check_orders, check_q, check_sigma, check_steps
+from ._numerics import log_expm1 as _log_expm1
+from .orders import DEFAULT_ORDERS
+
 __all__ = [
     "DEFAULT_ORDERS",
     "compute_rdp",
     "compute_rdp_sample_without_replacement",
     "compute_heterogeneous_rdp",
-    "compute_rdp_from_event",
-    "compute_rdp_from_ledger",
+    "poisson_rdp_one_step",
+    "wor_rdp_one_step",
 ]
 
-
-def _default_orders() -> tuple[float, ...]:
-    # 100 fractional orders 1 + t, t geometric in [0.01, 15] (ratio ~1.076), every integer from
-    # 16 to 64, then integers ~3 % apart up to 1024.  The optimum of the tight conversion often
-    # sits on the steep rise of the subsampled-Gaussian RDP curve, where eps is sensitive to the
-    # order; on a fixed grid the loss versus the continuous optimum is measured at <= 4 % (median
-    # far below 1 %), and :func:`.conversion.refine_epsilon` removes it when the RDP can be
-    # re-evaluated (the CLI, calibration and ``RdpAccountant(refine=True)`` do).
-    frac = [round(float(1.0 + t), 6) for t in np.geomspace(0.01, 15.0, 100)]
-    ints = list(range(16, 65)) + sorted({int(round(a)) for a in np.geomspace(64, 1024, 95)})
-    return tuple(sorted(set(frac) | {float(a) for a in ints}))
-
-
-#: Default RDP orders: 100 fractional orders in [1.01, 16] plus integers 16..1024 (242 orders).
-DEFAULT_ORDERS: tuple[float, ...] = _default_orders()
 
 _LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
 _GRID_MIN_SIGMA = 0.005  # below this, fractional orders use the closed-form small-noise bound
 #: Orders above this use a closed-form (Jensen) upper bound instead of the exact series/integral.
 MAX_EXACT_ORDER = 10_000.0
 _MARGIN = 40.0  # the small-noise bound splits the privacy loss at log((1-q)/q) +- _MARGIN
-
-
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
-def _check_q(q) -> float:
-    if isinstance(q, bool) or not isinstance(q, numbers.Real):
-        raise ValueError(f"q (sampling probability) must be a real number in [0, 1], got {q!r}")
-    q = float(q)
-    if not 0.0 <= q <= 1.0:  # also rejects NaN
-        raise ValueError(f"q (sampling probability) must be in [0, 1], got {q!r}")
-    return q
-
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise ValueError(f"noise_multiplier must be a real number >= 0, got {sigma!r}")
-    sigma = float(sigma)
-    if not sigma >= 0.0:  # rejects negatives and NaN
-        raise ValueError(f"noise_multiplier must be >= 0, got {sigma!r}")
-    return sigma
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool):
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if isinstance(steps, numbers.Integral):
-        steps = int(steps)
-    elif isinstance(steps, numbers.Real) and float(steps).is_integer():
-        steps = int(steps)
-    else:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    return steps
-
-
-def _check_orders(orders) -> np.ndarray:
-    """Orders as a float array; ``ValueError`` unless every order is > 1 (``inf`` allowed) and not NaN."""
-    if orders is None:
-        return np.asarray(DEFAULT_ORDERS, dtype=float)
-    try:
-        arr = np.asarray(orders, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"orders must be real numbers > 1, got {orders!r}") from exc
-    if arr.ndim > 1:
-        raise ValueError(f"orders must be a scalar or a 1-D sequence, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("orders must not be empty")
-    if not np.all(arr > 1.0):  # also rejects NaN
-        bad = arr[~(arr > 1.0)]
-        raise ValueError(
-            f"RDP orders must be > 1 (order 1 is KL, <= 1 is not used here; inf is allowed); got {bad.tolist()}"
-        )
-    return arr
 
 
 def _warn_infinite(reason: str) -> None:
@@ -185,14 +118,6 @@ def _warn_infinite(reason: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Poisson-subsampled Gaussian, one step
 # --------------------------------------------------------------------------------------------
-def _log_expm1(y: np.ndarray) -> np.ndarray:
-    """log(exp(y) - 1) for y > 0, stable for all magnitudes."""
-    y = np.asarray(y, dtype=float)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        big = y > 1.0
-        return np.where(big, y + np.log1p(-np.exp(-np.where(big, y, 1.0))), np.log(np.expm1(np.where(big, 1.0, y))))
-
-
 def _log_a_minus_1_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """log(A_alpha - 1) for integer orders alpha >= 2 by the exact binomial expansion."""
     out = np.empty(alphas.shape, dtype=float)
@@ -498,8 +423,12 @@ def _cached_one_step(q: float, sigma: float, orders_key: tuple[float, ...]) -> n
     return out
 
 
-def _rdp_one_step_array(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+def poisson_rdp_one_step(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step at ``orders`` (validated input; cached)."""
     return np.array(_cached_one_step(q, sigma, tuple(orders.tolist())))
+
+
+_rdp_one_step_array = poisson_rdp_one_step
 
 
 def _shape_like(orders_in, values: np.ndarray) -> np.ndarray:
@@ -526,10 +455,10 @@ def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: Sequence[
         ``inf`` and wherever the value exceeds the float range (see the module docstring).
         Runs in well under a second and a few MB for every input in this domain.
     """
-    q = _check_q(q)
-    sigma = _check_sigma(noise_multiplier)
-    steps = _check_steps(steps)
-    arr = np.atleast_1d(_check_orders(orders))
+    q = check_q(q)
+    sigma = check_sigma(noise_multiplier)
+    steps = check_steps(steps)
+    arr = np.atleast_1d(check_orders(orders))
     if sigma == 0.0 and q > 0.0 and steps > 0:
         _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
     if steps == 0:
@@ -551,7 +480,7 @@ def compute_heterogeneous_rdp(
             f"qs, noise_multipliers and steps_list must have the same length, got "
             f"{len(qs)}, {len(sigmas)}, {len(steps_list)}"
         )
-    arr = np.atleast_1d(_check_orders(orders))
+    arr = np.atleast_1d(check_orders(orders))
     total = np.zeros(arr.shape)
     for q, s, t in zip(qs, sigmas, steps_list):
         total = total + np.atleast_1d(compute_rdp(q, s, t, arr))
@@ -672,19 +601,19 @@ def compute_rdp_sample_without_replacement(
     use; our value equals theirs evaluated at ``noise_multiplier / 2``.)  For ``q = 1`` the result
     is exactly :math:`2\alpha/\sigma^2`.
     """
-    q = _check_q(q)
-    sigma = _check_sigma(noise_multiplier)
-    steps = _check_steps(steps)
-    arr = np.atleast_1d(_check_orders(orders))
+    q = check_q(q)
+    sigma = check_sigma(noise_multiplier)
+    steps = check_steps(steps)
+    arr = np.atleast_1d(check_orders(orders))
     if sigma == 0.0 and q > 0.0 and steps > 0:
         _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
     if steps == 0:
         return _shape_like(orders, np.zeros(arr.shape))
-    return _shape_like(orders, _times_steps(_wor_rdp_one_step(q, sigma, arr), steps))
+    return _shape_like(orders, _times_steps(wor_rdp_one_step(q, sigma, arr), steps))
 
 
 @_with_infinite_orders
-def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
+def wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
     """One step of :func:`compute_rdp_sample_without_replacement` (validated input, no warning)."""
     if q == 0.0 or math.isinf(sigma):
         return np.zeros(arr.shape)
@@ -727,33 +656,17 @@ def _wor_rdp_one_step(q: float, sigma: float, arr: np.ndarray) -> np.ndarray:
     return np.minimum(out, cap)
 
 
-# --------------------------------------------------------------------------------------------
-# events and ledgers
-# --------------------------------------------------------------------------------------------
-def compute_rdp_from_event(event, orders: Sequence[float] | None = None, neighboring_relation: str | None = None) -> np.ndarray:
-    """RDP at ``orders`` of a (composed) privacy event.
+def __getattr__(name: str):
+    # compute_rdp_from_event / compute_rdp_from_ledger moved to .rdp_accountant (they need the
+    # accountant, which needs this module); the old path works for one release, with a warning
+    if name in ("compute_rdp_from_event", "compute_rdp_from_ledger"):
+        warnings.warn(
+            f"pytorch_privacy.analysis.rdp.{name} moved to pytorch_privacy.analysis.rdp_accountant "
+            "(also importable from pytorch_privacy.analysis)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from . import rdp_accountant
 
-    ``neighboring_relation`` defaults to the relation the event's sampling events are stated
-    under (:func:`~pytorch_privacy.dp_query.events.neighbouring_relation`), or add-or-remove-one
-    when it contains none.  Supported events and conventions: see
-    :class:`~pytorch_privacy.analysis.rdp_accountant.RdpAccountant`.  Zero noise or a
-    ``NonPrivateEvent`` gives ``inf`` (with a warning); ``NoOpEvent`` gives zeros.
-    """
-    from ..dp_query.events import ADD_OR_REMOVE_ONE
-    from ..dp_query.events import neighbouring_relation as relation_of
-    from .rdp_accountant import RdpAccountant
-
-    rel = neighboring_relation or relation_of(event) or ADD_OR_REMOVE_ONE
-    acc = RdpAccountant(orders=orders, neighboring_relation=rel)
-    acc.compose(event)
-    return acc.rdp
-
-
-def compute_rdp_from_ledger(ledger, orders: Sequence[float] | None = None) -> np.ndarray:
-    """RDP at ``orders`` of every sample recorded in a :class:`PrivacyLedger`.
-
-    Runs of identical samples are grouped (``ledger.to_event()``), so the cost does not grow with
-    the number of steps.  An empty ledger gives zero privacy loss at every order.  Shuffled
-    ledgers are analysed under replace-one neighbours, Poisson ones under add-or-remove-one.
-    """
-    return compute_rdp_from_event(ledger.to_event(), orders)
+        return getattr(rdp_accountant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

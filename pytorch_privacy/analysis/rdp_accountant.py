@@ -65,11 +65,13 @@ from ..dp_query.events import (
     ShuffledEvent,
     UnsupportedEvent,
 )
+from ..dp_query.events import neighbouring_relation as relation_of
+from ._checks import check_delta, check_orders
 from .accountant_base import PrivacyAccountant
-from .conversion import _check_delta, get_privacy_spent, refine_epsilon
-from .rdp import _check_orders, _rdp_one_step_array, _wor_rdp_one_step
+from .conversion import get_privacy_spent, refine_epsilon
+from .rdp import poisson_rdp_one_step, wor_rdp_one_step
 
-__all__ = ["RdpAccountant"]
+__all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger"]
 
 _RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
 _CACHE_SIZE = 4096
@@ -148,7 +150,7 @@ class RdpAccountant(PrivacyAccountant):
     ):
         if neighboring_relation not in _RELATIONS:
             raise ValueError(f"neighboring_relation must be one of {_RELATIONS}, got {neighboring_relation!r}")
-        self._orders = np.atleast_1d(_check_orders(orders)).copy()
+        self._orders = np.atleast_1d(check_orders(orders)).copy()
         self._orders.setflags(write=False)
         self._relation = neighboring_relation
         self._rdp = np.zeros(self._orders.shape)
@@ -223,7 +225,7 @@ class RdpAccountant(PrivacyAccountant):
                     "RdpAccountant(neighboring_relation='add_or_remove_one') for Poisson-sampled steps"
                 )
             sigma = _effective_noise_multiplier(event.event, event)
-            return _rdp_one_step_array(event.sampling_probability, sigma, orders)
+            return poisson_rdp_one_step(event.sampling_probability, sigma, orders)
         if isinstance(event, SampledWithoutReplacementEvent):
             if rel != REPLACE_ONE:
                 raise ValueError(
@@ -235,7 +237,7 @@ class RdpAccountant(PrivacyAccountant):
             if event.source_dataset_size == 0:
                 return np.zeros(orders.shape)
             q = event.sample_size / event.source_dataset_size
-            return _wor_rdp_one_step(q, sigma, orders)
+            return wor_rdp_one_step(q, sigma, orders)
         if isinstance(event, ShuffledEvent):
             if rel != REPLACE_ONE:
                 raise ValueError(
@@ -294,7 +296,7 @@ class RdpAccountant(PrivacyAccountant):
 
     def get_epsilon_and_order(self, target_delta: float) -> tuple[float, float]:
         """``(epsilon, optimal order)`` for everything composed so far at ``target_delta``."""
-        _check_delta(target_delta)
+        check_delta(target_delta)
         if self._refine and self._history is not None and self._history:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -323,3 +325,31 @@ class RdpAccountant(PrivacyAccountant):
             f"RdpAccountant(orders={self._orders.size} orders, neighboring_relation={self._relation!r}, "
             f"distinct events={len(self._cache)})"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# events and ledgers
+# --------------------------------------------------------------------------------------------
+def compute_rdp_from_event(event, orders: Sequence[float] | None = None, neighboring_relation: str | None = None) -> np.ndarray:
+    """RDP at ``orders`` of a (composed) privacy event.
+
+    ``neighboring_relation`` defaults to the relation the event's sampling events are stated
+    under (:func:`~pytorch_privacy.dp_query.events.neighbouring_relation`), or add-or-remove-one
+    when it contains none.  Supported events and conventions: see
+    :class:`~pytorch_privacy.analysis.rdp_accountant.RdpAccountant`.  Zero noise or a
+    ``NonPrivateEvent`` gives ``inf`` (with a warning); ``NoOpEvent`` gives zeros.
+    """
+    rel = neighboring_relation or relation_of(event) or ADD_OR_REMOVE_ONE
+    acc = RdpAccountant(orders=orders, neighboring_relation=rel)
+    acc.compose(event)
+    return acc.rdp
+
+
+def compute_rdp_from_ledger(ledger, orders: Sequence[float] | None = None) -> np.ndarray:
+    """RDP at ``orders`` of every sample recorded in a :class:`PrivacyLedger`.
+
+    Runs of identical samples are grouped (``ledger.to_event()``), so the cost does not grow with
+    the number of steps.  An empty ledger gives zero privacy loss at every order.  Shuffled
+    ledgers are analysed under replace-one neighbours, Poisson ones under add-or-remove-one.
+    """
+    return compute_rdp_from_event(ledger.to_event(), orders)

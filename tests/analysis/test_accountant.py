@@ -13,13 +13,8 @@ from hypothesis import strategies as st
 
 from pytorch_privacy.analysis import PrivacyAccountant, RdpAccountant
 from pytorch_privacy.analysis.conversion import get_privacy_spent
-from pytorch_privacy.analysis.rdp import (
-    DEFAULT_ORDERS,
-    compute_rdp,
-    compute_rdp_from_event,
-    compute_rdp_from_ledger,
-    compute_rdp_sample_without_replacement,
-)
+from pytorch_privacy.analysis.rdp import DEFAULT_ORDERS, compute_rdp, compute_rdp_sample_without_replacement
+from pytorch_privacy.analysis.rdp_accountant import compute_rdp_from_event, compute_rdp_from_ledger
 from pytorch_privacy.dp_query.events import (
     ComposedEvent,
     GaussianEvent,

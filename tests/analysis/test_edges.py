@@ -227,3 +227,11 @@ def test_calibration_large_budget_uses_exact_small_noise():
     s = compute_noise(60000, 256, 1e3, epochs=1, rtol=1e-2)
     assert s < 0.075
     assert compute_dp_sgd_privacy(60000, 256, s, 1, 1e-5)[0] <= 1e3
+
+
+def test_moved_names_still_import_with_deprecation():
+    from pytorch_privacy.analysis import rdp_accountant
+
+    with pytest.warns(DeprecationWarning, match="moved"):
+        from pytorch_privacy.analysis.rdp import compute_rdp_from_event
+    assert compute_rdp_from_event is rdp_accountant.compute_rdp_from_event
