@@ -723,7 +723,7 @@ def _verify(d: dict, version: int, key: bytes | str | None) -> tuple[str, str]:
         actual = content_digest(content)
     except TypeError as exc:
         raise ValueError(f"corrupt ledger: {exc}") from None
-    if not hmac.compare_digest(actual, dg["value"]):
+    if not hmac.compare_digest(actual.encode(), dg["value"].encode("utf-8", "surrogatepass")):
         raise LedgerIntegrityError(
             "tampered: the SHA-256 content digest does not match the ledger's content "
             "(the file was edited after it was written)"
@@ -742,7 +742,7 @@ def _verify(d: dict, version: int, key: bytes | str | None) -> tuple[str, str]:
         )
     if key is None:
         return UNSIGNED, "digest OK; carries an hmac-sha256 signature, NOT verified (no key given)"
-    if not hmac.compare_digest(hmac_signature(content, key), sig["value"]):
+    if not hmac.compare_digest(hmac_signature(content, key).encode(), sig["value"].encode("utf-8", "surrogatepass")):
         raise LedgerIntegrityError(
             "tampered: the HMAC-SHA256 signature does not match (the file was edited, or the key is wrong)"
         )

@@ -177,6 +177,7 @@ def test_digest_is_sha256_of_canonical_content():
         lambda d: d.pop("digest"),
         lambda d: d.update(digest={"algorithm": "md5", "value": d["digest"]["value"]}),
         lambda d: d.update(digest=None),
+        lambda d: d["digest"].update(value="\u00e9" * 64),  # non-ASCII: compare_digest used to raise TypeError
     ],
 )
 def test_edits_with_a_stale_digest_are_tampered(edit):
