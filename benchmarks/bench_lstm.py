@@ -9,15 +9,16 @@ Timed side by side in one run (interleaved, see :func:`common.time_interleaved`)
 * ``non-private``: forward, ``loss.mean().backward()``, ``SGD.step()`` on the native ``nn.LSTM``.
 * ``dp ghost (swapped)``: ``swap_to_dp_layers`` then ``DPGaussianOptimizer.fit_batch`` with
   ``engine="ghost"`` (the LSTM becomes ``DPLSTM`` over ``nn.Linear`` cells).
-* ``dp auto (native)``: ``DPGaussianOptimizer`` with ``engine="auto"`` on the unswapped model
-  (what a user got before; slow, off unless ``--native``).
+* ``dp functorch (native)``: ``DPGaussianOptimizer`` with ``engine="functorch"`` on the unswapped
+  ``nn.LSTM`` (what ``engine="auto"`` fell back to before the swap existed; slow, off unless
+  ``--native``).
 * ``opacus hooks``: ``ModuleValidator.fix`` (Opacus swaps in its own ``DPLSTM``) then
   ``PrivacyEngine.make_private(grad_sample_mode="hooks")``, same clip and noise.
 
 Usage::
 
     python benchmarks/bench_lstm.py [--threads 2] [--batch-size 64] [--seq-len 50]
-        [--steps 3] [--repeats 3] [--native] [--no-opacus]
+        [--steps 3] [--repeats 3] [--native] [--no-opacus] [--clock wall|process]
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=50)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--native", action="store_true", help="also time engine='auto' on the unswapped nn.LSTM")
+    ap.add_argument("--native", action="store_true", help="also time engine='functorch' on the unswapped nn.LSTM")
     ap.add_argument("--no-opacus", action="store_true")
+    ap.add_argument("--clock", default="wall", choices=["wall", "process"],
+                    help="'process' times this process's CPU seconds (robust to other load on a shared machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(1)
@@ -134,7 +137,7 @@ def main(argv=None):
     if args.native:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            steps["dp auto (native)"] = dp_step(x, y, "auto", False)
+            steps["dp functorch (native)"] = dp_step(x, y, "functorch", False)
     if not args.no_opacus:
         try:
             with warnings.catch_warnings():
@@ -144,8 +147,13 @@ def main(argv=None):
             print("opacus not installed: skipping the Opacus row")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = time_interleaved(steps, torch.device("cpu"), warmup=1, repeats=args.repeats, steps_per_repeat=args.steps)
-    print(f"nn.LSTM classifier, B={args.batch_size}, T={args.seq_len}, {args.threads} threads, torch {torch.__version__}")
+        times = time_interleaved(
+            steps, torch.device("cpu"), warmup=1, repeats=args.repeats, steps_per_repeat=args.steps, clock=args.clock
+        )
+    print(
+        f"nn.LSTM classifier, B={args.batch_size}, T={args.seq_len}, {args.threads} threads, {args.clock} clock, "
+        f"torch {torch.__version__}"
+    )
     print(format_table(times, "non-private"))
     if "opacus hooks" in times:
         import statistics

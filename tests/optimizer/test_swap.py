@@ -235,11 +235,10 @@ def _lm_batch(B=4, T=5, V=11):
     return x, torch.randint(0, V, (B,))
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-@pytest.mark.parametrize("pad", [False, True])
-def test_transformer_encoder_layers_run_on_ghost_after_swap(norm_first, pad):
+@pytest.mark.parametrize("norm_first, pad, batch_first", [(False, False, True), (True, True, True), (False, True, False), (True, False, False)])
+def test_transformer_encoder_layers_run_on_ghost_after_swap(norm_first, pad, batch_first):
     torch.manual_seed(2)
-    orig = EncoderLM(norm_first, pad=pad).to(D)
+    orig = EncoderLM(norm_first, batch_first=batch_first, pad=pad).to(D)
     swapped = copy.deepcopy(orig)
     with pytest.warns(RuntimeWarning):
         assert swap_to_dp_layers(swapped) == ["layers.0.self_attn", "layers.1.self_attn"]
