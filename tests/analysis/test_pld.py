@@ -1,4 +1,4 @@
-"""Tests of the PLD accountant (pytorch_privacy.analysis.pld).
+"""Tests of the PLD accountant (the pytorch_privacy.analysis.pld package).
 
 Exact references: the k-fold Gaussian mechanism is the Gaussian mechanism with sigma/sqrt(k)
 (Balle & Wang 2018), whose delta(eps) is computed here with scipy.stats.norm.  Peers
@@ -19,7 +19,8 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr
 from scipy.stats import norm
 
-from pytorch_privacy.analysis import pld as P
+from pytorch_privacy.analysis.pld import curves as P
+from pytorch_privacy.analysis.pld import discretisation as D
 from pytorch_privacy.analysis.pld import PLDAccountant, compute_pld_from_ledger, pld_delta, pld_epsilon
 from pytorch_privacy.dp_query.events import (
     ADD_OR_REMOVE_ONE,
@@ -235,7 +236,7 @@ def test_cache_reuse_and_refresh():
     ids=["remove", "add", "laplace", "replace-poisson", "wor"],
 )
 def test_connect_the_dots_dominates_the_curve(curve):
-    pmf = P._discretise(curve, 1e-2)
+    pmf = D._discretise(curve, 1e-2)
     assert pmf.mass.min() >= 0 and abs(pmf.mass.sum() + pmf.p_inf - 1) < 1e-9
     eps = np.concatenate((np.linspace(-0.5, 0.0, 41), np.linspace(0.0, 4.0, 401)[1:]))
     disc = pmf.p_inf + np.array([np.dot(pmf.mass, np.maximum(-np.expm1(e - pmf.loss), 0.0)) for e in eps])
