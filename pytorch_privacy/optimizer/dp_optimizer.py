@@ -463,7 +463,7 @@ class DPOptimizer(torch.optim.Optimizer):
             microbatch_size = self._microbatch_size_for(n)
         if n == 0:
             return EmptyGradients(self._trainable())
-        validation.check_inputs_match(self._trainable(), inputs, targets)
+        validation.check_inputs_match(self._step_params or self._trainable(), inputs, targets)
         pe = self._engine(loss_fn or self.loss_fn).compute(inputs, targets, microbatch_size=microbatch_size)
         losses = pe.losses
         if losses is not None and losses.dim() == 0:

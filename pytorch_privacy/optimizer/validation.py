@@ -223,19 +223,25 @@ def check_inputs_match(params: dict[str, torch.Tensor], inputs, targets=None) ->
 
 
 def nonfinite_weights(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A 0-dim bool tensor (no host sync): whether any parameter holds a NaN or an inf."""
-    tensors = [p.detach() for p in params.values()]
+    """A 0-dim bool tensor (no host sync): ``True`` if any parameter *may* hold a NaN or an inf.
+
+    One fused L2-norm pass (``torch._foreach_norm``, ~0.4 ns per value on one CPU core; the
+    max-abs norm is 20 times slower): a NaN or inf makes a norm non-finite.  A norm can also
+    overflow for finite weights above ~1e19 (float32); :func:`check_finite_weights` confirms."""
+    tensors = [p.detach() for p in params.values() if p.is_floating_point()]
     if not tensors:
         return torch.tensor(False)
-    maxabs = torch._foreach_norm(tensors, float("inf"))
+    norms = torch._foreach_norm(tensors, 2)
     dev = tensors[0].device
-    return ~torch.stack([m.to(dev, torch.float32) for m in maxabs]).isfinite().all()
+    return ~torch.isfinite(torch.stack([m.to(dev, torch.float32) for m in norms])).all()
 
 
 def check_finite_weights(params: dict[str, torch.Tensor]) -> None:
     """``ValueError`` naming the parameters that hold NaN or inf (one host sync)."""
-    if bool(nonfinite_weights(params)):
-        bad = [n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+    if not bool(nonfinite_weights(params)):
+        return
+    bad = [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    if bad:
         raise ValueError(
             f"parameters {bad} hold NaN or inf values: training cannot continue from them (every update "
             "would be non-finite or meaningless). Restore the weights from a checkpoint and look for the "

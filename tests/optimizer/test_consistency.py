@@ -156,3 +156,18 @@ def test_target_delta_not_below_one_over_n_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _opt(_model(), ledger=PrivacyLedger(100, 0.1), target_epsilon=5.0, target_delta=1e-3)
+
+
+def test_the_three_sd_prefilter_never_hides_a_flagged_total():
+    import math
+
+    from pytorch_privacy.optimizer import consistency as c
+
+    worst = 1.0
+    for n in [1, 2, 3, 5, 10, 50, 100, 300, 1000, 10**5, 10**8]:
+        for q in [1e-12, 1e-7, 1e-3, 0.01, 0.05, 0.3, 0.5, 0.9, 0.999, 1 - 1e-9]:
+            mu, sd = n * q, math.sqrt(n * q * (1 - q))
+            lo, hi = max(0, math.ceil(mu - c._BAND_SD * sd)), min(n, math.floor(mu + c._BAND_SD * sd))
+            for s in (range(lo, hi + 1) if hi - lo <= 300 else (lo, hi)):
+                worst = min(worst, binomial_two_sided_p(s, n, q))
+    assert worst > 10 * c._BAND_MAX_ALPHA
