@@ -76,33 +76,6 @@ def test_shuffled_epochs_are_not_undercounted_with_fixed_size_batches():
     assert (acc.rdp >= four.rdp * (1 - 1e-12)).all()
 
 
-# -- F3 (design limitation, not fixed): ghost norms with a time-major layer when T == B ------
-class _TimeMajor(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-
-    def forward(self, x):  # x [B, T, 3]; the layer sees [T, B, 3]
-        return self.lin(x.transpose(0, 1)).transpose(0, 1).mean(1)
-
-
-def test_ghost_norms_with_time_major_layer_when_seq_len_equals_batch():
-    from pytorch_privacy.optimizer.engines.functorch_engine import FunctorchEngine
-    from pytorch_privacy.optimizer.engines.ghost_engine import GhostEngine
-
-    torch.manual_seed(0)
-    m = _TimeMajor()
-
-    def loss(o, y):
-        return (o - y).pow(2).sum(1)
-
-    x, y = torch.randn(4, 4, 3), torch.randn(4, 2)
-    with pytest.warns(RuntimeWarning, match="equals the batch size"):
-        ghost = GhostEngine(m, loss).compute(x, y).norms()
-    ref = FunctorchEngine(m, loss).compute(x, y).norms()
-    torch.testing.assert_close(ghost, ref)
-
-
 def test_refused_step_does_not_count_dropped_records():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -337,3 +337,26 @@ def test_raw_parameter_in_unsupported_op_falls_back_exactly():
         pe = eng.compute(x, y)
     ref = torch.stack([naive.norm(g) for g in naive.per_example_grads(model, ce, x, y)])
     torch.testing.assert_close(pe.norms().double(), ref, rtol=1e-9, atol=1e-12)
+
+
+class TimeMajorLinear(nn.Module):
+    """A layer applied to a transposed (time-major) activation: ``lin`` sees ``[T, B, 3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):  # x [B, T, 3]
+        return self.lin(x.transpose(0, 1)).transpose(0, 1).mean(1)
+
+
+def test_time_major_layer_with_t_equal_b_stays_on_ghost_and_is_exact():
+    """Formerly a documented limitation (ghost guessed the layout and fell back when T == B)."""
+
+    def loss(o, y):
+        return (o - y).pow(2).sum(1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    eng = _check_against_naive(TimeMajorLinear(), loss, x, y, GhostEngine)
+    assert not eng._switched

@@ -23,13 +23,15 @@ from .base import (
     PerExampleGradients,
     batch_size_of,
     empty_gradients,
+    get_engine,
     num_records_for,
     register_engine,
 )
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
+from .functional import check_losses, functional_forward, split_params
 from .probe import verified_independent
 
-__all__ = ["FunctorchEngine", "NOT_VMAPPABLE"]
+__all__ = ["FunctorchEngine", "NOT_VMAPPABLE", "check_losses", "functional_forward", "split_params"]
 
 #: Module types whose forward has no working vmap batching rule in the supported torch
 #: versions (torch 2.13: "output with shape [1, 5] doesn't match the broadcast shape").
@@ -64,44 +66,6 @@ def _in_dims(x: Any) -> Any:
     if _is_tensor(x):
         return 0
     return pytree.tree_map(lambda t: 0 if _is_tensor(t) else None, x)
-
-
-def functional_forward(model: nn.Module, params: dict, x: Any) -> Any:
-    """``model(x)`` with ``params`` (and buffers) substituted, splatting tuples/dicts like
-    :func:`~.base.call_model`; tied parameters stay tied."""
-    if isinstance(x, dict):
-        return functional_call(model, params, (), x, tie_weights=True)
-    if isinstance(x, (tuple, list)):
-        return functional_call(model, params, tuple(x), tie_weights=True)
-    return functional_call(model, params, (x,), tie_weights=True)
-
-
-# kept for callers of the previous private name
-_functional_forward = functional_forward
-
-
-def check_losses(losses: torch.Tensor, expected: int | None = None) -> None:
-    """``ValueError`` unless ``losses`` is a vector of per-example losses (of length ``expected``)."""
-    if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
-    if losses.dim() == 0:
-        raise ValueError(
-            "loss_fn returned a scalar; it must return per-example losses of shape [B] "
-            "(e.g. nn.CrossEntropyLoss(reduction='none'))"
-        )
-    if losses.dim() != 1 or (expected is not None and losses.shape[0] != expected):
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape [{expected if expected is not None else 'B'}], "
-            f"got shape {tuple(losses.shape)} (reduce any other dimensions inside loss_fn)"
-        )
-
-
-def split_params(model: nn.Module, trainable: dict[str, nn.Parameter]) -> tuple[dict, dict]:
-    """``(detached trainable params, frozen params and buffers)`` for ``functional_call``."""
-    params = {n: p.detach() for n, p in trainable.items()}
-    consts = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    consts.update(model.named_buffers())
-    return params, consts
 
 
 @register_engine
@@ -161,9 +125,7 @@ class FunctorchEngine(GradientEngine):
                 verified_independent(self.model, self.loss_fn, inputs, targets)
                 return self._compute(inputs, targets, microbatch_size)
         except RuntimeError as err:
-            from .loop_engine import LoopEngine
-
-            loop = LoopEngine(self.model, self.loss_fn)
+            loop = get_engine("loop")(self.model, self.loss_fn)
             result = loop.compute(inputs, targets, microbatch_size=microbatch_size)  # re-raises real errors
             if is_saved_tensor_hooks_error(err):
                 why = (

@@ -37,7 +37,7 @@ from .base import (
     num_records_for,
     register_engine,
 )
-from .functorch_engine import check_losses
+from .functional import check_losses
 from .checkpointing import refuse_reentrant_checkpoint
 from .raw_params import RAW_RULE, RawUseMode, is_raw_owner, raw_parameters, trace_raw_uses, unsupported_use
 from .probe import CallLayout, input_signature, model_signature, trace_batch_dims, verified_independent

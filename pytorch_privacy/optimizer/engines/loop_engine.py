@@ -25,7 +25,7 @@ from .base import (
 )
 from .base import call_model
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
-from .functorch_engine import check_losses, functional_forward, split_params
+from .functional import check_losses, functional_forward, split_params
 from .probe import verified_independent
 
 __all__ = ["LoopEngine"]
