@@ -360,3 +360,36 @@ def test_time_major_layer_with_t_equal_b_stays_on_ghost_and_is_exact():
     x, y = torch.randn(4, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     eng = _check_against_naive(TimeMajorLinear(), loss, x, y, GhostEngine)
     assert not eng._switched
+
+
+class TiedGpt(GptPositions):
+    """Token embedding tied to the LM head (``head.weight is wte.weight``)."""
+
+    def __init__(self):
+        super().__init__(vocab=11, d=6)
+        self.head.weight = self.wte.weight
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+@pytest.mark.parametrize("case", ["gpt", "seqfirst", "raw", "tied"])
+def test_microbatches_with_traced_layouts(engine_cls, case):
+    """Records of 2 examples: each record's gradient is its microbatch's mean-loss gradient."""
+    torch.manual_seed(5)
+    B = T = 4
+    if case in ("gpt", "tied"):
+        model = (GptPositions() if case == "gpt" else TiedGpt()).double()
+        x, y, loss = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T)), ce_seq
+    elif case == "seqfirst":
+        model, x, y, loss = SeqFirst().double(), torch.randint(0, 9, (B, T)), torch.randint(0, 3, (B,)), ce
+    else:
+        model = RawScaleAndTable(t=T).double()
+        x, y, loss = torch.randn(B, T, 3, dtype=torch.float64), torch.randint(0, 2, (B,)), ce
+    pe = engine_cls(model, loss).compute(x, y, microbatch_size=2)
+    grads = naive.per_example_grads(model, loss, x, y, group=2)
+    ref = torch.stack([naive.norm(g) for g in grads])
+    torch.testing.assert_close(pe.norms().double(), ref, rtol=1e-9, atol=1e-12)
+    coef = torch.clamp(float(ref.min()) / ref, max=1.0)
+    got = pe.weighted_sum(coef.to(pe.norms().dtype))
+    want = naive.clipped_sum(grads, float(ref.min()), naive.trainable(model))
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-9, atol=1e-12)
