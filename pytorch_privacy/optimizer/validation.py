@@ -196,10 +196,11 @@ def check_inputs_match(params: dict[str, torch.Tensor], inputs, targets=None) ->
     a floating-point input of another dtype, is refused with a message that names both.
 
     Skipped when the parameters themselves span several devices (model parallelism) or several
-    floating dtypes (mixed-precision models); integer inputs (token ids, labels) are never
-    dtype-checked."""
+    floating dtypes (mixed-precision models); the dtype check is skipped under ``torch.autocast``;
+    integer inputs (token ids, labels) are never dtype-checked."""
     devices = {p.device for p in params.values()}
-    dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
+    autocast = any(torch.is_autocast_enabled(d.type) for d in devices if d.type in ("cpu", "cuda"))
+    dtypes = set() if autocast else {p.dtype for p in params.values() if p.is_floating_point()}
     if not devices:
         return
     for what, x in (("inputs", inputs), ("targets", targets)):

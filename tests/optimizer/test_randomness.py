@@ -256,3 +256,35 @@ def test_owned_cuda_generator_draws_on_device_and_resumes_exactly():
     src2 = RandomSource()
     src2.load_state_dict(_roundtrip(st))
     assert torch.equal(src2.normal((1000,), device="cuda"), b)
+
+
+def test_adaptive_clipping_in_secure_mode_shares_one_secure_source():
+    from pytorch_privacy.dp_query import NormalizedQuery, QuantileAdaptiveClipSumQuery
+    from pytorch_privacy.optimizer.checkpoint import find_random_sources
+
+    src = RandomSource(secure_mode=True)
+    inner = QuantileAdaptiveClipSumQuery(1.0, 1.0, 0.5, 0.2, 1.0, 4.0, generator=src)
+    model = nn.Linear(20, 10, bias=False)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mse, NormalizedQuery(inner, 4.0),
+                      secure_mode=True)
+    assert find_random_sources(opt.query) == [src]
+    opt.fit_batch(torch.randn(4, 20), torch.randn(4, 10))
+    assert torch.isfinite(model.weight).all()
+
+
+def test_version_1_checkpoints_still_load():
+    def build():
+        return _build(generator=torch.Generator().manual_seed(11))
+
+    model, opt = build()
+    _noise_steps(model, opt, 2)
+    sd = opt.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    (src,) = opt._random_sources
+    v1 = {k: v for k, v in sd.items() if k not in ("query_config", "random_sources", "data_loader")}
+    v1.update(version=1, generators=[src.generator.get_state()])
+    ref = _noise_steps(model, opt, 2)
+    model2, opt2 = build()
+    model2.load_state_dict(weights)
+    opt2.load_state_dict(v1)
+    assert all(torch.equal(a, b) for a, b in zip(_noise_steps(model2, opt2, 2), ref))

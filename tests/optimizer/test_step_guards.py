@@ -95,3 +95,10 @@ def test_model_validation_is_not_switched_off_by_an_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_privacy.optimizer.validation", None)
     with pytest.raises((ValueError, ImportError)):
         _opt(model)
+
+
+def test_autocast_skips_the_dtype_check():
+    torch.manual_seed(0)
+    opt = _opt(nn.Linear(4, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.fit_batch(*_batch(dtype=torch.bfloat16))
