@@ -218,21 +218,33 @@ def _hostile_ledgers():
     return out
 
 
+_MEASURE = """
+import resource, subprocess, sys
+def limit():  # the audit must stay far below this on its own
+    resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+p = subprocess.run([sys.executable, "-m", "pytorch_privacy.cli", "audit", *sys.argv[1:]],
+                   capture_output=True, text=True, preexec_fn=limit)
+sys.stdout.write(p.stdout)
+sys.stderr.write(p.stderr)
+sys.stderr.write("\\nMAXRSS_KB %d\\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(p.returncode)
+"""
+
+
 def _audit_subprocess(path, *extra, timeout=30):
-    import resource
+    """Run the audit in a fresh process under RLIMIT_AS = 2 GiB; return the completed process,
+    the wall time and the peak resident memory (KiB) of the audit and its analysis child."""
     import subprocess
     import sys
     import time
 
-    def limit():  # the audit must stay far below this on its own
-        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
-
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytorch_privacy.cli", "audit", str(path), *extra],
-        capture_output=True, text=True, timeout=timeout, preexec_fn=limit,
+        [sys.executable, "-c", _MEASURE, str(path), *extra], capture_output=True, text=True, timeout=timeout
     )
-    return proc, time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    m = re.search(r"MAXRSS_KB (\d+)", proc.stderr)
+    return proc, seconds, int(m.group(1))
 
 
 @pytest.mark.slow
@@ -241,7 +253,7 @@ def test_audit_of_hostile_ledger_is_bounded(tmp_path, name):
     path = tmp_path / "hostile.json"
     _hostile_ledgers()[name].save(path)
     assert path.stat().st_size < 2**20
-    proc, seconds = _audit_subprocess(path)
+    proc, seconds, maxrss_kb = _audit_subprocess(path)
     # either a bound or a refusal that says why; never a traceback, a hang or a memory blow-up
     assert "Traceback" not in proc.stderr, proc.stderr
     if proc.returncode == 0:
@@ -250,6 +262,7 @@ def test_audit_of_hostile_ledger_is_bounded(tmp_path, name):
         assert proc.returncode == 2, (proc.returncode, proc.stderr)
         assert "refused" in proc.stderr or "error:" in proc.stderr
     assert seconds < 25  # 9 s time limit + interpreter start, with slack for a loaded machine
+    assert maxrss_kb < 2**20  # under 1 GiB resident
 
 
 def test_audit_time_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch):
