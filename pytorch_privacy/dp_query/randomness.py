@@ -236,6 +236,13 @@ class RandomSource:
                 continue
             self.torch_generator(dev).set_state(st)
 
+    def reseed(self) -> None:
+        """Reseed the owned generators from OS entropy (a user's generator is left alone: its
+        seeding is the user's choice).  Use it to branch several runs from one checkpoint: an
+        exact restore would give every branch the same noise."""
+        for g in self._owned.values():
+            g.manual_seed(os_seed())
+
     def set_legacy_state(self, st: torch.Tensor) -> None:
         """Restore a bare generator state from an old checkpoint (one ``torch.Generator`` per
         query); it applies to the user's generator or the CPU generator."""

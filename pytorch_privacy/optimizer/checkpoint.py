@@ -208,8 +208,12 @@ def _loader_state(opt) -> dict[str, Any] | None:
     return sd() if callable(sd) else None
 
 
-def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
-    """Check ``state_dict`` against ``opt`` completely, then restore it (nothing changes on refusal)."""
+def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
+    """Check ``state_dict`` against ``opt`` completely, then restore it (nothing changes on refusal).
+
+    ``fresh_randomness=True`` reseeds the owned generators from OS entropy after the restore,
+    for a *second* run branched from the same checkpoint (an exact restore would repeat the first
+    branch's noise)."""
     if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
         raise ValueError(
             "not a DPOptimizer state dict (missing 'format'); to load a plain optimizer state use "
@@ -281,6 +285,9 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     elif legacy:
         for s, st in zip(sources, legacy):
             s.set_legacy_state(st)
+    if fresh_randomness:
+        for s in sources:
+            s.reseed()
     if new_ledger is not None:
         _replace_contents(opt._ledger, new_ledger)
     if opt._budget is not None:

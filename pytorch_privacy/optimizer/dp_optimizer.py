@@ -680,13 +680,15 @@ class DPOptimizer(torch.optim.Optimizer):
         ledger, step count (:mod:`pytorch_privacy.optimizer.checkpoint`)."""
         return checkpoint.build_state_dict(self)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
         """Restore what :meth:`state_dict` saved; the ledger object is updated in place (so
         references to it stay valid) and the run continues the same privacy account and the same
         noise stream.  Refused (``ValueError``, nothing changed) when the checkpoint's query
         configuration (clip, noise) or ledger sampling differs from this optimizer's
-        (:mod:`pytorch_privacy.optimizer.checkpoint`)."""
-        checkpoint.load_state_dict(self, state_dict)
+        (:mod:`pytorch_privacy.optimizer.checkpoint`).  ``fresh_randomness=True`` reseeds the
+        owned generators from OS entropy: use it when branching a second run from a checkpoint
+        whose continuation was already released."""
+        checkpoint.load_state_dict(self, state_dict, fresh_randomness=fresh_randomness)
 
 
 class DPGaussianOptimizer(DPOptimizer):
