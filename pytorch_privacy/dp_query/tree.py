@@ -5,6 +5,7 @@ Thin wrappers over ``torch.utils._pytree`` so the rest of the package depends on
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -99,7 +100,8 @@ def check_same_structure(template: Any, record: Any, *, batched: bool = False) -
 def global_norms(batch: Any) -> torch.Tensor:
     """Per-row L2 norm over all leaves together of a batched record: float64, shape ``[B]``.
 
-    Overflow-safe: a row whose largest magnitude ``m`` is above 1 is first divided by the power
+    Overflow-safe: a row whose largest magnitude ``m`` is large enough for its squares to
+    overflow (``m >= 2^(maxexp/2 - 20)``: about 1.8e13 in float32) is first divided by the power
     of two ``2^ceil(log2 m)`` (exact), so finite float32 records whose squares overflow (entries
     of 1e20 and more) get their true norm instead of ``inf``.  Rows with a NaN or infinite entry
     get a NaN or infinite norm (see :func:`check_finite_norms`).  The single-record path
@@ -117,6 +119,8 @@ def global_norms(batch: Any) -> torch.Tensor:
         elif leaf.shape[0] != b:
             raise ValueError(f"batched record leaves disagree on batch size: {b} vs {leaf.shape[0]} (leaf {i})")
     inf = float("inf")
+    # integer/bool records are measured in float64
+    work = [l if (l.is_floating_point() or l.is_complex()) else l.to(torch.float64) for l in leaves]
 
     def rows_norm(x: torch.Tensor, ord: float) -> torch.Tensor:
         # over every dim but the first; unlike reshape(B, -1) this also works for B == 0
@@ -125,17 +129,23 @@ def global_norms(batch: Any) -> torch.Tensor:
         return torch.linalg.vector_norm(x, ord=ord, dim=tuple(range(1, x.dim())))
 
     amax = None
-    for leaf in leaves:
-        m = rows_norm(leaf, inf).to(torch.float64)
+    for x in work:
+        m = rows_norm(x, inf).to(torch.float64)
         amax = m if amax is None else torch.maximum(amax, m.to(amax.device))
-    # scale = 2^e with m / scale <= 1 for rows with m > 1; 1 otherwise (and for NaN/inf rows)
-    _, e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))
-    e = e.clamp_min(0).to(torch.float64)
+    # Rows whose largest magnitude reaches 2^(maxexp/2 - 20) could overflow when squared (for
+    # float32 that is about 1.8e13; for float16 every row above 2^-12): they are divided by
+    # 2^e >= their largest magnitude first, exactly.  Other rows are measured as they are.
+    exps = [math.frexp(torch.finfo(x.dtype).max)[1] for x in work if x.is_floating_point()]
+    threshold = 2.0 ** (min(exps) // 2 - 20) if exps else math.inf
+    finite = torch.isfinite(amax)
+    _, e = torch.frexp(torch.where(finite, amax, torch.zeros_like(amax)))
+    e = torch.where(finite & (amax >= threshold), e, torch.zeros_like(e)).clamp_min(0).to(torch.float64)
     scaled = amax.device.type != "cpu" or bool((e > 0).any())  # free to check on the CPU only
     inv = torch.exp2(-e)
     sq = None
-    for leaf in leaves:
-        x = leaf * inv.to(device=leaf.device, dtype=leaf.dtype).reshape((-1,) + (1,) * (leaf.dim() - 1)) if scaled else leaf
+    for x in work:
+        if scaled:
+            x = x * inv.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
         n = rows_norm(x, 2.0).to(torch.float64).square()
         sq = n if sq is None else sq + n.to(sq.device)
     return sq.sqrt() * torch.exp2(e).to(sq.device)

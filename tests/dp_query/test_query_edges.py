@@ -169,3 +169,12 @@ def test_non_finite_record_is_refused_not_a_nan_result(kind, make, batched):
 def test_clip_record_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
         clip_record({"w": torch.tensor([1.0, float("nan")])}, 1.0)
+
+
+def test_norms_of_integer_and_ordinary_records():
+    from pytorch_privacy.dp_query import tree
+
+    assert tree.global_norms(torch.tensor([[3, 4], [0, 1]])).tolist() == [5.0, 1.0]
+    # rows far from overflow are measured unscaled: the same value as a plain float64 norm
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 1e6
+    torch.testing.assert_close(tree.global_norms(x), x.double().norm(dim=1), rtol=1e-6, atol=0)
