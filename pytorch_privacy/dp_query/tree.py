@@ -118,19 +118,44 @@ def global_norms(batch: Any) -> torch.Tensor:
             b = leaf.shape[0]
         elif leaf.shape[0] != b:
             raise ValueError(f"batched record leaves disagree on batch size: {b} vs {leaf.shape[0]} (leaf {i})")
-    inf = float("inf")
     # integer/bool records are measured in float64
     work = [l if (l.is_floating_point() or l.is_complex()) else l.to(torch.float64) for l in leaves]
+    if work[0].device.type != "cpu":
+        # no host sync on accelerators: always the scaled computation (for rows that cannot
+        # overflow it multiplies by 1 and equals the plain one)
+        return _scaled_norms(work)
+    norms = _plain_norms(work)
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):  # overflowed squares, or NaN/inf entries: measure those rows again, scaled
+        idx = bad.nonzero()[:, 0]
+        norms[idx] = _scaled_norms([x[idx] for x in work])
+    return norms
 
-    def rows_norm(x: torch.Tensor, ord: float) -> torch.Tensor:
-        # over every dim but the first; unlike reshape(B, -1) this also works for B == 0
-        if x.dim() == 1:
-            return x.abs()
-        return torch.linalg.vector_norm(x, ord=ord, dim=tuple(range(1, x.dim())))
 
+def _rows_norm(x: torch.Tensor) -> torch.Tensor:
+    # over every dim but the first; unlike reshape(B, -1) this also works for B == 0
+    if x.dim() == 1:
+        return x.abs()
+    # half-precision rows are reduced into a float32 result (not rounded to 11 or 8 bits)
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=wide)
+
+
+def _plain_norms(work: list[torch.Tensor]) -> torch.Tensor:
+    sq = None
+    for x in work:
+        n = _rows_norm(x).to(torch.float64).square()
+        sq = n if sq is None else sq + n.to(sq.device)
+    return sq.sqrt()
+
+
+def _scaled_norms(work: list[torch.Tensor]) -> torch.Tensor:
+    """Row norms with rows that could overflow when squared first divided by a power of two."""
     amax = None
     for x in work:
-        m = rows_norm(x, inf).to(torch.float64)
+        dims = tuple(range(1, x.dim()))
+        m = x.abs() if x.dim() == 1 else torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
+        m = m.to(torch.float64)
         amax = m if amax is None else torch.maximum(amax, m.to(amax.device))
     # Rows whose largest magnitude reaches 2^(maxexp/2 - 20) could overflow when squared (for
     # float32 that is about 1.8e13; for float16 every row above 2^-12): they are divided by
@@ -140,13 +165,11 @@ def global_norms(batch: Any) -> torch.Tensor:
     finite = torch.isfinite(amax)
     _, e = torch.frexp(torch.where(finite, amax, torch.zeros_like(amax)))
     e = torch.where(finite & (amax >= threshold), e, torch.zeros_like(e)).clamp_min(0).to(torch.float64)
-    scaled = amax.device.type != "cpu" or bool((e > 0).any())  # free to check on the CPU only
     inv = torch.exp2(-e)
     sq = None
     for x in work:
-        if scaled:
-            x = x * inv.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-        n = rows_norm(x, 2.0).to(torch.float64).square()
+        x = x * inv.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+        n = _rows_norm(x).to(torch.float64).square()
         sq = n if sq is None else sq + n.to(sq.device)
     return sq.sqrt() * torch.exp2(e).to(sq.device)
 
