@@ -257,12 +257,12 @@ def test_inplace_op_after_hooked_layer():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     eng = GhostEngine(model, ce)
     _assert_same(eng.compute(x, y), FunctorchEngine(model, ce).compute(x, y))
-    assert eng._tap.__name__ == "_CopyTap"  # switched to copying taps, and stays there
+    assert eng._tap.__name__ == "CopyTap"  # switched to copying taps, and stays there
     _assert_same(eng.compute(x, y), FunctorchEngine(model, ce).compute(x, y))
     _assert_no_hooks(model)
     plain = GhostEngine(nn.Sequential(nn.Linear(3, 2)).double(), ce)
     plain.compute(x, y)
-    assert plain._tap.__name__ == "_Tap"  # views (no copy) otherwise
+    assert plain._tap.__name__ == "Tap"  # views (no copy) otherwise
 
 
 # ------------------------------------------------------------------------------------------

@@ -212,7 +212,6 @@ def _locate(model, loss_fn, call, inputs, perturbed, targets, batch, j, reset) -
             return not torch.equal(a, b)
         return bool(((a - b).abs() > 1e-5 * (a.abs() + 1e-3)).any())
 
-    names = {id(m): n for n, m in model.named_modules()}
     for (name, mod, x0, y0), (_, _, x1, y1), (_, _, x2, y2) in zip(full, pert, smaller):
         if not others_moved(y0, y1, y2):
             continue
