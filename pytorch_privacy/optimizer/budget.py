@@ -117,7 +117,16 @@ class PrivacyBudget:
         self.target_epsilon = target_epsilon
         self.target_delta = float(target_delta)
         self._base = accountant.copy()
+        self._delta_checked: set[int] = set()
         self.reset()
+
+    def check_delta(self, population_size: int, *, stacklevel: int = 3) -> None:
+        """Warn (once per population size) when ``target_delta >= 1/N``."""
+        if population_size not in self._delta_checked:
+            self._delta_checked.add(population_size)
+            from .consistency import check_target_delta
+
+            check_target_delta(self.target_delta, population_size, stacklevel=stacklevel + 1)
 
     def reset(self) -> None:
         """Drop the cached composition (call after replacing a ledger's contents)."""
@@ -155,6 +164,7 @@ class PrivacyBudget:
         """Epsilon spent so far (everything in ``ledger``, plus the accountant's prior content)."""
         if not isinstance(ledger, PrivacyLedger):
             raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
+        self.check_delta(ledger.population_size)
         return float(self._current(ledger).get_epsilon(self.target_delta))
 
     def epsilon_after(self, ledger: PrivacyLedger, event: DpEvent) -> float:
@@ -163,6 +173,7 @@ class PrivacyBudget:
             raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
         if not isinstance(event, DpEvent):
             raise TypeError(f"event must be a DpEvent, got {type(event).__name__}")
+        self.check_delta(ledger.population_size)
         n = len(ledger)
         if ledger.sampling == "shuffle":
             tmp = PrivacyLedger.from_dict(ledger.to_dict())

@@ -35,7 +35,7 @@ from ..dp_query.randomness import RandomSource
 from . import checkpoint, validation
 from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
-from .consistency import SamplingMonitor, check_target_delta, ledger_for_loader
+from .consistency import SamplingMonitor, ledger_for_loader
 from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, call_model, select_engine
 from .layer_swap import swap_layers_for_optimizer
 from .multipass import JOINT, PASS_CLIPPING_MODES, EmptyGradients, StepAccumulator, combine_gradients
@@ -282,7 +282,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "replace_one" if self._ledger.sampling in ("shuffle", "without_replacement") else "add_or_remove_one"
             )
             self._budget = PrivacyBudget(target_epsilon, target_delta, accountant, neighboring_relation=relation)
-            check_target_delta(target_delta, self._ledger.population_size)
+            self._budget.check_delta(self._ledger.population_size)
         #: ties the real batches to the ledger's sampling (None without a ledger)
         self._consistency = SamplingMonitor(self._ledger, data_loader) if self._ledger is not None else None
         if data_loader is not None and self._consistency is None:

@@ -296,3 +296,18 @@ def test_budget_with_shuffled_ledger_uses_replace_one_accountant():
     assert len(ledger) == 3
     expected = RdpAccountant(neighboring_relation="replace_one").compose_ledger(ledger).get_epsilon(1e-5)
     assert opt.epsilon == expected
+
+
+def test_target_delta_not_below_one_over_n_warns_once_per_population():
+    import warnings
+
+    from pytorch_privacy.dp_query import GaussianEvent
+
+    budget = PrivacyBudget(10.0, 0.02)
+    ledger = PrivacyLedger(100, 0.1)
+    with pytest.warns(UserWarning, match=r"target_delta=0.02 is not below 1/N = 0.01 \(N=100\)"):
+        budget.check(ledger, GaussianEvent(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        budget.check(ledger, GaussianEvent(1.0))
+        PrivacyBudget(10.0, 1e-5).check(ledger, GaussianEvent(1.0))
