@@ -82,9 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 700, which keeps the command under 1 GiB; 0: none)",
     )
     k = a.add_mutually_exclusive_group()
-    k.add_argument("--key", help="HMAC-SHA256 key (UTF-8 text) the ledger was signed with")
+    k.add_argument(
+        "--key", help="HMAC-SHA256 key (UTF-8 text) the ledger was signed with (visible to other users "
+        "in the process list: prefer --key-file)"
+    )
     k.add_argument(
         "--key-file", help="file holding the HMAC-SHA256 key (its bytes; one trailing newline is ignored)"
+    )
+    k.add_argument(
+        "--public-key-file",
+        help="PEM file with the Ed25519 public key the ledger was signed with (needs the optional "
+        "'cryptography' package)",
     )
 
     pr = sub.add_parser("privacy", help="epsilon of a DP-SGD training plan (Poisson sampling)")
@@ -109,7 +117,22 @@ AUDIT_SUMMARY_LINES = 25
 _EXIT_OK, _EXIT_TAMPERED, _EXIT_ERROR, _EXIT_UNVERIFIED = 0, 1, 2, 3
 
 
-def _read_key(args) -> bytes | None:
+def _read_key(args):
+    if args.public_key_file is not None:
+        try:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+        except ImportError:
+            raise ValueError("--public-key-file needs the optional 'cryptography' package") from None
+        with open(args.public_key_file, "rb") as f:
+            pem = f.read(1 << 20)
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{args.public_key_file} is not a PEM public key ({exc})") from None
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise ValueError(f"{args.public_key_file} holds a {type(key).__name__}, not an Ed25519 public key")
+        return key
     if args.key is not None:
         if not args.key:
             raise ValueError("--key is empty")

@@ -310,3 +310,20 @@ def test_audit_memory_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "_analysis_steps", hungry)
     assert main(["audit", str(_honest(tmp_path)), "--memory-limit-mb", "200"]) == 2
     assert "memory" in capsys.readouterr().err
+
+
+def test_audit_ed25519_public_key_file(tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "pub.pem"
+    pem.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    path = _honest(tmp_path, key=private)
+    assert main(["audit", str(path), "--no-pld", "--public-key-file", str(pem)]) == 0
+    assert _verdicts(capsys.readouterr().out) == ["signature OK"]
+    _edit(path, EPS_LOWERING_EDITS["huge sigma"], redigest=True)  # drops the signature
+    assert main(["audit", str(path), "--no-pld", "--public-key-file", str(pem)]) == 3
+    assert _verdicts(capsys.readouterr().out) == ["unsigned"]

@@ -129,6 +129,29 @@ def hmac_signature(content: dict[str, Any], key: bytes | str) -> str:
     """Hex HMAC-SHA256 of the canonical JSON of ``content`` under ``key``."""
     return hmac.new(_key_bytes(key), _canonical_bytes(content), hashlib.sha256).hexdigest()
 
+
+def _ed25519_kind(key: Any) -> str | None:
+    """``"private"`` / ``"public"`` for an Ed25519 key of the optional ``cryptography`` package,
+    else ``None`` (the package is imported only when it is already installed)."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:  # pragma: no cover - optional dependency
+        return None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "private"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "public"
+    return None
+
+
+def _sign(content: dict[str, Any], key: Any) -> dict[str, str]:
+    kind = _ed25519_kind(key)
+    if kind == "private":
+        return {"algorithm": "ed25519", "value": key.sign(_canonical_bytes(content)).hex()}
+    if kind == "public":
+        raise TypeError("signing needs the Ed25519 private key (the public key only verifies)")
+    return {"algorithm": "hmac-sha256", "value": hmac_signature(content, key)}
+
 #: ``poisson``: each record independently with probability ``selection_probability``.
 #: ``without_replacement``: a uniformly random subset of ``batch_size`` records.
 #: ``shuffle``: consecutive batches of ``batch_size`` from a fresh permutation each epoch
@@ -569,7 +592,7 @@ class PrivacyLedger:
         out = dict(content)
         out["digest"] = {"algorithm": "sha256", "value": content_digest(content)}
         if key is not None:
-            out["signature"] = {"algorithm": "hmac-sha256", "value": hmac_signature(content, key)}
+            out["signature"] = _sign(content, key)
         return out
 
     @classmethod
@@ -581,7 +604,8 @@ class PrivacyLedger:
         * Digest (version 2): recomputed and compared; a mismatch or a missing digest raises
           :class:`LedgerIntegrityError` ("tampered").  Version-1 dicts have none and read as
           :data:`UNSIGNED`.
-        * Signature: with ``key``, an HMAC-SHA256 signature must match (else
+        * Signature: with ``key`` (bytes/str for HMAC-SHA256, or an Ed25519 public key of the
+          optional ``cryptography`` package), the signature must match (else
           :class:`LedgerIntegrityError`) and :attr:`integrity` is :data:`SIGNATURE_OK`; without a
           signature, or without ``key``, the ledger reads as :data:`UNSIGNED` (see
           :attr:`integrity_detail`).  A digest alone only detects careless edits: whoever edits
@@ -647,7 +671,9 @@ class PrivacyLedger:
         """Write the ledger as JSON, atomically (a crash never leaves a half-written file).
 
         With ``key`` (bytes or str) the file is signed with HMAC-SHA256; keep the key apart from
-        the file (whoever holds it can sign any ledger).
+        the file (whoever holds it can sign any ledger).  With an Ed25519 private key of the
+        optional ``cryptography`` package it is signed with Ed25519 instead, and verified with the
+        public key alone.
         """
         path = os.fspath(path)
         text = self.to_json(key=key)
@@ -735,13 +761,32 @@ def _verify(d: dict, version: int, key: bytes | str | None) -> tuple[str, str]:
         if key is not None:
             return UNSIGNED, "digest OK, but the file carries no signature although a key was given"
         return UNSIGNED, "digest OK, no signature: anyone who edits the file can recompute the digest"
-    if not (isinstance(sig, dict) and set(sig) == {"algorithm", "value"} and sig["algorithm"] == "hmac-sha256"
-            and isinstance(sig["value"], str)):
+    if not (isinstance(sig, dict) and set(sig) == {"algorithm", "value"}
+            and sig["algorithm"] in ("hmac-sha256", "ed25519") and isinstance(sig["value"], str)):
         raise LedgerIntegrityError(
-            'tampered: malformed signature (expected {"algorithm": "hmac-sha256", "value": <hex>})'
+            'tampered: malformed signature (expected {"algorithm": "hmac-sha256" or "ed25519", "value": <hex>})'
         )
+    algorithm = sig["algorithm"]
     if key is None:
-        return UNSIGNED, "digest OK; carries an hmac-sha256 signature, NOT verified (no key given)"
+        return UNSIGNED, f"digest OK; carries an {algorithm} signature, NOT verified (no key given)"
+    kind = _ed25519_kind(key)
+    if kind == "private":
+        key = key.public_key()
+    expected = "ed25519" if kind else "hmac-sha256"
+    if algorithm != expected:
+        raise LedgerIntegrityError(
+            f"tampered: the file carries an {algorithm} signature but an {expected} key was given"
+        )
+    if kind:
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            key.verify(bytes.fromhex(sig["value"]), _canonical_bytes(content))
+        except (InvalidSignature, ValueError):
+            raise LedgerIntegrityError(
+                "tampered: the Ed25519 signature does not match (the file was edited, or the key is wrong)"
+            ) from None
+        return SIGNATURE_OK, "ed25519 signature verified with the given public key"
     if not hmac.compare_digest(hmac_signature(content, key).encode(), sig["value"].encode("utf-8", "surrogatepass")):
         raise LedgerIntegrityError(
             "tampered: the HMAC-SHA256 signature does not match (the file was edited, or the key is wrong)"

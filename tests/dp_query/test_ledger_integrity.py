@@ -279,3 +279,29 @@ def test_equivalent_sigma_at_extreme_sigmas():
     assert eq(ComposedEvent([GaussianEvent(2.0), SelfComposedEvent(GaussianEvent(4.0), 4)])) == (
         (2.0**-2 + 4 * 4.0**-2) ** -0.5
     )
+
+
+# -- Ed25519 (optional: only where the 'cryptography' package is installed) -----------------
+
+
+def test_ed25519_signature_round_trip_and_tampering():
+    ed25519 = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
+    private = ed25519.Ed25519PrivateKey.generate()
+    public = private.public_key()
+    d = _doc(key=private)
+    assert d["signature"]["algorithm"] == "ed25519"
+    ledger = PrivacyLedger.from_json(json.dumps(d), key=public)
+    assert ledger.integrity == SIGNATURE_OK and ledger == _ledger()
+    assert PrivacyLedger.from_json(json.dumps(d)).integrity == UNSIGNED  # no key: not verified
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(LedgerIntegrityError, match="tampered"):
+        PrivacyLedger.from_json(json.dumps(d), key=other)
+    edited = _redigest(json.loads(json.dumps(d)))
+    edited["runs"][0]["event"]["noise_multiplier"] = 1e9
+    _redigest(edited)
+    with pytest.raises(LedgerIntegrityError, match="tampered"):
+        PrivacyLedger.from_json(json.dumps(edited), key=public)
+    with pytest.raises(LedgerIntegrityError, match="hmac-sha256 key"):  # algorithm swapped
+        PrivacyLedger.from_json(json.dumps(d), key=KEY)
+    with pytest.raises(TypeError):
+        _ledger().to_json(key=public)  # the public key cannot sign
