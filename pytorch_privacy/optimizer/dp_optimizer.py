@@ -154,9 +154,15 @@ class DPOptimizer(torch.optim.Optimizer):
     of the final gradient are zeroed, so the model never becomes NaN.
 
     Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` cover the wrapped optimizer, the
-    query's global state (e.g. an adaptive clip), the state of every ``torch.Generator`` inside
-    the query, the ledger and the step count.  The dict holds only tensors and plain Python
-    containers, so ``torch.load(..., weights_only=True)`` reads it.
+    query's configuration and global state (e.g. an adaptive clip), the state of every
+    :class:`~pytorch_privacy.dp_query.randomness.RandomSource` of the query (restored exactly, so
+    a resume continues the noise stream), the ledger, the step count and the ``data_loader``'s
+    sampler.  A checkpoint of a differently configured query or of other sampling settings is
+    refused (:mod:`pytorch_privacy.optimizer.checkpoint`).  The dict holds only tensors and plain
+    Python containers, so ``torch.load(..., weights_only=True)`` reads it.
+
+    Randomness: the query owns its generators, seeded from OS entropy unless a ``generator`` is
+    given, never torch's global RNG (:mod:`pytorch_privacy.dp_query.randomness`).
     """
 
     def __init__(
