@@ -154,3 +154,19 @@ def test_sparse_embeddings_get_dense_per_example_gradients(engine, bag, microbat
     # and the ordinary (non-private) step still gets its sparse gradient
     ce(model(x), y).sum().backward()
     assert model.emb.weight.grad.is_sparse
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("microbatch", [None, 2])
+def test_non_reentrant_checkpoint_stays_on_ghost_and_is_exact(sequential, microbatch):
+    """Hooks ignore the forward that checkpointing recomputes during backward, so the traced
+    layout holds and the ghost engine neither falls back nor double-counts."""
+    torch.manual_seed(0)
+    model = Checkpointed(False, sequential).to(D)
+    x, y = _batch()
+    eng = GhostEngine(model, ce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = eng.compute(x, y, microbatch_size=microbatch)
+        _assert_matches(res, naive_per_example(model, ce, x, y, microbatch or 1))
+    assert not eng._switched

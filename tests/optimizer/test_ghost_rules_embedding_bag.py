@@ -89,3 +89,52 @@ def test_embedding_bag_offsets_rule(mode, weighted, include_last_offset):
 def test_max_mode_is_refused_clearly():
     m = nn.Sequential(nn.EmbeddingBag(5, 2, mode="max"))
     assert "mode='max'" in GhostEngine.unsupported_reason(m)
+
+
+def test_flat_input_with_offsets_stays_on_ghost():
+    """A 1-D input with offsets (one bag per example): the batch is read from the output."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from pytorch_privacy.optimizer.engines import GhostEngine
+
+    from . import _dp_naive as naive
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids, offsets):
+            return self.head(self.bag(ids, offsets))
+
+    def ce(out, y):
+        return F.cross_entropy(out, y, reduction="none")
+
+    torch.manual_seed(0)
+    model = Bags().double()
+    B = 4
+    ids = torch.randint(0, 10, (B, 3))
+    # the engine sees (ids [B, 3], offsets [B]); the module sees the flat form
+    class Flat(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            flat = ids.reshape(-1)
+            offsets = torch.arange(0, flat.numel(), ids.shape[1], device=ids.device)
+            return self.inner(flat, offsets)
+
+    flat_model = Flat(model)
+    y = torch.randint(0, 2, (B,))
+    eng = GhostEngine(flat_model, ce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        norms = eng.compute(ids, y).norms()
+    ref = torch.stack([naive.norm(g) for g in naive.per_example_grads(flat_model, ce, ids, y)])
+    torch.testing.assert_close(norms.double(), ref, rtol=1e-9, atol=1e-12)
+    assert not eng._switched

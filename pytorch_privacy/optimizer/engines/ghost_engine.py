@@ -189,7 +189,10 @@ class GhostEngine(GradientEngine):
         unbatched = set()
         for (mid, k), lay in layouts.items():
             mname, m, rule = rules[mid]
-            if lay.problem:
+            if rule.output_batched:
+                if lay.out_dim != 0 or (lay.problem and not lay.input_only):
+                    problems.append(lay.problem or f"{describe(mname, m)} needs its batch in dimension 0 of its output")
+            elif lay.problem:
                 problems.append(lay.problem)
             elif (lay.in_dim is None) != (lay.out_dim is None) or (lay.in_dim is not None and lay.in_dim != lay.out_dim):
                 problems.append(

@@ -462,6 +462,11 @@ class LayerRule:
         """``None`` when this module's configuration is supported, else why not."""
         return None
 
+    #: the batch is read from the output alone (dimension 0), the inputs are passed to
+    #: :meth:`save` as given (e.g. ``nn.EmbeddingBag`` with a flat input and ``offsets``, one bag
+    #: per example)
+    output_batched: bool = False
+
     def movable_batch_dim(self, module: nn.Module, ndim: int, dim: int) -> bool:
         """Whether the rule stays exact when the engine moves the batch from dimension ``dim`` of
         an ``ndim``-D input (and the output) to the front: true for layers acting on trailing

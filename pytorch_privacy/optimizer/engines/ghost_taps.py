@@ -211,12 +211,22 @@ class ForwardRecorder:
         """A forward hook (``with_kwargs=True``) for one hooked module."""
 
         def hook(module, args, kwargs, output):
+            if torch._C._current_graph_task_id() != -1:
+                return None  # a forward recomputed by non-reentrant checkpointing during backward
             k = self._counts.get(id(module), 0)
             self._counts[id(module)] = k + 1
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             lay = self.layouts.get((id(module), k))
+            if rule.output_batched and lay is not None and lay.out_dim == 0 and output.shape[0] == self.batch:
+                tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+                call = Call(
+                    module, rule, local, rule.save(module, args, kwargs, output),
+                    [t.grad_fn for t in tensors if t.grad_fn is not None], [t for t in tensors if t.grad_fn is None], 0,
+                )
+                self.calls.append(call)
+                return self.tap.apply(self.anchor, output, call)
             if lay is None or first is None or not consistent_with(lay, first, output, self.batch):
                 self.mismatch.append(
                     f"{describe(mname, module)} call {k} saw input {None if first is None else tuple(first.shape)} / "
@@ -244,6 +254,8 @@ class ForwardRecorder:
     def on_raw_use(self, func, args, kwargs, kind, pos):
         """Handler of :class:`~.raw_params.RawUseMode`: run the op and tap its output."""
         out = func(*args, **kwargs)
+        if torch._C._current_graph_task_id() != -1:
+            return out  # recomputed during backward (non-reentrant checkpointing)
         if kind is None:
             self.mismatch.append(unsupported_use(func, args, self.raw))
             return out

@@ -320,6 +320,8 @@ class CallLayout:
     in_shape: tuple
     out_shape: tuple
     problem: str | None = None
+    #: the problem concerns the input only (the output has a plain batch dimension)
+    input_only: bool = False
 
 
 def trace_batch_dims(
@@ -383,6 +385,7 @@ def trace_batch_dims(
             in_b, out_b = b_calls[k]
             dims = []
             problem = None
+            input_only = False
             for what, sa, sb in (("input", in_a, in_b), ("output", out_a, out_b)):
                 if sa is None or sb is None:
                     dims.append(None)
@@ -392,11 +395,14 @@ def trace_batch_dims(
                     continue
                 d = _batch_dim(torch.Size(sa), torch.Size(sb), batch, other)
                 if d is None and problem is None:
+                    input_only = what == "input"
                     problem = (
                         f"the {what} of module {name!r} has shape {sa} for a batch of {batch} and {sb} for a batch of "
                         f"{other}: the batch is merged with another dimension (a reshape), so it has no single batch "
                         "dimension"
                     )
                 dims.append(d)
-            layouts[(id(m), k)] = CallLayout(dims[0], dims[1], in_a or (), out_a or (), problem)
+            if problem is not None and input_only and dims[1] is None:
+                input_only = False  # the output has no batch dimension either
+            layouts[(id(m), k)] = CallLayout(dims[0], dims[1], in_a or (), out_a or (), problem, input_only)
     return layouts

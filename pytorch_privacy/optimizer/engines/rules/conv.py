@@ -108,9 +108,12 @@ class ConvContribution(OuterContribution):
         mat = self._per_record()
         return mat.sq_norms(self._acc()), mat
 
-    #: bytes of unfolded patches per chunk on the CPU (about an L2 cache: the patches are
-    #: consumed by the matmul while still cached, and the buffer is small enough to be reused)
-    cpu_chunk_bytes = 1 << 19
+    #: bytes of unfolded patches per chunk on the CPU.  Chunks bound the unfold buffer's memory;
+    #: each chunk costs about seven dispatched ops, so small chunks multiply the ops per step
+    #: (547 ATen ops for the MNIST CNN at 512 KiB chunks against 282 in one chunk) for no
+    #: measured time gain (fastest-repetition ratio 0.94-1.02 between 512 KiB and 64 MiB on
+    #: the MNIST CNN and ResNet-GN, benchmarks/bench_architectures.py): one chunk up to 32 MiB.
+    cpu_chunk_bytes = 1 << 25
 
     def _per_record(self) -> PerRecord:
         if self.x.device.type != "cpu" or self._a is not None:

@@ -63,6 +63,8 @@ def bag_layout(module: nn.EmbeddingBag, input, offsets, per_sample_weights) -> t
 class EmbeddingBagRule(LayerRule):
     """``nn.EmbeddingBag`` with ``mode="sum"`` (optionally ``per_sample_weights``) or ``"mean"``."""
 
+    output_batched = True
+
     param_names = ("weight",)
 
     def unsupported_reason(self, module):
