@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import accumulation_dtype
+from .base import accumulation_dtype, contract_records
 
 __all__ = [
     "Contribution",
@@ -198,7 +198,7 @@ class PerRecord:
         if mask:
             total = scale_rows(self.data, coefficients).sum(0)
         else:
-            total = torch.tensordot(coefficients.to(self.data.dtype), self.data, dims=([0], [0]))
+            total = contract_records(coefficients, self.data)
         return self._to_param(total, ())
 
     def materialize(self) -> torch.Tensor:
@@ -229,7 +229,7 @@ class DirectContribution(Contribution):
 
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
         if not mask:
-            return torch.tensordot(coefficients.to(self.values.dtype), self.values, dims=([0], [0]))
+            return contract_records(coefficients, self.values)
         return scale_rows(self.values, coefficients).sum(0)
 
     def sq_norms(self, policy: NormPolicy) -> tuple[torch.Tensor, PerRecord | None]:
