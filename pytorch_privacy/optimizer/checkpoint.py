@@ -21,7 +21,7 @@ optimizer it is loaded into, instead of silently overriding the object:
 
 Generator states are restored exactly, so a resumed run continues the noise stream of the run it
 resumes; it never starts it again, whatever the script seeds.  Checkpoints of version 1 (a bare list
-``"generators"`` of ``torch.Generator`` states and no configuration) still load.
+``"generators"`` of ``torch.Generator`` states and no configuration) still load (without the configuration check, which they cannot support).
 """
 
 from __future__ import annotations
