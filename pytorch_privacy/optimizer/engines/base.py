@@ -158,7 +158,7 @@ class MaterializedGradients(PerExampleGradients):
 def contract_records(coefficients: torch.Tensor, per_record: torch.Tensor) -> torch.Tensor:
     """``sum_r coefficients[r] * per_record[r]`` as one matrix-vector product (three dispatched
     ops; ``torch.tensordot`` dispatches about six)."""
-    flat = per_record.reshape(per_record.shape[0], -1)
+    flat = per_record.reshape(per_record.shape[0], math.prod(per_record.shape[1:]))
     return (coefficients.to(flat.dtype) @ flat).reshape(per_record.shape[1:])
 
 
