@@ -26,6 +26,9 @@ Three kinds of source:
   ``SECURE_NOISE_TERMS`` times the uniform bits plus a CPU transform (see docs/deployment.md for
   measured figures); noise for GPU tensors is drawn on the CPU and copied.  Bernoulli masks for
   Poisson sampling compare 64 secure bits with ``floor(q * 2**64)``, exact to ``2**-64``.
+  Since ``U1 >= 2**-53``, one Box-Muller normal never exceeds ``sqrt(2 * 53 ln 2) = 8.57`` in
+  magnitude (the normal mass beyond is ~1e-17), so each summed coordinate is bounded by
+  ``8.57 * sqrt(SECURE_NOISE_TERMS)``: a truncation whose effect on the guarantee is of that order.
 
 Noise is always drawn in float32 or wider (float64 for float64 tensors, float64 in secure mode),
 never in the precision of float16/bfloat16 parameters: an fp16 draw takes only ~22 thousand
