@@ -23,10 +23,10 @@ __all__ = ["swap_layers_for_optimizer", "swappable_layers"]
 
 def swappable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified name: module}`` of the layers :func:`swap_layers_for_optimizer` would swap."""
-    from .engines.swap import _why_not, dp_layer_for
+    from .engines.swap import why_not_swappable, dp_layer_for
 
     return {
-        n: m for n, m in model.named_modules() if n and dp_layer_for(m) is not None and _why_not(m) is None
+        n: m for n, m in model.named_modules() if n and dp_layer_for(m) is not None and why_not_swappable(m) is None
     }
 
 

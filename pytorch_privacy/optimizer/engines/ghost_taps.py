@@ -115,7 +115,7 @@ def verify_expansion(model, loss_fn, inputs, targets, layouts, unbatched, rules)
     copy moves no other example's loss, i.e. example ``i`` uses its copy ``i`` alone (so the
     gradient of that copy is its per-example output gradient).  Returns ``(calls broadcast over
     their leading size-1 dimension, None)`` or ``(None, why not)``."""
-    from .probe import _isolated
+    from .probe import isolated
 
     batch = batch_size_of(inputs)
     names = ", ".join(sorted({describe(rules[mid][0], rules[mid][1]) for mid, _ in unbatched}))
@@ -149,7 +149,7 @@ def verify_expansion(model, loss_fn, inputs, targets, layouts, unbatched, rules)
     err = "its output is not simply broadcast along a leading batch dimension"
     for lead1_calls in dict.fromkeys((leading, frozenset())):
         try:
-            with _isolated(model, 0) as reset, torch.no_grad():
+            with isolated(model, 0) as reset, torch.no_grad():
                 plain = loss_fn(call_model(model, inputs), targets)
                 reset()
                 same = run(lead1_calls, False)

@@ -44,6 +44,9 @@ __all__ = [
     "CallLayout",
     "trace_batch_dims",
     "verified_independent",
+    "isolated",
+    "batch_dim_between",
+    "map_batched",
 ]
 
 
@@ -77,12 +80,12 @@ def model_signature(model: nn.Module) -> tuple:
     return mods, params
 
 
-def _map_batched(x: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_batched(x: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch else t, x)
 
 
 @contextlib.contextmanager
-def _isolated(model: nn.Module, seed: int) -> Iterator[Callable[[], None]]:
+def isolated(model: nn.Module, seed: int) -> Iterator[Callable[[], None]]:
     """Fork the global RNG and snapshot buffers; yields ``reset()`` which restores the buffers
     and reseeds the forked RNG identically (so each forward draws the same dropout masks)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -171,7 +174,7 @@ class _Recorder:
                 h.remove()
 
 
-def _batch_dim(a: torch.Size, b: torch.Size, sa: int, sb: int) -> int | None:
+def batch_dim_between(a: torch.Size, b: torch.Size, sa: int, sb: int) -> int | None:
     """The one dimension whose size is ``sa`` in ``a`` and ``sb`` in ``b`` (all others equal)."""
     if len(a) != len(b):
         return None
@@ -185,7 +188,7 @@ def _locate(model, loss_fn, call, inputs, perturbed, targets, batch, j, reset) -
     """Name where examples first mix: the first module (in completion order) whose output for
     the untouched examples changes when only example ``j`` changes."""
     runs = []
-    small = _map_batched(inputs, batch, lambda t: t[: batch - 1])
+    small = map_batched(inputs, batch, lambda t: t[: batch - 1])
     for x in (inputs, perturbed, small):
         rec = _Recorder(model, [])
         reset()
@@ -203,7 +206,7 @@ def _locate(model, loss_fn, call, inputs, perturbed, targets, batch, j, reset) -
     def others_moved(t0, t1, t2) -> bool | None:
         if t0 is None or t1 is None or t2 is None or t0.shape != t1.shape:
             return None
-        d = _batch_dim(t0.shape, t2.shape, batch, batch - 1)
+        d = batch_dim_between(t0.shape, t2.shape, batch, batch - 1)
         if d is None:
             return None
         idx = torch.tensor(keep, device=t0.device)
@@ -263,7 +266,7 @@ def check_independence(
     perturbed, changed = _perturb(inputs, batch, j, gen)
     if not changed:
         return False
-    with _isolated(model, seed) as reset, torch.enable_grad():
+    with isolated(model, seed) as reset, torch.enable_grad():
         base = loss_fn(call(model, inputs), targets)
         reset()
         moved = loss_fn(call(model, perturbed), targets)
@@ -345,11 +348,11 @@ def trace_batch_dims(
     call = call or call_model
     batch = batch_size_of(inputs)
     if batch >= 2:
-        other, small = batch - 1, _map_batched(inputs, batch, lambda t: t[: batch - 1])
+        other, small = batch - 1, map_batched(inputs, batch, lambda t: t[: batch - 1])
     else:
-        other, small = 2, _map_batched(inputs, batch, lambda t: torch.cat([t, t]))
+        other, small = 2, map_batched(inputs, batch, lambda t: torch.cat([t, t]))
     runs: list[dict[int, list[tuple[tuple, tuple]]]] = []
-    with _isolated(model, seed) as reset, torch.enable_grad():
+    with isolated(model, seed) as reset, torch.enable_grad():
         for x in (inputs, small):
             seen: dict[int, list[tuple[tuple, tuple]]] = {}
             handles = []
@@ -381,28 +384,29 @@ def trace_batch_dims(
                     f"module {name!r} is called {len(a_calls)} times for a batch of {batch} and {len(b_calls)} times "
                     f"for a batch of {other}",
                 )
-                continue
-            in_b, out_b = b_calls[k]
-            dims = []
-            problem = None
-            input_only = False
-            for what, sa, sb in (("input", in_a, in_b), ("output", out_a, out_b)):
-                if sa is None or sb is None:
-                    dims.append(None)
-                    continue
-                if sa == sb:
-                    dims.append(None)
-                    continue
-                d = _batch_dim(torch.Size(sa), torch.Size(sb), batch, other)
-                if d is None and problem is None:
-                    input_only = what == "input"
-                    problem = (
-                        f"the {what} of module {name!r} has shape {sa} for a batch of {batch} and {sb} for a batch of "
-                        f"{other}: the batch is merged with another dimension (a reshape), so it has no single batch "
-                        "dimension"
-                    )
-                dims.append(d)
-            if problem is not None and input_only and dims[1] is None:
-                input_only = False  # the output has no batch dimension either
-            layouts[(id(m), k)] = CallLayout(dims[0], dims[1], in_a or (), out_a or (), problem, input_only)
+            else:
+                layouts[(id(m), k)] = _classify(name, (in_a, out_a), b_calls[k], batch, other)
     return layouts
+
+
+def _classify(name: str, shapes_a: tuple, shapes_b: tuple, batch: int, other: int) -> CallLayout:
+    """The layout of one call from its (input, output) shapes at batch sizes ``batch``/``other``."""
+    dims: list[int | None] = []
+    problem = None
+    input_only = False
+    for what, sa, sb in zip(("input", "output"), shapes_a, shapes_b):
+        if sa is None or sb is None or sa == sb:
+            dims.append(None)
+            continue
+        d = batch_dim_between(torch.Size(sa), torch.Size(sb), batch, other)
+        if d is None and problem is None:
+            input_only = what == "input"
+            problem = (
+                f"the {what} of module {name!r} has shape {sa} for a batch of {batch} and {sb} for a batch of "
+                f"{other}: the batch is merged with another dimension (a reshape), so it has no single batch "
+                "dimension"
+            )
+        dims.append(d)
+    if problem is not None and input_only and dims[1] is None:
+        input_only = False  # the output has no batch dimension either
+    return CallLayout(dims[0], dims[1], shapes_a[0] or (), shapes_a[1] or (), problem, input_only)

@@ -100,14 +100,14 @@ def trace_raw_uses(model: nn.Module, inputs: Any, raw: dict) -> tuple[dict[tuple
     """``({(id(param), k): batch dim of the k-th use's output or None}, problem)`` from forwards
     on two batch sizes (as :func:`~.probe.trace_batch_dims`)."""
     from .base import batch_size_of, call_model
-    from .probe import _batch_dim, _isolated, _map_batched
+    from .probe import batch_dim_between, isolated, map_batched
 
     batch = batch_size_of(inputs)
     other = batch - 1 if batch >= 2 else 2
-    small = _map_batched(inputs, batch, (lambda t: t[: batch - 1]) if batch >= 2 else (lambda t: torch.cat([t, t])))
+    small = map_batched(inputs, batch, (lambda t: t[: batch - 1]) if batch >= 2 else (lambda t: torch.cat([t, t])))
     shapes: list[dict] = []
     problem: list[str] = []
-    with _isolated(model, 0) as reset, torch.enable_grad():
+    with isolated(model, 0) as reset, torch.enable_grad():
         for x in (inputs, small):
             seen: dict[int, list[tuple]] = {}
 
@@ -131,7 +131,7 @@ def trace_raw_uses(model: nn.Module, inputs: Any, raw: dict) -> tuple[dict[tuple
         if len(uses) != len(smaller.get(pid, [])):
             return {}, f"raw parameter {raw[pid][2]!r} is used a number of times that depends on the batch size"
         for k, (sa, sb) in enumerate(zip(uses, smaller[pid])):
-            d = _batch_dim(torch.Size(sa), torch.Size(sb), batch, other)
+            d = batch_dim_between(torch.Size(sa), torch.Size(sb), batch, other)
             if d is None:
                 why = "carries no batch dimension" if sa == sb else "merges the batch with another dimension"
                 return {}, f"the output of use {k} of raw parameter {raw[pid][2]!r} {why} (shape {sa})"

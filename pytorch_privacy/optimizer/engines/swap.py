@@ -30,7 +30,7 @@ from torch import nn
 
 from .dp_layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
 
-__all__ = ["swap_to_dp_layers", "dp_layer_for"]
+__all__ = ["swap_to_dp_layers", "dp_layer_for", "why_not_swappable"]
 
 _DROP_INS: dict[type[nn.Module], type[nn.Module]] = {
     nn.LSTM: DPLSTM,
@@ -40,7 +40,7 @@ _DROP_INS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def _why_not(module: nn.Module) -> str | None:
+def why_not_swappable(module: nn.Module) -> str | None:
     if getattr(module, "proj_size", 0):
         return "proj_size is not supported by DPLSTM"
     if isinstance(module, nn.MultiheadAttention):
@@ -108,7 +108,7 @@ def swap_to_dp_layers(model: nn.Module, *, warn: bool = True) -> list[str]:
             drop_in = dp_layer_for(child)
             if drop_in is None:
                 continue
-            why = _why_not(child)
+            why = why_not_swappable(child)
             if why:
                 skipped.append(f"{full!r} ({type(child).__name__}): {why}")
                 continue
