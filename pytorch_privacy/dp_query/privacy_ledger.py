@@ -27,10 +27,7 @@ with a user key.  Files are read strictly: bounded size and nesting, exact schem
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,16 +35,35 @@ from typing import Any
 
 import attrs
 
+from .ledger_schema import (  # noqa: F401  (LIMITS, SAMPLING_SCHEMES and LedgerRun re-exported)
+    LIMITS,
+    SAMPLING_SCHEMES,
+    LedgerRun,
+    check_event_ints,
+    check_population,
+    check_q,
+    int_field,
+    json_depth_ok,
+    parse_json,
+    prob_field,
+    run_from_dict,
+)
+from .ledger_audit import SUSPICIOUS, event_str, suspicious_content  # noqa: F401  (re-exported)
+from .ledger_integrity import (  # noqa: F401  (re-exported)
+    SIGNATURE_OK,
+    TAMPERED,
+    UNSIGNED,
+    LedgerIntegrityError,
+    content_digest,
+    hmac_signature,
+    sign_content,
+    verify_integrity,
+)
 from .events import (
     ComposedEvent,
     DpEvent,
     GaussianEvent,
     NoOpEvent,
-    PoissonSampledEvent,
-    SampledWithoutReplacementEvent,
-    SelfComposedEvent,
-    ShuffledEvent,
-    event_from_dict,
 )
 
 __all__ = [
@@ -72,293 +88,7 @@ LEDGER_FORMAT = "pytorch_privacy.ledger"
 LEDGER_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 
-#: Integrity verdicts (:attr:`PrivacyLedger.integrity`, ``pytorch-privacy audit``).
-UNSIGNED = "unsigned"
-SIGNATURE_OK = "signature OK"
-TAMPERED = "tampered"
 
-#: Hard limits of the file reader, refused with ``ValueError`` before any analysis:
-#:
-#: * ``max_file_bytes``: files above 64 MiB are refused before they are read;
-#: * ``max_depth``: JSON nesting deeper than 32 levels (a real ledger is about 8 deep);
-#: * ``max_runs``: at most 100,000 runs;
-#: * ``max_steps``: a run's count and the ledger's total steps are at most 10**9;
-#: * ``max_int``: population and batch sizes and event integers are at most 2**53 (exact in a
-#:   float);
-#: * ``max_event_nodes``: at most 100,000 events in all runs together.
-LIMITS: dict[str, int] = {
-    "max_file_bytes": 64 * 2**20,
-    "max_depth": 32,
-    "max_runs": 100_000,
-    "max_steps": 10**9,
-    "max_int": 2**53,
-    "max_event_nodes": 100_000,
-}
-
-
-class LedgerIntegrityError(ValueError):
-    """The ledger's digest or signature does not match its content: it was edited (tampered)."""
-
-
-def _canonical_bytes(content: dict[str, Any]) -> bytes:
-    try:
-        return json.dumps(
-            content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode("ascii")
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"ledger content is not plain JSON (check metadata): {exc}") from None
-
-
-def content_digest(content: dict[str, Any]) -> str:
-    """Hex SHA-256 of the canonical JSON of ``content`` (sorted keys, no whitespace, ASCII,
-    no NaN).  ``content`` is the ledger dict without its ``digest`` and ``signature`` fields."""
-    return hashlib.sha256(_canonical_bytes(content)).hexdigest()
-
-
-def _key_bytes(key: bytes | str) -> bytes:
-    if isinstance(key, str):
-        key = key.encode("utf-8")
-    if not isinstance(key, (bytes, bytearray)):
-        raise TypeError(f"key must be bytes or str, got {type(key).__name__}")
-    if len(key) == 0:
-        raise ValueError("the signing key is empty")
-    return bytes(key)
-
-
-def hmac_signature(content: dict[str, Any], key: bytes | str) -> str:
-    """Hex HMAC-SHA256 of the canonical JSON of ``content`` under ``key``."""
-    return hmac.new(_key_bytes(key), _canonical_bytes(content), hashlib.sha256).hexdigest()
-
-
-def _ed25519_kind(key: Any) -> str | None:
-    """``"private"`` / ``"public"`` for an Ed25519 key of the optional ``cryptography`` package,
-    else ``None`` (the package is imported only when it is already installed)."""
-    try:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ImportError:  # pragma: no cover - optional dependency
-        return None
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "private"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "public"
-    return None
-
-
-def _sign(content: dict[str, Any], key: Any) -> dict[str, str]:
-    kind = _ed25519_kind(key)
-    if kind == "private":
-        return {"algorithm": "ed25519", "value": key.sign(_canonical_bytes(content)).hex()}
-    if kind == "public":
-        raise TypeError("signing needs the Ed25519 private key (the public key only verifies)")
-    return {"algorithm": "hmac-sha256", "value": hmac_signature(content, key)}
-
-#: ``poisson``: each record independently with probability ``selection_probability``.
-#: ``without_replacement``: a uniformly random subset of ``batch_size`` records.
-#: ``shuffle``: consecutive batches of ``batch_size`` from a fresh permutation each epoch
-#: (accounted with ``N // batch_size`` steps per epoch, safe with or without ``drop_last``).
-#: ``full``: every record, every sample (full-batch training).
-SAMPLING_SCHEMES = ("poisson", "without_replacement", "shuffle", "full")
-
-
-@attrs.define(eq=True)
-class LedgerRun:
-    """``count`` consecutive samples with identical settings and event.
-
-    The ledger hands out copies; mutating one does not change the ledger.
-    """
-
-    count: int
-    population_size: int
-    sampling: str
-    selection_probability: float | None
-    batch_size: int | None
-    event: DpEvent
-
-    def same_settings(self, other: "LedgerRun") -> bool:
-        """Whether ``other`` has the same sampling settings and event (counts may differ)."""
-        return (
-            self.population_size == other.population_size
-            and self.sampling == other.sampling
-            and self.selection_probability == other.selection_probability
-            and self.batch_size == other.batch_size
-            and self.event == other.event
-        )
-
-    def sampled_event(self, steps: int | None = None) -> DpEvent:
-        """The event of ``steps`` (default ``count``) samples of this run, sampling included."""
-        steps = self.count if steps is None else steps
-        if self.sampling == "shuffle":
-            # floor, not ceil: a loader of fixed-size batches drops the last partial one, so an
-            # epoch is N // B steps; counting ceil(N / B) would merge steps of two epochs into one
-            # and under-count epochs.  Floor over-counts (safely) for loaders that keep it.
-            spe = max(1, self.population_size // self.batch_size)
-            return ShuffledEvent(steps_per_epoch=spe, steps=steps, event=self.event)
-        if self.sampling == "poisson":
-            one: DpEvent = PoissonSampledEvent(self.selection_probability, self.event)
-        elif self.sampling == "without_replacement":
-            one = SampledWithoutReplacementEvent(self.population_size, self.batch_size, self.event)
-        else:  # full
-            one = self.event
-        return one if steps == 1 else SelfComposedEvent(one, steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of this run (the ledger file's ``runs`` entries)."""
-        d = {
-            "count": self.count,
-            "population_size": self.population_size,
-            "sampling": self.sampling,
-            "event": self.event.to_dict(),
-        }
-        if self.selection_probability is not None:
-            d["selection_probability"] = self.selection_probability
-        if self.batch_size is not None:
-            d["batch_size"] = self.batch_size
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LedgerRun":
-        """Strict inverse of :meth:`to_dict` (see :data:`LIMITS`); ``ValueError`` on anything else."""
-        return _run_from_dict(d, 0)
-
-
-def _int_field(where: str, v: Any, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"corrupt ledger: {where} must be a JSON integer, got {v!r:.60} ({type(v).__name__})")
-    if not lo <= v <= hi:
-        raise ValueError(f"corrupt ledger: {where} must be in [{lo}, {hi}], got {v!r:.60}")
-    return v
-
-
-def _prob_field(where: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"corrupt ledger: {where} must be a JSON number, got {v!r:.60} ({type(v).__name__})")
-    if not (math.isfinite(v) and 0 < v <= 1):
-        raise ValueError(f"corrupt ledger: {where} must be in (0, 1], got {v!r}")
-    return float(v)
-
-
-_RUN_KEYS = {
-    "poisson": {"count", "population_size", "sampling", "event", "selection_probability"},
-    "without_replacement": {"count", "population_size", "sampling", "event", "batch_size"},
-    "shuffle": {"count", "population_size", "sampling", "event", "batch_size"},
-    "full": {"count", "population_size", "sampling", "event"},
-}
-
-
-def _run_from_dict(d: Any, i: int) -> LedgerRun:
-    where = f"run {i}"
-    if not isinstance(d, dict):
-        raise ValueError(f"corrupt ledger: {where} must be a JSON object, got {type(d).__name__}")
-    sampling = d.get("sampling")
-    if not isinstance(sampling, str) or sampling not in SAMPLING_SCHEMES:
-        raise ValueError(f"corrupt ledger: {where} has sampling {sampling!r:.60}; expected one of {SAMPLING_SCHEMES}")
-    required = _RUN_KEYS[sampling]
-    keys = set(d)
-    if keys != required:
-        raise ValueError(
-            f"corrupt ledger: {sampling} {where} has fields {sorted(map(str, keys))[:8]}, "
-            f"expected exactly {sorted(required)}"
-        )
-    n = _int_field(f"{where} population_size", d["population_size"], 1, LIMITS["max_int"])
-    count = _int_field(f"{where} count", d["count"], 1, LIMITS["max_steps"])
-    q = b = None
-    if sampling == "poisson":
-        q = _prob_field(f"{where} selection_probability", d["selection_probability"])
-    elif sampling in ("without_replacement", "shuffle"):
-        b = _int_field(f"{where} batch_size", d["batch_size"], 1, n)
-    try:
-        event = event_from_dict(d["event"])
-    except ValueError as exc:
-        raise ValueError(f"corrupt ledger: {where}: {exc}") from None
-    _check_event_ints(event, where)
-    return LedgerRun(count=count, population_size=n, sampling=sampling, selection_probability=q, batch_size=b, event=event)
-
-
-def _check_event_ints(event: DpEvent, where: str) -> int:
-    """Refuse event integers above ``max_int`` / ``max_steps``; return the number of events."""
-    nodes = 0
-    stack = [event]
-    while stack:
-        e = stack.pop()
-        nodes += 1
-        for a in attrs.fields(type(e)):
-            v = getattr(e, a.name)
-            if isinstance(v, DpEvent):
-                stack.append(v)
-            elif isinstance(v, tuple):
-                stack.extend(v)
-            elif isinstance(v, int) and not isinstance(v, bool):
-                hi = LIMITS["max_steps"] if a.name in ("count", "steps") else LIMITS["max_int"]
-                if v > hi:
-                    raise ValueError(f"corrupt ledger: {where}: {e.kind} {a.name} {v} exceeds the limit {hi}")
-    return nodes
-
-
-def _json_depth_ok(obj: Any, max_depth: int) -> None:
-    """Iteratively refuse JSON nested deeper than ``max_depth`` (no recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, (dict, list)):
-            if d > max_depth:
-                raise ValueError(
-                    f"corrupt ledger: JSON nested deeper than {max_depth} levels (LIMITS['max_depth'])"
-                )
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-
-
-def _no_duplicates(pairs: list) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"corrupt ledger: duplicate key {dup!r:.60} in a JSON object")
-    return d
-
-
-def _finite_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v):
-        raise ValueError(f"corrupt ledger: number {s[:40]!r} overflows a float")
-    return v
-
-
-def _refuse_constant(s: str):
-    raise ValueError(f"corrupt ledger: {s} is not allowed in a ledger file")
-
-
-def _parse_json(text: str | bytes) -> Any:
-    limit = LIMITS["max_file_bytes"]
-    if len(text) > limit:
-        raise ValueError(f"ledger file is larger than {limit} bytes (LIMITS['max_file_bytes']); refused unread")
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8")  # UnicodeDecodeError is a ValueError
-    try:
-        d = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_refuse_constant
-        )
-    except RecursionError:
-        raise ValueError(
-            f"corrupt ledger: JSON nested too deeply (the limit is {LIMITS['max_depth']} levels)"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"corrupt ledger file: not valid JSON ({exc})") from None
-    return d
-
-
-def _check_population(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"population_size must be a positive integer, got {n!r}")
-    return n
-
-
-def _check_q(q) -> float:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or math.isnan(q) or not 0 < q <= 1:
-        raise ValueError(
-            f"selection_probability must be in (0, 1], got {q!r} "
-            "(expected batch size / population size)"
-        )
-    return float(q)
 
 
 class PrivacyLedger:
@@ -405,13 +135,13 @@ class PrivacyLedger:
         batch_size: int | None = None,
     ) -> None:
         """Change the sampling settings for the samples recorded from now on."""
-        population_size = _check_population(population_size)
+        population_size = check_population(population_size)
         if sampling not in SAMPLING_SCHEMES:
             raise ValueError(f"sampling must be one of {SAMPLING_SCHEMES}, got {sampling!r}")
         if sampling == "poisson":
             if selection_probability is None and batch_size is not None:
                 selection_probability = batch_size / population_size
-            selection_probability = _check_q(selection_probability)
+            selection_probability = check_q(selection_probability)
             batch_size = None
         elif sampling in ("without_replacement", "shuffle"):
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -552,7 +282,7 @@ class PrivacyLedger:
         ]
         for (sampling, n, q, b, ev), count in self.groups().items():
             desc = f"q={q:.6g}" if q is not None else f"batch={b}"
-            lines.append(f"  {count:>10d} x {sampling:<20s} N={n:<9d} {desc:<16s} {_event_str(ev)}")
+            lines.append(f"  {count:>10d} x {sampling:<20s} N={n:<9d} {desc:<16s} {event_str(ev)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -592,7 +322,7 @@ class PrivacyLedger:
         out = dict(content)
         out["digest"] = {"algorithm": "sha256", "value": content_digest(content)}
         if key is not None:
-            out["signature"] = _sign(content, key)
+            out["signature"] = sign_content(content, key)
         return out
 
     @classmethod
@@ -619,8 +349,8 @@ class PrivacyLedger:
                 f"ledger format version {version!r:.40} is not supported by this release "
                 f"(reads {list(_READABLE_VERSIONS)}); use the pytorch_privacy release that wrote it"
             )
-        _json_depth_ok(d, LIMITS["max_depth"])
-        integrity, detail = _verify(d, version, key)
+        json_depth_ok(d, LIMITS["max_depth"])
+        integrity, detail = verify_integrity(d, version, key)
         content_keys = {"format", "version", "current", "runs", "metadata"}
         allowed = content_keys | ({"digest", "signature"} if version >= 2 else set())
         if set(d) - allowed:
@@ -641,13 +371,13 @@ class PrivacyLedger:
         parsed = []
         total = nodes = 0
         for i, r in enumerate(runs):
-            run = _run_from_dict(r, i)
+            run = run_from_dict(r, i)
             total += run.count
             if total > LIMITS["max_steps"]:
                 raise ValueError(
                     f"ledger records more than LIMITS['max_steps'] = {LIMITS['max_steps']} steps; refused"
                 )
-            nodes += _check_event_ints(run.event, f"run {i}")
+            nodes += check_event_ints(run.event, f"run {i}")
             if nodes > LIMITS["max_event_nodes"]:
                 raise ValueError(
                     f"ledger holds more than LIMITS['max_event_nodes'] = {LIMITS['max_event_nodes']} events; refused"
@@ -665,7 +395,7 @@ class PrivacyLedger:
     def from_json(cls, s: str | bytes, *, key: bytes | str | None = None) -> "PrivacyLedger":
         """Parse ledger JSON strictly (size, nesting, duplicate keys, NaN refused) and read it with
         :meth:`from_dict`."""
-        return cls.from_dict(_parse_json(s), key=key)
+        return cls.from_dict(parse_json(s), key=key)
 
     def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Write the ledger as JSON, atomically (a crash never leaves a half-written file).
@@ -711,14 +441,14 @@ def _ledger_from_current(cls, cur: Any, metadata: dict) -> PrivacyLedger:
     sampling = cur["sampling"]
     if not isinstance(sampling, str) or sampling not in SAMPLING_SCHEMES:
         raise ValueError(f"corrupt ledger: current sampling {sampling!r:.60}; expected one of {SAMPLING_SCHEMES}")
-    n = _int_field("current population_size", cur["population_size"], 1, LIMITS["max_int"])
+    n = int_field("current population_size", cur["population_size"], 1, LIMITS["max_int"])
     q, b = cur["selection_probability"], cur["batch_size"]
     if sampling == "poisson":
-        q = _prob_field("current selection_probability", q)
+        q = prob_field("current selection_probability", q)
         if b is not None:
             raise ValueError(f"corrupt ledger: current poisson settings have batch_size {b!r:.40} (expected null)")
     elif sampling in ("without_replacement", "shuffle"):
-        b = _int_field("current batch_size", b, 1, n)
+        b = int_field("current batch_size", b, 1, n)
         if isinstance(q, bool) or q != b / n:
             raise ValueError(f"corrupt ledger: current selection_probability {q!r:.40} is not batch_size / population_size")
         q = None
@@ -730,141 +460,3 @@ def _ledger_from_current(cls, cur: Any, metadata: dict) -> PrivacyLedger:
     return ledger
 
 
-def _verify(d: dict, version: int, key: bytes | str | None) -> tuple[str, str]:
-    """Integrity verdict of a ledger dict: ``(UNSIGNED | SIGNATURE_OK, detail)`` or raise
-    :class:`LedgerIntegrityError`."""
-    if version == 1:
-        if key is not None:
-            return UNSIGNED, "version-1 file: no digest and no signature, although a key was given"
-        return UNSIGNED, "version-1 file: no digest and no signature"
-    content = {k: v for k, v in d.items() if k not in ("digest", "signature")}
-    dg = d.get("digest")
-    if not (isinstance(dg, dict) and set(dg) == {"algorithm", "value"} and dg["algorithm"] == "sha256"
-            and isinstance(dg["value"], str)):
-        raise LedgerIntegrityError(
-            "tampered: the content digest is missing or malformed (version-2 ledgers carry "
-            '{"digest": {"algorithm": "sha256", "value": <hex>}})'
-        )
-    try:
-        actual = content_digest(content)
-    except TypeError as exc:
-        raise ValueError(f"corrupt ledger: {exc}") from None
-    if not hmac.compare_digest(actual.encode(), dg["value"].encode("utf-8", "surrogatepass")):
-        raise LedgerIntegrityError(
-            "tampered: the SHA-256 content digest does not match the ledger's content "
-            "(the file was edited after it was written)"
-        )
-    sig = d.get("signature")
-    if sig is None:
-        if "signature" in d:
-            raise LedgerIntegrityError("tampered: 'signature' is null")
-        if key is not None:
-            return UNSIGNED, "digest OK, but the file carries no signature although a key was given"
-        return UNSIGNED, "digest OK, no signature: anyone who edits the file can recompute the digest"
-    if not (isinstance(sig, dict) and set(sig) == {"algorithm", "value"}
-            and sig["algorithm"] in ("hmac-sha256", "ed25519") and isinstance(sig["value"], str)):
-        raise LedgerIntegrityError(
-            'tampered: malformed signature (expected {"algorithm": "hmac-sha256" or "ed25519", "value": <hex>})'
-        )
-    algorithm = sig["algorithm"]
-    if key is None:
-        return UNSIGNED, f"digest OK; carries an {algorithm} signature, NOT verified (no key given)"
-    kind = _ed25519_kind(key)
-    if kind == "private":
-        key = key.public_key()
-    expected = "ed25519" if kind else "hmac-sha256"
-    if algorithm != expected:
-        raise LedgerIntegrityError(
-            f"tampered: the file carries an {algorithm} signature but an {expected} key was given"
-        )
-    if kind:
-        from cryptography.exceptions import InvalidSignature
-
-        try:
-            key.verify(bytes.fromhex(sig["value"]), _canonical_bytes(content))
-        except (InvalidSignature, ValueError):
-            raise LedgerIntegrityError(
-                "tampered: the Ed25519 signature does not match (the file was edited, or the key is wrong)"
-            ) from None
-        return SIGNATURE_OK, "ed25519 signature verified with the given public key"
-    if not hmac.compare_digest(hmac_signature(content, key).encode(), sig["value"].encode("utf-8", "surrogatepass")):
-        raise LedgerIntegrityError(
-            "tampered: the HMAC-SHA256 signature does not match (the file was edited, or the key is wrong)"
-        )
-    return SIGNATURE_OK, "hmac-sha256 signature verified with the given key"
-
-
-#: Thresholds of :func:`suspicious_content` (content that lowers epsilon and that an honest
-#: training run does not produce): a noise multiplier above ``max_noise_multiplier`` (DP-SGD uses
-#: 0.3 to 20), a population above ``max_population`` records.
-SUSPICIOUS: dict[str, float] = {"max_noise_multiplier": 1e3, "max_population": 1e10}
-
-
-def suspicious_content(ledger: PrivacyLedger) -> list[str]:
-    """Plain-language warnings about content that lowers epsilon and that honest training does
-    not write: an empty ledger, NoOp, non-private or unsupported events, zero noise, a noise
-    multiplier above ``SUSPICIOUS['max_noise_multiplier']``, a Poisson rate whose expected batch is
-    below one record, a population above ``SUSPICIOUS['max_population']``.
-
-    A warning is not proof of tampering (a signed ledger may legitimately contain any of
-    these); for an unsigned ledger, whose content anyone may have rewritten, it is the only
-    check there is.
-    """
-    from .events import LaplaceEvent, NonPrivateEvent, UnsupportedEvent, equivalent_gaussian_noise_multiplier
-
-    out: list[str] = []
-    runs = ledger._runs
-    if not runs:
-        out.append("the ledger records no steps at all (epsilon 0): deleting runs leaves exactly this")
-    max_sigma = SUSPICIOUS["max_noise_multiplier"]
-    max_pop = SUSPICIOUS["max_population"]
-    counts: dict[str, int] = {}
-    examples: dict[str, str] = {}
-
-    def note(msg: str, count: int, example: str = "") -> None:
-        counts[msg] = counts.get(msg, 0) + count
-        if example:
-            examples.setdefault(msg, example)
-
-    for r in runs:
-        stack = [r.event]
-        while stack:
-            e = stack.pop()
-            if isinstance(e, NoOpEvent):
-                note("NoOp events (steps that claim to release nothing)", r.count)
-            elif isinstance(e, (NonPrivateEvent, UnsupportedEvent)):
-                note(f"{e.kind} events (no finite epsilon)", r.count)
-            elif isinstance(e, (GaussianEvent, LaplaceEvent)):
-                if e.noise_multiplier == 0:
-                    note(f"{e.kind} events with zero noise", r.count)
-                elif e.noise_multiplier > max_sigma:
-                    note(f"{e.kind} noise multiplier above {max_sigma:g}", r.count, f"{e.noise_multiplier:.3g}")
-            inner = getattr(e, "event", None)
-            if isinstance(inner, DpEvent):
-                stack.append(inner)
-            stack.extend(getattr(e, "events", ()) or ())
-        z = equivalent_gaussian_noise_multiplier(r.event)
-        if z is not None and math.isinf(z) and not isinstance(r.event, NoOpEvent):
-            note("events equivalent to releasing nothing", r.count)
-        if r.sampling == "poisson" and r.selection_probability * r.population_size < 1:
-            note(
-                "Poisson rates whose expected batch q*N is below one record",
-                r.count,
-                f"q={r.selection_probability:.3g}, N={r.population_size}",
-            )
-        if r.population_size > max_pop:
-            note(f"population sizes above {max_pop:g} records", r.count, str(r.population_size))
-    for msg, n in counts.items():
-        ex = f" (e.g. {examples[msg]})" if msg in examples else ""
-        out.append(f"{msg}{ex}: {n} step(s)")
-    return out
-
-
-def _event_str(ev: DpEvent) -> str:
-    if isinstance(ev, GaussianEvent):
-        return f"gaussian(sigma={ev.noise_multiplier:.6g})"
-    if isinstance(ev, ComposedEvent):
-        return "composed(" + ", ".join(_event_str(e) for e in ev.events) + ")"
-    if isinstance(ev, SelfComposedEvent):
-        return f"{_event_str(ev.event)}^{ev.count}"
-    return ev.kind
