@@ -46,11 +46,13 @@ class Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, y, call):
+        """The tapped output (see the class docstring)."""
         ctx.pp_call = call
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
+        """Record the output gradient on the call, pass it through."""
         call = ctx.pp_call
         call.grad = grad if call.grad is None else call.grad + grad
         return None, grad, None
@@ -61,6 +63,7 @@ class CopyTap(Tap):
 
     @staticmethod
     def forward(ctx, anchor, y, call):
+        """The tapped output (see the class docstring)."""
         ctx.pp_call = call
         return y.clone()
 
@@ -97,12 +100,14 @@ class ExpandTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, y, call, batch, lead1, copy):
+        """The tapped output (see the class docstring)."""
         ctx.pp_call, ctx.lead1 = call, lead1
         out = expand_batch(y, batch, lead1)
         return out.contiguous() if copy else out
 
     @staticmethod
     def backward(ctx, grad):
+        """Record the output gradient on the call, pass it through."""
         call = ctx.pp_call
         call.grad = grad if call.grad is None else call.grad + grad
         return None, grad.sum(0, keepdim=ctx.lead1), None, None, None, None
