@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import tree
+from . import pytree
 from .events import DpEvent
 
 __all__ = ["DPQuery", "SumAggregationDPQuery", "check_clip", "check_stddev", "clip_coefficients"]
@@ -87,12 +87,12 @@ class DPQuery(abc.ABC):
 
         The default loops over rows; subclasses override it with a vectorised version.
         """
-        leaves, spec = tree.flatten(batch)
+        leaves, spec = pytree.flatten(batch)
         n = leaves[0].shape[0] if leaves else 0
-        rows = [self.preprocess_record(params, tree.unflatten([l[i] for l in leaves], spec)) for i in range(n)]
+        rows = [self.preprocess_record(params, pytree.unflatten([l[i] for l in leaves], spec)) for i in range(n)]
         if not rows:
             return batch
-        return tree.tree_map(lambda *xs: torch.stack(xs), *rows)
+        return pytree.tree_map(lambda *xs: torch.stack(xs), *rows)
 
     @abc.abstractmethod
     def accumulate_preprocessed_record(self, sample_state: Any, preprocessed_record: Any) -> Any:
@@ -100,11 +100,11 @@ class DPQuery(abc.ABC):
 
     def accumulate_preprocessed_records(self, sample_state: Any, preprocessed_batch: Any) -> Any:
         """Add a batch of preprocessed records.  Default: fold the single-record method."""
-        leaves, spec = tree.flatten(preprocessed_batch)
+        leaves, spec = pytree.flatten(preprocessed_batch)
         n = leaves[0].shape[0] if leaves else 0
         for i in range(n):
             sample_state = self.accumulate_preprocessed_record(
-                sample_state, tree.unflatten([l[i] for l in leaves], spec)
+                sample_state, pytree.unflatten([l[i] for l in leaves], spec)
             )
         return sample_state
 
@@ -148,17 +148,17 @@ class SumAggregationDPQuery(DPQuery):
     """Base for queries whose accumulator is the plain sum of preprocessed records."""
 
     def initial_sample_state(self, template: Any) -> Any:
-        tree.flatten(template)  # validates leaves are tensors
-        return tree.zeros_like(template)
+        pytree.flatten(template)  # validates leaves are tensors
+        return pytree.zeros_like(template)
 
     def accumulate_preprocessed_record(self, sample_state: Any, preprocessed_record: Any) -> Any:
-        tree.check_same_structure(sample_state, preprocessed_record)
-        return tree.tree_map(torch.add, sample_state, preprocessed_record)
+        pytree.check_same_structure(sample_state, preprocessed_record)
+        return pytree.tree_map(torch.add, sample_state, preprocessed_record)
 
     def accumulate_preprocessed_records(self, sample_state: Any, preprocessed_batch: Any) -> Any:
-        tree.check_same_structure(sample_state, preprocessed_batch, batched=True)
-        return tree.tree_map(lambda s, b: s + b.sum(dim=0).to(s.dtype), sample_state, preprocessed_batch)
+        pytree.check_same_structure(sample_state, preprocessed_batch, batched=True)
+        return pytree.tree_map(lambda s, b: s + b.sum(dim=0).to(s.dtype), sample_state, preprocessed_batch)
 
     def merge_sample_states(self, sample_state_1: Any, sample_state_2: Any) -> Any:
-        tree.check_same_structure(sample_state_1, sample_state_2)
-        return tree.tree_map(torch.add, sample_state_1, sample_state_2)
+        pytree.check_same_structure(sample_state_1, sample_state_2)
+        return pytree.tree_map(torch.add, sample_state_1, sample_state_2)

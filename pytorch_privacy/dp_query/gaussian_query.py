@@ -7,7 +7,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
-from . import tree
+from . import pytree
 from .dp_query import SumAggregationDPQuery, check_stddev, clip_coefficients
 from .events import DpEvent, GaussianEvent, NoOpEvent
 from .randomness import RandomSource, as_random_source
@@ -31,15 +31,15 @@ def clip_record(record: Any, l2_norm_clip) -> Any:
     then :func:`~.tree.scale_rows`), so a record is clipped identically either way.  A record with a NaN or infinite entry raises ``ValueError``.  ``l2_norm_clip`` 0 gives
     zeros.
     """
-    leaves, spec = tree.flatten(record)
+    leaves, spec = pytree.flatten(record)
     if not leaves:
         return record
-    norms = tree.global_norms([l.unsqueeze(0) for l in leaves])
-    tree.check_finite_norms(norms, single=True)
+    norms = pytree.global_norms([l.unsqueeze(0) for l in leaves])
+    pytree.check_finite_norms(norms, single=True)
     if bool(norms[0] <= l2_norm_clip):
         return record
     coef = clip_coefficients(norms, l2_norm_clip)[0]
-    return tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
+    return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
 
 
 def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None) -> Any:
@@ -54,12 +54,12 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     host sync).
     """
     if isinstance(stddev, (int, float)) and stddev == 0:
-        return tree.tree_map(lambda leaf: leaf, record)
+        return pytree.tree_map(lambda leaf: leaf, record)
     src = as_random_source(generator)
     if isinstance(record, dict) and record and all(isinstance(v, torch.Tensor) for v in record.values()):
         keys, leaves, spec = list(record), list(record.values()), None
     else:
-        leaves, spec = tree.flatten(record)
+        leaves, spec = pytree.flatten(record)
     zs = [src.normal(leaf.shape, device=leaf.device, dtype=leaf.dtype) for leaf in leaves]
     if isinstance(stddev, (int, float)):
         torch._foreach_mul_(zs, stddev)
@@ -71,7 +71,7 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     out = [s if s.dtype == d else s.to(d) for s, d in zip(summed, out_dtypes)]
     if spec is None:
         return dict(zip(keys, out))
-    return tree.unflatten(out, spec)
+    return pytree.unflatten(out, spec)
 
 
 class GaussianSumQuery(SumAggregationDPQuery):
@@ -124,21 +124,21 @@ class GaussianSumQuery(SumAggregationDPQuery):
         return clip_record(record, params)
 
     def preprocess_records(self, params, batch):
-        leaves, spec = tree.flatten(batch)
+        leaves, spec = pytree.flatten(batch)
         if not leaves or leaves[0].shape[0] == 0:
             return batch
-        norms = tree.global_norms(batch)
-        tree.check_finite_norms(norms)
+        norms = pytree.global_norms(batch)
+        pytree.check_finite_norms(norms)
         coef = clip_coefficients(norms, params)
-        return tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
+        return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
 
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
         return self.accumulate_preprocessed_record(sample_state, weighted_sum(clip_coefficients(norms, params)))
 
     def accumulate_preprocessed_record(self, sample_state, preprocessed_record):
-        if tree._flat_dict(sample_state) and tree._flat_dict(preprocessed_record):
+        if pytree.is_flat_dict(sample_state) and pytree.is_flat_dict(preprocessed_record):
             # hot path: one foreach add (same values as the leaf-wise torch.add)
-            tree.check_same_structure(sample_state, preprocessed_record)
+            pytree.check_same_structure(sample_state, preprocessed_record)
             return dict(zip(sample_state, torch._foreach_add(list(sample_state.values()), list(preprocessed_record.values()))))
         return super().accumulate_preprocessed_record(sample_state, preprocessed_record)
 

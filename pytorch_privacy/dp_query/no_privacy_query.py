@@ -12,7 +12,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
-from . import tree
+from . import pytree
 from .dp_query import DPQuery, SumAggregationDPQuery
 from .events import DpEvent, NonPrivateEvent
 
@@ -20,14 +20,14 @@ __all__ = ["NoPrivacySumQuery", "NoPrivacyAverageQuery", "AverageSampleState"]
 
 
 def _finite_record(record):
-    tree.check_finite_norms(tree.record_norm(record).reshape(1), single=True)
+    pytree.check_finite_norms(pytree.record_norm(record).reshape(1), single=True)
     return record
 
 
 def _finite_batch(batch):
-    leaves, _ = tree.flatten(batch)
+    leaves, _ = pytree.flatten(batch)
     if leaves and leaves[0].dim() > 0 and leaves[0].shape[0] > 0:
-        tree.check_finite_norms(tree.global_norms(batch))
+        pytree.check_finite_norms(pytree.global_norms(batch))
     return batch
 
 
@@ -92,13 +92,13 @@ class NoPrivacyAverageQuery(DPQuery):
         return self.accumulate_preprocessed_record(sample_state, self.preprocess_record(params, record), weight)
 
     def initial_sample_state(self, template) -> AverageSampleState:
-        leaves, _ = tree.flatten(template)
+        leaves, _ = pytree.flatten(template)
         if not leaves:
             raise ValueError("template has no tensors")
-        return AverageSampleState(tree.zeros_like(template), _weight_tensor(leaves[0]))
+        return AverageSampleState(pytree.zeros_like(template), _weight_tensor(leaves[0]))
 
     def accumulate_preprocessed_record(self, sample_state: AverageSampleState, preprocessed_record, weight=1.0):
-        tree.check_same_structure(sample_state.sum, preprocessed_record)
+        pytree.check_same_structure(sample_state.sum, preprocessed_record)
         if isinstance(weight, bool) or not isinstance(weight, (int, float, torch.Tensor)):
             raise TypeError(f"weight must be a number or a 0-dim tensor, got {type(weight).__name__}")
         w = torch.as_tensor(weight, dtype=torch.float64)
@@ -106,7 +106,7 @@ class NoPrivacyAverageQuery(DPQuery):
             raise ValueError(f"weight must be a scalar, got shape {tuple(w.shape)}")
         if w.device.type == "cpu" and not bool(torch.isfinite(w)):
             raise ValueError(f"weight must be finite, got {weight!r}")
-        new_sum = tree.tree_map(
+        new_sum = pytree.tree_map(
             lambda s, r: s + (r * w.to(device=r.device, dtype=r.dtype)).to(s.dtype), sample_state.sum, preprocessed_record
         )
         return AverageSampleState(new_sum, sample_state.weight + w.to(sample_state.weight.device))
@@ -116,11 +116,11 @@ class NoPrivacyAverageQuery(DPQuery):
         return self.accumulate_preprocessed_record(sample_state, self.preprocess_record(params, record), weight)
 
     def accumulate_preprocessed_records(self, sample_state: AverageSampleState, preprocessed_batch, weights=None):
-        tree.check_same_structure(sample_state.sum, preprocessed_batch, batched=True)
-        leaves, _ = tree.flatten(preprocessed_batch)
+        pytree.check_same_structure(sample_state.sum, preprocessed_batch, batched=True)
+        leaves, _ = pytree.flatten(preprocessed_batch)
         n = leaves[0].shape[0]
         if weights is None:
-            new_sum = tree.tree_map(lambda s, b: s + b.sum(dim=0).to(s.dtype), sample_state.sum, preprocessed_batch)
+            new_sum = pytree.tree_map(lambda s, b: s + b.sum(dim=0).to(s.dtype), sample_state.sum, preprocessed_batch)
             return AverageSampleState(new_sum, sample_state.weight + n)
         w = torch.as_tensor(weights)
         if w.shape != (n,):
@@ -130,7 +130,7 @@ class NoPrivacyAverageQuery(DPQuery):
             wb = w.to(device=b.device, dtype=b.dtype).reshape((-1,) + (1,) * (b.dim() - 1))
             return s + (b * wb).sum(dim=0).to(s.dtype)
 
-        new_sum = tree.tree_map(add, sample_state.sum, preprocessed_batch)
+        new_sum = pytree.tree_map(add, sample_state.sum, preprocessed_batch)
         total = w.to(device=sample_state.weight.device, dtype=torch.float64).sum()
         return AverageSampleState(new_sum, sample_state.weight + total)
 
@@ -139,14 +139,14 @@ class NoPrivacyAverageQuery(DPQuery):
 
     def accumulate_records_by_norm(self, params, sample_state: AverageSampleState, norms, weighted_sum: Callable):
         part = weighted_sum(torch.ones_like(norms))
-        tree.check_same_structure(sample_state.sum, part)
-        new_sum = tree.tree_map(lambda s, p: s + p.to(s.dtype), sample_state.sum, part)
+        pytree.check_same_structure(sample_state.sum, part)
+        new_sum = pytree.tree_map(lambda s, p: s + p.to(s.dtype), sample_state.sum, part)
         return AverageSampleState(new_sum, sample_state.weight + norms.shape[0])
 
     def merge_sample_states(self, sample_state_1: AverageSampleState, sample_state_2: AverageSampleState):
-        tree.check_same_structure(sample_state_1.sum, sample_state_2.sum)
+        pytree.check_same_structure(sample_state_1.sum, sample_state_2.sum)
         return AverageSampleState(
-            tree.tree_map(torch.add, sample_state_1.sum, sample_state_2.sum),
+            pytree.tree_map(torch.add, sample_state_1.sum, sample_state_2.sum),
             sample_state_1.weight + sample_state_2.weight.to(sample_state_1.weight.device),
         )
 
@@ -157,4 +157,4 @@ class NoPrivacyAverageQuery(DPQuery):
             d = w.to(device=s.device, dtype=s.dtype if s.is_floating_point() else torch.float64)
             return torch.where(d != 0, s / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(s / 1.0))
 
-        return tree.tree_map(mean, sample_state.sum), global_state, NonPrivateEvent()
+        return pytree.tree_map(mean, sample_state.sum), global_state, NonPrivateEvent()

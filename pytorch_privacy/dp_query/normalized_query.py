@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import torch
 
-from . import tree
+from . import pytree
 from .delegating_query import DelegatingQuery
 from .dp_query import DPQuery
 from .gaussian_query import GaussianSumQuery
@@ -36,12 +36,12 @@ def check_denominator(denominator) -> float:
 def divide(tree_: Any, d: float) -> Any:
     """``t / d`` for every leaf.  A flat dict of CPU tensors of one dtype (the optimizer's
     records) takes one foreach call (the same true division, bit for bit)."""
-    if tree._flat_dict(tree_) and tree_:
+    if pytree.is_flat_dict(tree_) and tree_:
         leaves = list(tree_.values())
         t0 = leaves[0]
         if t0.device.type == "cpu" and all(t.device == t0.device and t.dtype == t0.dtype for t in leaves):
             return dict(zip(tree_, torch._foreach_div(leaves, d)))
-    return tree.tree_map(lambda t: t / d, tree_)
+    return pytree.tree_map(lambda t: t / d, tree_)
 
 
 @attrs.frozen

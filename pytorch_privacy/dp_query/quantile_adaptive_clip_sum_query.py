@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 import attrs
 import torch
 
-from . import tree
+from . import pytree
 from .dp_query import DPQuery, check_stddev, clip_coefficients
 from .events import ComposedEvent, DpEvent, GaussianEvent
 from .gaussian_query import GaussianSumGlobalState, GaussianSumQuery, add_gaussian_noise
@@ -205,7 +205,7 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
 
     # -- accumulation --------------------------------------------------------------------
     def initial_sample_state(self, template) -> AdaptiveClipSampleState:
-        leaves, _ = tree.flatten(template)
+        leaves, _ = pytree.flatten(template)
         if not leaves:
             raise ValueError("template has no tensors")
         return AdaptiveClipSampleState(
@@ -213,23 +213,23 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         )
 
     def preprocess_record(self, params: AdaptiveClipSampleParams, record) -> AdaptiveClipSampleState:
-        leaves, _ = tree.flatten(record)
+        leaves, _ = pytree.flatten(record)
         if not leaves:
             raise ValueError("record has no tensors")
-        norm = tree.record_norm(record)  # NaN/inf records are refused by the clip below
+        norm = pytree.record_norm(record)  # NaN/inf records are refused by the clip below
         return AdaptiveClipSampleState(
             self._sum_query.preprocess_record(params.l2_norm_clip, record),
             self._quantile_query.preprocess_record(params.estimate, norm),
         )
 
     def preprocess_records(self, params: AdaptiveClipSampleParams, batch) -> AdaptiveClipSampleState:
-        leaves, spec = tree.flatten(batch)
+        leaves, spec = pytree.flatten(batch)
         if not leaves:
             raise ValueError("record has no tensors")
-        norms = tree.global_norms(batch)
-        tree.check_finite_norms(norms)
+        norms = pytree.global_norms(batch)
+        pytree.check_finite_norms(norms)
         coef = clip_coefficients(norms, params.l2_norm_clip)
-        clipped = tree.unflatten([tree.scale_rows(l, coef) for l in leaves], spec)
+        clipped = pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
         return AdaptiveClipSampleState(clipped, self._quantile_query.preprocess_records(params.estimate, norms))
 
     def accumulate_preprocessed_record(self, sample_state: AdaptiveClipSampleState, preprocessed_record):

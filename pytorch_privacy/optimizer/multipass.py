@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from ..dp_query import tree
+from ..dp_query import pytree
 from ..dp_query.dp_query import DPQuery
 from .engines.base import MaterializedGradients, PerExampleGradients
 
@@ -355,14 +355,14 @@ class StepAccumulator:
                 mat = _materialize(r, "pass_clipping='per_pass' with several sensitive passes")
                 pre = q.preprocess_records(self.params, mat)
                 try:
-                    tree.check_same_structure(self.template, pre, batched=True)
+                    pytree.check_same_structure(self.template, pre, batched=True)
                 except (ValueError, TypeError) as exc:
                     raise ValueError(
                         f"pass_clipping='per_pass' needs a query whose preprocessed records are clipped "
                         f"gradients (a Gaussian sum/average query); {type(q).__name__} preprocesses records "
                         f"into another structure ({exc}). Use pass_clipping='joint'"
                     ) from None
-                pre = tree.tree_map(lambda t: t / k, pre)
+                pre = pytree.tree_map(lambda t: t / k, pre)
                 chunk_state = q.accumulate_preprocessed_records(chunk_state, pre)
                 self._note(r)
         self.num_records += max(sizes) if aligned else sum(sizes)
@@ -395,7 +395,7 @@ class StepAccumulator:
         result, new_global_state, event = self.query.get_noised_result(self.sample_state, global_state)
         k = self.noise_scale
         if k != 1:
-            result = tree.tree_map(lambda t: t * k, result)
+            result = pytree.tree_map(lambda t: t * k, result)
         return result, new_global_state, event
 
 

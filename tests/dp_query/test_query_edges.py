@@ -172,26 +172,26 @@ def test_clip_record_refuses_nan():
 
 
 def test_norms_of_integer_and_ordinary_records():
-    from pytorch_privacy.dp_query import tree
+    from pytorch_privacy.dp_query import pytree
 
-    assert tree.global_norms(torch.tensor([[3, 4], [0, 1]])).tolist() == [5.0, 1.0]
+    assert pytree.global_norms(torch.tensor([[3, 4], [0, 1]])).tolist() == [5.0, 1.0]
     # rows far from overflow are measured unscaled: the same value as a plain float64 norm
     x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 1e6
-    torch.testing.assert_close(tree.global_norms(x), x.double().norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(pytree.global_norms(x), x.double().norm(dim=1), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_accelerator_norm_route_matches_the_cpu_route(dtype):
     # accelerators always take the scaled route (no host sync); on CPU it only measures rows that
     # overflowed.  Both must agree: exactly for ordinary rows, to rounding for overflowing ones.
-    from pytorch_privacy.dp_query import tree
+    from pytorch_privacy.dp_query import pytree
 
     big = {torch.float32: 1e30, torch.float64: 1e200, torch.float16: 3e4, torch.bfloat16: 1e30}[dtype]
     g = torch.Generator().manual_seed(1)
     batch = {"w": torch.randn(5, 7, 3, generator=g).to(dtype), "b": torch.randn(5, 4, generator=g).to(dtype)}
     batch["w"][2] = big
-    cpu = tree.global_norms(batch)
-    acc = tree._scaled_norms([batch["w"], batch["b"]])
+    cpu = pytree.global_norms(batch)
+    acc = pytree.scaled_norms([batch["w"], batch["b"]])
     rows = [0, 1, 3, 4]
     assert torch.equal(cpu[rows], acc[rows])
     torch.testing.assert_close(cpu[2], acc[2], rtol=1e-6, atol=0)
