@@ -3,13 +3,17 @@
 ``pytorch-privacy demo`` trains a small CNN with :class:`DPGaussianOptimizer` on Poisson-sampled
 batches, records every step in a :class:`PrivacyLedger`, saves the ledger after every epoch
 (atomically, so an interrupted run loses nothing already accounted), and prints accuracy and the
-running (epsilon, delta) bound.  Without scikit-learn it falls back to a synthetic
+running (epsilon, delta) bound, with a ``tqdm`` progress bar over each epoch's steps when tqdm is
+installed.  The ledger file is made readable by others (mode 0644 unless told otherwise:
+:meth:`PrivacyLedger.save` writes through a private temporary file), and ``plot_path`` draws epsilon
+against steps (RDP and PLD; needs matplotlib).  Without scikit-learn it falls back to a synthetic
 digits-shaped dataset (and says so).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -67,6 +71,29 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+def _progress_factory(enabled: bool):
+    """``tqdm`` (one bar per epoch, removed when the epoch ends) or a pass-through."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return lambda it, **kw: tqdm(it, leave=False, unit="step", **kw)
+        except ImportError:
+            pass
+    return lambda it, **kw: it
+
+
+def _save_ledger(ledger, path: str, mode: int | None) -> None:
+    """Save atomically, then set the file's permissions; errors name the user's path (not the
+    temporary file the atomic write goes through)."""
+    try:
+        ledger.save(path)
+        if mode is not None:
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise ValueError(f"cannot save the ledger to {path}: {exc.strerror or exc}") from None
+
+
 def run_demo(
     *,
     epochs: int = 15,
@@ -79,9 +106,17 @@ def run_demo(
     device: str = "cpu",
     engine: str = "auto",
     ledger_path: str | None = "demo_ledger.json",
+    ledger_mode: int | None = 0o644,
+    plot_path: str | None = None,
+    progress: bool = True,
     log=print,
 ) -> dict:
-    """Train privately and return ``{"test_accuracy", "epsilon", "steps", "seconds", ...}``."""
+    """Train privately and return ``{"test_accuracy", "epsilon", "steps", "seconds", ...}``.
+
+    ``ledger_path`` is (over)written after every epoch and then given the permissions
+    ``ledger_mode`` (``None``: leave them as :meth:`PrivacyLedger.save` made them, i.e. 0600);
+    the command line refuses an existing file unless ``--overwrite``.  ``plot_path``: a PNG of
+    epsilon against steps.  ``progress``: a tqdm bar per epoch (when tqdm is installed)."""
     from .analysis import RdpAccountant
     from .dp_query import PrivacyLedger
     from .optimizer import DPDataLoader, DPGaussianOptimizer
@@ -119,15 +154,16 @@ def run_demo(
     steps_per_epoch = len(loader)
     t0 = time.perf_counter()
     eps = 0.0
+    bar = _progress_factory(progress)
     for epoch in range(1, epochs + 1):
         losses = []
-        for (idx,) in loader:
+        for (idx,) in bar(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}"):
             idx = idx.to(device)
             losses.append(opt.fit_batch(x_tr[idx], y_tr[idx]))
         accountant = RdpAccountant().compose_ledger(ledger)
         eps = accountant.get_epsilon(delta)
         if ledger_path:
-            ledger.save(ledger_path)
+            _save_ledger(ledger, ledger_path, ledger_mode)
         mean_loss = torch.stack(losses).mean().item() if losses else math.nan
         log(
             f"epoch {epoch:3d}/{epochs}  steps {len(ledger):5d}  loss {mean_loss:.3f}  "
@@ -146,4 +182,9 @@ def run_demo(
     )
     if ledger_path:
         log(f"ledger saved to {ledger_path}; audit it with: pytorch-privacy audit {ledger_path} --delta {delta:g}")
+    if plot_path:
+        from .cli import epsilon_curve, plot_epsilon_curve
+
+        plot_epsilon_curve(epsilon_curve(ledger, delta), plot_path, title="pytorch-privacy demo (digits)")
+        log(f"plot: epsilon against steps written to {plot_path}")
     return {"test_accuracy": acc, "epsilon": eps, "epsilon_pld": eps_pld, "delta": delta, "steps": len(ledger), "seconds": seconds}

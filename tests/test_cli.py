@@ -327,3 +327,297 @@ def test_audit_ed25519_public_key_file(tmp_path, capsys):
     _edit(path, EPS_LOWERING_EDITS["huge sigma"], redigest=True)  # drops the signature
     assert main(["audit", str(path), "--no-pld", "--public-key-file", str(pem)]) == 3
     assert _verdicts(capsys.readouterr().out) == ["unsigned"]
+
+
+# -- CLI polish (issue 15 item 4) ----------------------------------------------------------
+
+
+def _empty_ledger(tmp_path):
+    path = tmp_path / "empty.json"
+    PrivacyLedger(1000, 0.01).save(path)
+    return path
+
+
+def test_version_flag(capsys):
+    import pytorch_privacy
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pytorch-privacy {pytorch_privacy.__version__}"
+
+
+def _subparsers():
+    import argparse
+
+    from pytorch_privacy.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return p, sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    parser, subs = _subparsers()
+    for name, sp in subs.items():
+        for action in sp._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for action in sp._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                shown = action.default if isinstance(action.default, str) else f"{action.default}"
+                assert f"(default: {shown})" in text, (name, action.dest, text)
+
+
+def test_engine_choices_are_the_registered_engines_and_checked_before_data_loads(capsys, monkeypatch, tmp_path):
+    from pytorch_privacy.cli import ENGINE_CHOICES
+    from pytorch_privacy.optimizer.engines import available_engines
+
+    assert set(ENGINE_CHOICES) == {"auto", *available_engines()} and "loop" in ENGINE_CHOICES
+    import pytorch_privacy.demo as demo
+
+    monkeypatch.setattr(demo, "load_digits_tensors", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--engine", "nope", "--ledger", str(tmp_path / "l.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "'loop'" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["privacy", "--N", "abc", "--batch-size", "1", "--noise-multiplier", "1", "--epochs", "1"],
+    ["privacy", "--N", "10", "--batch-size", "1", "--noise-multiplier", "x", "--epochs", "1"],
+    ["noise", "--N", "10", "--batch-size", "1", "--epsilon", "1", "--epochs", "1", "--delta", "tiny"],
+    ["audit", "x.json", "--time-limit", "soon"],
+    ["demo", "--ledger-mode", "rw"],
+])
+def test_helper_names_never_leak_into_messages(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err
+    assert not re.search(r"invalid _|_positive|_delta|_file_mode|_nonnegative", err), err
+
+
+def test_privacy_errors_use_this_programs_usage_line(capsys):
+    # a plan the library refuses (batch larger than N) and a parse error: both as pytorch-privacy
+    assert main(["privacy", "--N", "10", "--batch-size", "100", "--noise-multiplier", "1", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pytorch-privacy privacy: error:") and "compute_dp_sgd_privacy" not in err
+    with pytest.raises(SystemExit):
+        main(["privacy", "--N", "0", "--batch-size", "1", "--noise-multiplier", "1", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert "usage: pytorch-privacy privacy" in err and "compute_dp_sgd_privacy" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "binary", "foreign json", "not json"])
+def test_audit_non_ledger_files_get_one_wording(tmp_path, capsys, kind):
+    path = tmp_path / "thing.json"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "foreign json":
+        path.write_text('{"hello": 1}')
+    elif kind == "not json":
+        path.write_text("steps: 94\n")
+    assert main(["audit", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert f"{path} is not a ledger file" in captured.err
+    assert "Traceback" not in captured.err and "integrity:" not in captured.out
+
+
+def test_audit_grammar_and_aligned_columns(tmp_path, capsys):
+    one = PrivacyLedger(60000, 0.01)
+    one.record_sample(GaussianEvent(1.1), 1)
+    p1 = tmp_path / "one.json"
+    one.save(p1)
+    assert main(["audit", str(p1)]) == 0
+    out = capsys.readouterr().out
+    assert "PrivacyLedger: 1 step in 1 run, 1 distinct setting" in out
+    many = PrivacyLedger(60000, 0.01)
+    many.record_sample(GaussianEvent(1.1), 90)
+    many.record_sample(GaussianEvent(2.0), 4)
+    p2 = tmp_path / "many.json"
+    many.save(p2)
+    assert main(["audit", str(p2)]) == 0
+    out = capsys.readouterr().out
+    assert "PrivacyLedger: 94 steps in 2 runs, 2 distinct settings" in out
+    cols = [line.index("epsilon =") for line in out.splitlines() if "epsilon =" in line]
+    assert len(cols) == 3 and len(set(cols)) == 1, out
+
+
+def test_audit_empty_ledger_is_zero_from_every_accountant_and_still_flagged(tmp_path, capsys):
+    assert main(["audit", str(_empty_ledger(tmp_path))]) == 3  # flagged as suspicious (runs deleted?)
+    out = capsys.readouterr().out
+    assert "WARNING: suspicious content" in out
+    assert _floats_after("RDP", out) == 0.0
+    assert _floats_after("moments", out) == 0.0
+    assert _floats_after("PLD", out) == 0.0
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_privacy_offers_pld_and_names_the_accountant(capsys, accountant):
+    plan = ["--N", "60000", "--batch-size", "256", "--noise-multiplier", "1.1", "--epochs", "60"]
+    assert main(["privacy", *plan, "--accountant", accountant]) == 0
+    out = capsys.readouterr().out
+    assert f"accountant: {accountant.upper()}" in out
+    eps = float(re.search(r"eps = ([0-9.]+)", out).group(1))
+    if accountant == "rdp":
+        assert abs(eps - 2.6) < 0.05
+    else:
+        # PLD is tighter than RDP for this plan (dp-accounting's PLD gives about 2.38)
+        assert 2.2 < eps < 2.55
+
+
+def test_noise_with_pld_names_it_and_its_answer_meets_the_target_tightly(capsys):
+    plan = ["--N", "60000", "--batch-size", "256", "--epochs", "30", "--delta", "1e-5"]
+    assert main(["noise", *plan, "--epsilon", "3", "--accountant", "pld"]) == 0
+    out = capsys.readouterr().out
+    assert "accountant: PLD" in out
+    sigma = float(re.search(r"noise multiplier ([0-9.]+)", out).group(1))
+    assert main(["noise", *plan, "--epsilon", "3"]) == 0
+    out_rdp = capsys.readouterr().out
+    assert "accountant: RDP" in out_rdp
+    assert sigma < float(re.search(r"noise multiplier ([0-9.]+)", out_rdp).group(1))  # PLD is tighter
+
+    def eps_at(s):
+        assert main(["privacy", *plan, "--noise-multiplier", repr(s), "--accountant", "pld"]) == 0
+        return float(re.search(r"eps = ([0-9.]+)", capsys.readouterr().out).group(1))
+
+    assert eps_at(sigma) <= 3.0 + 5e-4  # printed to 4 significant digits
+    assert eps_at(0.98 * sigma) > 3.0
+
+
+def _no_training(monkeypatch):
+    import pytorch_privacy.demo as demo
+
+    monkeypatch.setattr(demo, "load_digits_tensors", lambda *a, **k: pytest.fail("data loaded"))
+
+
+def test_demo_ledger_path_mistakes_are_messages_not_tracebacks(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    missing_parent = tmp_path / "no" / "such" / "ledger.json"
+    assert main(["demo", "--ledger", str(missing_parent)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing_parent) in err and "does not exist" in err and ".ledger-" not in err
+    assert main(["demo", "--ledger", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ledger {tmp_path} is a directory" in err and "Traceback" not in err
+
+
+def test_demo_refuses_to_overwrite_an_existing_ledger(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    path = tmp_path / "ledger.json"
+    path.write_text("precious")
+    assert main(["demo", "--ledger", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert path.read_text() == "precious"
+
+
+def test_demo_device_cuda_without_cuda_is_a_message(capsys, monkeypatch, tmp_path):
+    import torch
+
+    _no_training(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda", "--ledger", str(tmp_path / "l.json")]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert main(["demo", "--device", "warp-drive", "--ledger", str(tmp_path / "l.json")]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+
+
+def _tiny_demo(monkeypatch):
+    """The demo on 200 images for one epoch (the real data, fewer of them)."""
+    import pytorch_privacy.demo as demo
+
+    real = demo.load_digits_tensors
+
+    def small(seed=0, test_fraction=0.2):
+        x, y, xt, yt, src = real(seed, test_fraction)
+        return x[:200], y[:200], xt[:100], yt[:100], src
+
+    monkeypatch.setattr(demo, "load_digits_tensors", small)
+
+
+def test_demo_writes_where_asked_readable_by_others_and_overwrites_only_when_told(tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    _tiny_demo(monkeypatch)
+    path = tmp_path / "runs" / "mine.json"
+    path.parent.mkdir()
+    old = os.umask(0o077)  # even under a strict umask the mode is what was asked for
+    try:
+        assert main(["demo", "--epochs", "1", "--batch-size", "20", "--ledger", str(path), "--no-progress"]) == 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert len(PrivacyLedger.load(path)) > 0
+        assert main(["demo", "--epochs", "1", "--batch-size", "20", "--ledger", str(path), "--no-progress"]) == 2
+        assert main(["demo", "--epochs", "1", "--batch-size", "20", "--ledger", str(path), "--no-progress",
+                     "--overwrite", "--ledger-mode", "600"]) == 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert not [p for p in path.parent.iterdir() if p.name != "mine.json"]  # no temporary files left
+
+
+def _png_ok(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert len(data) > 5000, f"suspiciously small PNG ({len(data)} bytes)"
+    import struct
+
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert width >= 300 and height >= 200
+
+
+def test_audit_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # in the [test] and [plot] extras
+    path = _honest(tmp_path)
+    png = tmp_path / "eps.png"
+    assert main(["audit", str(path), "--plot", str(png), "--target-epsilon", "2"]) == 0
+    assert f"written to {png}" in capsys.readouterr().out
+    _png_ok(png)
+
+
+def test_epsilon_curve_is_monotone_and_ends_at_the_audit_values(tmp_path):
+    from pytorch_privacy.analysis import RdpAccountant, compute_pld_from_ledger
+    from pytorch_privacy.cli import epsilon_curve
+
+    ledger = PrivacyLedger(60000, 256 / 60000)
+    ledger.record_sample(GaussianEvent(1.1), 700)
+    ledger.record_sample(GaussianEvent(0.8), 300)
+    c = epsilon_curve(ledger, 1e-5, points=20, pld_points=5)
+    assert c["steps"][0] == 0 and c["steps"][-1] == 1000 and len(c["steps"]) == 20
+    assert c["rdp"][0] == 0.0 and all(a < b for a, b in zip(c["rdp"], c["rdp"][1:]))
+    assert c["rdp"][-1] == pytest.approx(RdpAccountant().compose_ledger(ledger).get_epsilon(1e-5), rel=1e-6)
+    assert c["pld_steps"][-1] == 1000 and 2 <= len(c["pld_steps"]) <= 6
+    assert c["pld"][-1] == pytest.approx(compute_pld_from_ledger(ledger).get_epsilon(1e-5), rel=1e-6)
+    # the cut falls inside the second run: 500 steps at sigma 1.1 only
+    half = PrivacyLedger(60000, 256 / 60000)
+    half.record_sample(GaussianEvent(1.1), 500)
+    c2 = epsilon_curve(ledger, 1e-5, points=3, pld=False)
+    assert c2["steps"] == [0, 500, 1000]
+    assert c2["rdp"][1] == pytest.approx(RdpAccountant().compose_ledger(half).get_epsilon(1e-5), rel=1e-6)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert main(["audit", str(_honest(tmp_path)), "--plot", str(tmp_path / "e.png")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pytorch_privacy[plot]" in err
+    assert not (tmp_path / "e.png").exists()
