@@ -5,7 +5,7 @@
 * :class:`PoissonSampler`, :class:`DPDataLoader`, :func:`split_into_physical_batches`
   (:mod:`.samplers`): Poisson sampling and physical-batch splitting.
 * :class:`PrivacyBudget`, :class:`PrivacyBudgetExceeded` (:mod:`.budget`): budget enforcement.
-* :class:`StepAccumulator`, ``JOINT`` / ``PER_PASS`` (:mod:`.multipass`): multi-pass steps.
+* :class:`StepAccumulator`, ``JOINT`` / ``PER_PASS`` (:mod:`.step_accumulator`): the step accumulator (multi-pass steps, physical chunks).
 * per-example gradient engines (:mod:`.engines`) and model validation (:mod:`.validation`).
 
 Names load lazily (PEP 562), so importing a submodule does not import the others.
@@ -23,9 +23,9 @@ _LAZY = {
     "split_into_physical_batches": ".samplers",
     "PrivacyBudget": ".budget",
     "PrivacyBudgetExceeded": ".budget",
-    "StepAccumulator": ".multipass",
-    "JOINT": ".multipass",
-    "PER_PASS": ".multipass",
+    "StepAccumulator": ".step_accumulator",
+    "JOINT": ".step_accumulator",
+    "PER_PASS": ".step_accumulator",
     "GradientEngine": ".engines",
     "PerExampleGradients": ".engines",
     "MaterializedGradients": ".engines",

@@ -36,10 +36,18 @@ from . import checkpoint, validation
 from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
 from .consistency import SamplingMonitor, ledger_for_loader
-from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, call_model, select_engine
+from .engines.base import (
+    GradientEngine,
+    MaterializedGradients,
+    PerExampleGradients,
+    batch_size_of,
+    call_model,
+    empty_gradients,
+    select_engine,
+)
 from .layer_swap import swap_layers_for_optimizer
-from .multipass import JOINT, PASS_CLIPPING_MODES, EmptyGradients, StepAccumulator, combine_gradients
-from .samplers import batch_size_of, split_into_physical_batches
+from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
+from .samplers import split_into_physical_batches
 
 __all__ = ["DPOptimizer", "DPGaussianOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
 
@@ -99,7 +107,7 @@ class DPOptimizer(torch.optim.Optimizer):
             :class:`~pytorch_privacy.dp_query.QueryWithLedger` (don't pass one if ``query``
             already has a ledger).
         pass_clipping: ``"joint"`` (mode A) or ``"per_pass"`` (mode B) for steps with several
-            sensitive passes (:mod:`pytorch_privacy.optimizer.multipass`).
+            sensitive passes (:mod:`pytorch_privacy.optimizer.step_accumulator`).
         target_epsilon, target_delta, accountant: budget enforcement
             (:mod:`pytorch_privacy.optimizer.budget`): a step that would bring the ledger's
             epsilon (at ``target_delta``) above ``target_epsilon`` raises
@@ -468,7 +476,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if microbatch_size is None:
             microbatch_size = self._microbatch_size_for(n)
         if n == 0:
-            return EmptyGradients(self._trainable())
+            return empty_gradients(self._trainable())
         validation.check_inputs_match(self._step_params or self._trainable(), inputs, targets)
         pe = self._engine(loss_fn or self.loss_fn).compute(inputs, targets, microbatch_size=microbatch_size)
         losses = pe.losses

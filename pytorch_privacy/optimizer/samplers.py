@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from ..dp_query.randomness import RandomSource, as_random_source
+from .engines.base import batch_size_of  # noqa: F401  (re-exported: one definition)
 
 __all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of"]
 
@@ -260,30 +261,6 @@ class DPDataLoader(DataLoader):
             collate_fn=collate,
             **kwargs,
         )
-
-
-def batch_size_of(inputs: Any, targets: Any = None) -> int:
-    """The common leading dimension of every tensor leaf of ``inputs`` (and ``targets``).
-
-    ``ValueError`` naming both sizes when they differ, or when there is no tensor at all.
-    """
-    sizes: list[tuple[str, int]] = []
-    for what, x in (("inputs", inputs), ("targets", targets)):
-        for t in torch.utils._pytree.tree_leaves(x):
-            if isinstance(t, torch.Tensor):
-                if t.dim() == 0:
-                    raise ValueError(f"{what} must carry a leading batch dimension; got a 0-dim tensor")
-                sizes.append((what, int(t.shape[0])))
-    if not sizes or sizes[0][0] != "inputs":
-        raise ValueError("inputs hold no tensor; at least one tensor with a batch dimension is needed")
-    first = sizes[0][1]
-    for what, n in sizes[1:]:
-        if n != first:
-            raise ValueError(
-                f"mismatched batch sizes: inputs have {first} examples but {what} have {n}; every "
-                "tensor of a batch needs the same leading dimension"
-            )
-    return first
 
 
 def split_into_physical_batches(

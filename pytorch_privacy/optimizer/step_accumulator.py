@@ -69,7 +69,7 @@ import torch
 
 from ..dp_query import pytree
 from ..dp_query.dp_query import DPQuery
-from .engines.base import MaterializedGradients, PerExampleGradients
+from .engines.base import MaterializedGradients, PerExampleGradients, empty_gradients
 
 __all__ = ["JOINT", "PER_PASS", "PASS_CLIPPING_MODES", "StepAccumulator", "EmptyGradients", "combine_gradients"]
 
@@ -137,33 +137,10 @@ class _FiniteRecords(PerExampleGradients):
         return self._mat
 
 
-class EmptyGradients(PerExampleGradients):
-    """Per-example gradients of an empty batch (Poisson sampling draws them): zero records.
-
-    ``norms()`` is empty, ``weighted_sum`` returns zeros shaped like each parameter."""
-
-    def __init__(self, params: dict[str, torch.Tensor]):
-        self._params = {n: p.detach() for n, p in params.items()}
-        self.names = tuple(self._params)
-        dev = next(iter(self._params.values())).device if self._params else None
-        self._losses = torch.zeros(0, device=dev)
-
-    @property
-    def losses(self) -> torch.Tensor:
-        return self._losses
-
-    @property
-    def num_records(self) -> int:
-        return 0
-
-    def norms(self) -> torch.Tensor:
-        return self._losses.new_zeros(0, dtype=torch.float32)
-
-    def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros_like(p) for n, p in self._params.items()}
-
-    def materialize(self) -> dict[str, torch.Tensor]:
-        return {n: p.new_zeros((0,) + tuple(p.shape)) for n, p in self._params.items()}
+def EmptyGradients(params: dict[str, torch.Tensor]) -> PerExampleGradients:  # noqa: N802 - old class name
+    """Per-example gradients of an empty batch: :func:`~.engines.base.empty_gradients` (kept under
+    its old name)."""
+    return empty_gradients(params)
 
 
 def _materialize(pe: PerExampleGradients, why: str) -> dict[str, torch.Tensor]:

@@ -47,18 +47,31 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def batch_size_of(inputs: Any) -> int:
-    """The batch size of ``inputs``: the leading dimension of its first tensor leaf.
+def batch_size_of(inputs: Any, targets: Any = None) -> int:
+    """The batch size: the common leading dimension of every tensor leaf of ``inputs`` (and of
+    ``targets`` when given).
 
-    Every tensor leaf of ``inputs`` (a tensor, or a tuple/list/dict nest of tensors) carries
-    the batch dimension first; non-tensor leaves (flags, strings) are passed through unchanged.
+    Every tensor leaf (of a tensor, or a tuple/list/dict nest of tensors) carries the batch
+    dimension first; non-tensor leaves (flags, strings) are passed through unchanged.
+    ``ValueError`` when there is no tensor, a 0-dim tensor, or two sizes differ (naming both).
     """
-    leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
-    if not leaves:
-        raise ValueError("inputs hold no tensor; the engine needs at least one tensor with a batch dimension")
-    if leaves[0].dim() == 0:
-        raise ValueError("inputs must carry a leading batch dimension; got a 0-dim tensor")
-    return int(leaves[0].shape[0])
+    sizes: list[tuple[str, int]] = []
+    for what, x in (("inputs", inputs), ("targets", targets)):
+        for t in torch.utils._pytree.tree_leaves(x):
+            if isinstance(t, torch.Tensor):
+                if t.dim() == 0:
+                    raise ValueError(f"{what} must carry a leading batch dimension; got a 0-dim tensor")
+                sizes.append((what, int(t.shape[0])))
+    if not sizes or sizes[0][0] != "inputs":
+        raise ValueError("inputs hold no tensor; at least one tensor with a batch dimension is needed")
+    first = sizes[0][1]
+    for what, n in sizes[1:]:
+        if n != first:
+            raise ValueError(
+                f"mismatched batch sizes: inputs have {first} examples but {what} have {n}; every "
+                "tensor of a batch needs the same leading dimension"
+            )
+    return first
 
 
 def num_records_for(batch_size: int, microbatch_size: int | None) -> int:
