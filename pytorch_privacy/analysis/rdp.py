@@ -180,16 +180,23 @@ def _log_g(u: np.ndarray, log1pu: np.ndarray, L: np.ndarray, alpha: np.ndarray, 
         for c in reversed(coefs[:-1]):
             s = c + us * s
         log_small = 2.0 * np.where(small, log_abs_u, 0.0) + np.log(s)
-        # (b) direct: expm1(a) - alpha*u, a = alpha*log(1+u) < 600
+        # (b) direct: (1+u)^alpha - 1 - alpha*u where a = alpha*log(1+u) < 600
         a = alpha * log1pu
         mid = ~small & (a < 600.0)
-        log_mid = np.log(np.expm1(np.where(mid, a, 0.0)) - alpha * np.where(mid, u, 0.0))
-        # (c) huge: log g = a + log1p(-(1 + alpha u) e^{-a}); here u > 0 and L > 0
+        # written as (1+u) expm1((alpha-1) log(1+u)) - (alpha-1) u: both terms are O(alpha-1), so
+        # orders near 1 (alpha - 1 = 1e-12) keep their relative precision
+        um = np.where(mid, u, 0.0)
+        l1 = np.where(mid, log1pu, 0.0)
+        log_mid = np.log(np.exp(l1) * np.expm1((alpha - 1.0) * l1) - (alpha - 1.0) * um)
+        # (c) huge: g = (1+u) [expm1(X) + (alpha-1) expm1(-l1)] with l1 = log(1+u), X = (alpha-1) l1
+        #     (the same regrouping as (b), so orders near 1 do not cancel); here u > 0
         big = ~small & ~mid
-        Lb = np.where(big, L, 1.0)
-        log_u = logq + _log_expm1(Lb)
-        log1p_au = np.logaddexp(0.0, np.log(alpha) + log_u)
-        log_big = a + np.log1p(-np.exp(log1p_au - a))
+        l1 = np.where(big, log1pu, 1.0)
+        X = (alpha - 1.0) * l1
+        Xs = np.minimum(X, 700.0)
+        log_big_mod = l1 + np.log(np.expm1(Xs) + (alpha - 1.0) * np.expm1(-l1))
+        log_big_huge = l1 + X + np.log1p(-np.exp(-np.maximum(X, 700.0)) * (1.0 - (alpha - 1.0) * np.expm1(-l1)))
+        log_big = np.where(X < 700.0, log_big_mod, log_big_huge)
         return np.where(small, log_small, np.where(mid, log_mid, log_big))
 
 
@@ -307,13 +314,25 @@ def _rdp_frac_small_noise(q: float, sigma: float, alphas: np.ndarray) -> np.ndar
     logq, log1mq = math.log(q), math.log1p(-q)
     c = log1mq - logq
     a = alphas
-    # L >= c + 40: head = E + t1 with E = a (a-1) mu^2 / 2 (may overflow to inf)
-    z = (c + _MARGIN) / mu - (a - 0.5) * mu
-    t1 = a * logq + a * math.exp(-_MARGIN) + special.log_ndtr(-z)
-    with np.errstate(over="ignore"):
-        E = a * (a - 1.0) * (0.5 * mu2)
+    am1 = a - 1.0
+    # L >= c + 40: E[g 1_R] <= e^A - e^B + (a q - 1)^+ P(R), with
+    #   A = a log q + a e^-40 + E + log Phi-bar(z_a)   (E = a (a-1) mu^2 / 2, may overflow to inf)
+    #   B = log a + log q + log Phi-bar(z_1)           (the exact E[a u 1_R] part, kept: it cancels
+    #                                                   most of e^A when (a - 1) mu^2 is small)
+    b_edge = c + _MARGIN
+    t1 = a * logq + a * math.exp(-_MARGIN) + special.log_ndtr(-(b_edge / mu - (a - 0.5) * mu))
+    B = np.log(a) + logq + special.log_ndtr(-(b_edge / mu - 0.5 * mu))
+    with np.errstate(over="ignore", invalid="ignore"):
+        E = a * am1 * (0.5 * mu2)
+        # A - B without cancellation: (a-1) log q + a e^-40 - log a + E + (log Phi-bar differences)
+        d = am1 * logq + a * math.exp(-_MARGIN) - np.log1p(am1) + E + (t1 - a * logq - a * math.exp(-_MARGIN)) - (B - np.log(a) - logq)
+    pos = d > 0.0
+    dd = np.where(pos, d, 1.0)
+    head = np.where(pos, B + _log_expm1(dd), -np.inf)  # log(e^A - e^B)
+    with np.errstate(divide="ignore"):
+        head_minus_E = np.where(pos, t1 + np.log1p(-np.exp(-dd)), -np.inf)
     others = []
-    pr_r = special.log_ndtr(-((c + _MARGIN) / mu + 0.5 * mu))
+    pr_r = special.log_ndtr(-(b_edge / mu + 0.5 * mu))
     with np.errstate(divide="ignore"):
         others.append(np.log(np.maximum(a * q - 1.0, 0.0)) + pr_r)
     # c - 40 <= L < c + 40
@@ -322,19 +341,27 @@ def _rdp_frac_small_noise(q: float, sigma: float, alphas: np.ndarray) -> np.ndar
     g_lo = _log_g_scalar(u_lo, a, q)
     pr_m = special.log_ndtr(-((c - _MARGIN) / mu + 0.5 * mu))
     others.append(np.maximum(_log_g_scalar(u_hi, a, q), g_lo) + pr_m)
-    # L < c - 40
-    others.append(np.maximum(_log_g_scalar(-q, a, q), g_lo))
+    # L < c - 40: u in [-q, u_lo]; g(u) <= max(g(-q), g(u_lo)) (convexity), and also
+    # g(u) <= a (a-1)/2 u^2 max_xi (1+xi)^(a-2) (Taylor), with E[u^2 1{L < c-40}] <=
+    # q^2 (e^{mu^2} Phi((c-40)/mu - 3mu/2) + 1)
+    crude = np.maximum(_log_g_scalar(-q, a, q), g_lo)
+    log_m = np.maximum((a - 2.0) * log1mq, (a - 2.0) * math.log1p(max(u_lo, -q)))
+    log_u2 = 2.0 * logq + np.logaddexp(mu2 + special.log_ndtr((c - _MARGIN) / mu - 1.5 * mu), 0.0)
+    taylor = np.log(a) + np.log(am1) - math.log(2.0) + log_m + log_u2
+    others.append(np.minimum(crude, taylor))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        head = E + t1
         rest = special.logsumexp(np.stack(others), axis=0)
-        extra = np.where(np.isinf(head), 0.0, np.log1p(np.exp(np.minimum(rest - head, 700.0))))
-        log_am1 = head + extra
+        finite_head = np.isfinite(head)
+        extra = np.where(
+            finite_head, np.log1p(np.exp(np.minimum(rest - np.where(finite_head, head, 0.0), 700.0))), 0.0
+        )
+        log_am1 = np.where(np.isneginf(head), rest, head + extra)
         # log A = log_am1 + log1p(e^-log_am1); huge values are formed as a mu^2/2 + (...)/(a-1)
         huge = log_am1 > 700.0
         lh = np.where(huge, log_am1, 700.0)
-        rdp_huge = a * (0.5 * mu2) + (t1 + extra + np.log1p(np.exp(-lh))) / (a - 1.0)
+        rdp_huge = a * (0.5 * mu2) + (head_minus_E + extra + np.log1p(np.exp(-lh))) / am1
         lam = np.where(huge, 0.0, log_am1)
-        rdp_mod = np.where(lam < -30.0, np.exp(lam), np.logaddexp(0.0, lam)) / (a - 1.0)
+        rdp_mod = np.where(lam < -30.0, np.exp(lam), np.logaddexp(0.0, lam)) / am1
     return np.where(huge, rdp_huge, rdp_mod)
 
 
@@ -350,7 +377,7 @@ def _rdp_jensen(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         small = E < 700.0
         r_small = np.log1p(q * np.expm1(np.where(small, E, 0.0))) / (a - 1.0)
         Eb = np.where(small, 700.0, E)
-        r_big = a * (0.5 * mu * mu) + (math.log(q) + np.log1p((1.0 - q) / q * np.exp(-Eb))) / (a - 1.0)
+        r_big = a * (0.5 * mu * mu) + (math.log(q) + np.log1p(np.exp(math.log1p(-q) - math.log(q) - Eb))) / (a - 1.0)
     return np.where(small, r_small, r_big)
 
 

@@ -65,7 +65,7 @@ from ..dp_query.events import (
     ShuffledEvent,
     UnsupportedEvent,
 )
-from ..dp_query.events import neighbouring_relation as relation_of
+from ..dp_query.events import relation_of
 from ._checks import check_delta, check_orders
 from .accountant_base import PrivacyAccountant
 from .conversion import get_privacy_spent, refine_epsilon
@@ -97,12 +97,12 @@ def _laplace_rdp(b: float, orders: np.ndarray, relation: str) -> np.ndarray:
         return np.full(orders.shape, np.inf)
     if math.isinf(b):
         return np.zeros(orders.shape)
-    if relation == REPLACE_ONE:
-        b = b / 2.0
+    inv_b = (2.0 if relation == REPLACE_ONE else 1.0) / b  # sensitivity / scale
+    if math.isinf(inv_b):  # b below ~1e-308: beyond the float range, like zero noise
+        return np.full(orders.shape, np.inf)
     fin = np.isfinite(orders)
     a = np.where(fin, orders, 2.0)
     with np.errstate(over="ignore", invalid="ignore"):
-        inv_b = 1.0 / b
         log_val = np.logaddexp(
             np.log(a) - np.log(2.0 * a - 1.0) + (a - 1.0) * inv_b,
             np.log(a - 1.0) - np.log(2.0 * a - 1.0) - a * inv_b,
@@ -334,7 +334,7 @@ def compute_rdp_from_event(event, orders: Sequence[float] | None = None, neighbo
     """RDP at ``orders`` of a (composed) privacy event.
 
     ``neighboring_relation`` defaults to the relation the event's sampling events are stated
-    under (:func:`~pytorch_privacy.dp_query.events.neighbouring_relation`), or add-or-remove-one
+    under (:func:`~pytorch_privacy.dp_query.events.relation_of`), or add-or-remove-one
     when it contains none.  Supported events and conventions: see
     :class:`~pytorch_privacy.analysis.rdp_accountant.RdpAccountant`.  Zero noise or a
     ``NonPrivateEvent`` gives ``inf`` (with a warning); ``NoOpEvent`` gives zeros.

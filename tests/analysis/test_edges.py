@@ -235,3 +235,26 @@ def test_moved_names_still_import_with_deprecation():
     with pytest.warns(DeprecationWarning, match="moved"):
         from pytorch_privacy.analysis.rdp import compute_rdp_from_event
     assert compute_rdp_from_event is rdp_accountant.compute_rdp_from_event
+
+
+def test_orders_near_one_keep_precision():
+    # (1+u)^a - 1 - a u is regrouped so that a - 1 = 1e-12 does not cancel: the grid (sigma >= 0.005)
+    # and the closed form (below) agree, and at tiny q the closed form matches the analytic value
+    # q^a e^{a(a-1)/(2 s^2)} / (a-1) of the dominant term
+    a = np.array([1 + 1e-12, 1 + 1e-9, 1.01])
+    for q in [1e-12, 0.3, 1 - 1e-12]:
+        g = rdp_mod._log_a_minus_1_frac_grid(q, 0.005, a)
+        grid = np.where(g < -30, np.exp(g), np.logaddexp(0, g)) / (a - 1)
+        closed = rdp_mod._rdp_frac_small_noise(q, 0.005, a)
+        assert np.all(closed >= grid * (1 - 1e-9))
+        np.testing.assert_allclose(closed, grid, rtol=1e-7)
+    q, s, al = 1e-300, 0.004, 1.01
+    exact = math.exp(al * math.log(q) + al * (al - 1) / (2 * s * s)) / (al - 1)
+    assert compute_rdp(q, s, 1, [al])[0] == pytest.approx(exact, rel=1e-12)
+
+
+def test_laplace_vanishing_scale_is_inf():
+    acc = RdpAccountant(neighboring_relation="replace_one")
+    with pytest.warns(RuntimeWarning, match="infinite"):
+        acc.compose(LaplaceEvent(5e-324))
+    assert np.all(acc.rdp == INF)
