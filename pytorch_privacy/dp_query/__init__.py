@@ -26,8 +26,11 @@ from .events import (  # noqa: F401
     event_from_dict,
     event_from_json,
     neighbouring_relation,
+    relation_of,
+    NeighboringRelation,
     equivalent_gaussian_noise_multiplier,
 )
+from .ledger_schema import SamplingScheme  # noqa: F401
 from .privacy_ledger import LedgerRun, PrivacyLedger  # noqa: F401
 
 _LAZY = {
@@ -55,7 +58,8 @@ __getattr__, __dir__, __all__ = lazy_attributes(
         "ADD_OR_REMOVE_ONE", "REPLACE_ONE", "ComposedEvent", "DpEvent", "GaussianEvent", "LaplaceEvent",
         "NoOpEvent", "NonPrivateEvent", "PoissonSampledEvent", "SampledWithoutReplacementEvent",
         "SelfComposedEvent", "ShuffledEvent", "UnsupportedEvent", "event_from_dict", "event_from_json",
-        "neighbouring_relation", "equivalent_gaussian_noise_multiplier", "LedgerRun", "PrivacyLedger",
+        "neighbouring_relation", "relation_of", "NeighboringRelation", "SamplingScheme",
+        "equivalent_gaussian_noise_multiplier", "LedgerRun", "PrivacyLedger",
     ],
 )
 

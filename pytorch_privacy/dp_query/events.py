@@ -26,6 +26,7 @@ The analysis refuses to mix relations silently.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from typing import Any, ClassVar
@@ -49,14 +50,27 @@ __all__ = [
     "event_from_dict",
     "event_from_json",
     "MAX_EVENT_DEPTH",
+    "NeighboringRelation",
+    "relation_of",
     "neighbouring_relation",
     "equivalent_gaussian_noise_multiplier",
 ]
 
-#: Neighbouring datasets differ by adding or removing one record.
-ADD_OR_REMOVE_ONE = "add_or_remove_one"
-#: Neighbouring datasets differ by replacing one record (same size).
-REPLACE_ONE = "replace_one"
+class NeighboringRelation(str, enum.Enum):
+    """How neighbouring datasets differ (spelled as dp-accounting spells it).  A ``str`` enum:
+    members compare equal to, and serialise as, their values (``"add_or_remove_one"``)."""
+
+    #: Neighbouring datasets differ by adding or removing one record.
+    ADD_OR_REMOVE_ONE = "add_or_remove_one"
+    #: Neighbouring datasets differ by replacing one record (same size).
+    REPLACE_ONE = "replace_one"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ADD_OR_REMOVE_ONE = NeighboringRelation.ADD_OR_REMOVE_ONE
+REPLACE_ONE = NeighboringRelation.REPLACE_ONE
 
 _REGISTRY: dict[str, type["DpEvent"]] = {}
 
@@ -174,7 +188,7 @@ class PoissonSampledEvent(DpEvent):
     """
 
     kind: ClassVar[str] = "poisson_sampled"
-    neighbouring_relation: ClassVar[str] = ADD_OR_REMOVE_ONE
+    neighboring_relation: ClassVar[str] = ADD_OR_REMOVE_ONE
     sampling_probability: float = attrs.field(converter=_to_float, validator=_check_prob)
     event: DpEvent = attrs.field(validator=_check_event)
 
@@ -195,7 +209,7 @@ class SampledWithoutReplacementEvent(DpEvent):
     ``source_dataset_size`` records.  Neighbouring relation: replace-one."""
 
     kind: ClassVar[str] = "sampled_without_replacement"
-    neighbouring_relation: ClassVar[str] = REPLACE_ONE
+    neighboring_relation: ClassVar[str] = REPLACE_ONE
     source_dataset_size: int = attrs.field(validator=_check_pos_int)
     sample_size: int = attrs.field(validator=_check_pos_int)
     event: DpEvent = attrs.field(validator=_check_event)
@@ -218,7 +232,7 @@ class ShuffledEvent(DpEvent):
     """
 
     kind: ClassVar[str] = "shuffled"
-    neighbouring_relation: ClassVar[str] = REPLACE_ONE
+    neighboring_relation: ClassVar[str] = REPLACE_ONE
     steps_per_epoch: int = attrs.field(validator=_check_strictly_pos_int)
     steps: int = attrs.field(validator=_check_pos_int)
     event: DpEvent = attrs.field(validator=_check_event)
@@ -333,7 +347,7 @@ def event_from_json(s: str) -> DpEvent:
     return event_from_dict(d)
 
 
-def neighbouring_relation(event: DpEvent) -> str | None:
+def relation_of(event: DpEvent) -> NeighboringRelation | None:
     """The single neighbouring relation the sampling events inside ``event`` are stated under.
 
     Returns ``None`` when ``event`` contains no sampling event (then either relation applies,
@@ -342,7 +356,7 @@ def neighbouring_relation(event: DpEvent) -> str | None:
     found: set[str] = set()
 
     def walk(e: DpEvent):
-        rel = getattr(type(e), "neighbouring_relation", None)
+        rel = getattr(type(e), "neighboring_relation", None)
         if isinstance(rel, str):
             found.add(rel)
         inner = getattr(e, "event", None)
@@ -357,7 +371,15 @@ def neighbouring_relation(event: DpEvent) -> str | None:
             "event mixes neighbouring relations "
             f"{sorted(found)}; account add/remove and replace-one parts separately"
         )
-    return found.pop() if found else None
+    return NeighboringRelation(found.pop()) if found else None
+
+
+def neighbouring_relation(event: DpEvent) -> NeighboringRelation | None:
+    """Deprecated name of :func:`relation_of` (kept for one release)."""
+    import warnings
+
+    warnings.warn("neighbouring_relation(event) is deprecated; use relation_of(event)", DeprecationWarning, stacklevel=2)
+    return relation_of(event)
 
 
 def equivalent_gaussian_noise_multiplier(event: DpEvent) -> float | None:

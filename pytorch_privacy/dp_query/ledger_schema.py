@@ -7,6 +7,7 @@ This module imports neither torch nor numpy.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from typing import Any
@@ -15,6 +16,7 @@ import attrs
 
 from .events import (
     DpEvent,
+    NeighboringRelation,
     PoissonSampledEvent,
     SampledWithoutReplacementEvent,
     SelfComposedEvent,
@@ -23,7 +25,7 @@ from .events import (
 )
 
 __all__ = [
-    "LIMITS", "SAMPLING_SCHEMES", "LedgerRun", "RUN_KEYS", "int_field", "prob_field", "run_from_dict",
+    "LIMITS", "SamplingScheme", "SAMPLING_SCHEMES", "LedgerRun", "RUN_KEYS", "int_field", "prob_field", "run_from_dict",
     "check_event_ints", "json_depth_ok", "parse_json", "check_population", "check_q",
 ]
 
@@ -46,12 +48,33 @@ LIMITS: dict[str, int] = {
 }
 
 
-#: ``poisson``: each record independently with probability ``selection_probability``.
-#: ``without_replacement``: a uniformly random subset of ``batch_size`` records.
-#: ``shuffle``: consecutive batches of ``batch_size`` from a fresh permutation each epoch
-#: (accounted with ``N // batch_size`` steps per epoch, safe with or without ``drop_last``).
-#: ``full``: every record, every sample (full-batch training).
-SAMPLING_SCHEMES = ("poisson", "without_replacement", "shuffle", "full")
+class SamplingScheme(str, enum.Enum):
+    """How the records of one sample (step) are drawn.  A ``str`` enum: members compare equal
+    to, and serialise as, their values (``"poisson"``)."""
+
+    #: each record independently with probability ``selection_probability`` (add/remove-one)
+    POISSON = "poisson"
+    #: a uniformly random subset of ``batch_size`` records (replace-one)
+    WITHOUT_REPLACEMENT = "without_replacement"
+    #: consecutive batches of ``batch_size`` from a fresh permutation each epoch, accounted with
+    #: ``N // batch_size`` steps per epoch (safe with or without ``drop_last``; replace-one)
+    SHUFFLE = "shuffle"
+    #: every record, every sample (full-batch training; add/remove-one)
+    FULL = "full"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation:
+        """The neighbouring relation this scheme's events are stated under."""
+        if self in (SamplingScheme.WITHOUT_REPLACEMENT, SamplingScheme.SHUFFLE):
+            return NeighboringRelation.REPLACE_ONE
+        return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+#: The scheme names, in a fixed order.
+SAMPLING_SCHEMES = tuple(s.value for s in SamplingScheme)
 
 
 @attrs.define(eq=True)
@@ -158,7 +181,7 @@ def run_from_dict(d: Any, i: int) -> LedgerRun:
     q = b = None
     if sampling == "poisson":
         q = prob_field(f"{where} selection_probability", d["selection_probability"])
-    elif sampling in ("without_replacement", "shuffle"):
+    elif SamplingScheme(sampling).neighboring_relation == NeighboringRelation.REPLACE_ONE:
         b = int_field(f"{where} batch_size", d["batch_size"], 1, n)
     try:
         event = event_from_dict(d["event"])

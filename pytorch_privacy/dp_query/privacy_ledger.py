@@ -37,6 +37,7 @@ import attrs
 
 from .ledger_schema import (  # noqa: F401  (LIMITS, SAMPLING_SCHEMES and LedgerRun re-exported)
     LIMITS,
+    SamplingScheme,
     SAMPLING_SCHEMES,
     LedgerRun,
     check_event_ints,
@@ -61,6 +62,7 @@ from .ledger_integrity import (  # noqa: F401  (re-exported)
 )
 from .events import (
     ComposedEvent,
+    NeighboringRelation,
     DpEvent,
     GaussianEvent,
     NoOpEvent,
@@ -143,7 +145,7 @@ class PrivacyLedger:
                 selection_probability = batch_size / population_size
             selection_probability = check_q(selection_probability)
             batch_size = None
-        elif sampling in ("without_replacement", "shuffle"):
+        elif SamplingScheme(sampling).neighboring_relation == NeighboringRelation.REPLACE_ONE:
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
                 raise ValueError(f"sampling={sampling!r} needs a positive integer batch_size, got {batch_size!r}")
             if batch_size > population_size:
@@ -447,7 +449,7 @@ def _ledger_from_current(cls, cur: Any, metadata: dict) -> PrivacyLedger:
         q = prob_field("current selection_probability", q)
         if b is not None:
             raise ValueError(f"corrupt ledger: current poisson settings have batch_size {b!r:.40} (expected null)")
-    elif sampling in ("without_replacement", "shuffle"):
+    elif SamplingScheme(sampling).neighboring_relation == NeighboringRelation.REPLACE_ONE:
         b = int_field("current batch_size", b, 1, n)
         if isinstance(q, bool) or q != b / n:
             raise ValueError(f"corrupt ledger: current selection_probability {q!r:.40} is not batch_size / population_size")

@@ -31,6 +31,8 @@ import warnings
 from collections import deque
 from typing import Any
 
+from ..dp_query.events import NeighboringRelation
+from ..dp_query.ledger_schema import SamplingScheme
 from ..dp_query.privacy_ledger import PrivacyLedger
 
 __all__ = ["SamplingMonitor", "loader_sampling", "ledger_for_loader", "binomial_two_sided_p"]
@@ -159,7 +161,7 @@ class SamplingMonitor:
                 "would under-report epsilon. Set population_size to the number of records in the private dataset "
                 "(build the ledger from the loader: DPDataLoader.make_ledger())"
             )
-        if led.sampling in ("without_replacement", "shuffle") and n > led.batch_size:
+        if SamplingScheme(led.sampling).neighboring_relation == NeighboringRelation.REPLACE_ONE and n > led.batch_size:
             raise ValueError(
                 f"a batch of {n} examples exceeds the ledger's batch_size={led.batch_size} ({led.sampling} "
                 "sampling); record the batch size the loader really uses"

@@ -46,6 +46,7 @@ from .engines.base import (
     select_engine,
 )
 from .layer_swap import swap_layers_for_optimizer
+from ..dp_query.ledger_schema import SamplingScheme
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
 
@@ -292,9 +293,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     "budget enforcement needs a ledger as the outermost query wrapper (it gives the sampling "
                     "of each step and must record only steps the budget allowed): pass ledger=..."
                 )
-            relation = (
-                "replace_one" if self._ledger.sampling in ("shuffle", "without_replacement") else "add_or_remove_one"
-            )
+            relation = SamplingScheme(self._ledger.sampling).neighboring_relation
             self._budget = PrivacyBudget(target_epsilon, target_delta, accountant, neighboring_relation=relation)
             self._budget.check_delta(self._ledger.population_size)
         #: ties the real batches to the ledger's sampling (None without a ledger)

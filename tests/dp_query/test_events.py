@@ -26,7 +26,7 @@ from pytorch_privacy.dp_query.events import (
     UnsupportedEvent,
     event_from_dict,
     event_from_json,
-    neighbouring_relation,
+    relation_of,
 )
 
 # -- strategies --------------------------------------------------------------------------
@@ -97,9 +97,9 @@ def test_neighbouring_relation_matches_independent_walk(e):
     rels = _relations_in(json.loads(e.to_json()))
     if len(rels) > 1:
         with pytest.raises(ValueError, match="mixes neighbouring relations"):
-            neighbouring_relation(e)
+            relation_of(e)
     else:
-        assert neighbouring_relation(e) == (rels.pop() if rels else None)
+        assert relation_of(e) == (rels.pop() if rels else None)
 
 
 def test_round_trip_exact_floats():
@@ -225,19 +225,19 @@ def test_event_from_json_rejects_bad_json():
 
 def test_neighbouring_relation_examples():
     g = GaussianEvent(1.0)
-    assert neighbouring_relation(g) is None
-    assert neighbouring_relation(ComposedEvent([g, NoOpEvent()])) is None
-    assert neighbouring_relation(PoissonSampledEvent(0.1, g)) == ADD_OR_REMOVE_ONE
-    assert neighbouring_relation(SampledWithoutReplacementEvent(100, 10, g)) == REPLACE_ONE
-    assert neighbouring_relation(ShuffledEvent(10, 30, g)) == REPLACE_ONE
+    assert relation_of(g) is None
+    assert relation_of(ComposedEvent([g, NoOpEvent()])) is None
+    assert relation_of(PoissonSampledEvent(0.1, g)) == ADD_OR_REMOVE_ONE
+    assert relation_of(SampledWithoutReplacementEvent(100, 10, g)) == REPLACE_ONE
+    assert relation_of(ShuffledEvent(10, 30, g)) == REPLACE_ONE
     nested = SelfComposedEvent(ComposedEvent([PoissonSampledEvent(0.1, g), PoissonSampledEvent(0.2, g)]), 5)
-    assert neighbouring_relation(nested) == ADD_OR_REMOVE_ONE
+    assert relation_of(nested) == ADD_OR_REMOVE_ONE
     mixed = ComposedEvent([PoissonSampledEvent(0.1, g), SelfComposedEvent(SampledWithoutReplacementEvent(100, 10, g), 3)])
     with pytest.raises(ValueError, match="mixes"):
-        neighbouring_relation(mixed)
+        relation_of(mixed)
     deep_mix = PoissonSampledEvent(0.5, ShuffledEvent(2, 2, g))
     with pytest.raises(ValueError):
-        neighbouring_relation(deep_mix)
+        relation_of(deep_mix)
 
 
 def test_registry_covers_all_kinds():
@@ -270,3 +270,20 @@ def test_gaussian_event_accepts_numpy_like_numbers():
     assert GaussianEvent(np.int64(2)).noise_multiplier == 2.0
     assert isinstance(GaussianEvent(np.float64(0.5)).noise_multiplier, float)
     assert math.isclose(PoissonSampledEvent(np.float32(0.25), GaussianEvent(1)).sampling_probability, 0.25)
+
+
+def test_relation_enum_and_deprecated_name():
+    import warnings
+
+    from pytorch_privacy.dp_query import NeighboringRelation, SamplingScheme
+    from pytorch_privacy.dp_query.events import neighbouring_relation
+
+    g = GaussianEvent(1.0)
+    rel = relation_of(PoissonSampledEvent(0.1, g))
+    assert rel is NeighboringRelation.ADD_OR_REMOVE_ONE and rel == "add_or_remove_one" and str(rel) == rel.value
+    assert SamplingScheme("shuffle").neighboring_relation is NeighboringRelation.REPLACE_ONE
+    assert SamplingScheme.POISSON.neighboring_relation is NeighboringRelation.ADD_OR_REMOVE_ONE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert neighbouring_relation(ShuffledEvent(10, 30, g)) is NeighboringRelation.REPLACE_ONE
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)

@@ -13,7 +13,7 @@ from ...dp_query.events import (
     DpEvent,
     GaussianEvent,
     PoissonSampledEvent,
-    neighbouring_relation,
+    relation_of,
 )
 from .._checks import check_count, check_real
 from ..accountant_base import PrivacyAccountant
@@ -327,7 +327,7 @@ def compute_pld_from_ledger(ledger, **kwargs) -> PLDAccountant:
     """
     event = ledger.to_event()
     if "neighboring_relation" not in kwargs:
-        kwargs["neighboring_relation"] = neighbouring_relation(event) or ADD_OR_REMOVE_ONE
+        kwargs["neighboring_relation"] = relation_of(event) or ADD_OR_REMOVE_ONE
     acc = PLDAccountant(**kwargs)
     acc.compose(event)
     return acc

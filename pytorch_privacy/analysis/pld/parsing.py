@@ -22,7 +22,7 @@ from ...dp_query.events import (
     SelfComposedEvent,
     ShuffledEvent,
     UnsupportedEvent,
-    neighbouring_relation,
+    relation_of,
 )
 from .curves import _Spec
 
@@ -135,7 +135,7 @@ def _parse(event: DpEvent, count: int, relation: str, out: _Parsed) -> None:
 
 
 def _check_relation(event: DpEvent, relation: str) -> None:
-    rel = neighbouring_relation(event)  # raises ValueError on a mix inside the event
+    rel = relation_of(event)  # raises ValueError on a mix inside the event
     if rel == REPLACE_ONE and relation == ADD_OR_REMOVE_ONE:
         raise ValueError(
             "event is stated under the replace-one relation but this PLDAccountant uses "
