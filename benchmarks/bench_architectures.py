@@ -5,10 +5,10 @@ Cases (``--cases``, default all):
 * ``gpt``: :class:`models.SmallGPT` -- token + position embeddings (``wpe(arange(T))``), 2 x
   ``nn.TransformerEncoderLayer(d_model=128, nhead=4, batch_first=True)`` under a causal mask,
   LM head (vocab 512); T=64, B=32; per-example loss = mean token cross-entropy.
-* ``resnet``: :class:`pytorch_privacy.optimizer.models.SmallResNet` (GroupNorm), 32x32x3, B=64.
+* ``resnet``: :class:`tests.reference_models.SmallResNet` (GroupNorm), 32x32x3, B=64.
 * ``lstm``: :class:`models.LSTMClassifier` (Embedding 1000x64, ``nn.LSTM(64, 128)``, linear head
   on the last step), T=50, B=64.
-* ``mnist``: :class:`pytorch_privacy.optimizer.models.MnistCNN` (tanh), B=256.
+* ``mnist``: :class:`tests.reference_models.MnistCNN` (tanh), B=256.
 
 Methods, each on a fresh copy of the same model (same seed) and the same batch:
 
@@ -62,10 +62,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.reference_models
 from common import OpCounter, peak_step_memory, sync, time_interleaved  # noqa: E402
 from models import LSTMClassifier, SmallGPT, ce_per_example_loss, lm_per_example_loss  # noqa: E402
 
-from pytorch_privacy.optimizer.models import MnistCNN, SmallResNet  # noqa: E402
+from tests.reference_models import MnistCNN, SmallResNet  # noqa: E402
 
 CLIP, SIGMA, LR = 1.0, 1.0, 0.1
 NP = "non-private"

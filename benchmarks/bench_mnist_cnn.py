@@ -1,6 +1,6 @@
 """MNIST CNN step time: non-private SGD vs DP-SGD (this project's engines) vs Opacus.
 
-The model is :class:`pytorch_privacy.optimizer.models.MnistCNN` (the TF Privacy / Opacus tutorial
+The model is :class:`tests.reference_models.MnistCNN` (the TF Privacy / Opacus tutorial
 CNN benchmarked by Subramani et al. 2021, arXiv 2010.09063) on synthetic MNIST-shaped data.
 Every method does a full training step on the same batch, timed in one run, interleaved:
 
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.reference_models
 from common import format_table, time_interleaved  # noqa: E402
 from common import raw_engine_step as common_raw_engine_step  # noqa: E402
 
-from pytorch_privacy.optimizer.models import MnistCNN  # noqa: E402
+from tests.reference_models import MnistCNN  # noqa: E402
 
 CLIP, SIGMA, LR = 1.0, 1.0, 0.1
 

@@ -5,8 +5,8 @@
 * :class:`LSTMClassifier`: ``Embedding -> nn.LSTM -> Linear`` on the last hidden state.
 
 The ResNet-with-GroupNorm and MNIST CNN cases use
-:class:`pytorch_privacy.optimizer.models.SmallResNet` and
-:class:`pytorch_privacy.optimizer.models.MnistCNN`.
+:class:`tests.reference_models.SmallResNet` and
+:class:`tests.reference_models.MnistCNN`.
 """
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ def build(case: str, rnd, B: int) -> tuple[nn.Module, Any, Any, Callable]:
         m = AttnNet(d, heads, dp=case == "dpmha", batch_first=rnd.random() < 0.5)
         return m.to(DTYPE), randn(B, T, d), labels(2), ce
     if case == "tiny_lm":
-        from pytorch_privacy.optimizer.models import TinyTransformer
+        from ..reference_models import TinyTransformer
 
         V, T = ri(3, 8), ri(1, 4)
         m = TinyTransformer(vocab_size=V, d_model=4, nhead=2, max_len=8, lm_head=True, dp_attention=True)

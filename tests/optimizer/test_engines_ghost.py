@@ -25,7 +25,7 @@ from pytorch_privacy.optimizer.engines.ghost_rules import (
     OuterContribution,
     sum_sq_norms,
 )
-from pytorch_privacy.optimizer.models import MnistCNN, SmallResNet, TextClassifier, TinyTransformer
+from ..reference_models import MnistCNN, SmallResNet, TextClassifier, TinyTransformer
 
 from .engine_cases import build, ce, naive_per_example
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from pytorch_privacy.dp_query.gaussian_query import GaussianSumQuery
 from pytorch_privacy.optimizer.engines import FunctorchEngine, GhostEngine, LoopEngine
-from pytorch_privacy.optimizer.models import MnistCNN, SmallResNet
+from ..reference_models import MnistCNN, SmallResNet
 
 opacus = pytest.importorskip("opacus")
 from opacus import GradSampleModule  # noqa: E402

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pytorch_privacy.optimizer.engines import GhostEngine, FunctorchEngine, select_engine
-from pytorch_privacy.optimizer.models import MnistCNN, SmallResNet, TinyTransformer
+from ..reference_models import MnistCNN, SmallResNet, TinyTransformer
 from pytorch_privacy.optimizer.validation import (
     LAYER_CHECKS,
     find_problems,

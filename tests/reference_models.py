@@ -1,4 +1,5 @@
-"""Small reference models for tests, benchmarks and tutorials, all DP-compatible (no layer mixes
+"""Small reference models for tests and benchmarks (not part of the library; formerly
+``pytorch_privacy.optimizer.models``; benchmarks import it with the repository root on the path), all DP-compatible (no layer mixes
 examples).
 
 * :class:`MnistCNN`: the MNIST CNN of the TF Privacy / Opacus tutorials, as benchmarked by
@@ -130,7 +131,7 @@ class TextClassifier(nn.Module):
         padding_idx: int | None = None,
     ):
         super().__init__()
-        from .engines import dp_layers as dpl
+        from pytorch_privacy.optimizer.engines import dp_layers as dpl
 
         table = {"lstm": (nn.LSTM, dpl.DPLSTM), "gru": (nn.GRU, dpl.DPGRU), "rnn": (nn.RNN, dpl.DPRNN)}
         if rnn not in table:
@@ -154,7 +155,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, mlp_ratio: int = 2, dropout: float = 0.0, dp_attention: bool = False):
         super().__init__()
-        from .engines.dp_layers import DPMultiheadAttention
+        from pytorch_privacy.optimizer.engines.dp_layers import DPMultiheadAttention
 
         self.ln1 = nn.LayerNorm(d_model)
         attn_cls = DPMultiheadAttention if dp_attention else nn.MultiheadAttention
