@@ -340,3 +340,21 @@ def test_repr_and_eq():
     a.record_sample(G)
     assert a != b
     assert (a == 3) is False
+
+
+def test_shuffled_epochs_are_not_undercounted_with_fixed_size_batches_accounting():
+    """(moved from the former tests/test_review_findings.py)"""
+    from pytorch_privacy.analysis import RdpAccountant
+    from pytorch_privacy.dp_query.events import GaussianEvent, ShuffledEvent
+
+    # N=10, batch 3: fixed-size batches (drop_last) give 3 steps per epoch.  After 12 steps every
+    # record has been used in 4 epochs, so the ledger must account at least 4 un-amplified events.
+    ledger = PrivacyLedger(10, sampling="shuffle", batch_size=3)
+    ledger.record_sample(GaussianEvent(1.0), 12)
+    ev = ledger.to_event()
+    assert isinstance(ev, ShuffledEvent)
+    epochs = -(-ev.steps // ev.steps_per_epoch)
+    assert epochs >= 4
+    acc = RdpAccountant(neighboring_relation="replace_one").compose(ev)
+    four = RdpAccountant(neighboring_relation="replace_one").compose(GaussianEvent(1.0), 4)
+    assert (acc.rdp >= four.rdp * (1 - 1e-12)).all()

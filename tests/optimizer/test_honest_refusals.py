@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -162,3 +163,66 @@ def test_validation_is_not_skipped_when_its_module_cannot_be_imported(monkeypatc
         DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, ce, 1.0, 1.0, expected_batch_size=9)
     if isinstance(exc.value, ValueError):
         assert "BatchNorm" in str(exc.value)
+
+
+# -- moved from the former tests/test_review_findings.py (grouped by subject) -----------------
+def _rf_ce(out, y):
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _rf_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def test_refused_step_does_not_advance_the_noise_generator():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    gen = torch.Generator().manual_seed(1)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, _rf_ce, 1.0, 1.0,
+        ledger=PrivacyLedger(64, 0.125), target_epsilon=1e-3, target_delta=1e-5, generator=gen,
+    )
+    before = gen.get_state().clone()
+    x, y = _rf_batch()
+    opt.zero_grad()
+    opt.backward_pass(x, y)
+    with pytest.raises(PrivacyBudgetExceeded):
+        opt.step()
+    assert torch.equal(gen.get_state(), before), "the refused step drew noise from the query's generator"
+    assert len(opt.ledger) == 0 and opt.steps == 0
+
+
+def test_refused_adaptive_step_keeps_generator_and_clip():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    gen = torch.Generator().manual_seed(1)
+    query = QuantileAdaptiveClipSumQuery(1.0, 1.0, 0.5, 0.2, 2.0, 8.0, generator=gen)
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, _rf_ce, query,
+        ledger=PrivacyLedger(64, 0.125), target_epsilon=1e-3, target_delta=1e-5,
+    )
+    before = gen.get_state().clone()
+    clip = float(opt.global_state.sum_state.l2_norm_clip)
+    x, y = _rf_batch()
+    with pytest.raises(PrivacyBudgetExceeded):
+        opt.fit_batch(x, y)
+    assert torch.equal(gen.get_state(), before)
+    assert float(opt.global_state.sum_state.l2_norm_clip) == clip
+
+
+def test_refused_step_does_not_count_dropped_records():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, _rf_ce, 1.0, 1.0,
+        ledger=PrivacyLedger(64, 0.125), target_epsilon=1e-3, target_delta=1e-5,
+        generator=torch.Generator().manual_seed(1),
+    )
+    x, y = _rf_batch()
+    x[0, 0] = float("nan")
+    with pytest.raises(PrivacyBudgetExceeded):
+        opt.fit_batch(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was dropped from a step that never happened
+        assert opt.dropped_records == 0
