@@ -21,6 +21,7 @@ import time
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+from tqdm.auto import tqdm  # progress bar (pip install 'pytorch_privacy[examples]')
 
 from pytorch_privacy.analysis import compute_epochs
 from pytorch_privacy.dp_query import PrivacyLedger
@@ -116,7 +117,7 @@ epoch = 0
 try:
     while True:
         epoch += 1
-        for xb, yb in loader:  # Poisson batches: the size varies (and may be 0)
+        for xb, yb in tqdm(loader, desc=f"epoch {epoch}", leave=False):  # Poisson batches: sizes vary
             optimizer.fit_batch(xb, yb)
         m = history[-1]
         print(

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm  # progress bar (pip install 'pytorch_privacy[examples]')
 
 from pytorch_privacy.analysis import RdpAccountant, compute_pld_from_ledger
 from pytorch_privacy.dp_query import GaussianEvent, PrivacyLedger
@@ -113,7 +114,7 @@ sampler = PoissonSampler(N, q, generator=torch.Generator().manual_seed(1))
 steps = 800 if FAST else 2000
 start_quality = quality()
 t0 = time.perf_counter()
-for it in range(1, steps + 1):
+for it in tqdm(range(1, steps + 1), desc="GAN steps", unit="step", mininterval=1.0):
     real = real_data[sampler.sample()]  # Poisson batch: variable size
     with torch.no_grad():
         fake = generator(torch.randn(batch, Z))
@@ -132,7 +133,7 @@ for it in range(1, steps + 1):
 
     if it % (steps // 4) == 0:
         dist, frac, covered = quality()
-        print(
+        tqdm.write(
             f"step {it:5d}  ledger {len(ledger):5d}  mean distance to a centre {dist:.3f}  "
             f"within 0.5: {frac:.2f}  centres covered {covered}/{K}  {time.perf_counter() - t0:.1f}s"
         )
