@@ -7,6 +7,7 @@ them, for hunting new counterexamples locally (``HYPOTHESIS_PROFILE=explore``).
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -17,3 +18,16 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", max_examples=200, deadline=None, suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker is the single switch for CUDA-only tests: they are skipped, with one
+    reason, where no CUDA device exists (no per-file ``skipif`` needed)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -175,7 +175,6 @@ def test_bad_microbatch_and_scalar_loss_rejected(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["conv2d", "embedding", "tied", "dplstm", "linear_seq"])
 def test_engines_match_naive_loop_on_cuda(case, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

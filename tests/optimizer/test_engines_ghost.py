@@ -379,7 +379,6 @@ def test_dplstm_and_dprnn_match_torch_unbatched_and_batched():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["auto", "ghost", "materialize"])
 def test_ghost_equals_functorch_on_cuda(mode, monkeypatch):
     # TF32 convolutions round differently in the two engines' kernels: compare in true float32

@@ -246,7 +246,7 @@ def test_the_optimizer_checkpoints_its_loader_so_sampling_resumes_too():
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(again, first))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_owned_cuda_generator_draws_on_device_and_resumes_exactly():
     src = RandomSource()
     a = src.normal((1000,), device="cuda")

@@ -13,7 +13,6 @@ from pytorch_privacy.optimizer import DPGaussianOptimizer
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
 

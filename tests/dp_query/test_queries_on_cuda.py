@@ -17,7 +17,6 @@ from ._records import clipped_sum64, leaves, random_record, rows64, weighted_sum
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
 
