@@ -7,7 +7,7 @@ independent privacy losses, so the PLD of a composition is the convolution of th
 (Meiser and Mohammadi 2018; Sommer, Meiser, Mohammadi 2019; Koskela, Jalko, Honkela 2020).
 
 How this package computes it
----------------------------
+----------------------------
 1. **Per-step curves.**  Every supported event is reduced to the hockey-stick curve of a
    *dominating pair* (Zhu, Dong, Wang 2022), in closed form and in log space.
    ``noise_multiplier`` is relative to the clip norm, i.e. the add/remove sensitivity (the
