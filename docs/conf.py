@@ -9,7 +9,8 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 project = "pytorch_privacy"
-author = "pytorch_privacy developers"
+author = "the pytorch_privacy authors"
+copyright = "2026, the pytorch_privacy authors"  # the footer names the copyright holder
 release = "0.1.0"
 
 extensions = [
