@@ -184,6 +184,7 @@ def test_readme_plain_and_private_scripts_run(tmp_path, monkeypatch):
     assert float(re.findall(r"train accuracy ([\d.]+)", out)[-1]) > 0.7
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_function_name_and_submodule_import_order():
     # importing the submodule first binds the package attribute to the module; it stays callable
     code = (
@@ -416,3 +417,38 @@ def test_batches_that_are_not_pairs_need_split_batch():
         opt.step()
         break
     assert len(opt.ledger) == 1
+
+
+def test_empty_poisson_batches_are_noise_only_steps():
+    # q = 1/N: about 37% of the batches are empty; each one still adds noise and counts as a step
+    criterion = nn.CrossEntropyLoss()
+    model, opt, loader = _setup()
+    loader = DataLoader(loader.dataset, batch_size=1)
+    model, opt, loader = make_private(model, opt, loader, criterion=criterion, max_grad_norm=1.0,
+                                      noise_multiplier=1.0, seed=5)
+    sizes = []
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad()
+        loss = criterion(model(xb), yb)  # NaN for an empty batch: that gradient is discarded anyway
+        loss.backward()
+        opt.step()
+        sizes.append(xb.shape[0])
+        if i == 15:
+            break
+    assert 0 in sizes and any(s > 0 for s in sizes)
+    assert len(opt.ledger) == 16 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_dp_data_loader_keeps_its_rate_and_secure_mode_and_monitoring_delta():
+    from pytorch_privacy.optimizer import DPDataLoader
+
+    criterion = nn.CrossEntropyLoss()
+    model, opt, loader = _setup()
+    dpl = DPDataLoader(loader.dataset, sample_rate=0.05)
+    model, opt, ploader = make_private(model, opt, dpl, criterion=criterion, max_grad_norm=1.0, noise_multiplier=1.0,
+                                       secure_mode=True, target_delta=1e-3)
+    assert ploader.sample_rate == 0.05 and len(ploader) == len(dpl) and ploader.poisson_sampler.secure_mode
+    assert opt.secure_mode and opt.ledger.selection_probability == 0.05
+    _loop_step(model, opt, ploader, criterion)
+    assert opt.epsilon() == opt.epsilon(1e-3) > 0  # target_delta alone: the default delta, no budget refusal
+    assert opt.epsilon(1e-3, accountant="pld") <= opt.epsilon(1e-3)
