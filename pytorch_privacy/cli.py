@@ -378,6 +378,7 @@ def _bounded_analysis(ledger, args) -> bool | None:
         return True
     if printed >= 2:  # the RDP bound is out; only the tighter accountants are missing
         print(f"  (not computed: {reason})")
+        args.partial = True
         return True
     print(f"pytorch-privacy audit: error: ledger refused: {reason}", file=sys.stderr)
     return None
@@ -462,7 +463,8 @@ def _cmd_audit(args) -> int:
             t = ledger.metadata.get("target_epsilon") if isinstance(ledger.metadata, dict) else None
             if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0:
                 target = float(t)
-        curve = epsilon_curve(ledger, args.delta, pld=not args.no_pld)
+        # PLD only if the audit computed it within its limits (the plot's last point repeats it)
+        curve = epsilon_curve(ledger, args.delta, pld=not args.no_pld and not getattr(args, "partial", False))
         plot_epsilon_curve(curve, args.plot, target_epsilon=target, title=os.path.basename(args.ledger))
         print(f"plot: epsilon against steps written to {args.plot}")
     if status == SIGNATURE_OK:
@@ -508,44 +510,85 @@ def _prefix_ledger(ledger, steps: int):
     return PrivacyLedger.from_dict(d)
 
 
+def _coarse_to_fine(n: int) -> list[int]:
+    """Indices ``0 .. n-1`` ordered so that every prefix of the order is spread over the range:
+    the last and the first, then midpoints of the gaps, halving the gaps each round."""
+    if n <= 0:
+        return []
+    order, seen = [n - 1, 0], {n - 1, 0}
+    step = n - 1
+    while step > 1:
+        half = step / 2
+        k = half
+        while k < n - 1:
+            i = int(round(k))
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+            k += step
+        step = half
+    order += [i for i in range(n) if i not in seen]
+    return order[:n] if n > 1 else [0]
+
+
 def epsilon_curve(
-    ledger, delta: float, *, points: int = 50, pld: bool = True, pld_points: int = 25, pld_seconds: float = 5.0
+    ledger,
+    delta: float,
+    *,
+    points: int = 50,
+    pld: bool = True,
+    pld_points: int = 25,
+    seconds: float = 10.0,
+    pld_seconds: float = 5.0,
 ) -> dict:
     """Epsilon at ``delta`` after the first k steps of ``ledger``, for about ``points`` values of k
-    from 0 to ``len(ledger)``: the RDP bound (tight conversion) at every point and the PLD bound at
-    up to ``pld_points`` of them (spread evenly, always including the last step), stopping early
-    when the PLD points have taken ``pld_seconds`` (the last step is computed in any case).
+    from 0 to ``len(ledger)``: the RDP bound (tight conversion) and, at up to ``pld_points`` of
+    them, the PLD bound.
+
+    The cost is bounded: the points are computed coarse to fine (the last step first, then the
+    midpoints of the gaps), and each accountant stops adding points once it has used ``seconds``
+    (RDP) or ``pld_seconds`` (PLD); the last step is always computed, so a curve is never empty.
 
     Returns ``{"steps": [...], "rdp": [...], "pld_steps": [...], "pld": [...], "delta": delta}``.
     """
     from .analysis import DEFAULT_ORDERS, compute_pld_from_ledger, compute_rdp_from_ledger, get_privacy_spent
 
+    def rdp_eps(k: int) -> float:
+        if k == 0:
+            return 0.0
+        r = compute_rdp_from_ledger(_prefix_ledger(ledger, k), DEFAULT_ORDERS)
+        return float(get_privacy_spent(DEFAULT_ORDERS, r, target_delta=delta)[0])
+
+    def pld_eps(k: int) -> float:
+        return 0.0 if k == 0 else float(compute_pld_from_ledger(_prefix_ledger(ledger, k)).get_epsilon(delta))
+
+    def sweep(ks: list[int], f, budget: float) -> dict[int, float]:
+        out: dict[int, float] = {}
+        t0 = time.monotonic()
+        for j, i in enumerate(_coarse_to_fine(len(ks))):
+            if j >= 2 and time.monotonic() - t0 > budget:
+                break
+            out[ks[i]] = f(ks[i])
+        return out
+
     total = len(ledger)
     steps = sorted({round(total * i / max(points - 1, 1)) for i in range(points)}) if total else [0]
-    rdp = []
-    for k in steps:
-        if k == 0:
-            rdp.append(0.0)
-            continue
-        r = compute_rdp_from_ledger(_prefix_ledger(ledger, k), DEFAULT_ORDERS)
-        rdp.append(float(get_privacy_spent(DEFAULT_ORDERS, r, target_delta=delta)[0]))
-    pld_steps: list[int] = []
-    pld_eps: list[float] = []
+    rdp = sweep(steps, rdp_eps, seconds)
+    pld_res: dict[int, float] = {}
     if pld and total:
         stride = max(1, math.ceil((len(steps) - 1) / max(pld_points - 1, 1)))
         chosen = steps[::stride]
         if chosen[-1] != steps[-1]:
             chosen.append(steps[-1])
-        # the final step first (always present), then the rest while the time budget lasts
-        t0 = time.monotonic()
-        results = {}
-        for k in [chosen[-1]] + chosen[:-1]:
-            if k and k != chosen[-1] and time.monotonic() - t0 > pld_seconds:
-                break
-            results[k] = 0.0 if k == 0 else float(compute_pld_from_ledger(_prefix_ledger(ledger, k)).get_epsilon(delta))
-        pld_steps = sorted(results)
-        pld_eps = [results[k] for k in pld_steps]
-    return {"steps": steps, "rdp": rdp, "pld_steps": pld_steps, "pld": pld_eps, "delta": delta}
+        pld_res = sweep(chosen, pld_eps, pld_seconds)
+    rdp_steps, pld_steps = sorted(rdp), sorted(pld_res)
+    return {
+        "steps": rdp_steps,
+        "rdp": [rdp[k] for k in rdp_steps],
+        "pld_steps": pld_steps,
+        "pld": [pld_res[k] for k in pld_steps],
+        "delta": delta,
+    }
 
 
 def plot_epsilon_curve(curve: dict, path: str, *, target_epsilon: float | None = None, title: str = "") -> None:

@@ -621,3 +621,69 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pytorch_privacy[plot]" in err
     assert not (tmp_path / "e.png").exists()
+
+
+def test_epsilon_curve_cost_is_bounded_and_keeps_the_last_step():
+    from pytorch_privacy.cli import epsilon_curve
+
+    ledger = PrivacyLedger(60000, 0.01)
+    ledger.record_sample(GaussianEvent(1.0), 5000)
+    c = epsilon_curve(ledger, 1e-5, points=50, seconds=0.0, pld_seconds=0.0)
+    # with no time to spare each accountant still draws the first and the last step
+    assert c["steps"] == [0, 5000] and c["pld_steps"] == [0, 5000]
+    assert c["rdp"][0] == 0.0 < c["pld"][1] < c["rdp"][1]
+
+
+def test_audit_plot_path_mistakes_are_messages(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = _honest(tmp_path)
+    bad = tmp_path / "missing" / "eps.png"
+    assert main(["audit", str(path), "--plot", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "does not exist" in err
+    assert main(["audit", str(path), "--plot", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_audit_with_plot_does_not_import_torch(tmp_path):
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    path = _honest(tmp_path)
+    png = tmp_path / "eps.png"
+    code = (
+        "import sys\nfrom pytorch_privacy.cli import main\n"
+        f"rc = main(['audit', {str(path)!r}, '--plot', {str(png)!r}])\n"
+        "assert rc == 0, rc\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _png_ok(png)
+
+
+def test_audit_plot_leaves_out_pld_when_the_audit_could_not_finish_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import time
+
+    import pytorch_privacy.cli as cli
+
+    def rdp_then_slow_pld(ledger, delta, pld):
+        yield "delta = 1e-05"
+        yield "  RDP (tight conversion)      epsilon = 1.2345   (order 9)"
+        time.sleep(60)
+        yield "unreachable"
+
+    seen = {}
+    real_curve = cli.epsilon_curve
+
+    def spy(ledger, delta, **kw):
+        seen.update(kw)
+        return real_curve(ledger, delta, **kw)
+
+    monkeypatch.setattr(cli, "_analysis_steps", rdp_then_slow_pld)
+    monkeypatch.setattr(cli, "epsilon_curve", spy)
+    png = tmp_path / "eps.png"
+    assert main(["audit", str(_honest(tmp_path)), "--time-limit", "1", "--plot", str(png)]) == 0
+    assert seen == {"pld": False} and "not computed" in capsys.readouterr().out
+    _png_ok(png)
