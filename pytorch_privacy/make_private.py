@@ -75,7 +75,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .optimizer.dp_optimizer import DPGaussianOptimizer
+from .optimizer.dp_optimizer import DPGaussianOptimizer, DPOptimizer
 from .optimizer.engines.base import batch_size_of, call_model
 from .optimizer.samplers import DPDataLoader
 
@@ -240,7 +240,8 @@ def _private_loader(loader: Any, *, generator, secure_mode: bool) -> PrivateLoad
     if n < 1:
         raise ValueError("the loader's dataset is empty")
     collate = loader.collate_fn
-    collate = getattr(collate, "collate_fn", collate) if type(collate).__name__ == "_EmptySafeCollate" else collate
+    if isinstance(loader, DPDataLoader):  # its collate_fn wraps the user's (empty batches); unwrap it
+        collate = getattr(collate, "collate_fn", collate)
     kwargs = {
         "num_workers": loader.num_workers,
         "pin_memory": loader.pin_memory,
@@ -511,7 +512,7 @@ def make_private(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, DPGaussianOptimizer.__mro__[1]):  # DPOptimizer
+    if isinstance(optimizer, DPOptimizer):
         raise TypeError("optimizer is already private (a DPOptimizer); pass the plain torch optimizer")
     if criterion is None or not callable(criterion):
         raise TypeError(

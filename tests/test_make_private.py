@@ -452,3 +452,19 @@ def test_dp_data_loader_keeps_its_rate_and_secure_mode_and_monitoring_delta():
     _loop_step(model, opt, ploader, criterion)
     assert opt.epsilon() == opt.epsilon(1e-3) > 0  # target_delta alone: the default delta, no budget refusal
     assert opt.epsilon(1e-3, accountant="pld") <= opt.epsilon(1e-3)
+
+
+def test_loader_keeps_dataset_collate_fn_and_epoch_length():
+    calls = []
+
+    def collate(items):
+        calls.append(len(items))
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+    model, opt, loader = _setup()
+    loader = DataLoader(loader.dataset, batch_size=7, shuffle=True, collate_fn=collate, drop_last=True)
+    model, opt, ploader = make_private(model, opt, loader, **_kw())
+    assert ploader.dataset is loader.dataset and len(ploader) == len(loader) == N // 7
+    assert ploader.sample_rate == 7 / N and opt.ledger.selection_probability == 7 / N
+    _loop_step(model, opt, ploader, nn.CrossEntropyLoss())
+    assert calls and len(opt.ledger) == 1
