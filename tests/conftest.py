@@ -2,13 +2,14 @@
 
 ``ci`` (the default, and what CI runs): derandomised, so every run tests the same examples and a
 failure reproduces exactly.  ``dev``: fewer examples.  ``explore``: random examples, more of
-them, for hunting new counterexamples locally (``HYPOTHESIS_PROFILE=explore``).
+them, for hunting new counterexamples locally (``HYPOTHESIS_PROFILE=explore``).  ``mutation``:
+used by ``tests/mutation/seed_bugs.py``.
 """
 
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
@@ -17,6 +18,17 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", max_examples=200, deadline=None, suppress_health_check=_SUPPRESS)
+# tests/mutation/seed_bugs.py: a failing property is reported, not shrunk (shrinking a seeded
+# bug's counterexamples would take minutes and adds nothing to "caught")
+settings.register_profile(
+    "mutation",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=_SUPPRESS,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

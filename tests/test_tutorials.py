@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-TUTORIALS = sorted((pathlib.Path(__file__).resolve().parents[1] / "tutorials").glob("[0-9]*.py"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9]*.py"))
 
 
 def test_tutorials_exist():
@@ -17,6 +18,9 @@ def test_tutorials_exist():
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
     env = dict(os.environ, TUTORIAL_FAST="1", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    # the package is importable whether it is installed or only on the path: the script runs
+    # from a temporary directory, so put the repository root on its PYTHONPATH
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
