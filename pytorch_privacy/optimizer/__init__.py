@@ -6,6 +6,9 @@
   (:mod:`.samplers`): Poisson sampling and physical-batch splitting.
 * :class:`PrivacyBudget`, :class:`PrivacyBudgetExceeded` (:mod:`.budget`): budget enforcement.
 * :class:`StepAccumulator`, ``JOINT`` / ``PER_PASS`` (:mod:`.step_accumulator`): the step accumulator (multi-pass steps, physical chunks).
+* :class:`DistributedPoissonSampler`, :class:`DistributedDPDataLoader` (:mod:`.distributed`):
+  data-parallel private training (a ``DistributedDataParallel`` model given to :class:`DPOptimizer`
+  reduces clipped sums once and adds noise once per step); see docs/distributed.md.
 * per-example gradient engines (:mod:`.engines`) and model validation (:mod:`.validation`).
 
 Names load lazily (PEP 562), so importing a submodule does not import the others.
@@ -32,6 +35,8 @@ _LAZY = {
     "register_engine": ".engines",
     "select_engine": ".engines",
     "available_engines": ".engines",
+    "DistributedPoissonSampler": ".distributed.sampler",
+    "DistributedDPDataLoader": ".distributed.sampler",
     "validate_model": ".validation",
     "replace_batchnorm": ".validation",
 }

@@ -49,6 +49,8 @@ from .layer_swap import swap_layers_for_optimizer
 from ..dp_query.ledger_schema import SamplingScheme
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
+from .distributed.ddp import setup_distributed
+from .distributed.precision import full_precision
 
 __all__ = ["DPOptimizer", "DPGaussianOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
 
@@ -217,6 +219,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if not isinstance(query, DPQuery):
             raise TypeError(f"query must be a DPQuery, got {type(query).__name__}")
         self.original_optimizer = optimizer
+        # DistributedDataParallel: train its inner module; sums are reduced once per step (distributed/)
+        model, self._dist = setup_distributed(model, data_loader)
         self.model = model
         self.loss_fn = loss_fn
 
@@ -437,14 +441,15 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _microbatch_size_for(self, n: int) -> int | None:
         if self.num_microbatches is not None:
+            k = self.num_microbatches if self._dist is None else self._dist.local_num_microbatches(self.num_microbatches)
             if n == 0:
                 return None
-            if n % self.num_microbatches:
+            if n % k:
                 raise ValueError(
                     f"batch size {n} is not a multiple of num_microbatches={self.num_microbatches}; use "
                     "batch sizes divisible by it, or microbatch_size=... for variable (Poisson) batch sizes"
                 )
-            return n // self.num_microbatches
+            return n // k
         if self.microbatch_size is not None and n % self.microbatch_size:
             raise ValueError(
                 f"batch size {n} is not a multiple of microbatch_size={self.microbatch_size}"
@@ -567,10 +572,12 @@ class DPOptimizer(torch.optim.Optimizer):
            *different* records.
         """
         self._ensure_started()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # fp32 sums under autocast
             self._acc.flush()
 
     def _precheck_budget(self) -> None:
+        if self._dist is not None:  # decided on rank 0 inside the collective step
+            return
         if self._budget is not None and self._budget.target_epsilon is not None and self._last_event is not None:
             self._budget.check(self._ledger, self._last_event)
 
@@ -586,7 +593,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "before step(). Gradients from a plain loss.backward() are not private and are ignored"
             )
         self._ensure_started()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             old_state = self._global_state
             qmetrics_before = self._release_query.derive_metrics(old_state) if self._metrics else None
             enforcing = self._budget is not None and self._budget.target_epsilon is not None
@@ -597,9 +604,20 @@ class DPOptimizer(torch.optim.Optimizer):
             if self._consistency is not None and examples is not None:
                 self._consistency.check_batch(examples)
             saved = snapshot_sources(self._random_sources) if enforcing else None
-            result, new_state, event = self._acc.finish(old_state)
+            if self._dist is not None:
+                try:  # reduce once, noise once on rank 0, budget decided there and shared
+                    check = (lambda ev: self._budget.check(self._ledger, ev)) if enforcing else None
+                    result, new_state, event = self._dist.finish(self._acc, old_state, examples or 0, check)
+                except PrivacyBudgetExceeded:
+                    restore_sources(self._random_sources, saved) if enforcing else None
+                    self._acc.dropped = self._acc.dropped_at_begin
+                    self._acc.reset()
+                    raise
+                examples = None if examples is None else self._dist.last_global_examples
+            else:
+                result, new_state, event = self._acc.finish(old_state)
             if event is not None:
-                if enforcing:
+                if enforcing and self._dist is None:
                     try:
                         self._budget.check(self._ledger, event)
                     except PrivacyBudgetExceeded:
@@ -608,7 +626,7 @@ class DPOptimizer(torch.optim.Optimizer):
                         self._acc.dropped = self._acc.dropped_at_begin
                         self._acc.reset()
                         raise
-                if self._records_ledger:
+                if self._records_ledger and (self._dist is None or self._dist.is_recorder):
                     self._ledger.record_sample(event)
                     if self._consistency is not None and examples is not None:
                         self._consistency.observe(examples)

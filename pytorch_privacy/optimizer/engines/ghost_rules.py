@@ -194,11 +194,12 @@ class PerRecord:
         return t.reshape(lead + tuple(self.shape))
 
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
-        """``sum_r c_r grad_r``."""
+        """``sum_r c_r grad_r`` (accumulated in float32 for half-precision data)."""
+        data = self.data.to(accumulation_dtype(self.data.dtype))
         if mask:
-            total = scale_rows(self.data, coefficients).sum(0)
+            total = scale_rows(data, coefficients).sum(0)
         else:
-            total = contract_records(coefficients, self.data)
+            total = contract_records(coefficients, data)
         return self._to_param(total, ())
 
     def materialize(self) -> torch.Tensor:
@@ -228,9 +229,10 @@ class DirectContribution(Contribution):
         return self.values
 
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
+        values = self.values.to(self._acc())  # half precision (autocast): sum in float32
         if not mask:
-            return contract_records(coefficients, self.values)
-        return scale_rows(self.values, coefficients).sum(0)
+            return contract_records(coefficients, values)
+        return scale_rows(values, coefficients).sum(0)
 
     def sq_norms(self, policy: NormPolicy) -> tuple[torch.Tensor, PerRecord | None]:
         return _rowsq(self.values, self._acc()), PerRecord(self.values, self.shape)
@@ -288,7 +290,8 @@ class OuterContribution(Contribution):
         return per.reshape((per.shape[0],) + tuple(self.shape))
 
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
-        g, a = self.g, self.a
+        acc = self._acc()  # half precision (autocast): contract in float32
+        g, a = self.g.to(acc), self.a.to(acc)
         R, G, N, p = g.shape
         d = a.shape[3]
         if mask:
@@ -350,11 +353,12 @@ class EmbeddingContribution(Contribution):
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
         R, N = self.ids.shape
         d = self.g.shape[2]
+        g = self.g.to(self._acc())  # half precision (autocast): sum in float32
         if mask:
-            gs = scale_rows(self.g, coefficients).reshape(R * N, d)
+            gs = scale_rows(g, coefficients).reshape(R * N, d)
         else:
-            gs = (self.g * coefficients.to(self.g.dtype).reshape(R, 1, 1)).reshape(R * N, d)
-        return self.g.new_zeros(self.num_embeddings, d).index_add_(0, self.ids.reshape(-1), gs).reshape(self.shape)
+            gs = (g * coefficients.to(g.dtype).reshape(R, 1, 1)).reshape(R * N, d)
+        return g.new_zeros(self.num_embeddings, d).index_add_(0, self.ids.reshape(-1), gs).reshape(self.shape)
 
     def sq_norms(self, policy: NormPolicy) -> tuple[torch.Tensor, PerRecord | None]:
         # Exact, O(R N d) and free of host syncs: sort (record, token) keys, sum g over equal keys

@@ -1,0 +1,119 @@
+"""Process bodies for the distributed tests (module level: ``torch.multiprocessing.spawn``
+pickles them by name).  Each rank joins a gloo group on 127.0.0.1, runs, saves what the parent
+test checks with ``torch.save`` and leaves the group."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes."""
+    port = free_port()
+    torch.multiprocessing.spawn(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True)
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, port, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def make_batches(steps: int = 3, batch: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)) for _ in range(steps)]
+
+
+def loss_fn():
+    return nn.CrossEntropyLoss(reduction="none")
+
+
+def train(model, engine, batches, *, rank=0, world=1, **opt_kwargs):
+    """3 noise-free DP steps; rank ``r`` of ``world`` takes the ``r``-th consecutive share of
+    each global batch.  Returns the (inner) parameters."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(inner.parameters(), lr=0.5), model, loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
+        expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(0), **opt_kwargs,
+    )
+    for x, y in batches:
+        share = x.shape[0] // world
+        opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+
+
+def equivalence(rank, world, port, engine, out_dir, opt_kwargs):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    params = train(model, engine, make_batches(), rank=rank, world=world, **opt_kwargs)
+    torch.save(params, os.path.join(out_dir, f"params{rank}.pt"))
+
+
+def noise_std(rank, world, port, out_dir, sigma, clip, denominator):
+    """One step with empty local batches on every rank: the update is -noise / D exactly."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(100, 50))
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.module.parameters(), lr=1.0), model, loss_fn(), l2_norm_clip=clip,
+        noise_multiplier=sigma, expected_batch_size=denominator,
+    )
+    opt.fit_batch(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
+    update = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.module.named_parameters()])
+    torch.save({"update": update, "volume": opt._dist.last_volume_bytes}, os.path.join(out_dir, f"update{rank}.pt"))
+
+
+def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon):
+    """A 2-rank run on a DistributedDPDataLoader with budget enforcement: saves the ledger, the
+    number of steps taken and whether (and at which step) the budget refused."""
+    from torch.utils.data import TensorDataset
+
+    from pytorch_privacy.optimizer import DPGaussianOptimizer, PrivacyBudgetExceeded
+    from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    loader = DistributedDPDataLoader(data, q, steps=steps)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.module.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
+        noise_multiplier=1.0, data_loader=loader, target_epsilon=target_epsilon, target_delta=1e-5,
+    )
+    taken, refused_at, local = 0, None, []
+    for x, y in loader:
+        local.append(x.shape[0])
+        try:
+            opt.fit_batch(x, y)
+            taken += 1
+        except PrivacyBudgetExceeded:
+            refused_at = taken
+            break
+    torch.save(
+        {"ledger": opt.ledger.to_dict(), "taken": taken, "refused_at": refused_at, "local": local,
+         "denominator": opt.denominator},
+        os.path.join(out_dir, f"ledger{rank}.pt"),
+    )

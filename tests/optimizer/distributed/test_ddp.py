@@ -1,0 +1,213 @@
+"""Data-parallel DP-SGD on gloo (2 spawned CPU processes): equivalence with one process, noise
+added once, one ledger entry per step with the global q, the budget refused on all ranks together,
+and bf16 autocast numerics (norms, clip coefficients, sums and noise in fp32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from . import _workers as w
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
+def _load(path):
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine,opt_kwargs",
+    [
+        ("ghost", {}),
+        ("functorch", {}),
+        ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: no all-reduce until step()
+        ("functorch", {"microbatch_size": 2}),
+    ],
+    ids=["ghost", "functorch", "ghost-physical", "functorch-microbatch"],
+)
+def test_two_ranks_equal_one_process_without_noise(engine, opt_kwargs, tmp_path):
+    # reference: one process, no process group, the whole global batch of 8
+    ref = w.train(w.make_model(), engine, w.make_batches(), **opt_kwargs)
+    start = dict(w.make_model().named_parameters())
+    assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
+    w.spawn(w.equivalence, 2, engine, str(tmp_path), opt_kwargs)
+    for rank in range(2):
+        got = _load(tmp_path / f"params{rank}.pt")
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_noise_added_once_across_ranks(tmp_path):
+    sigma, clip, denominator = 2.0, 1.0, 10.0
+    w.spawn(w.noise_std, 2, str(tmp_path), sigma, clip, denominator)
+    u0, u1 = (_load(tmp_path / f"update{r}.pt") for r in range(2))
+    # every replica applies the same noised release
+    torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
+    update = u0["update"]
+    assert update.numel() == 5050  # sample std to ~1% (1/sqrt(2n))
+    expected = sigma * clip / denominator
+    std = float(update.std())
+    assert abs(std / expected - 1) < 0.05, (std, expected)
+    # not sqrt(W) times more (noise drawn on every rank), not noise-free, and centred
+    assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
+    assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
+    # one flat all-reduce of the sums (+2 counters) and one broadcast of the release, fp32
+    assert u0["volume"] == 4 * (5050 + 2) + 4 * 5050
+
+
+def _single_process_ledger(n, q, steps, target_epsilon):
+    from torch.utils.data import TensorDataset
+
+    from pytorch_privacy.optimizer import DPDataLoader, DPGaussianOptimizer, PrivacyBudgetExceeded
+
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    loader = DPDataLoader(data, q, steps=steps)
+    model = w.make_model()
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, w.loss_fn(), l2_norm_clip=1.0, noise_multiplier=1.0,
+        data_loader=loader, target_epsilon=target_epsilon, target_delta=1e-5,
+    )
+    taken, refused_at = 0, None
+    for x, y in loader:
+        try:
+            opt.fit_batch(x, y)
+            taken += 1
+        except PrivacyBudgetExceeded:
+            refused_at = taken
+            break
+    return opt.ledger, taken, refused_at
+
+
+def _runs(ledger_dict):
+    from pytorch_privacy.dp_query import PrivacyLedger
+
+    led = PrivacyLedger.from_dict(ledger_dict)
+    return led, [(r.count, r.event, r.population_size, r.selection_probability) for r in led.runs]
+
+
+@pytest.mark.slow
+def test_ledger_of_two_ranks_equals_one_process_and_budget_refuses_together(tmp_path):
+    n, q, steps = 40, 0.25, 4
+    # a budget that allows some of the planned steps but not all of them
+    ref, ref_taken, ref_refused = _single_process_ledger(n, q, steps, target_epsilon=None)
+    assert ref_taken == steps and ref_refused is None
+    from pytorch_privacy.analysis import RdpAccountant
+
+    eps = []
+    for k in (2, 3):
+        acc = RdpAccountant()
+        acc.compose_ledger(_prefix(ref, k))
+        eps.append(acc.get_epsilon(1e-5))
+    budget = (eps[0] + eps[1]) / 2  # step 3 is refused
+    ref_b, taken_b, refused_b = _single_process_ledger(n, q, steps, target_epsilon=budget)
+    assert (taken_b, refused_b) == (2, 2)
+
+    w.spawn(w.ledger_run, 2, str(tmp_path), n, q, steps, budget)
+    r0, r1 = (_load(tmp_path / f"ledger{r}.pt") for r in range(2))
+    led0, runs0 = _runs(r0["ledger"])
+    _, runs_ref = _runs(ref_b.to_dict())
+    assert runs0 == runs_ref and led0.steps == 2
+    assert led0.population_size == n and led0.selection_probability == q  # global N and q
+    assert r0["denominator"] == r1["denominator"] == q * n  # global q*N
+    led1, _ = _runs(r1["ledger"])
+    assert led1.steps == 0  # recorded once, on rank 0
+    assert r0["taken"] == r1["taken"] == 2 and r0["refused_at"] == r1["refused_at"] == 2
+
+
+def _prefix(ledger, k):
+    from pytorch_privacy.dp_query import PrivacyLedger
+
+    led = PrivacyLedger(ledger.population_size, ledger.selection_probability)
+    for _ in range(k):
+        led.record_sample(ledger.runs[0].event)
+    return led
+
+
+# -- mixed precision (one process) --------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["ghost", "functorch"])
+def test_bf16_autocast_step_matches_fp32_and_norms_are_fp32(engine):
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from pytorch_privacy.optimizer.distributed.precision import full_precision
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def run(autocast: bool):
+        model = w.make_model()
+        opt = DPGaussianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0), model, w.loss_fn(), l2_norm_clip=0.3,
+            noise_multiplier=0.0, expected_batch_size=16, engine=engine,
+        )
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        with ctx:
+            pe = opt.per_example_gradients(x, y)
+            norms = pe.norms()
+            with full_precision():  # what the optimizer wraps around clipping and summing
+                summed = pe.weighted_sum(torch.ones(16))
+            opt.zero_grad()
+            opt.accumulate_pass(pe)
+            opt.step()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return norms, summed, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    n32, s32, g32, p32 = run(False)
+    n16, s16, g16, p16 = run(True)
+    assert n16.dtype == torch.float32 and all(t.dtype == torch.float32 for t in s16.values())
+    assert all(t.dtype == torch.float32 for t in g16.values())
+    assert not torch.equal(n16, n32)  # autocast really ran the forward in bf16
+    torch.testing.assert_close(n16, n32, rtol=3e-2, atol=1e-3)  # bf16: 8 mantissa bits
+    for n in g32:
+        torch.testing.assert_close(g16[n], g32[n], rtol=3e-2, atol=3e-3)
+        torch.testing.assert_close(p16[n], p32[n], rtol=3e-2, atol=3e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["ghost", "functorch"])
+def test_fp16_autocast_on_gpu_norms_fp32(engine):
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    model = w.make_model().cuda()
+    x, y = torch.randn(16, 6, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=1.0,
+        expected_batch_size=16, engine=engine,
+    )
+    with torch.autocast("cuda", dtype=torch.float16):
+        pe = opt.per_example_gradients(x, y)
+        assert pe.norms().dtype == torch.float32
+        opt.fit_batch(x, y)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_plain_model_with_a_distributed_loader_is_refused():
+    from torch.utils.data import TensorDataset
+
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+    data = TensorDataset(torch.randn(10, 6), torch.randint(0, 3, (10,)))
+    loader = DistributedDPDataLoader(data, 0.5, rank=0, world_size=2)
+    model = w.make_model()
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        DPGaussianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, w.loss_fn(), l2_norm_clip=1.0,
+            noise_multiplier=1.0, data_loader=loader,
+        )
+
+
+def test_ddp_model_without_process_group_is_refused():
+    from pytorch_privacy.optimizer.distributed.ddp import DistributedStep
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        DistributedStep()
