@@ -468,3 +468,16 @@ def test_loader_keeps_dataset_collate_fn_and_epoch_length():
     assert ploader.sample_rate == 7 / N and opt.ledger.selection_probability == 7 / N
     _loop_step(model, opt, ploader, nn.CrossEntropyLoss())
     assert calls and len(opt.ledger) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decomposition_check_tolerates_rounding_but_not_batch_statistics(dtype):
+    from pytorch_privacy.make_private import PerExampleLoss
+
+    g = torch.Generator().manual_seed(0)
+    out, y = torch.randn(4096, 10, generator=g).to(dtype), torch.randint(0, 10, (4096,), generator=g)
+    # a bf16 batch mean is itself off by ~3e-3 relative here: still a mean of per-example terms
+    PerExampleLoss(nn.CrossEntropyLoss()).check_decomposes(out, y)
+    PerExampleLoss(lambda o, t: F.cross_entropy(o, t, reduction="sum"), "sum").check_decomposes(out, y)
+    with pytest.raises(ValueError, match="not a mean of per-example terms"):
+        PerExampleLoss(nn.CrossEntropyLoss(weight=torch.linspace(0.1, 1, 10).to(dtype))).check_decomposes(out, y)
