@@ -32,6 +32,7 @@ local batch still joins the collectives (it contributes a zero sum).
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Callable
 
 import torch
@@ -94,6 +95,9 @@ class DistributedStep:
         self.last_volume_bytes = 0
         self.last_global_examples: int | None = None
         self._checked_additive = False
+        #: rank 0: the pickled header last broadcast; other ranks: the header last received
+        self._last_blob: bytes | None = None
+        self._header: Any = None
 
     @property
     def is_recorder(self) -> bool:
@@ -140,6 +144,12 @@ class DistributedStep:
 
         acc.flush()
         query = acc.query
+        if self.world_size == 1:  # nothing to reduce: the single-process release
+            self.last_global_examples, self.last_volume_bytes = local_examples, 0
+            result, new_state, event = acc.finish(global_state)
+            if check is not None and event is not None:
+                check(event)
+            return result, new_state, event
         has_sensitive = acc.sample_state is not None
         state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
         self._check_additive(query, state)
@@ -165,36 +175,49 @@ class DistributedStep:
             pos += t.numel()
         acc.sample_state = pytree.unflatten(total, spec)
 
+        # rank 0 releases; then a 2-entry control tensor [code, header changed], the header (new
+        # global state, event, result structure) only when it changed since the last step, and
+        # the flat release
+        result = None
+        control = torch.zeros(2, dtype=torch.long)
         header: list[Any] = [None]
         refused: BaseException | None = None
-        result = new_state = event = None
         if self.is_recorder:
             try:
                 result, new_state, event = acc.finish(global_state)  # the one noise draw of the world
                 if check is not None and event is not None:
                     check(event)
                 r_leaves, r_spec = pytree.flatten(result)
-                header = [(_OK, new_state, event, _dump_spec(r_spec), [(tuple(t.shape), t.dtype) for t in r_leaves])]
+                header = [(new_state, event, _dump_spec(r_spec), [(tuple(t.shape), t.dtype) for t in r_leaves])]
+                blob = pickle.dumps(header[0])
+                control[:] = torch.tensor([_OK, int(blob != self._last_blob)])
+                self._last_blob = blob
             except PrivacyBudgetExceeded as exc:
-                refusal = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
-                header, refused = [(_REFUSED, refusal, None, None, None)], exc
+                header = [(str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)]
+                control[:], refused = torch.tensor([_REFUSED, 1]), exc
             except Exception as exc:  # tell the other ranks, or they wait in the broadcast forever
-                header = [(_ERROR, f"{type(exc).__name__}: {exc}", None, None, None)]
+                header = [f"{type(exc).__name__}: {exc}"]
+                control[:] = torch.tensor([_ERROR, 1])
+                dist.broadcast(control, src=self._src(), group=self.group)
                 dist.broadcast_object_list(header, src=self._src(), group=self.group)
                 raise
-        dist.broadcast_object_list(header, src=self._src(), group=self.group)
-        code, a, b, r_spec, shapes = header[0]
+        dist.broadcast(control, src=self._src(), group=self.group)
+        code, changed = int(control[0]), bool(control[1])
+        if changed:
+            dist.broadcast_object_list(header, src=self._src(), group=self.group)
+            if not self.is_recorder and code == _OK:
+                self._header = header[0]
         if code == _REFUSED:
+            self._last_blob = None
             if self.is_recorder:
                 raise refused
-            msg, eps, target_eps, target_delta, steps = a
+            msg, eps, target_eps, target_delta, steps = header[0]
             raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
         if code == _ERROR:
-            raise RuntimeError(f"rank 0 failed to release the step ({a}); this rank stops with it")
-        new_state, event = a, b
+            raise RuntimeError(f"rank 0 failed to release the step ({header[0]}); this rank stops with it")
+        new_state, event, r_spec, shapes = header[0] if self.is_recorder else self._header
         if self.is_recorder:
-            r_leaves, _ = pytree.flatten(result)
-            out = torch.cat([t.detach().reshape(-1).to(wide) for t in r_leaves])
+            out = torch.cat([t.detach().reshape(-1).to(wide) for t in pytree.flatten(result)[0]])
         else:
             out = torch.empty(sum(torch.Size(s).numel() for s, _ in shapes), dtype=wide, device=device)
         dist.broadcast(out, src=self._src(), group=self.group)

@@ -65,10 +65,13 @@ def train(model, engine, batches, *, rank=0, world=1, **opt_kwargs):
     return {n: p.detach().clone() for n, p in inner.named_parameters()}
 
 
-def equivalence(rank, world, port, engine, out_dir, opt_kwargs):
-    model = nn.parallel.DistributedDataParallel(make_model())
-    params = train(model, engine, make_batches(), rank=rank, world=world, **opt_kwargs)
-    torch.save(params, os.path.join(out_dir, f"params{rank}.pt"))
+def equivalence(rank, world, port, variants, out_dir):
+    """Every ``(engine, optimizer kwargs)`` variant in one spawn (process start-up dominates)."""
+    results = []
+    for engine, opt_kwargs in variants:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        results.append(train(model, engine, make_batches(), rank=rank, world=world, **opt_kwargs))
+    torch.save(results, os.path.join(out_dir, f"params{rank}.pt"))
 
 
 def noise_std(rank, world, port, out_dir, sigma, clip, denominator):

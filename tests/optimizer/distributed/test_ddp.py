@@ -21,27 +21,28 @@ def _load(path):
     return torch.load(path, weights_only=False)
 
 
+VARIANTS = [
+    ("ghost", {}),
+    ("functorch", {}),
+    ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: no all-reduce until step()
+    ("functorch", {"microbatch_size": 2}),
+    ("functorch", {"num_microbatches": 4}),  # global count: 2 microbatches per rank
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "engine,opt_kwargs",
-    [
-        ("ghost", {}),
-        ("functorch", {}),
-        ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: no all-reduce until step()
-        ("functorch", {"microbatch_size": 2}),
-    ],
-    ids=["ghost", "functorch", "ghost-physical", "functorch-microbatch"],
-)
-def test_two_ranks_equal_one_process_without_noise(engine, opt_kwargs, tmp_path):
-    # reference: one process, no process group, the whole global batch of 8
-    ref = w.train(w.make_model(), engine, w.make_batches(), **opt_kwargs)
+def test_two_ranks_equal_one_process_without_noise(tmp_path):
+    """ghost and functorch engines, physical chunks, microbatches: 3 steps, to 1e-5."""
+    refs = [w.train(w.make_model(), engine, w.make_batches(), **kw) for engine, kw in VARIANTS]
     start = dict(w.make_model().named_parameters())
-    assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
-    w.spawn(w.equivalence, 2, engine, str(tmp_path), opt_kwargs)
+    for ref in refs:
+        assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
+    w.spawn(w.equivalence, 2, VARIANTS, str(tmp_path))
     for rank in range(2):
         got = _load(tmp_path / f"params{rank}.pt")
-        for n in ref:
-            torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0)
+        for (engine, kw), ref, params in zip(VARIANTS, refs, got):
+            for n in ref:
+                torch.testing.assert_close(params[n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
 
 
 @pytest.mark.slow
