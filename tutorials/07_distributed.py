@@ -1,0 +1,177 @@
+# %% [markdown]
+# # Data-parallel DP-SGD on `torch.distributed` (DDP), and bf16 autocast
+#
+# Several processes (ranks) train one model together.  Each rank
+#
+# 1. loads **its share of a global Poisson sample** (`DistributedDPDataLoader`: rank `r` of `W`
+#    owns the examples `i` with `i % W == r` and draws each with probability `q`),
+# 2. computes and **clips the per-example gradients of its own examples** and sums them,
+#
+# then, once per logical step, the clipped sums are **all-reduced once**, rank 0 adds the Gaussian
+# noise `N(0, (sigma C)^2)` **once** and broadcasts the release, every replica applies the same
+# update, and **rank 0 records the step once** in the ledger with the global `q`.  The world
+# releases exactly what one process holding the global batch would release, so the epsilon of a
+# run does not depend on `W` (see `docs/distributed.md`).
+#
+# On a cluster you launch the script below with `torchrun`, one process per GPU or per CPU slot:
+#
+# ```bash
+# torchrun --standalone --nproc_per_node=2 tutorials/07_distributed.py
+# ```
+#
+# Run as a plain script (as the test suite does), it spawns two CPU processes itself with the
+# `gloo` backend.
+
+# %%
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pytorch_privacy.optimizer import DPGaussianOptimizer, PrivacyBudgetExceeded
+from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+FAST = os.environ.get("TUTORIAL_FAST") == "1"  # CI runs the tutorials with fewer steps
+N, Q, EPOCHS = 2000, 0.05, (2 if FAST else 5)
+CLIP, SIGMA, TARGET_EPS, DELTA = 1.0, 1.0, 2.5, 1e-5  # the budget ends training early
+
+
+def make_data():
+    """Two Gaussian blobs in 10 dimensions (the same global dataset on every rank)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (N,), generator=g)
+    x = torch.randn(N, 10, generator=g) + 1.5 * (2 * y[:, None] - 1) * torch.linspace(1, 0.1, 10)
+    return TensorDataset(x, y)
+
+
+def per_example_ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+# %% [markdown]
+# ## One rank's training loop
+#
+# Everything a rank does; `torchrun` runs this in every process.  Note what is *global*: the
+# dataset given to the loader (each rank only loads its share), `q`, the ledger's `N`, and the
+# denominator `q N` of the average, which the optimizer takes from the loader.
+
+
+# %%
+def train(rank: int, world: int) -> dict:
+    data = make_data()
+    loader = DistributedDPDataLoader(data, Q, steps=EPOCHS * round(1 / Q))  # rank/world from the group
+    torch.manual_seed(0)  # DDP broadcasts rank 0's initial weights anyway
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2)))
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.module.parameters(), lr=0.5), model, per_example_ce,
+        l2_norm_clip=CLIP, noise_multiplier=SIGMA, data_loader=loader,
+        target_epsilon=TARGET_EPS, target_delta=DELTA, engine="ghost",
+    )
+    local_sizes, stopped = [], False
+    for x, y in loader:
+        local_sizes.append(x.shape[0])  # may be 0: the rank still joins the step
+        try:
+            opt.fit_batch(x, y)
+        except PrivacyBudgetExceeded:  # decided on rank 0, raised on every rank together
+            stopped = True
+            break
+    # every replica holds the same weights
+    flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], t) for t in gathered)
+    x, y = data.tensors
+    acc = (model.module(x).argmax(1) == y).float().mean().item()
+    return {
+        "steps": opt.steps, "ledger_steps": opt.ledger.steps, "stopped": stopped, "accuracy": acc,
+        "mean_local_batch": sum(local_sizes) / max(len(local_sizes), 1),
+        "epsilon": opt.epsilon if rank == 0 else None, "denominator": opt.denominator,
+    }
+
+
+# %% [markdown]
+# ## Launching: `torchrun`, or two local CPU processes
+#
+# Under `torchrun` the environment carries `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`.
+# Without it we spawn the processes ourselves on 127.0.0.1 with `gloo` (CPU).  Each process calls
+# `destroy_process_group` when it is done.
+
+
+# %%
+def _worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = train(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(world: int = 2) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = torch.multiprocessing.get_context("spawn").Manager()
+    results = manager.dict()
+    torch.multiprocessing.spawn(_worker, args=(world, port, results), nprocs=world, join=True)
+    return [results[r] for r in range(world)]
+
+
+# %% [markdown]
+# ## Run it and check the accounting
+#
+# Rank 0's ledger holds one entry per step with the global `q`; rank 1 records nothing.  The
+# budget stopped both ranks at the same step.
+
+# %%
+if __name__ == "__main__":
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            out = train(dist.get_rank(), dist.get_world_size())
+            print(f"rank {dist.get_rank()}: {out}")
+        finally:
+            dist.destroy_process_group()
+    else:
+        r0, r1 = launch_local(2)
+        print(f"rank 0: {r0}\nrank 1: {r1}")
+        assert r0["steps"] == r1["steps"] == r0["ledger_steps"] > 0
+        assert r1["ledger_steps"] == 0  # the step is recorded once, on rank 0
+        assert r0["stopped"] and r1["stopped"]  # the budget refused the same step on both ranks
+        assert r0["epsilon"] <= TARGET_EPS
+        assert r0["denominator"] == r1["denominator"] == Q * N  # the global q N
+        # each rank loads about half of the expected global batch q N = 100
+        assert 35 < r0["mean_local_batch"] < 65 and 35 < r1["mean_local_batch"] < 65
+        assert r0["accuracy"] == r1["accuracy"] > 0.8
+        print(f"epsilon {r0['epsilon']:.3f} after {r0['steps']} steps, accuracy {r0['accuracy']:.3f}")
+
+# %% [markdown]
+# ## Mixed precision: bf16 autocast
+#
+# Wrap the step in `torch.autocast`: the forward and the per-example backward run in bf16, while
+# norms, clip coefficients, the clipped sums and the noise stay in float32 (the optimizer disables
+# autocast around them).  The step is the fp32 step up to bf16 rounding of the gradients.
+
+# %%
+if __name__ == "__main__":
+    data = make_data()
+    x, y = data.tensors[0][:64], data.tensors[1][:64]
+    params = {}
+    for use_bf16 in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2))
+        opt = DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, per_example_ce,
+                                  l2_norm_clip=CLIP, noise_multiplier=0.0, expected_batch_size=64, engine="ghost")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            norms = opt.per_example_gradients(x, y).norms()
+            opt.fit_batch(x, y)
+        assert norms.dtype == torch.float32
+        params[use_bf16] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    diff = (params[True] - params[False]).abs().max().item()
+    print(f"bf16 vs fp32 step: max parameter difference {diff:.2e}")
+    assert diff < 1e-2
