@@ -496,9 +496,9 @@ def make_private(
             ``noise_multiplier`` only sets the default delta of ``optimizer.epsilon()``.
         loss_reduction: ``"mean"`` (default) or ``"sum"``, for a criterion without a
             ``reduction`` attribute.  ``"sum"`` releases the noisy clipped *sum* (no division).
-        engine, secure_mode, num_microbatches, microbatch_size, max_physical_batch_size,
-            generator: as for :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer`
-            (``secure_mode`` also makes the loader sample from the OS CSPRNG).
+        engine, secure_mode, num_microbatches, microbatch_size, max_physical_batch_size, generator:
+            as for :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer` (``secure_mode`` also
+            makes the loader sample from the OS CSPRNG).
         sampling_generator: ``torch.Generator`` of the Poisson sampling (reproducible runs).
         seed: reproducible experiments: seeds both the noise and the sampling generators
             (not with ``secure_mode``; never for a deployment).
