@@ -31,6 +31,7 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
+from pytorch_privacy.optimizer.distributed.sampler import DistributedDPDataLoader
 from pytorch_privacy.optimizer.samplers import DPDataLoader, PoissonSampler
 
 ALPHA = 1e-6
@@ -49,6 +50,30 @@ def _loader_batches(N: int, q: float, seed: int) -> np.ndarray:
         assert idx.dtype == torch.int64 and idx.dim() == 1
         assert len(set(idx.tolist())) == idx.numel(), "an index appears twice in one batch"
         X[t, idx.numpy()] = True
+        rows += 1
+    assert rows == T
+    return X
+
+
+def _distributed_batches(N: int, q: float, seed: int, world_size: int = 3, same_seed: bool = False) -> np.ndarray:
+    """``[T, N]`` indicators of the *global* batches of ``world_size`` in-process ranks (each a
+    :class:`DistributedDPDataLoader` with its own generator): the union of the ranks' batches,
+    which must be a Poisson sample of the whole dataset; no index may be drawn by two ranks."""
+    ds = TensorDataset(torch.arange(N))
+    loaders = [
+        DistributedDPDataLoader(
+            ds, q, rank=r, world_size=world_size, steps=T,
+            generator=torch.Generator().manual_seed(seed if same_seed else seed * world_size + r),
+        )
+        for r in range(world_size)
+    ]
+    X = np.zeros((T, N), dtype=bool)
+    rows = 0
+    for t, parts in enumerate(zip(*loaders)):
+        for r, (idx,) in enumerate(parts):
+            assert bool((idx % world_size == r).all()), f"rank {r} loaded an index it does not own"
+            assert not X[t, idx.numpy()].any(), "an index drawn by two ranks in one step"
+            X[t, idx.numpy()] = True
         rows += 1
     assert rows == T
     return X
@@ -154,10 +179,24 @@ def loader_draws():
     return {(N, q): _loader_batches(N, q, seed=N) for N, q in CONFIGS}
 
 
+@pytest.fixture(scope="module")
+def distributed_draws():
+    return {(N, q): _distributed_batches(N, q, seed=N) for N, q in CONFIGS}
+
+
 @pytest.mark.parametrize("check", sorted(CHECKS))
 @pytest.mark.parametrize("N,q", CONFIGS)
 def test_poisson_loader_passes(loader_draws, N, q, check):
     CHECKS[check](loader_draws[(N, q)], q)
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("N,q", CONFIGS)
+def test_distributed_loader_world_batch_passes(distributed_draws, N, q, check):
+    """Three ranks, each its own generator: the world's batch is a Poisson sample of the whole
+    dataset (neighbouring indices live on different ranks, so this also checks that the ranks'
+    draws are independent of one another)."""
+    CHECKS[check](distributed_draws[(N, q)], q)
 
 
 def test_pairwise_frequencies_are_q_squared(loader_draws):
@@ -177,6 +216,17 @@ def test_contiguous_block_sampler_is_caught():
         for name in ("pairwise_inclusion", "neighbours_uncorrelated"):
             with pytest.raises(AssertionError):
                 CHECKS[name](X, q)
+
+
+def test_ranks_sharing_a_seed_are_caught():
+    """Ranks whose generators share a seed draw the same mask over their owned indices, so
+    index i (rank r) and i + 1 (rank r + 1) join together: the pairwise checks see it."""
+    N, q = CONFIGS[0]
+    X = _distributed_batches(N, q, seed=N, same_seed=True)
+    check_inclusion_rates(X, q)
+    for name in ("pairwise_inclusion", "neighbours_uncorrelated"):
+        with pytest.raises(AssertionError):
+            CHECKS[name](X, q)
 
 
 def test_sampler_and_loader_draw_the_same_batches():
