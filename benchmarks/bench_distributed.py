@@ -11,7 +11,7 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
   noise on rank 0, one broadcast of the release, ``SGD.step()``.
 
 Reduction volume per step is what each rank hands to the collectives: for ``dp`` the flat buffer
-of the all-reduce (sums + 2 counters) plus the broadcast release
+of the all-reduce (sums + 3 counters) plus the broadcast release
 (``DistributedStep.last_volume_bytes``); for ``non-private`` the gradient bytes DDP all-reduces.
 
 Usage::

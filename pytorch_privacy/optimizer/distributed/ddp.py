@@ -25,7 +25,9 @@ global).  The budget is decided on rank 0, before anything is released, and the 
 broadcast with the release, so every rank refuses the step together
 (:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks).
 
-Physical batches and several passes are clipped and merged locally; nothing is communicated until
+Public passes (no privacy cost) are averaged over the ranks in the same all-reduce, so the replicas
+stay equal; every rank must take them.  Physical batches and several passes are clipped and merged
+locally; nothing is communicated until
 :meth:`~pytorch_privacy.optimizer.DPOptimizer.step` ends the logical step.  A rank with an empty
 local batch still joins the collectives (it contributes a zero sum).
 """
@@ -156,15 +158,30 @@ class DistributedStep:
         leaves, spec = pytree.flatten(state)
         wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
         device = leaves[0].device if leaves else torch.device("cpu")
-        # one flat buffer: the sums, then [has a sensitive pass, examples] (counts are exact in fp32
-        # up to 2^24 per step)
+        # public passes (unclipped, unnoised) are averaged over the ranks, so the replicas stay equal
+        public = acc.num_public_passes > 0
+        names = list(acc.template)
+        pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
+        # one flat buffer: the sums, the public gradients, then [has a sensitive pass, examples,
+        # ranks with a public pass] (counts are exact in fp32 up to 2^24 per step)
         flat = torch.cat(
-            [t.detach().reshape(-1).to(wide) for t in leaves]
-            + [torch.tensor([float(has_sensitive), float(local_examples)], dtype=wide, device=device)]
+            [t.detach().reshape(-1).to(wide) for t in leaves + pub]
+            + [torch.tensor([float(has_sensitive), float(local_examples), float(public)], dtype=wide, device=device)]
         )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         volume = flat.numel() * flat.element_size()
-        any_sensitive, examples = bool(flat[-2] > 0), int(round(float(flat[-1])))
+        any_sensitive, examples = bool(flat[-3] > 0), int(round(float(flat[-2])))
+        if public:
+            if int(round(float(flat[-1]))) != self.world_size:
+                raise ValueError(
+                    "a public pass was taken on some ranks only; take public passes on every rank (each on its "
+                    "share of the public batch: the ranks' public gradients are averaged)"
+                )
+            pos = sum(t.numel() for t in leaves)
+            for n in names:
+                t = acc.template[n]
+                acc.public[n] = (flat[pos : pos + t.numel()].reshape(t.shape) / self.world_size).to(t.dtype)
+                pos += t.numel()
         self.last_global_examples = examples
         if not any_sensitive:
             self.last_volume_bytes = volume

@@ -55,13 +55,27 @@ def train(model, engine, batches, *, rank=0, world=1, **opt_kwargs):
     from pytorch_privacy.optimizer import DPGaussianOptimizer
 
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    passes = opt_kwargs.pop("passes", False)
     opt = DPGaussianOptimizer(
         torch.optim.SGD(inner.parameters(), lr=0.5), model, loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
         expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(0), **opt_kwargs,
     )
     for x, y in batches:
         share = x.shape[0] // world
-        opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        if not passes:
+            opt.fit_batch(xs, ys)
+            continue
+        # the multi-pass API: a sensitive pass per half of the share (flushed in between), and a
+        # public pass on a share of a public batch; communication only at step()
+        opt.zero_grad()
+        half = xs.shape[0] // 2
+        opt.backward_pass(xs[:half], ys[:half])
+        opt.clip_and_accumulate()
+        opt.backward_pass(xs[half:], ys[half:])
+        pub_x = x.flip(0) * 0.5  # "public" data, split the same way
+        opt.backward_pass(pub_x[rank * share:(rank + 1) * share], ys, sensitive=False)
+        opt.step()
     return {n: p.detach().clone() for n, p in inner.named_parameters()}
 
 

@@ -27,6 +27,7 @@ VARIANTS = [
     ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: no all-reduce until step()
     ("functorch", {"microbatch_size": 2}),
     ("functorch", {"num_microbatches": 4}),  # global count: 2 microbatches per rank
+    ("ghost", {"passes": True}),  # backward_pass x2 (one public) + clip_and_accumulate + step
 ]
 
 
@@ -60,8 +61,8 @@ def test_noise_added_once_across_ranks(tmp_path):
     # not sqrt(W) times more (noise drawn on every rank), not noise-free, and centred
     assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
     assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
-    # one flat all-reduce of the sums (+2 counters) and one broadcast of the release, fp32
-    assert u0["volume"] == 4 * (5050 + 2) + 4 * 5050
+    # one flat all-reduce of the sums (+3 counters) and one broadcast of the release, fp32
+    assert u0["volume"] == 4 * (5050 + 3) + 4 * 5050
 
 
 def _single_process_ledger(n, q, steps, target_epsilon):
