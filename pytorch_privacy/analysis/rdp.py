@@ -414,6 +414,12 @@ def _rdp_poisson_gaussian_one_step(q: float, sigma: float, orders: np.ndarray) -
             return orders * (0.5 * mu * mu)
     out = np.empty(orders.shape, dtype=float)
     big = orders > MAX_EXACT_ORDER
+    # fractional orders whose quadrature would need > ~2e5 points ((a + 4)/sigma > 1e5, only for
+    # sigma < 0.1) also take the closed-form bound: there it exceeds the exact value by at most
+    # |log q| * 2 sigma^2 / a < 2e-6 |log q| relative
+    is_frac = orders != np.round(orders)
+    if sigma >= _GRID_MIN_SIGMA:
+        big |= is_frac & ((orders + 4.0) / sigma > 1e5)
     if np.any(big):
         out[big] = _rdp_jensen(q, sigma, orders[big])
     is_int = (orders == np.round(orders)) & ~big

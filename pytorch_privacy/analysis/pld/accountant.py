@@ -215,6 +215,12 @@ class PLDAccountant(PrivacyAccountant):
             dirs = ["remove"] if spec.symmetric else ["remove", "add"]
             tot_v += c * min(spec.variance(d) for d in dirs)
             tot_n += c
+        if not math.isfinite(tot_v):
+            raise ValueError(
+                "the privacy loss of these events is too large for a PLD grid (a vanishingly small "
+                "noise_multiplier): the mechanism is practically non-private. Use RdpAccountant, "
+                "which reports inf, or more noise"
+            )
         vbar = max(tot_v / tot_n, 1e-300)
         tol = self.discretization_tolerance
         h = math.sqrt(12.0 * (tol or _DEFAULT_TOL) * vbar)

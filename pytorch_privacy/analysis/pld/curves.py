@@ -249,7 +249,7 @@ def _mixture_loss_variance(kind: str, scale: float, sens: float, q: float, direc
     """
     if kind == "gaussian":
         if q >= 1.0:
-            return (sens / scale) ** 2
+            return (sens / scale) * (sens / scale)  # inf (not OverflowError) for a vanishing scale
         w = 14.0 * scale
         x = np.linspace(-w - sens, sens + w, 8001)
         l0 = -0.5 * (x / scale) ** 2
