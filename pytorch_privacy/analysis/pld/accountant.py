@@ -59,6 +59,12 @@ class PLDAccountant(PrivacyAccountant):
     change and cached, together with the last composition, so repeated queries are cheap.
     Every answer is an upper bound: the true epsilon (delta) is never above the reported one.
 
+    Limits: at most :data:`MAX_STEPS` (1e10) composed steps (``ValueError`` beyond); a vanishing
+    noise multiplier (privacy loss variance beyond the float range) raises ``ValueError``.  Known
+    slow corner (not yet fixed): with ``noise_multiplier`` below ~0.1 a single query can take 5-10 s
+    of CPU (e.g. ``q = 0.5, sigma = 0.05`` over 1e8 steps, or ``q = 1e-6, sigma = 0.05``); the fuzz
+    tests cover ``noise_multiplier >= 0.3``.
+
     Example::
 
         acc = PLDAccountant()
