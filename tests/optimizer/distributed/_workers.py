@@ -81,11 +81,33 @@ def train(model, engine, batches, *, rank=0, world=1, **opt_kwargs):
 
 def equivalence(rank, world, port, variants, out_dir):
     """Every ``(engine, optimizer kwargs)`` variant in one spawn (process start-up dominates)."""
-    results = []
+    results, hook_calls = [], []
     for engine, opt_kwargs in variants:
         model = nn.parallel.DistributedDataParallel(make_model())
-        results.append(train(model, engine, make_batches(), rank=rank, world=world, **opt_kwargs))
-    torch.save(results, os.path.join(out_dir, f"params{rank}.pt"))
+        calls = _count_ddp_reductions(model)
+        results.append(train(model, engine, make_batches(), rank=rank, world=world, **dict(opt_kwargs)))
+        hook_calls.append(len(calls))
+    # control: the same hook does fire for an ordinary DDP backward
+    control = nn.parallel.DistributedDataParallel(make_model())
+    calls = _count_ddp_reductions(control)
+    x, y = make_batches(1)[0]
+    loss_fn()(control(x), y).mean().backward()
+    torch.save({"params": results, "hook_calls": hook_calls, "control_calls": len(calls)},
+               os.path.join(out_dir, f"params{rank}.pt"))
+
+
+def _count_ddp_reductions(model) -> list:
+    """A DDP communication hook that counts DDP's own gradient all-reduces (buckets)."""
+    calls = []
+
+    def hook(state, bucket):
+        calls.append(1)
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    model.register_comm_hook(None, hook)
+    return calls
 
 
 def noise_std(rank, world, port, out_dir, sigma, clip, denominator):
