@@ -4,7 +4,7 @@ Subpackages: :mod:`pytorch_privacy.dp_query` (queries, events, ledger),
 :mod:`pytorch_privacy.analysis` (privacy accounting; imports without torch) and
 :mod:`pytorch_privacy.optimizer` (private training).
 
-:func:`make_private` (:mod:`pytorch_privacy.make_private`) turns a plain training loop's
+:func:`make_private` (:mod:`pytorch_privacy.private_loop`) turns a plain training loop's
 ``(model, optimizer, loader)`` into private ones, loop unchanged.  Names load lazily (PEP 562):
 ``import pytorch_privacy`` does not import torch.
 """
@@ -16,7 +16,7 @@ from ._lazy import lazy_attributes
 __version__ = "0.1.0"
 
 _LAZY = {
-    "make_private": ".make_private",
+    "make_private": ".private_loop",
 }
 
 __getattr__, __dir__, __all__ = lazy_attributes(__name__, globals(), _LAZY)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from pytorch_privacy import make_private
 from pytorch_privacy.dp_query import PrivacyLedger
-from pytorch_privacy.make_private import PrivateLoader, PrivateOptimizer
+from pytorch_privacy.private_loop import PrivateLoader, PrivateOptimizer
 from pytorch_privacy.optimizer import DPGaussianOptimizer, PrivacyBudgetExceeded
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -186,11 +186,11 @@ def test_readme_plain_and_private_scripts_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # a fresh interpreter importing torch
 def test_function_name_and_submodule_import_order():
-    # importing the submodule first binds the package attribute to the module; it stays callable
+    # the function lives in private_loop (no module named like it, so nothing can shadow it)
     code = (
         "import torch\n"
         "from torch.utils.data import DataLoader, TensorDataset\n"
-        "import pytorch_privacy.make_private\n"
+        "import pytorch_privacy.private_loop\n"
         "import pytorch_privacy\n"
         "m = torch.nn.Linear(3, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
         "l = DataLoader(TensorDataset(torch.randn(20, 3), torch.randint(0, 2, (20,))), batch_size=5)\n"
@@ -472,7 +472,7 @@ def test_loader_keeps_dataset_collate_fn_and_epoch_length():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decomposition_check_tolerates_rounding_but_not_batch_statistics(dtype):
-    from pytorch_privacy.make_private import PerExampleLoss
+    from pytorch_privacy.private_loop import PerExampleLoss
 
     g = torch.Generator().manual_seed(0)
     out, y = torch.randn(4096, 10, generator=g).to(dtype), torch.randint(0, 10, (4096,), generator=g)

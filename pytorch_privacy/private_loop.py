@@ -66,8 +66,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import sys
-import types
 import warnings
 from typing import Any, Callable
 
@@ -450,6 +448,59 @@ def _calibrate(loader: PrivateLoader, steps: int, target_epsilon: float, delta: 
     return hi
 
 
+def _check_arguments(
+    model, optimizer, criterion, max_grad_norm, noise_multiplier, target_epsilon, target_delta, epochs,
+    secure_mode, generator, sampling_generator, seed, optimizer_kwargs,
+) -> tuple[float, torch.Generator | None, torch.Generator | None]:
+    """Validate :func:`make_private`'s arguments; ``(clip, noise generator, sampling generator)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, DPOptimizer):
+        raise TypeError("optimizer is already private (a DPOptimizer); pass the plain torch optimizer")
+    if criterion is None or not callable(criterion):
+        raise TypeError(
+            "criterion= is required and must be callable: the loss of your loop, e.g. nn.CrossEntropyLoss() "
+            "(optimizer.step() recomputes the per-example gradients with it)"
+        )
+    for bad in ("ledger", "data_loader", "loss_fn", "query", "l2_norm_clip", "expected_batch_size"):
+        if bad in optimizer_kwargs:
+            raise TypeError(f"make_private sets {bad!r} itself (from the loader and criterion); do not pass it")
+    clip = _check_positive("max_grad_norm", max_grad_norm)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError(
+            "pass exactly one of noise_multiplier (sigma) and target_epsilon (with target_delta and epochs, to "
+            f"calibrate sigma); got noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}"
+        )
+    if target_epsilon is not None:
+        _check_positive("target_epsilon", target_epsilon)
+        if target_delta is None or epochs is None:
+            raise ValueError("target_epsilon needs target_delta and epochs (the planned training length) to calibrate sigma")
+        epochs = _check_positive("epochs", epochs)
+    elif epochs is not None:
+        raise ValueError("epochs is only used with target_epsilon (to calibrate sigma); drop it or give target_epsilon")
+    else:
+        _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    if target_delta is not None and (
+        isinstance(target_delta, bool) or not isinstance(target_delta, numbers.Real) or not 0 < target_delta < 1
+    ):
+        raise ValueError(f"target_delta must be in (0, 1), e.g. 1e-5 (below 1/N), got {target_delta!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if secure_mode:
+            raise ValueError("seed= makes the noise reproducible; it cannot be combined with secure_mode=True")
+        if generator is not None or sampling_generator is not None:
+            raise ValueError("pass seed= or generator=/sampling_generator=, not both")
+        generator = torch.Generator().manual_seed(seed)
+        sampling_generator = torch.Generator().manual_seed(seed + 1)
+    if secure_mode and (generator is not None or sampling_generator is not None):
+        raise ValueError("secure_mode=True draws from the OS CSPRNG; do not pass generator=/sampling_generator=")
+
+    return clip, generator, sampling_generator
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -511,51 +562,12 @@ def make_private(
         ``(model, optimizer, loader)``: the same model, a :class:`PrivateOptimizer`, a
         :class:`PrivateLoader`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, DPOptimizer):
-        raise TypeError("optimizer is already private (a DPOptimizer); pass the plain torch optimizer")
-    if criterion is None or not callable(criterion):
-        raise TypeError(
-            "criterion= is required and must be callable: the loss of your loop, e.g. nn.CrossEntropyLoss() "
-            "(optimizer.step() recomputes the per-example gradients with it)"
-        )
-    for bad in ("ledger", "data_loader", "loss_fn", "query", "l2_norm_clip", "expected_batch_size"):
-        if bad in optimizer_kwargs:
-            raise TypeError(f"make_private sets {bad!r} itself (from the loader and criterion); do not pass it")
-    clip = _check_positive("max_grad_norm", max_grad_norm)
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError(
-            "pass exactly one of noise_multiplier (sigma) and target_epsilon (with target_delta and epochs, to "
-            f"calibrate sigma); got noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}"
-        )
+    clip, generator, sampling_generator = _check_arguments(
+        model, optimizer, criterion, max_grad_norm, noise_multiplier, target_epsilon, target_delta, epochs,
+        secure_mode, generator, sampling_generator, seed, optimizer_kwargs,
+    )
     if target_epsilon is not None:
-        _check_positive("target_epsilon", target_epsilon)
-        if target_delta is None or epochs is None:
-            raise ValueError("target_epsilon needs target_delta and epochs (the planned training length) to calibrate sigma")
-        epochs = _check_positive("epochs", epochs)
-    elif epochs is not None:
-        raise ValueError("epochs is only used with target_epsilon (to calibrate sigma); drop it or give target_epsilon")
-    else:
-        _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-    if target_delta is not None and (
-        isinstance(target_delta, bool) or not isinstance(target_delta, numbers.Real) or not 0 < target_delta < 1
-    ):
-        raise ValueError(f"target_delta must be in (0, 1), e.g. 1e-5 (below 1/N), got {target_delta!r}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if secure_mode:
-            raise ValueError("seed= makes the noise reproducible; it cannot be combined with secure_mode=True")
-        if generator is not None or sampling_generator is not None:
-            raise ValueError("pass seed= or generator=/sampling_generator=, not both")
-        generator = torch.Generator().manual_seed(seed)
-        sampling_generator = torch.Generator().manual_seed(seed + 1)
-    if secure_mode and (generator is not None or sampling_generator is not None):
-        raise ValueError("secure_mode=True draws from the OS CSPRNG; do not pass generator=/sampling_generator=")
-
+        epochs = float(epochs)
     per_example = PerExampleLoss(criterion, loss_reduction)
     if per_example.loss_reduction == "sum" and (num_microbatches is not None or microbatch_size is not None):
         raise ValueError(
@@ -600,15 +612,3 @@ def make_private(
         **optimizer_kwargs,
     )
     return model, private_optimizer, private_loader
-
-
-class _CallableModule(types.ModuleType):
-    """``pytorch_privacy.make_private`` is the function, but importing the submodule
-    ``pytorch_privacy.make_private`` first makes Python bind the package attribute to this
-    module; calling the module then calls the function, so both spellings work."""
-
-    def __call__(self, *args, **kwargs):
-        return make_private(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
