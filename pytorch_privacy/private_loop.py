@@ -300,7 +300,7 @@ class PrivateOptimizer(DPGaussianOptimizer):
         loader: the :class:`PrivateLoader` the batches come from.
         per_example_loss: the :class:`PerExampleLoss` of the user's criterion.
         split_batch: ``batch -> (inputs, targets)``.
-        *args, **kwargs: as for :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer`.
+        ``*args``, ``**kwargs``: as for :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer`.
     """
 
     def __init__(self, *args, loader: PrivateLoader, per_example_loss: PerExampleLoss,
