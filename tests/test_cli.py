@@ -268,7 +268,7 @@ def test_audit_of_hostile_ledger_is_bounded(tmp_path, name):
 def test_audit_time_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch):
     import time
 
-    import pytorch_privacy.cli as cli
+    import pytorch_privacy.cli.audit as cli
 
     def slow(ledger, delta, pld):  # an analysis that never finishes
         time.sleep(60)
@@ -285,7 +285,7 @@ def test_audit_time_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch)
 def test_audit_time_limit_keeps_the_rdp_bound_already_printed(tmp_path, capsys, monkeypatch):
     import time
 
-    import pytorch_privacy.cli as cli
+    import pytorch_privacy.cli.audit as cli
 
     def rdp_then_slow_pld(ledger, delta, pld):
         yield "delta = 1e-05"
@@ -300,7 +300,7 @@ def test_audit_time_limit_keeps_the_rdp_bound_already_printed(tmp_path, capsys, 
 
 
 def test_audit_memory_limit_refuses_with_the_reason(tmp_path, capsys, monkeypatch):
-    import pytorch_privacy.cli as cli
+    import pytorch_privacy.cli.audit as cli
 
     def hungry(ledger, delta, pld):  # an analysis that asks for 2 GiB
         yield "delta = 1e-05"
@@ -666,7 +666,7 @@ def test_audit_plot_leaves_out_pld_when_the_audit_could_not_finish_it(tmp_path, 
     pytest.importorskip("matplotlib")
     import time
 
-    import pytorch_privacy.cli as cli
+    import pytorch_privacy.cli.audit as cli
 
     def rdp_then_slow_pld(ledger, delta, pld):
         yield "delta = 1e-05"

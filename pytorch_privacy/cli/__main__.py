@@ -1,0 +1,7 @@
+"""``python -m pytorch_privacy.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
