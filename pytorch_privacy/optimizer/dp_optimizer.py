@@ -30,12 +30,12 @@ from torch import nn
 from ..dp_query.dp_query import DPQuery, check_clip, check_stddev
 from ..dp_query.events import DpEvent
 from ..dp_query.privacy_ledger import PrivacyLedger
-from ..dp_query.query_with_ledger import QueryWithLedger
 from ..dp_query.randomness import RandomSource
 from . import checkpoint, validation
 from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
 from .consistency import SamplingMonitor, ledger_for_loader
+from .wiring import attach_ledger, check_optimizer_covers, check_wrapped_objects, make_budget
 from .engines.base import (
     GradientEngine,
     MaterializedGradients,
@@ -46,7 +46,6 @@ from .engines.base import (
     select_engine,
 )
 from .layer_swap import swap_layers_for_optimizer
-from ..dp_query.ledger_schema import SamplingScheme
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
 from .distributed.ddp import setup_distributed
@@ -63,16 +62,6 @@ def _check_pos_int(name: str, v) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     return v
-
-
-def _query_chain(query: DPQuery):
-    """The query and the queries it delegates to (``inner_query``), outermost first."""
-    seen = set()
-    q = query
-    while q is not None and id(q) not in seen:
-        seen.add(id(q))
-        yield q
-        q = getattr(q, "inner_query", None)
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -208,47 +197,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
-        if isinstance(optimizer, DPOptimizer):
-            raise TypeError("optimizer is already a DPOptimizer; wrap the plain torch optimizer once")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(output, target) -> per-example losses [B]")
-        if not isinstance(query, DPQuery):
-            raise TypeError(f"query must be a DPQuery, got {type(query).__name__}")
+        check_wrapped_objects(optimizer, model, loss_fn, query, DPOptimizer)
         self.original_optimizer = optimizer
         # DistributedDataParallel: train its inner module; sums are reduced once per step (distributed/)
         model, self._dist = setup_distributed(model, data_loader)
         self.model = model
         self.loss_fn = loss_fn
 
-        trainable = self._trainable()
-        if not trainable:
-            raise ValueError(
-                "the model has no trainable parameters (all have requires_grad=False); there is nothing "
-                "to train privately"
-            )
-        model_params = {id(p) for p in model.parameters()}
-        for gi, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in model_params:
-                    raise ValueError(
-                        f"optimizer param_groups[{gi}] holds a trainable parameter of shape {tuple(p.shape)} that "
-                        "is not a parameter of `model`; it would never receive a private gradient. Build the "
-                        "optimizer from model.parameters()"
-                    )
-        opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in trainable.items() if id(p) not in opt_params]
         #: trainable parameters knowingly left out of the optimizer (warned about once, here)
-        self._known_missing = {id(trainable[n]) for n in missing}
-        if missing:
-            warnings.warn(
-                f"trainable parameters {missing} are not in the optimizer: their private gradients are computed "
-                "(and cost time) but never applied. Freeze them (requires_grad_(False)) or add them.",
-                stacklevel=2,
-            )
+        self._known_missing = check_optimizer_covers(optimizer, model, self._trainable())
 
         if num_microbatches is not None and microbatch_size is not None:
             raise ValueError("pass num_microbatches or microbatch_size, not both")
@@ -267,39 +224,10 @@ class DPOptimizer(torch.optim.Optimizer):
 
         # ledger: the outermost QueryWithLedger is unwrapped and recorded by the optimizer itself,
         # so a step refused by the budget is never recorded
-        if data_loader is not None and ledger is None and not any(
-            isinstance(q, QueryWithLedger) for q in _query_chain(query)
-        ):
-            ledger = ledger_for_loader(data_loader)
-        if ledger is not None:
-            if not isinstance(ledger, PrivacyLedger):
-                raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
-            if any(isinstance(q, QueryWithLedger) for q in _query_chain(query)):
-                raise ValueError("query already records into a ledger (QueryWithLedger); do not pass ledger= too")
-            query = QueryWithLedger(query, ledger)
-        self.query = query
-        if isinstance(query, QueryWithLedger):
-            self._release_query: DPQuery = query.inner_query
-            self._ledger: PrivacyLedger | None = query.ledger
-            self._records_ledger = True
-        else:
-            self._release_query = query
-            inner = [q for q in _query_chain(query) if isinstance(q, QueryWithLedger)]
-            self._ledger = inner[0].ledger if inner else None
-            self._records_ledger = False
-
-        self._budget: PrivacyBudget | None = None
-        if target_epsilon is not None or accountant is not None or target_delta is not None:
-            if target_delta is None:
-                raise ValueError("target_delta is required with target_epsilon or accountant (epsilon is computed at it)")
-            if not self._records_ledger:
-                raise ValueError(
-                    "budget enforcement needs a ledger as the outermost query wrapper (it gives the sampling "
-                    "of each step and must record only steps the budget allowed): pass ledger=..."
-                )
-            relation = SamplingScheme(self._ledger.sampling).neighboring_relation
-            self._budget = PrivacyBudget(target_epsilon, target_delta, accountant, neighboring_relation=relation)
-            self._budget.check_delta(self._ledger.population_size)
+        self.query, self._release_query, self._ledger, self._records_ledger = attach_ledger(query, ledger, data_loader)
+        self._budget: PrivacyBudget | None = make_budget(
+            target_epsilon, target_delta, accountant, self._ledger, self._records_ledger
+        )
         #: ties the real batches to the ledger's sampling (None without a ledger)
         self._consistency = SamplingMonitor(self._ledger, data_loader) if self._ledger is not None else None
         if data_loader is not None and self._consistency is None:
