@@ -183,7 +183,7 @@ def run_demo(
     if ledger_path:
         log(f"ledger saved to {ledger_path}; audit it with: pytorch-privacy audit {ledger_path} --delta {delta:g}")
     if plot_path:
-        from .cli import epsilon_curve, plot_epsilon_curve
+        from .cli.plot import epsilon_curve, plot_epsilon_curve
 
         plot_epsilon_curve(epsilon_curve(ledger, delta), plot_path, title="pytorch-privacy demo (digits)")
         log(f"plot: epsilon against steps written to {plot_path}")

@@ -30,7 +30,7 @@ from torch.utils.data._utils.collate import default_collate
 from ..dp_query.randomness import RandomSource, as_random_source
 from .engines.base import batch_size_of  # noqa: F401  (re-exported: one definition)
 
-__all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of"]
+__all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of", "EmptySafeCollate"]
 
 
 def _check_rate(sample_rate) -> float:
@@ -138,7 +138,7 @@ def _slice_tree(x: Any, start: int, stop: int) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, x)
 
 
-class _EmptySafeCollate:
+class EmptySafeCollate:
     """``collate_fn`` wrapper: an empty batch collates to the structure of one example with a
     leading dimension of 0 (``default_collate([])`` would fail)."""
 
@@ -198,7 +198,7 @@ class DPDataLoader(DataLoader):
         super().__init__(
             dataset,
             batch_sampler=sampler,
-            collate_fn=_EmptySafeCollate(dataset, collate_fn or default_collate),
+            collate_fn=EmptySafeCollate(dataset, collate_fn or default_collate),
             **kwargs,
         )
         self.poisson_sampler = sampler
@@ -250,7 +250,7 @@ class DPDataLoader(DataLoader):
             "persistent_workers": data_loader.persistent_workers,
         }
         collate = data_loader.collate_fn
-        if isinstance(collate, _EmptySafeCollate):
+        if isinstance(collate, EmptySafeCollate):
             collate = collate.collate_fn
         return cls(
             data_loader.dataset,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from ...dp_query.randomness import RandomSource
-from ..samplers import DPDataLoader, PoissonSampler, _EmptySafeCollate
+from ..samplers import DPDataLoader, PoissonSampler, EmptySafeCollate
 
 __all__ = ["DistributedPoissonSampler", "DistributedDPDataLoader"]
 
@@ -161,7 +161,7 @@ class DistributedDPDataLoader(DPDataLoader):
             self,
             dataset,
             batch_sampler=sampler,
-            collate_fn=_EmptySafeCollate(dataset, collate_fn or default_collate),
+            collate_fn=EmptySafeCollate(dataset, collate_fn or default_collate),
             **kwargs,
         )
         self.poisson_sampler = sampler
