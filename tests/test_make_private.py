@@ -135,7 +135,7 @@ def test_step_differs_from_nonprivate_and_users_gradients_are_discarded():
 # -- the README: three changed lines ----------------------------------------------------------
 def _readme_blocks():
     text = README.read_text()
-    section = text[text.index("## Example") : text.index("## What we do differently")]
+    section = text[text.index("## From a plain loop to a private one") : text.index("## Two commands")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2, "the README Example shows the plain loop, then the private one"
     return blocks
