@@ -96,6 +96,9 @@ optimizer = DPGaussianOptimizer(
     target_epsilon=target_epsilon,
     target_delta=delta,
     metrics_callback=history.append,
+    # seeded so this tutorial's checks are reproducible; in real training leave it out (the
+    # noise generator is then seeded from OS entropy, or use secure_mode=True)
+    generator=torch.Generator().manual_seed(12),
 )
 loader = DPDataLoader(
     torch.utils.data.TensorDataset(x_train, y_train),

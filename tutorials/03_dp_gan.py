@@ -97,6 +97,8 @@ opt_d = DPGaussianOptimizer(
     l2_norm_clip=1.0,
     noise_multiplier=1.0,
     ledger=ledger,
+    # seeded so this tutorial's checks are reproducible; in real training leave it out (OS entropy)
+    generator=torch.Generator().manual_seed(13),
 )
 opt_g = torch.optim.Adam(generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
 sampler = PoissonSampler(N, q, generator=torch.Generator().manual_seed(1))

@@ -215,6 +215,7 @@ for phase_q, phase_sigma, phase_steps in phases:
         l2_norm_clip=1.0,
         noise_multiplier=phase_sigma,
         ledger=ledger,
+        generator=torch.Generator().manual_seed(14),  # reproducible tutorial; leave out in real training
     )
     loader = DPDataLoader(dataset, sample_rate=phase_q, steps=phase_steps, generator=torch.Generator().manual_seed(1))
     for xb, yb in loader:
