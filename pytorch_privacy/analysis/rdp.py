@@ -470,6 +470,18 @@ def _shape_like(orders_in, values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _checked_plan(q, noise_multiplier, steps, orders) -> tuple[float, float, int, np.ndarray]:
+    """Validated ``(q, sigma, steps, orders as a 1-d array)``; warns when no noise makes the RDP
+    infinite."""
+    q = check_q(q)
+    sigma = check_sigma(noise_multiplier)
+    steps = check_steps(steps)
+    arr = np.atleast_1d(check_orders(orders))
+    if sigma == 0.0 and q > 0.0 and steps > 0:
+        _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
+    return q, sigma, steps, arr
+
+
 def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: Sequence[float] | float | None = None) -> np.ndarray:
     r"""RDP of ``steps`` steps of the Poisson-subsampled Gaussian mechanism (add-or-remove-one).
 
@@ -488,12 +500,7 @@ def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: Sequence[
         ``inf`` and wherever the value exceeds the float range (see the module docstring).
         Runs in well under a second and a few MB for every input in this domain.
     """
-    q = check_q(q)
-    sigma = check_sigma(noise_multiplier)
-    steps = check_steps(steps)
-    arr = np.atleast_1d(check_orders(orders))
-    if sigma == 0.0 and q > 0.0 and steps > 0:
-        _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
+    q, sigma, steps, arr = _checked_plan(q, noise_multiplier, steps, orders)
     if steps == 0:
         return _shape_like(orders, np.zeros(arr.shape))
     one = _rdp_one_step_array(q, sigma, arr)
@@ -634,12 +641,7 @@ def compute_rdp_sample_without_replacement(
     use; our value equals theirs evaluated at ``noise_multiplier / 2``.)  For ``q = 1`` the result
     is exactly :math:`2\alpha/\sigma^2`.
     """
-    q = check_q(q)
-    sigma = check_sigma(noise_multiplier)
-    steps = check_steps(steps)
-    arr = np.atleast_1d(check_orders(orders))
-    if sigma == 0.0 and q > 0.0 and steps > 0:
-        _warn_infinite("noise_multiplier is 0 (no noise), so the RDP is infinite at every order")
+    q, sigma, steps, arr = _checked_plan(q, noise_multiplier, steps, orders)
     if steps == 0:
         return _shape_like(orders, np.zeros(arr.shape))
     return _shape_like(orders, _times_steps(wor_rdp_one_step(q, sigma, arr), steps))
