@@ -73,7 +73,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .optimizer.dp_optimizer import DPGaussianOptimizer, DPOptimizer
+from .optimizer.dp_optimizer import DPOptimizer
+from .optimizer.gaussian_optimizer import DPGaussianOptimizer
 from .optimizer.engines.base import batch_size_of, call_model
 from .optimizer.samplers import DPDataLoader
 

@@ -20,7 +20,7 @@ from .._lazy import lazy_attributes
 
 _LAZY = {
     "DPOptimizer": ".dp_optimizer",
-    "DPGaussianOptimizer": ".dp_optimizer",
+    "DPGaussianOptimizer": ".gaussian_optimizer",
     "PoissonSampler": ".samplers",
     "DPDataLoader": ".samplers",
     "split_into_physical_batches": ".samplers",

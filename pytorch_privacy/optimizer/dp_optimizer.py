@@ -19,7 +19,6 @@ neither differentiated nor noised; their ``.grad`` stays ``None``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
@@ -27,14 +26,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..dp_query.dp_query import DPQuery, check_clip, check_stddev
+from ..dp_query.dp_query import DPQuery
 from ..dp_query.events import DpEvent
 from ..dp_query.privacy_ledger import PrivacyLedger
 from ..dp_query.randomness import RandomSource
 from . import checkpoint, validation
 from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
-from .consistency import SamplingMonitor, ledger_for_loader
+from .consistency import SamplingMonitor
+from .metrics import step_metrics
 from .wiring import attach_ledger, check_optimizer_covers, check_wrapped_objects, make_budget
 from .engines.base import (
     GradientEngine,
@@ -51,12 +51,12 @@ from .samplers import split_into_physical_batches
 from .distributed.ddp import setup_distributed
 from .distributed.precision import full_precision
 
-__all__ = ["DPOptimizer", "DPGaussianOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
+__all__ = ["DPOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-def _check_pos_int(name: str, v) -> int | None:
+def check_pos_int(name: str, v) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -209,9 +209,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
         if num_microbatches is not None and microbatch_size is not None:
             raise ValueError("pass num_microbatches or microbatch_size, not both")
-        self.num_microbatches = _check_pos_int("num_microbatches", num_microbatches)
-        self.microbatch_size = _check_pos_int("microbatch_size", microbatch_size)
-        self.max_physical_batch_size = _check_pos_int("max_physical_batch_size", max_physical_batch_size)
+        self.num_microbatches = check_pos_int("num_microbatches", num_microbatches)
+        self.microbatch_size = check_pos_int("microbatch_size", microbatch_size)
+        self.max_physical_batch_size = check_pos_int("max_physical_batch_size", max_physical_batch_size)
         if pass_clipping not in PASS_CLIPPING_MODES:
             raise ValueError(f"pass_clipping must be one of {PASS_CLIPPING_MODES}, got {pass_clipping!r}")
 
@@ -606,32 +606,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # -- metrics -------------------------------------------------------------------------
     def _compute_metrics(self, qmetrics_before: dict | None) -> None:
-        acc = self._acc
-        m: dict[str, float] = {"step": float(self._steps), "num_records": float(acc.num_records)}
-        if acc.loss_sum is not None and acc.loss_count:
-            m["loss"] = float(acc.loss_sum) / acc.loss_count
-        m["dropped_records"] = float(self.dropped_records)
-        clip = None
-        for key in ("l2_norm_clip", "clip"):
-            if qmetrics_before and key in qmetrics_before:
-                clip = qmetrics_before[key]
-                break
-        if acc.norms:
-            norms = torch.cat([x.reshape(-1).float() for x in acc.norms])
-            norms = norms[torch.isfinite(norms)]
-            if norms.numel():
-                qs = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], device=norms.device))
-                m["grad_norm_p10"], m["grad_norm_p50"], m["grad_norm_p90"] = (float(v) for v in qs)
-                m["grad_norm_max"] = float(norms.max())
-                if clip is not None:
-                    m["clipped_fraction"] = float((norms > clip).float().mean())
-        for k, v in self._release_query.derive_metrics(self._global_state).items():
-            m[f"query/{k}"] = float(v)
-        if self._budget is not None:
-            m["epsilon"] = self._budget.epsilon(self._ledger)
-        self.last_metrics = m
+        self.last_metrics = step_metrics(self, qmetrics_before)
         if self._metrics_callback is not None:
-            self._metrics_callback(dict(m))
+            self._metrics_callback(dict(self.last_metrics))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -650,96 +627,11 @@ class DPOptimizer(torch.optim.Optimizer):
         checkpoint.load_state_dict(self, state_dict, fresh_randomness=fresh_randomness)
 
 
-class DPGaussianOptimizer(DPOptimizer):
-    """DP-SGD with the Gaussian mechanism in one line: :class:`DPOptimizer` around
-    ``GaussianAverageQuery(l2_norm_clip, noise_multiplier * l2_norm_clip, denominator)``.
+def __getattr__(name: str):
+    """``DPGaussianOptimizer`` moved to :mod:`.gaussian_optimizer` (imported lazily here, so the
+    old import path keeps working without an import cycle)."""
+    if name == "DPGaussianOptimizer":
+        from .gaussian_optimizer import DPGaussianOptimizer
 
-    Each step releases ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / D`` with
-
-    * ``D = expected_batch_size`` (default ``ledger.expected_batch_size``, i.e. ``q*N``),
-    * ``D = num_microbatches`` with ``num_microbatches``, or
-    * ``D = expected_batch_size / microbatch_size`` with ``microbatch_size``,
-
-    a public constant in every case.  The ledger (if given) records ``GaussianEvent(sigma)``
-    per step under its sampling settings.
-
-    Args:
-        optimizer, model, loss_fn: as for :class:`DPOptimizer`.
-        l2_norm_clip: ``C`` > 0.
-        noise_multiplier: ``sigma`` >= 0 (noise stddev over ``C``).
-        expected_batch_size: the public denominator (required without a ledger and without
-            ``num_microbatches``).
-        ledger: records every step (and provides ``q*N``).
-        generator: ``torch.Generator`` for the noise (reproducible runs).  Default: the query
-            owns generators seeded from OS entropy (never torch's global RNG); either way their
-            state is checkpointed and a resume continues the stream.
-        secure_mode: draw the noise from the OS CSPRNG with the floating-point mitigation of
-            :mod:`pytorch_privacy.dp_query.randomness` (no ``generator``).
-        data_loader: the loader of the batches: builds the ledger (when ``ledger`` is not given)
-            and gives ``q*N``; see :class:`DPOptimizer`.
-        **kwargs: the other :class:`DPOptimizer` options.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        model: nn.Module,
-        loss_fn: LossFn,
-        l2_norm_clip: float,
-        noise_multiplier: float,
-        *,
-        expected_batch_size: float | None = None,
-        ledger: PrivacyLedger | None = None,
-        num_microbatches: int | None = None,
-        microbatch_size: int | None = None,
-        generator: torch.Generator | None = None,
-        secure_mode: bool = False,
-        data_loader: Any = None,
-        **kwargs,
-    ):
-        from ..dp_query.normalized_query import GaussianAverageQuery
-
-        if data_loader is not None and ledger is None:
-            ledger = ledger_for_loader(data_loader)
-
-        clip = check_clip(l2_norm_clip)
-        sigma = check_stddev(noise_multiplier, "noise_multiplier")
-        if num_microbatches is not None:
-            denominator = float(_check_pos_int("num_microbatches", num_microbatches))
-        else:
-            if expected_batch_size is None:
-                if ledger is None:
-                    raise ValueError(
-                        "DPGaussianOptimizer needs the public denominator of the average: pass "
-                        "expected_batch_size=q*N, or a ledger (it knows q*N), or num_microbatches"
-                    )
-                expected_batch_size = ledger.expected_batch_size
-            if (
-                isinstance(expected_batch_size, (bool, torch.Tensor))
-                or not isinstance(expected_batch_size, (int, float))
-                or not math.isfinite(expected_batch_size)
-                or expected_batch_size <= 0
-            ):
-                raise ValueError(
-                    f"expected_batch_size must be a positive number fixed in advance (q*N), got {expected_batch_size!r}"
-                )
-            denominator = float(expected_batch_size)
-            if microbatch_size is not None:
-                denominator /= _check_pos_int("microbatch_size", microbatch_size)
-        self.l2_norm_clip = clip
-        self.noise_multiplier = sigma
-        self.denominator = denominator
-        source = RandomSource(generator, secure_mode=secure_mode)
-        query = GaussianAverageQuery(clip, sigma * clip, denominator, generator=source)
-        super().__init__(
-            optimizer,
-            model,
-            loss_fn,
-            query,
-            ledger=ledger,
-            num_microbatches=num_microbatches,
-            microbatch_size=microbatch_size,
-            data_loader=data_loader,
-            secure_mode=secure_mode,
-            **kwargs,
-        )
+        return DPGaussianOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

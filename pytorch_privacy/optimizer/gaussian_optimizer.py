@@ -1,0 +1,112 @@
+"""DP-SGD with the Gaussian mechanism in one line: :class:`DPGaussianOptimizer`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..dp_query.dp_query import check_clip, check_stddev
+from ..dp_query.privacy_ledger import PrivacyLedger
+from ..dp_query.randomness import RandomSource
+from .consistency import ledger_for_loader
+from .dp_optimizer import DPOptimizer, LossFn, check_pos_int
+
+__all__ = ["DPGaussianOptimizer"]
+
+
+class DPGaussianOptimizer(DPOptimizer):
+    """DP-SGD with the Gaussian mechanism in one line: :class:`DPOptimizer` around
+    ``GaussianAverageQuery(l2_norm_clip, noise_multiplier * l2_norm_clip, denominator)``.
+
+    Each step releases ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / D`` with
+
+    * ``D = expected_batch_size`` (default ``ledger.expected_batch_size``, i.e. ``q*N``),
+    * ``D = num_microbatches`` with ``num_microbatches``, or
+    * ``D = expected_batch_size / microbatch_size`` with ``microbatch_size``,
+
+    a public constant in every case.  The ledger (if given) records ``GaussianEvent(sigma)``
+    per step under its sampling settings.
+
+    Args:
+        optimizer, model, loss_fn: as for :class:`DPOptimizer`.
+        l2_norm_clip: ``C`` > 0.
+        noise_multiplier: ``sigma`` >= 0 (noise stddev over ``C``).
+        expected_batch_size: the public denominator (required without a ledger and without
+            ``num_microbatches``).
+        ledger: records every step (and provides ``q*N``).
+        generator: ``torch.Generator`` for the noise (reproducible runs).  Default: the query
+            owns generators seeded from OS entropy (never torch's global RNG); either way their
+            state is checkpointed and a resume continues the stream.
+        secure_mode: draw the noise from the OS CSPRNG with the floating-point mitigation of
+            :mod:`pytorch_privacy.dp_query.randomness` (no ``generator``).
+        data_loader: the loader of the batches: builds the ledger (when ``ledger`` is not given)
+            and gives ``q*N``; see :class:`DPOptimizer`.
+        **kwargs: the other :class:`DPOptimizer` options.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        loss_fn: LossFn,
+        l2_norm_clip: float,
+        noise_multiplier: float,
+        *,
+        expected_batch_size: float | None = None,
+        ledger: PrivacyLedger | None = None,
+        num_microbatches: int | None = None,
+        microbatch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        data_loader: Any = None,
+        **kwargs,
+    ):
+        from ..dp_query.normalized_query import GaussianAverageQuery
+
+        if data_loader is not None and ledger is None:
+            ledger = ledger_for_loader(data_loader)
+
+        clip = check_clip(l2_norm_clip)
+        sigma = check_stddev(noise_multiplier, "noise_multiplier")
+        if num_microbatches is not None:
+            denominator = float(check_pos_int("num_microbatches", num_microbatches))
+        else:
+            if expected_batch_size is None:
+                if ledger is None:
+                    raise ValueError(
+                        "DPGaussianOptimizer needs the public denominator of the average: pass "
+                        "expected_batch_size=q*N, or a ledger (it knows q*N), or num_microbatches"
+                    )
+                expected_batch_size = ledger.expected_batch_size
+            if (
+                isinstance(expected_batch_size, (bool, torch.Tensor))
+                or not isinstance(expected_batch_size, (int, float))
+                or not math.isfinite(expected_batch_size)
+                or expected_batch_size <= 0
+            ):
+                raise ValueError(
+                    f"expected_batch_size must be a positive number fixed in advance (q*N), got {expected_batch_size!r}"
+                )
+            denominator = float(expected_batch_size)
+            if microbatch_size is not None:
+                denominator /= check_pos_int("microbatch_size", microbatch_size)
+        self.l2_norm_clip = clip
+        self.noise_multiplier = sigma
+        self.denominator = denominator
+        source = RandomSource(generator, secure_mode=secure_mode)
+        query = GaussianAverageQuery(clip, sigma * clip, denominator, generator=source)
+        super().__init__(
+            optimizer,
+            model,
+            loss_fn,
+            query,
+            ledger=ledger,
+            num_microbatches=num_microbatches,
+            microbatch_size=microbatch_size,
+            data_loader=data_loader,
+            secure_mode=secure_mode,
+            **kwargs,
+        )
