@@ -12,7 +12,7 @@ _LAZY = {
     # rdp.py: RDP of subsampled Gaussian mechanisms, ledger/event analysis
     "DEFAULT_ORDERS": ".orders",
     "compute_rdp": ".rdp",
-    "compute_rdp_sample_without_replacement": ".rdp",
+    "compute_rdp_sample_without_replacement": ".rdp_without_replacement",
     "compute_heterogeneous_rdp": ".rdp",
     "compute_rdp_from_event": ".rdp_accountant",
     "compute_rdp_from_ledger": ".rdp_accountant",

@@ -69,7 +69,8 @@ from ..dp_query.events import relation_of
 from ._checks import check_delta, check_orders
 from .accountant_base import PrivacyAccountant
 from .conversion import get_privacy_spent, refine_epsilon
-from .rdp import poisson_rdp_one_step, wor_rdp_one_step
+from .rdp import poisson_rdp_one_step
+from .rdp_without_replacement import wor_rdp_one_step
 
 __all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger"]
 
