@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,audit,privacy,noise}")
 
+    _add_demo(sub, fmt)
+    _add_audit(sub, fmt)
+    _add_planning(sub, fmt)
+    return p
+
+
+def _add_demo(sub, fmt) -> None:
+    """``demo``: private training on the bundled digits."""
     d = sub.add_parser(
         "demo", help="train a small CNN privately on the bundled digits dataset", formatter_class=fmt,
         description="Train a small CNN with DP-SGD on scikit-learn's digits images (no download), save "
@@ -105,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", default=None, help="also draw epsilon against steps (RDP and PLD) into this PNG file")
     d.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
+
+def _add_audit(sub, fmt) -> None:
+    """``audit``: integrity, suspicious content and the bound of a ledger file."""
     a = sub.add_parser(
         "audit",
         help="check a saved ledger's integrity and recompute (epsilon, delta)",
@@ -147,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget line drawn on the plot (default: the ledger metadata's target_epsilon, if any)",
     )
 
+
+def _add_planning(sub, fmt) -> None:
+    """``privacy`` and ``noise``: planning questions about a DP-SGD training plan."""
     accountant_help = "rdp: exact RDP of the subsampled Gaussian; pld: privacy loss distribution (tighter)"
     pr = sub.add_parser(
         "privacy", help="epsilon of a DP-SGD training plan (Poisson sampling)", formatter_class=fmt,
@@ -173,4 +187,3 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--epochs", type=_positive_float, required=True, help="number of epochs (may be fractional)")
     n.add_argument("--delta", type=_delta, default=1e-5, help="target delta")
     n.add_argument("--accountant", choices=("rdp", "pld"), default="rdp", help=accountant_help)
-    return p
