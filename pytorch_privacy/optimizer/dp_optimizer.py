@@ -64,6 +64,17 @@ def check_pos_int(name: str, v) -> int | None:
     return v
 
 
+def _check_secure_mode(secure_mode: Any, sources: list[RandomSource]) -> bool:
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
+    if secure_mode and not all(src.secure_mode for src in sources):
+        raise ValueError(
+            "secure_mode=True but the query draws from a non-secure generator; build the query with "
+            "secure_mode=True (or generator=RandomSource(secure_mode=True) for queries without that option)"
+        )
+    return secure_mode
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Differentially private wrapper of any ``torch.optim.Optimizer``.
 
@@ -187,15 +198,7 @@ class DPOptimizer(torch.optim.Optimizer):
         data_loader: Any = None,
         secure_mode: bool = False,
     ):
-        # hooks and profiling plumbing of torch.optim.Optimizer (its __init__ is not called:
-        # param_groups/state/defaults are the wrapped optimizer's)
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        self._init_optimizer_plumbing()
 
         check_wrapped_objects(optimizer, model, loss_fn, query, DPOptimizer)
         self.original_optimizer = optimizer
@@ -207,13 +210,7 @@ class DPOptimizer(torch.optim.Optimizer):
         #: trainable parameters knowingly left out of the optimizer (warned about once, here)
         self._known_missing = check_optimizer_covers(optimizer, model, self._trainable())
 
-        if num_microbatches is not None and microbatch_size is not None:
-            raise ValueError("pass num_microbatches or microbatch_size, not both")
-        self.num_microbatches = check_pos_int("num_microbatches", num_microbatches)
-        self.microbatch_size = check_pos_int("microbatch_size", microbatch_size)
-        self.max_physical_batch_size = check_pos_int("max_physical_batch_size", max_physical_batch_size)
-        if pass_clipping not in PASS_CLIPPING_MODES:
-            raise ValueError(f"pass_clipping must be one of {PASS_CLIPPING_MODES}, got {pass_clipping!r}")
+        self._set_batching(num_microbatches, microbatch_size, max_physical_batch_size, pass_clipping)
 
         if validate:
             self._validate_model(model)
@@ -238,14 +235,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._acc = StepAccumulator(self._release_query, pass_clipping, collect_norms=self._metrics)
         self._global_state = self._release_query.initial_global_state()
         self._random_sources: list[RandomSource] = find_random_sources(self.query)
-        if not isinstance(secure_mode, bool):
-            raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
-        self.secure_mode = secure_mode
-        if secure_mode and not all(src.secure_mode for src in self._random_sources):
-            raise ValueError(
-                "secure_mode=True but the query draws from a non-secure generator; build the query with "
-                "secure_mode=True (or generator=RandomSource(secure_mode=True) for queries without that option)"
-            )
+        self.secure_mode = _check_secure_mode(secure_mode, self._random_sources)
         #: examples in the current step (fit_batch), for the batch-size plausibility test
         self._step_examples: int | None = None
         self._finite_checks = 0
@@ -255,6 +245,26 @@ class DPOptimizer(torch.optim.Optimizer):
         self._last_event: DpEvent | None = None
         self._warned_dropped = 0
         self.last_metrics: dict[str, float] | None = None
+
+    def _init_optimizer_plumbing(self) -> None:
+        """Hooks and profiling plumbing of ``torch.optim.Optimizer`` (its ``__init__`` is not
+        called: param_groups/state/defaults are the wrapped optimizer's)."""
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    def _set_batching(self, num_microbatches, microbatch_size, max_physical_batch_size, pass_clipping) -> None:
+        if num_microbatches is not None and microbatch_size is not None:
+            raise ValueError("pass num_microbatches or microbatch_size, not both")
+        self.num_microbatches = check_pos_int("num_microbatches", num_microbatches)
+        self.microbatch_size = check_pos_int("microbatch_size", microbatch_size)
+        self.max_physical_batch_size = check_pos_int("max_physical_batch_size", max_physical_batch_size)
+        if pass_clipping not in PASS_CLIPPING_MODES:
+            raise ValueError(f"pass_clipping must be one of {PASS_CLIPPING_MODES}, got {pass_clipping!r}")
 
     # -- torch.optim.Optimizer surface (forwarded) ---------------------------------------
     @property
