@@ -208,21 +208,8 @@ def _loader_state(opt) -> dict[str, Any] | None:
     return sd() if callable(sd) else None
 
 
-def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
-    """Check ``state_dict`` against ``opt`` completely, then restore it (nothing changes on refusal).
-
-    ``fresh_randomness=True`` reseeds the owned generators from OS entropy after the restore,
-    for a *second* run branched from the same checkpoint (an exact restore would repeat the first
-    branch's noise)."""
-    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
-        raise ValueError(
-            "not a DPOptimizer state dict (missing 'format'); to load a plain optimizer state use "
-            "dp_optimizer.original_optimizer.load_state_dict(...)"
-        )
-    version = state_dict.get("version")
-    if version not in _READABLE_VERSIONS:
-        raise ValueError(f"unsupported DPOptimizer state dict version {version!r} (this release reads {_READABLE_VERSIONS})")
-
+def _checked_ledger(opt, state_dict: dict[str, Any]) -> PrivacyLedger | None:
+    """The checkpoint's ledger, refused unless its presence and sampling settings match ``opt``'s."""
     # 1. the ledger: same presence, same sampling settings (the loader is the truth)
     saved_ledger = state_dict.get("ledger")
     if (saved_ledger is None) != (opt._ledger is None):
@@ -241,9 +228,12 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
                 "checkpoint never rewrites the sampling settings (the data loader is the truth about them). "
                 "Build the ledger from the same loader (DPDataLoader.make_ledger()) as the checkpointed run"
             )
+    return new_ledger
 
+
+def _check_query_config(state_dict: dict[str, Any], template: Any) -> None:
+    """Refuse a checkpoint of a differently configured query."""
     # 2. the query's configuration: refuse a checkpoint of a differently configured query
-    template = opt._release_query.initial_global_state()
     saved_cfg = state_dict.get("query_config")
     if saved_cfg is not None:
         diff = _config_diff(saved_cfg, to_plain(template), "query")
@@ -255,6 +245,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
                 "and noise_multiplier) and load again"
             )
 
+
+def _checked_random_sources(opt, state_dict: dict[str, Any]) -> tuple[list, Any, Any]:
+    """``(sources, saved states, legacy generator states)``, refused when the counts differ."""
     # 3. randomness
     sources = opt._random_sources
     src_states = state_dict.get("random_sources")
@@ -268,6 +261,28 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
     elif legacy:
         if len(legacy) != len(sources):
             raise ValueError(f"the checkpoint holds {len(legacy)} generator state(s), this query has {len(sources)}")
+    return sources, src_states, legacy
+
+
+def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
+    """Check ``state_dict`` against ``opt`` completely, then restore it (nothing changes on refusal).
+
+    ``fresh_randomness=True`` reseeds the owned generators from OS entropy after the restore,
+    for a *second* run branched from the same checkpoint (an exact restore would repeat the first
+    branch's noise)."""
+    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
+        raise ValueError(
+            "not a DPOptimizer state dict (missing 'format'); to load a plain optimizer state use "
+            "dp_optimizer.original_optimizer.load_state_dict(...)"
+        )
+    version = state_dict.get("version")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(f"unsupported DPOptimizer state dict version {version!r} (this release reads {_READABLE_VERSIONS})")
+
+    new_ledger = _checked_ledger(opt, state_dict)
+    template = opt._release_query.initial_global_state()
+    _check_query_config(state_dict, template)
+    sources, src_states, legacy = _checked_random_sources(opt, state_dict)
 
     new_global = from_plain(template, state_dict["query_global_state"])
     loader_state = state_dict.get("data_loader")
