@@ -142,16 +142,23 @@ class DistributedStep:
 
         Returns ``(result, new_global_state, event)`` on every rank, the same values everywhere;
         raises the refusal on every rank when rank 0's ``check`` refuses."""
-        from ..budget import PrivacyBudgetExceeded
-
         acc.flush()
-        query = acc.query
         if self.world_size == 1:  # nothing to reduce: the single-process release
             self.last_global_examples, self.last_volume_bytes = local_examples, 0
             result, new_state, event = acc.finish(global_state)
             if check is not None and event is not None:
                 check(event)
             return result, new_state, event
+        reduced = self._reduce(acc, local_examples)
+        if reduced is None:  # no rank took a sensitive pass: nothing is released
+            return None, global_state, None
+        wide, device, volume = reduced
+        return self._release(acc, global_state, check, wide, device, volume)
+
+    def _reduce(self, acc, local_examples: int):
+        """All-reduce the clipped sums, the public gradients and the step counters in one flat
+        buffer; ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
+        query = acc.query
         has_sensitive = acc.sample_state is not None
         state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
         self._check_additive(query, state)
@@ -185,12 +192,18 @@ class DistributedStep:
         self.last_global_examples = examples
         if not any_sensitive:
             self.last_volume_bytes = volume
-            return None, global_state, None
+            return None
         pos, total = 0, []
         for t in leaves:
             total.append(flat[pos : pos + t.numel()].reshape(t.shape).to(t.dtype))
             pos += t.numel()
         acc.sample_state = pytree.unflatten(total, spec)
+
+        return wide, device, volume
+
+    def _release(self, acc, global_state, check, wide, device, volume):
+        """Rank 0 releases (one noise draw for the world) and broadcasts the result."""
+        from ..budget import PrivacyBudgetExceeded
 
         # rank 0 releases; then a 2-entry control tensor [code, header changed], the header (new
         # global state, event, result structure) only when it changed since the last step, and
