@@ -21,9 +21,10 @@ ROOT = Path(pytorch_privacy.__file__).parent
 PKG = "pytorch_privacy"
 
 #: Bounds that catch a file or function growing back; the design target is about 600 lines per
-#: file and 80 per function, which a few are still above (listed in the issue-18 note).
-MAX_FILE_LINES = 750
-MAX_FUNCTION_LINES = 120
+#: file and 80 per function (docstrings included); dp_optimizer.py (647), private_loop.py (615),
+#: make_private (111, half of it docstring) and run_demo (94) are still above.
+MAX_FILE_LINES = 650
+MAX_FUNCTION_LINES = 115
 
 
 def _modules() -> dict[str, Path]:
