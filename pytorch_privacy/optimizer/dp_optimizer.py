@@ -577,7 +577,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 g = grads.get(name)
                 if g is None or not p.requires_grad:
                     continue
-                g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # released under no_grad
                 p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
             if self._acc.dropped is not None and self._acc.dropped.device.type == "cpu":
                 self._warn_dropped(int(self._acc.dropped))
