@@ -215,7 +215,7 @@ BUGS = [
     Bug("bias_unnoised", "biases un-noised", "pytorch_privacy/dp_query/gaussian_query.py", bias_unnoised,
         [f"{OPT}/test_noise_calibration.py", f"{OPT}/test_dp_optimizer.py"]),
     Bug("sigma_not_sigma_c", "sigma instead of sigma*C in DPGaussianOptimizer",
-        "pytorch_privacy/optimizer/dp_optimizer.py", sigma_not_sigma_c,
+        "pytorch_privacy/optimizer/gaussian_optimizer.py", sigma_not_sigma_c,
         [f"{OPT}/test_noise_calibration.py", f"{OPT}/test_dp_optimizer.py"]),
     Bug("block_sampler", "Poisson sampler: binomial size, then a contiguous block",
         "pytorch_privacy/optimizer/samplers.py", block_sampler,
