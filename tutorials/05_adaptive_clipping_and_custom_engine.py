@@ -85,6 +85,7 @@ query = NormalizedQuery(
         learning_rate=0.2,
         clipped_count_stddev=sigma_b,
         expected_num_records=expected_batch,
+        generator=torch.Generator().manual_seed(15),  # reproducible tutorial; leave out in real training
     ),
     denominator=expected_batch,
 )
@@ -235,6 +236,7 @@ opt_ft = DPGaussianOptimizer(
     l2_norm_clip=1.0,
     noise_multiplier=1.0,
     ledger=ledger_ft,
+    generator=torch.Generator().manual_seed(16),  # reproducible tutorial; leave out in real training
 )
 loader_ft = DPDataLoader(
     torch.utils.data.TensorDataset(x_priv, y_priv), sample_rate=q_priv, generator=torch.Generator().manual_seed(6)
@@ -337,6 +339,7 @@ opt_lin = DPGaussianOptimizer(
     noise_multiplier=1.0,
     ledger=ledger_lin,
     engine="linear_outer_product",
+    generator=torch.Generator().manual_seed(17),  # reproducible tutorial; leave out in real training
 )
 for _ in range(3 if FAST else 10):
     for xb, yb in loader:

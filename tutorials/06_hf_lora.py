@@ -139,6 +139,7 @@ optimizer = DPGaussianOptimizer(
     noise_multiplier=SIGMA,
     ledger=ledger,
     engine="auto",
+    generator=torch.Generator().manual_seed(18),  # reproducible tutorial; leave out in real training
 )
 loader = DPDataLoader(
     torch.utils.data.TensorDataset(torch.arange(len(train))), sample_rate=q, generator=torch.Generator().manual_seed(2)

@@ -70,6 +70,7 @@ def train(rank: int, world: int) -> dict:
         torch.optim.SGD(model.module.parameters(), lr=0.5), model, per_example_ce,
         l2_norm_clip=CLIP, noise_multiplier=SIGMA, data_loader=loader,
         target_epsilon=TARGET_EPS, target_delta=DELTA, engine="ghost",
+        generator=torch.Generator().manual_seed(19),  # reproducible tutorial (rank 0 draws the noise)
     )
     local_sizes, stopped = [], False
     for x, y in loader:
