@@ -30,7 +30,8 @@ from torch.utils.data._utils.collate import default_collate
 from ..dp_query.randomness import RandomSource, as_random_source
 from .engines.base import batch_size_of  # noqa: F401  (re-exported: one definition)
 
-__all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of", "EmptySafeCollate"]
+__all__ = ["PoissonSampler", "DPDataLoader", "split_into_physical_batches", "batch_size_of", "EmptySafeCollate", "init_poisson_loader",
+           "refuse_batching_kwargs"]
 
 
 def _check_rate(sample_rate) -> float:
@@ -156,6 +157,23 @@ class EmptySafeCollate:
         return self._empty
 
 
+def refuse_batching_kwargs(name: str, kwargs: dict) -> None:
+    """``ValueError`` for ``DataLoader`` keywords that Poisson sampling decides itself."""
+    bad = sorted(set(kwargs) & {"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"})
+    if bad:
+        raise ValueError(f"{name} decides {bad} by Poisson sampling; do not pass them")
+
+
+def init_poisson_loader(loader: DataLoader, dataset: Dataset, sampler, collate_fn, kwargs: dict) -> None:
+    """``DataLoader.__init__`` of a Poisson loader: ``sampler`` as the batch sampler, a collate
+    that survives empty batches, and ``loader.poisson_sampler``."""
+    DataLoader.__init__(
+        loader, dataset, batch_sampler=sampler, collate_fn=EmptySafeCollate(dataset, collate_fn or default_collate),
+        **kwargs,
+    )
+    loader.poisson_sampler = sampler
+
+
 class DPDataLoader(DataLoader):
     """A ``DataLoader`` whose batches are Poisson samples of ``dataset`` (see :class:`PoissonSampler`).
 
@@ -191,17 +209,9 @@ class DPDataLoader(DataLoader):
         collate_fn=None,
         **kwargs,
     ):
-        bad = sorted(set(kwargs) & {"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"})
-        if bad:
-            raise ValueError(f"DPDataLoader decides {bad} by Poisson sampling; do not pass them")
+        refuse_batching_kwargs("DPDataLoader", kwargs)
         sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, secure_mode=secure_mode)
-        super().__init__(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=EmptySafeCollate(dataset, collate_fn or default_collate),
-            **kwargs,
-        )
-        self.poisson_sampler = sampler
+        init_poisson_loader(self, dataset, sampler, collate_fn, kwargs)
 
     @property
     def sample_rate(self) -> float:

@@ -25,11 +25,10 @@ import hashlib
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset
 
 from ...dp_query.randomness import RandomSource
-from ..samplers import DPDataLoader, PoissonSampler, EmptySafeCollate
+from ..samplers import DPDataLoader, PoissonSampler, init_poisson_loader, refuse_batching_kwargs
 
 __all__ = ["DistributedPoissonSampler", "DistributedDPDataLoader"]
 
@@ -150,21 +149,12 @@ class DistributedDPDataLoader(DPDataLoader):
         collate_fn=None,
         **kwargs,
     ):
-        bad = sorted(set(kwargs) & {"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"})
-        if bad:
-            raise ValueError(f"DistributedDPDataLoader decides {bad} by Poisson sampling; do not pass them")
+        refuse_batching_kwargs("DistributedDPDataLoader", kwargs)
         sampler = DistributedPoissonSampler(
             len(dataset), sample_rate, rank=rank, world_size=world_size, steps=steps, generator=generator,
             secure_mode=secure_mode,
         )
-        DataLoader.__init__(
-            self,
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=EmptySafeCollate(dataset, collate_fn or default_collate),
-            **kwargs,
-        )
-        self.poisson_sampler = sampler
+        init_poisson_loader(self, dataset, sampler, collate_fn, kwargs)
 
     @property
     def rank(self) -> int:
