@@ -173,13 +173,14 @@ class GhostEngine(GradientEngine):
             stacklevel=4,
         )
 
-    def _layouts_for(self, inputs: Any, targets: Any, hooked, raw: dict) -> tuple[dict, frozenset, dict] | None:
+    def _layouts_for(
+        self, inputs: Any, targets: Any, hooked, raw: dict, signature: tuple
+    ) -> tuple[dict, frozenset, dict] | None:
         """``(layout of every hooked call, unbatched calls broadcast over a leading size-1 dim)``
         for this input signature (traced once, see :func:`~.probe.trace_batch_dims`); ``None``
         after switching to the fallback engine because some call has no batch dimension the
         rules can use."""
-        key = (model_signature(self.model), input_signature(inputs, targets))
-        cached = self._layouts.get(key)
+        cached = self._layouts.get(signature)
         if cached is not None:
             return cached
         names = {m: mname for mname, m, _, _ in hooked}
@@ -221,8 +222,8 @@ class GhostEngine(GradientEngine):
             return None
         if len(self._layouts) >= 64:  # many input signatures (variable lengths): keep the newest
             self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[key] = (layouts, lead1, raw_dims)
-        return self._layouts[key]
+        self._layouts[signature] = (layouts, lead1, raw_dims)
+        return self._layouts[signature]
 
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
         if self._switched:
@@ -232,7 +233,8 @@ class GhostEngine(GradientEngine):
         num_records_for(batch, microbatch_size)
         if batch == 0:
             return empty_gradients(trainable)
-        verified_independent(self.model, self.loss_fn, inputs, targets)
+        signature = (model_signature(self.model), input_signature(inputs, targets))  # once per step
+        verified_independent(self.model, self.loss_fn, inputs, targets, signature=signature)
         b = microbatch_size or 1
         hooked = _hooked_modules(self.model, trainable)
         raw = raw_parameters(hooked)
@@ -242,7 +244,7 @@ class GhostEngine(GradientEngine):
             why = "no ghost rule" if rule is None else rule.unsupported_reason(m)
             if why:
                 raise ValueError(f"ghost engine: {describe(mname, m)}: {why}; use engine='functorch'")
-        traced = self._layouts_for(inputs, targets, hooked, raw)
+        traced = self._layouts_for(inputs, targets, hooked, raw, signature)
         if traced is None:
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
         layouts, lead1_calls, raw_dims = traced

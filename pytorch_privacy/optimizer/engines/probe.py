@@ -296,10 +296,16 @@ def check_independence(
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
-def verified_independent(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any, *, call=None) -> None:
+def verified_independent(
+    model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any, *, call=None, signature: tuple | None = None
+) -> None:
     """Run :func:`check_independence` once per (model state, loss, input signature) and cache
-    the verdict on the model (shared by every engine of that model); raises on mixing."""
-    key = (model_signature(model), id(loss_fn), input_signature(inputs, targets))
+    the verdict on the model (shared by every engine of that model); raises on mixing.
+    ``signature``: ``(model_signature(model), input_signature(inputs, targets))`` when the
+    caller has computed it already (the ghost engine keys its traced layouts by it too)."""
+    if signature is None:
+        signature = (model_signature(model), input_signature(inputs, targets))
+    key = (signature[0], id(loss_fn), signature[1])
     done = _VERIFIED.setdefault(model, set())
     if key in done:
         return
