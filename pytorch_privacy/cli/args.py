@@ -11,54 +11,40 @@ import math
 ENGINE_CHOICES = ("auto", "ghost", "functorch", "loop")
 
 
-def _positive_int(s: str) -> int:
+def _parsed(s: str, cast, ok, unparsable: str, out_of_range: str):
+    """``cast(s)`` if it parses and ``ok`` holds, else ``argparse.ArgumentTypeError`` with the message."""
     try:
-        v = int(s)
+        v = cast(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+        raise argparse.ArgumentTypeError(f"{unparsable}, got {s!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{out_of_range}, got {s}")
     return v
+
+
+def _positive_int(s: str) -> int:
+    return _parsed(s, int, lambda v: v > 0, "must be a positive integer", "must be a positive integer")
 
 
 def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
+    return _parsed(
+        s, float, lambda v: math.isfinite(v) and v > 0, "must be a positive number", "must be a positive number"
+    )
 
 
 def _nonnegative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
-    return v
+    return _parsed(s, float, lambda v: v >= 0 and math.isfinite(v), "must be a number >= 0", "must be a number >= 0")
 
 
 def _delta(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"delta must be a number in (0, 1), got {s!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"delta must be in (0, 1), got {s}")
-    return v
+    return _parsed(s, float, lambda v: 0 < v < 1, "delta must be a number in (0, 1)", "delta must be in (0, 1)")
 
 
 def _file_mode(s: str) -> int:
-    try:
-        v = int(s, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an octal file mode such as 644, got {s!r}") from None
-    if not 0 <= v <= 0o777:
-        raise argparse.ArgumentTypeError(f"must be an octal file mode between 000 and 777, got {s}")
-    return v
+    return _parsed(
+        s, lambda t: int(t, 8), lambda v: 0 <= v <= 0o777, "must be an octal file mode such as 644",
+        "must be an octal file mode between 000 and 777",
+    )
 
 
 def _version() -> str:
