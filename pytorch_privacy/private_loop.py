@@ -411,6 +411,7 @@ def _calibrate(loader: PrivateLoader, steps: int, target_epsilon: float, delta: 
     enforces the budget).  Starts from :func:`pytorch_privacy.analysis.compute_noise` where the
     expected batch size is an integer, and bisects with ``accountant`` itself."""
     from .analysis import compute_noise
+    from .analysis.calibration import smallest_noise
     from .dp_query import GaussianEvent, PrivacyLedger
 
     n, q = len(loader.dataset), loader.sample_rate
@@ -422,31 +423,12 @@ def _calibrate(loader: PrivateLoader, steps: int, target_epsilon: float, delta: 
 
     b = round(loader.expected_batch_size)
     if 1 <= b <= n and b / n == q:
-        hi = compute_noise(n, b, target_epsilon, delta=delta, steps=steps)
+        start = compute_noise(n, b, target_epsilon, delta=delta, steps=steps)
     else:
-        hi = 1.0
-    while not eps_at(hi) <= target_epsilon:
-        hi *= 1.25
-        if hi > 1e4:
-            raise ValueError(
-                f"target_epsilon={target_epsilon:g} is not reached even with noise_multiplier=1e4 (q={q:.4g}, "
-                f"steps={steps}, delta={delta:g}); raise the budget or train less"
-            )
-    lo = hi / 1.25
-    while eps_at(lo) <= target_epsilon:
-        hi, lo = lo, lo / 1.25
-        if lo < 1e-3:
-            raise ValueError(
-                f"target_epsilon={target_epsilon:g} is met by every noise_multiplier down to {hi:g}; the budget is "
-                "too large to calibrate against (pass noise_multiplier=)"
-            )
-    while hi - lo > 1e-4 * hi:
-        mid = 0.5 * (lo + hi)
-        if eps_at(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+        start = 1.0
+    return smallest_noise(
+        eps_at, target_epsilon, start=start, factor=1.25, plan=f"q={q:.4g}, steps={steps}, delta={delta:g}"
+    )
 
 
 def _check_arguments(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from ._checks import check_sigma
 from .compute_dp_sgd_privacy_lib import check_plan, epsilon_for, warn_large_delta
 
-__all__ = ["compute_noise", "compute_epochs"]
+__all__ = ["compute_noise", "compute_epochs", "smallest_noise"]
 
 
 def _check_target(target_epsilon) -> float:
@@ -73,25 +73,38 @@ def compute_noise(
     def eps_at(sigma: float) -> float:
         return epsilon_for(q, sigma, t, delta, orders)[0]
 
-    hi = 1.0
-    while eps_at(hi) > target:
-        hi *= 2.0
+    return smallest_noise(
+        eps_at, target, rtol=rtol, max_noise=max_noise, plan=f"q={q:.4g}, steps={t}, delta={delta:g}"
+    )
+
+
+def smallest_noise(
+    eps_at, target_epsilon: float, *, rtol: float = 1e-4, start: float = 1.0, factor: float = 2.0,
+    max_noise: float = 1e4, plan: str = "",
+) -> float:
+    """The smallest noise multiplier ``s`` (to relative ``rtol``) with ``eps_at(s) <= target_epsilon``,
+    for any ``eps_at`` decreasing in the noise: grow (or shrink) from ``start`` by ``factor`` to a
+    bracket, then bisect.  ``ValueError`` (naming ``plan``) when even ``max_noise`` is not enough,
+    or when every noise down to 1e-3 meets the target."""
+    hi = start
+    while not eps_at(hi) <= target_epsilon:
+        hi *= factor
         if hi > max_noise:
             raise ValueError(
-                f"target_epsilon={target} is not reached even with noise_multiplier={max_noise:g} "
-                f"(q={q:.4g}, steps={t}, delta={delta:g}); raise the budget or max_noise, or train less"
+                f"target_epsilon={target_epsilon:g} is not reached even with noise_multiplier={max_noise:g} "
+                f"({plan}); raise the budget or max_noise, or train less"
             )
-    lo = hi / 2.0
-    while eps_at(lo) <= target:  # eps is finite for every positive noise: walk down
-        hi, lo = lo, lo / 2.0
+    lo = hi / factor
+    while eps_at(lo) <= target_epsilon:  # eps is finite for every positive noise: walk down
+        hi, lo = lo, lo / factor
         if lo < 1e-3:
             raise ValueError(
-                f"target_epsilon={target} is met by every noise_multiplier down to {hi:g}; "
+                f"target_epsilon={target_epsilon:g} is met by every noise_multiplier down to {hi:g}; "
                 "the budget is too large to calibrate against"
             )
     while hi - lo > rtol * hi:
         mid = 0.5 * (lo + hi)
-        if eps_at(mid) <= target:
+        if eps_at(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
