@@ -224,12 +224,11 @@ class ForwardRecorder:
                 return None
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             lay = self.layouts.get((id(module), k))
+            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
+            leaves = [t for t in tensors if t.grad_fn is None]
             if rule.output_batched and lay is not None and lay.out_dim == 0 and output.shape[0] == self.batch:
-                tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
-                call = Call(
-                    module, rule, local, rule.save(module, args, kwargs, output),
-                    [t.grad_fn for t in tensors if t.grad_fn is not None], [t for t in tensors if t.grad_fn is None], 0,
-                )
+                call = Call(module, rule, local, rule.save(module, args, kwargs, output), nodes, leaves, 0)
                 self.calls.append(call)
                 return self.tap.apply(self.anchor, output, call)
             if lay is None or first is None or not consistent_with(lay, first, output, self.batch):
@@ -238,9 +237,6 @@ class ForwardRecorder:
                     f"output {tuple(output.shape)}, unlike the traced layout"
                 )
                 return None
-            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
-            nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
-            leaves = [t for t in tensors if t.grad_fn is None]
             if lay.in_dim is None:  # a shared input: every example uses it; give each its own copy
                 lead1 = (id(module), k) in self.lead1_calls
                 x, y = expand_batch(first, self.batch, lead1), expand_batch(output.detach(), self.batch, lead1)
