@@ -109,6 +109,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results[rank] = train(rank, world)
+        dist.barrier()  # both ranks done with their collectives before gloo is torn down
     finally:
         dist.destroy_process_group()
 

@@ -31,6 +31,10 @@ def _entry(rank, fn, world_size, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, port, *args)
+        # both ranks leave their last collective before either tears gloo down (tearing down while
+        # the peer still talks to it aborted a rank now and then: "terminate called without an
+        # active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
