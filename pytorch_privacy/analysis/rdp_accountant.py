@@ -72,7 +72,59 @@ from .conversion import get_privacy_spent, refine_epsilon
 from .rdp import poisson_rdp_one_step
 from .rdp_without_replacement import wor_rdp_one_step
 
-__all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger"]
+__all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger", "register_rdp_rule"]
+
+#: RDP of event types defined outside this module (tree aggregation, discrete and distributed
+#: mechanisms, matrix factorisation): ``event class -> fn(event, orders, neighboring_relation)``
+#: returning the RDP vector of one occurrence.  Filled by :func:`register_rdp_rule`.
+_RDP_RULES: dict[type, "object"] = {}
+
+#: Analysis modules that register rules; imported on the first lookup that misses, so that an
+#: accountant built from ``rdp_accountant`` alone knows every event the package defines.
+_RULE_MODULES: tuple[str, ...] = (
+    "pytorch_privacy.analysis.tree_aggregation",
+    "pytorch_privacy.analysis.distributed",
+    "pytorch_privacy.analysis.matrix_factorization",
+)
+
+
+def register_rdp_rule(event_cls: type):
+    """Decorator: ``fn(event, orders, neighboring_relation) -> ndarray`` is the RDP at ``orders``
+    (a float array) of one ``event_cls`` event under the relation (``"add_or_remove_one"`` or
+    ``"replace_one"``).  It must raise ``ValueError`` for a relation it cannot account.
+
+    This is how a new mechanism becomes accountable without editing :class:`RdpAccountant`::
+
+        @register_rdp_rule(MyEvent)
+        def _my_rdp(event, orders, relation):
+            return orders * event.rho
+    """
+    if not (isinstance(event_cls, type) and issubclass(event_cls, DpEvent)):
+        raise TypeError(f"register_rdp_rule needs a DpEvent subclass, got {event_cls!r}")
+
+    def deco(fn):
+        _RDP_RULES[event_cls] = fn
+        return fn
+
+    return deco
+
+
+def _registered_rule(event: DpEvent):
+    for attempt in range(2):
+        for cls in type(event).__mro__:
+            fn = _RDP_RULES.get(cls)
+            if fn is not None:
+                return fn
+        if attempt == 0:
+            import importlib
+
+            for mod in _RULE_MODULES:
+                try:
+                    importlib.import_module(mod)
+                except ModuleNotFoundError as exc:  # a family not installed in this build
+                    if exc.name != mod:
+                        raise
+    return None
 
 _RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
 _CACHE_SIZE = 4096
@@ -252,6 +304,9 @@ class RdpAccountant(PrivacyAccountant):
                 raise ValueError(f"ShuffledEvent with steps_per_epoch=0 and steps={event.steps} is malformed")
             epochs = -(-event.steps // event.steps_per_epoch)
             return epochs * self._sub(event.event, orders, cached)
+        rule = _registered_rule(event)
+        if rule is not None:
+            return np.asarray(rule(event, orders, rel), dtype=float)
         raise ValueError(f"RdpAccountant does not support {type(event).__name__} events ({event!r})")
 
     # -- PrivacyAccountant interface -----------------------------------------------------

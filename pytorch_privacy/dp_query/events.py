@@ -74,6 +74,26 @@ REPLACE_ONE = NeighboringRelation.REPLACE_ONE
 
 _REGISTRY: dict[str, type["DpEvent"]] = {}
 
+#: Torch-free modules that define the events of further mechanism families (tree aggregation,
+#: discrete and distributed sums, matrix factorisation).  They register themselves on import;
+#: :func:`event_from_dict` imports them when it meets a kind it does not know yet.
+EVENT_MODULES: tuple[str, ...] = (
+    "pytorch_privacy.dp_query.tree_events",
+    "pytorch_privacy.dp_query.distributed_events",
+    "pytorch_privacy.dp_query.matrix_factorization_events",
+)
+
+
+def _load_event_modules() -> None:
+    import importlib
+
+    for mod in EVENT_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
 
 def _to_float(value) -> float:
     """attrs converter: a real number to ``float``; bools and strings are refused (``TypeError``).
@@ -310,6 +330,9 @@ def _event_from_dict(d: Any, depth: int) -> DpEvent:
     if not isinstance(kind, str):
         raise ValueError(f"a serialised privacy event needs a string 'kind', got {kind!r:.80}")
     cls = _REGISTRY.get(kind)
+    if cls is None:
+        _load_event_modules()
+        cls = _REGISTRY.get(kind)
     if cls is None:
         raise ValueError(f"unknown privacy event kind {kind[:80]!r}; known: {sorted(_REGISTRY)}")
     fields = attrs.fields(cls)
