@@ -49,6 +49,7 @@ from .ledger_schema import (  # noqa: F401  (LIMITS, SAMPLING_SCHEMES and Ledger
     prob_field,
     run_from_dict,
 )
+from .ledger_groupers import register_run_grouper, run_grouper_for  # noqa: F401  (re-exported)
 from .ledger_audit import SUSPICIOUS, event_str, suspicious_content  # noqa: F401  (re-exported)
 from .ledger_integrity import (  # noqa: F401  (re-exported)
     SIGNATURE_OK,
@@ -260,7 +261,12 @@ class PrivacyLedger:
         shuffled: list[LedgerRun] = []
         grouped: dict[tuple, int] = {}
         firsts: dict[tuple, LedgerRun] = {}
+        whole_run: dict[Any, list[LedgerRun]] = {}
         for r in self._runs:
+            grouper = run_grouper_for(r.event)
+            if grouper is not None:
+                whole_run.setdefault(grouper, []).append(r)
+                continue
             if r.sampling == "shuffle":
                 shuffled.append(r)
                 continue
@@ -272,6 +278,8 @@ class PrivacyLedger:
         # consecutive shuffled runs with the same settings form one epoch sequence
         for r in shuffled:
             parts.append(r.sampled_event())
+        for grouper, runs in whole_run.items():
+            parts.append(grouper(tuple(attrs.evolve(r) for r in runs)))
         if not parts:
             return NoOpEvent()
         return parts[0] if len(parts) == 1 else ComposedEvent(tuple(parts))
