@@ -296,6 +296,19 @@ MAX_EVENT_DEPTH = 16
 _FIELD_TYPES = {"float": "number", "int": "int", "str": "str", "DpEvent": "event", "tuple": "events"}
 
 
+def _field_type(cls: type, a: "attrs.Attribute") -> str:
+    """JSON type of an event field from its annotation (a string under ``from __future__ import
+    annotations``, else the class itself)."""
+    name = a.type if isinstance(a.type, str) else getattr(a.type, "__name__", repr(a.type))
+    ftype = _FIELD_TYPES.get(name)
+    if ftype is None:
+        raise TypeError(
+            f"event class {cls.__name__} field {a.name!r} has type {name!r}; serialisable event fields "
+            f"are annotated with one of {sorted(_FIELD_TYPES)}"
+        )
+    return ftype
+
+
 def _field_value(kind: str, name: str, ftype: str, v: Any, depth: int) -> Any:
     where = f"{kind!r} event field {name!r}"
     if ftype == "number":
@@ -343,7 +356,7 @@ def _event_from_dict(d: Any, depth: int) -> DpEvent:
     missing = names - set(d)
     if missing:
         raise ValueError(f"{kind!r} event lacks field(s) {sorted(missing)}")
-    kwargs = {a.name: _field_value(kind, a.name, _FIELD_TYPES[a.type], d[a.name], depth) for a in fields}
+    kwargs = {a.name: _field_value(kind, a.name, _field_type(cls, a), d[a.name], depth) for a in fields}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
