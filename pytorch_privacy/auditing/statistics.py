@@ -25,6 +25,7 @@ __all__ = [
     "clopper_pearson",
     "epsilon_from_rates",
     "epsilon_lower_bound",
+    "epsilon_lower_bound_per_threshold",
     "confusion_counts",
     "roc_curve",
     "auc",
@@ -259,3 +260,30 @@ def tpr_at_fpr(fpr, tpr, target_fpr: float) -> float:
         return float(np.max(t[f == f[hi - 1]]))
     f0, f1, t0, t1 = f[hi - 1], f[hi], t[hi - 1], t[hi]
     return float(t0 + (t1 - t0) * (target - f0) / (f1 - f0))
+
+
+def epsilon_lower_bound_per_threshold(
+    member_scores, nonmember_scores, delta: float = 0.0, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(thresholds, bounds)``: :func:`epsilon_lower_bound` for the test "member if
+    ``score >= t``" at every distinct score ``t`` (vectorised; equal to the scalar function).
+
+    Each bound holds at ``confidence`` for its own threshold fixed in advance; the *maximum* over
+    thresholds is optimistic (a multiple-comparison effect).  To report one bound, choose the
+    threshold on one split of the trials and call :func:`epsilon_lower_bound` on the counts of
+    another.
+    """
+    m = np.asarray(member_scores, dtype=np.float64).ravel()
+    n = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    if m.size == 0 or n.size == 0:
+        raise ValueError("need at least one member and one non-member score")
+    c = _check_confidence(confidence)
+    d = _check_rate("delta", delta)
+    thr, tp, fp = confusion_counts(np.r_[np.ones(m.size), np.zeros(n.size)], np.r_[m, n])
+    tail = (1.0 - c) / 2.0
+    tpr_lo = np.where(tp > 0, stats.beta.ppf(tail, np.maximum(tp, 1), m.size - tp + 1), 0.0)
+    fpr_hi = np.where(fp < n.size, stats.beta.ppf(1.0 - tail, fp + 1, np.maximum(n.size - fp, 1)), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(tpr_lo - d > 0, np.log(np.maximum(tpr_lo - d, 1e-300) / fpr_hi), 0.0)
+        b = np.where(1 - fpr_hi - d > 0, np.log(np.maximum(1 - fpr_hi - d, 1e-300) / (1 - tpr_lo)), 0.0)
+    return thr, np.maximum(np.maximum(a, b), 0.0)

@@ -19,6 +19,7 @@ from pytorch_privacy.auditing.statistics import (
     confusion_counts,
     epsilon_from_rates,
     epsilon_lower_bound,
+    epsilon_lower_bound_per_threshold,
     roc_auc_score,
     roc_curve,
     tpr_at_fpr,
@@ -141,6 +142,19 @@ def test_epsilon_lower_bound_is_union_bounded_clopper_pearson():
     assert epsilon_lower_bound(tp, fn, fp, tn, 0.0, 0.99) < expect
     # no false positives at all still gives a finite bound
     assert math.isfinite(epsilon_lower_bound(1000, 0, 0, 1000))
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.01])
+def test_epsilon_lower_bound_per_threshold_equals_scalar(delta):
+    rng = np.random.default_rng(3)
+    mem = np.round(rng.normal(1.5, 1, 80), 1)
+    non = np.round(rng.normal(0, 1, 70), 1)
+    thr, eps = epsilon_lower_bound_per_threshold(mem, non, delta, 0.9)
+    assert thr.size == np.unique(np.r_[mem, non]).size
+    for t, e in zip(thr, eps):
+        tp, fp = int((mem >= t).sum()), int((non >= t).sum())
+        assert e == pytest.approx(epsilon_lower_bound(tp, 80 - tp, fp, 70 - fp, delta, 0.9), abs=1e-10)
+    assert eps.max() > 0.5
 
 
 def test_epsilon_lower_bound_rejects_bad_input():
