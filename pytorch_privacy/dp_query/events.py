@@ -143,7 +143,7 @@ class DpEvent:
             if isinstance(v, DpEvent):
                 v = v.to_dict()
             elif isinstance(v, tuple):
-                v = [e.to_dict() for e in v]
+                v = [e.to_dict() if isinstance(e, DpEvent) else e for e in v]
             out[a.name] = v
         return out
 
@@ -293,7 +293,9 @@ MAX_EVENT_DEPTH = 16
 # JSON type of each serialised field, by the annotation of the attrs field.  Files are read
 # without coercion: an int field takes a JSON integer only (not 1.0, "1" or true), a float field
 # takes a JSON number (integer or float, never a bool or a string), a str field a string.
-_FIELD_TYPES = {"float": "number", "int": "int", "str": "str", "DpEvent": "event", "tuple": "events"}
+_FIELD_TYPES = {
+    "float": "number", "int": "int", "str": "str", "DpEvent": "event", "tuple": "events", "tuple[int, ...]": "ints",
+}
 
 
 def _field_type(cls: type, a: "attrs.Attribute") -> str:
@@ -331,6 +333,10 @@ def _field_value(kind: str, name: str, ftype: str, v: Any, depth: int) -> Any:
         if not isinstance(v, list):
             raise ValueError(f"{where} must be a list of events, got {type(v).__name__}")
         return tuple(_event_from_dict(e, depth + 1) for e in v)
+    if ftype == "ints":
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise ValueError(f"{where} must be a list of JSON integers, got {v!r:.80}")
+        return tuple(v)
     raise AssertionError(ftype)  # pragma: no cover
 
 

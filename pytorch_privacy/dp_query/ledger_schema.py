@@ -61,6 +61,18 @@ class SamplingScheme(str, enum.Enum):
     SHUFFLE = "shuffle"
     #: every record, every sample (full-batch training; add/remove-one)
     FULL = "full"
+    #: consecutive batches of ``batch_size`` in the **same order every epoch** (no reshuffling;
+    #: replace-one), ``N // batch_size`` steps per epoch.  This is the data order of DP-FTRL
+    #: (Kairouz et al. 2021): a record recurs exactly once per epoch, ``N // B - 1`` or more steps
+    #: apart, which the tree accounting uses (``tree_events.group_tree_steps``).  An FTRL run sets
+    #: ``PrivacyLedger(N, sampling="fixed_order", batch_size=B)`` (``ledger.set_sampling`` likewise)
+    #: for a loader that yields the same ``N // B`` (or ``ceil(N / B)``) batches in the same order
+    #: every epoch, and records one ``TreeAggregationStepEvent`` per batch from the first batch
+    #: on, ``starts_tree=1`` on each restart.  A loader that reshuffles every epoch is ``"shuffle"``
+    #: (a record may then take part in consecutive steps across an epoch boundary).  Other events
+    #: under this scheme are accounted as one un-amplified release per step (no parallel
+    #: composition over an epoch is claimed, since the ledger merges non-adjacent runs).
+    FIXED_ORDER = "fixed_order"
 
     def __str__(self) -> str:
         return self.value
@@ -68,7 +80,7 @@ class SamplingScheme(str, enum.Enum):
     @property
     def neighboring_relation(self) -> NeighboringRelation:
         """The neighbouring relation this scheme's events are stated under."""
-        if self in (SamplingScheme.WITHOUT_REPLACEMENT, SamplingScheme.SHUFFLE):
+        if self in (SamplingScheme.WITHOUT_REPLACEMENT, SamplingScheme.SHUFFLE, SamplingScheme.FIXED_ORDER):
             return NeighboringRelation.REPLACE_ONE
         return NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -110,6 +122,9 @@ class LedgerRun:
             # and under-count epochs.  Floor over-counts (safely) for loaders that keep it.
             spe = max(1, self.population_size // self.batch_size)
             return ShuffledEvent(steps_per_epoch=spe, steps=steps, event=self.event)
+        if self.sampling == "fixed_order":
+            # each step on its own (steps_per_epoch=1): sound wherever the run lies in the epoch
+            return ShuffledEvent(steps_per_epoch=1, steps=steps, event=self.event)
         if self.sampling == "poisson":
             one: DpEvent = PoissonSampledEvent(self.selection_probability, self.event)
         elif self.sampling == "without_replacement":
@@ -159,6 +174,7 @@ RUN_KEYS = {
     "without_replacement": {"count", "population_size", "sampling", "event", "batch_size"},
     "shuffle": {"count", "population_size", "sampling", "event", "batch_size"},
     "full": {"count", "population_size", "sampling", "event"},
+    "fixed_order": {"count", "population_size", "sampling", "event", "batch_size"},
 }
 
 
@@ -203,9 +219,14 @@ def check_event_ints(event: DpEvent, where: str) -> int:
             if isinstance(v, DpEvent):
                 stack.append(v)
             elif isinstance(v, tuple):
-                stack.extend(v)
+                stack.extend(x for x in v if isinstance(x, DpEvent))
+                ints = [x for x in v if isinstance(x, int) and not isinstance(x, bool)]
+                if ints and max(ints) > LIMITS["max_steps"]:
+                    raise ValueError(
+                        f"corrupt ledger: {where}: {e.kind} {a.name} holds {max(ints)}, above the limit {LIMITS['max_steps']}"
+                    )
             elif isinstance(v, int) and not isinstance(v, bool):
-                hi = LIMITS["max_steps"] if a.name in ("count", "steps") else LIMITS["max_int"]
+                hi = LIMITS["max_steps"] if a.name in ("count", "steps", "total_steps") else LIMITS["max_int"]
                 if v > hi:
                     raise ValueError(f"corrupt ledger: {where}: {e.kind} {a.name} {v} exceeds the limit {hi}")
     return nodes
