@@ -66,6 +66,9 @@ def loader_sampling(loader: Any) -> dict[str, Any]:
 
     from .samplers import DPDataLoader, PoissonSampler
 
+    own = getattr(loader, "ledger_settings", None)
+    if callable(own):  # a loader that states its own settings (fixed_order.FixedOrderLoader)
+        return dict(own())
     if isinstance(loader, DPDataLoader):
         loader = loader.poisson_sampler
     if isinstance(loader, PoissonSampler):

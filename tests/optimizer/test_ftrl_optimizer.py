@@ -1,0 +1,245 @@
+"""DPFTRLOptimizer: DP-FTRL / DP-FTRL-M with tree noise and restarts (Kairouz et al. 2021).
+
+The references here are written from the update rule of the module docstring, independently of
+the optimizer: the anchored recursion ``m_t = gamma m_{t-1} + s_t, theta_t = theta_0 - eta m_t / D``
+with its restart rule, per-example gradients by a plain loop of ``backward()``, and the tree
+noise variance from the binary decomposition of the step count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pytorch_privacy.optimizer.fixed_order import FixedOrderLoader
+from pytorch_privacy.optimizer.ftrl_optimizer import DPFTRLOptimizer, ftrl_epsilon, ftrl_noise_multiplier, plan_ledger
+
+N, B = 24, 6  # 4 steps an epoch
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _data(n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _clipped_sum(model, x, y, clip):
+    """sum_i clip_C(grad_i), by a loop of backward() over single examples."""
+    params = [p for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(ce(model(x[i : i + 1]), y[i : i + 1]).sum(), params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        c = min(1.0, clip / float(norm)) if norm > 0 else 1.0
+        for t, g in zip(total, grads):
+            t += c * g
+    return total
+
+
+def _anchored_reference(model, batches, clip, lr, gamma, period):
+    """The anchored DP-FTRL-M recursion (noise 0) with restarts every ``period`` steps."""
+    params = list(model.parameters())
+    theta0 = [p.detach().clone() for p in params]
+    s = [torch.zeros_like(p) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    for t, (x, y) in enumerate(batches):
+        if period is not None and t > 0 and t % period == 0:  # restart: new anchor, sums and momentum reset
+            theta0 = [p.detach().clone() for p in params]
+            s = [torch.zeros_like(p) for p in params]
+            m = [torch.zeros_like(p) for p in params]
+        g = _clipped_sum(model, x, y, clip)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                s[i] = s[i] + g[i]
+                m[i] = gamma * m[i] + s[i]
+                p.copy_(theta0[i] - lr * m[i] / B)
+    return [p.detach() for p in params]
+
+
+def _run(opt, loader, steps):
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            if done == steps:
+                break
+            opt.fit_batch(x, y)
+            done += 1
+
+
+def _batches(loader, steps):
+    out = []
+    while len(out) < steps:
+        out.extend(list(loader))
+    return out[:steps]
+
+
+# -- the update rule ---------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["functorch", "ghost"])
+@pytest.mark.parametrize("restart", ["epoch", None])
+def test_noise_free_equals_clipped_sgd(engine, restart):
+    loader = FixedOrderLoader(_data(), B, generator=1)
+    model, ref = _model(), _model()
+    opt = DPFTRLOptimizer(model, ce, 1.0, 0.0, learning_rate=0.3, data_loader=loader, restart=restart, engine=engine)
+    _run(opt, loader, 10)
+    ref_params = [p for p in ref.parameters()]
+    for x, y in _batches(loader, 10):  # clipped full-batch-sum SGD on the same batches
+        g = _clipped_sum(ref, x, y, 1.0)
+        with torch.no_grad():
+            for p, gi in zip(ref_params, g):
+                p -= 0.3 * gi / B
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("restart", [3, None])
+def test_momentum_matches_anchored_recursion(restart):
+    loader = FixedOrderLoader(_data(), B, generator=2)
+    model, ref = _model(), _model()
+    opt = DPFTRLOptimizer(model, ce, 0.7, 0.0, learning_rate=0.2, momentum=0.9, data_loader=loader, restart=restart)
+    _run(opt, loader, 9)
+    expected = _anchored_reference(ref, _batches(loader, 9), 0.7, 0.2, 0.9, restart)
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
+    if restart is None:  # momentum really acted: plain SGD ends elsewhere
+        plain = _model()
+        _anchored_reference(plain, _batches(loader, 9), 0.7, 0.2, 0.0, None)
+        assert max((p - q).abs().max().item() for p, q in zip(plain.parameters(), expected)) > 1e-3
+
+
+# -- the noise ---------------------------------------------------------------------------------
+def _node_var(level: int, efficient: bool) -> float:
+    """Variance (in units of (sigma C)^2) of one complete subtree's noise estimate at ``level``:
+    1 for the plain tree; Honaker's estimator 2^d / (2^(d+1) - 1)."""
+    return 2.0**level / (2.0 ** (level + 1) - 1) if efficient else 1.0
+
+
+def _prefix_var(t: int, efficient: bool) -> float:
+    """The prefix sum of t leaves is the sum of one subtree per set bit of t."""
+    return sum(_node_var(d, efficient) for d in range(t.bit_length()) if t >> d & 1)
+
+
+def _noise_run(steps, restart, efficient, sigma=1.5, dim=40_000):
+    """theta_t - theta_0 = -lr (sum of clipped gradients + N_t) / D, with zero gradients (zero
+    inputs of a bias-free linear layer): returns N_t for t = 0..steps, one row per step."""
+    model = nn.Linear(1, dim, bias=False)
+    x, y = torch.zeros(8, 1), torch.zeros(8)
+    loader = FixedOrderLoader(TensorDataset(x, y), 2, shuffle=False)
+    opt = DPFTRLOptimizer(
+        model, lambda out, _: out.sum(1), 1.0, sigma, learning_rate=1.0, data_loader=loader, restart=restart,
+        efficient_tree=efficient, generator=torch.Generator().manual_seed(11),
+    )
+    theta0 = model.weight.detach().clone().flatten()
+    rows = [torch.zeros(dim)]
+    for _ in range(steps):
+        opt.fit_batch(x[:2], y[:2])
+        rows.append((theta0 - model.weight.detach().flatten()) * 2.0)  # * D / lr
+    return torch.stack(rows).double() / sigma
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_parameter_noise_has_the_tree_variance(efficient):
+    noise = _noise_run(7, None, efficient)
+    for t in range(1, 8):
+        var = noise[t].var().item()
+        assert var == pytest.approx(_prefix_var(t, efficient), rel=0.05), t  # 40k samples: ~0.7 % std error
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_restart_resets_the_tree(efficient):
+    period = 3
+    noise = _noise_run(6, period, efficient)
+    for k in range(1, 4):  # after the restart at step 3 the variance starts again from one leaf
+        var = (noise[period + k] - noise[period]).var().item()
+        assert var == pytest.approx(_prefix_var(k, efficient), rel=0.05), k
+    # without the restart the increment of step 4 would be ~ (N_4 - N_3): 3 independent nodes (plain tree)
+    if not efficient:
+        no_restart = _noise_run(4, None, False)
+        assert (no_restart[4] - no_restart[3]).var().item() == pytest.approx(3.0, rel=0.05)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def test_state_dict_resume_continues_the_same_tree():
+    def make(seed):
+        loader = FixedOrderLoader(_data(), B, generator=seed)
+        model = _model()
+        opt = DPFTRLOptimizer(
+            model, ce, 1.0, 0.8, learning_rate=0.1, momentum=0.5, data_loader=loader, restart=3,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return model, opt, loader
+
+    m1, o1, l1 = make(5)
+    batches = _batches(l1, 7)
+    for x, y in batches:
+        o1.fit_batch(x, y)
+
+    m2, o2, l2 = make(5)
+    for x, y in batches[:4]:
+        o2.fit_batch(x, y)
+    sd = copy.deepcopy(o2.state_dict())
+    weights = copy.deepcopy(m2.state_dict())
+    m3, o3, l3 = make(9)  # other seeds: the checkpoint must restore the noise stream and the order
+    m3.load_state_dict(weights)
+    o3.load_state_dict(sd)
+    assert torch.equal(l3.fixed_order_sampler.order, l1.fixed_order_sampler.order)
+    for x, y in batches[4:]:
+        o3.fit_batch(x, y)
+    for p, q in zip(m1.parameters(), m3.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
+    assert o3.ledger == o1.ledger and len(o3.ledger) == 7
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_refuses_poisson_loader():
+    from pytorch_privacy.optimizer import DPDataLoader
+
+    with pytest.raises(ValueError, match="sampling"):
+        DPFTRLOptimizer(_model(), ce, 1.0, 1.0, learning_rate=0.1, data_loader=DPDataLoader(_data(), 0.25))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"learning_rate": 0.0}, ValueError, "learning_rate"),
+        ({"learning_rate": -1.0}, ValueError, "learning_rate"),
+        ({"learning_rate": float("nan")}, ValueError, "learning_rate"),
+        ({"learning_rate": 0.1, "momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"learning_rate": 0.1, "momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"learning_rate": 0.1, "restart": 0}, ValueError, "restart"),
+        ({"learning_rate": 0.1, "num_microbatches": 2}, ValueError, "microbatch"),
+        ({"learning_rate": "0.1"}, TypeError, "learning_rate"),
+    ],
+)
+def test_refuses_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DPFTRLOptimizer(_model(), ce, 1.0, 1.0, data_loader=FixedOrderLoader(_data(), B), **kwargs)
+
+
+def test_refuses_shuffle_loader_with_a_short_last_batch_and_wrong_batch_sizes():
+    ds = _data(25)
+    with pytest.raises(ValueError, match="drop_last"):
+        DPFTRLOptimizer(_model(), ce, 1.0, 1.0, learning_rate=0.1, data_loader=DataLoader(ds, batch_size=6, shuffle=True))
+    opt = DPFTRLOptimizer(
+        _model(), ce, 1.0, 1.0, learning_rate=0.1, data_loader=DataLoader(ds, batch_size=6, shuffle=True, drop_last=True)
+    )
+    x, y = ds.tensors
+    with pytest.raises(ValueError, match="exactly 6"):
+        opt.fit_batch(x[:5], y[:5])
+    assert len(opt.ledger) == 0
