@@ -72,3 +72,16 @@ def test_state_dict_round_trip_and_refusals():
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         FixedOrderLoader(_ds(10), **kwargs)
+
+
+def test_make_ledger_matches_the_loader():
+    loader = FixedOrderLoader(_ds(40), 8, generator=0)
+    ledger = loader.make_ledger(run="t")
+    assert (ledger.population_size, ledger.sampling, ledger.batch_size) == (40, "fixed_order", 8)
+    from pytorch_privacy.optimizer.consistency import SamplingMonitor, ledger_for_loader
+
+    built = ledger_for_loader(loader)
+    assert (built.population_size, built.sampling, built.batch_size) == (40, "fixed_order", 8)
+    SamplingMonitor(built, loader)  # agrees with its loader
+    with pytest.raises(ValueError, match="ledger"):
+        SamplingMonitor(built, FixedOrderLoader(_ds(40), 4))
