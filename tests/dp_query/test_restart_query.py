@@ -147,3 +147,21 @@ def test_restart_query_errors():
         RestartQuery(TreeResidualSumQuery(1.0, lambda: 0.0), 3)
     with pytest.raises(TypeError, match="DPQuery"):
         RestartQuery(object(), PeriodicRoundRestartIndicator(2))
+
+
+def test_ledger_records_one_run_per_tree_part():
+    """Through QueryWithLedger, 10 steps restarted every 4 give runs (1 start, 3 more) x 2 and
+    (1 start, 1 more): the ledger grows with restarts, not steps, and survives JSON."""
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.query_with_ledger import QueryWithLedger
+
+    ledger = PrivacyLedger(100, sampling="shuffle", batch_size=25)
+    inner = TreeResidualSumQuery.build_l2_gaussian_query(1.0, 2.0, generator=torch.Generator().manual_seed(0))
+    q = QueryWithLedger(RestartQuery(inner, EpochRestartIndicator(4)), ledger)
+    gs = q.initial_global_state()
+    for _ in range(10):
+        _, gs, _ = _step(q, gs, 0.3)
+    runs = [(r.count, r.event.starts_tree) for r in ledger.runs]
+    assert runs == [(1, 1), (3, 0), (1, 1), (3, 0), (1, 1), (1, 0)]
+    again = PrivacyLedger.from_json(ledger.to_json())
+    assert [r.event for r in again.runs] == [r.event for r in ledger.runs]

@@ -266,3 +266,24 @@ def test_errors(cls):
         _run_query(q, [[torch.zeros(2), torch.zeros(4)]], gs)
     with pytest.raises(ValueError, match="NaN"):
         q.preprocess_record(1.0, torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("cls", [TreeCumulativeSumQuery, TreeResidualSumQuery])
+def test_by_norm_equals_records(cls):
+    """The ghost-clipping path (norms + weighted sum) equals clipping the records themselves."""
+    q = cls(1.0, _zero)
+    batch = torch.randn(5, 4, generator=torch.Generator().manual_seed(2)) * 2
+    params = q.derive_sample_params(q.initial_global_state())
+    a = q.accumulate_records(params, q.initial_sample_state(batch[0]), batch)
+    norms = batch.double().norm(dim=1)
+    b = q.accumulate_records_by_norm(params, q.initial_sample_state(batch[0]), norms, lambda c: (c[:, None].float() * batch).sum(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_secure_mode_query():
+    q = TreeResidualSumQuery.build_l2_gaussian_query(1.0, 1.0, secure_mode=True)
+    assert q.random_sources()[0].secure_mode
+    r, _, ev = _run_query(q, [torch.zeros(20_000)])
+    assert abs(r.double().std().item() - 1.0) < 0.04 and ev.starts_tree == 1
+    with pytest.raises(ValueError, match="secure"):
+        TreeResidualSumQuery.build_l2_gaussian_query(1.0, 1.0, generator=torch.Generator(), secure_mode=True)
