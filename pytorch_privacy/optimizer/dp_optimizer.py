@@ -48,7 +48,7 @@ from .engines.base import (
 from .layer_swap import swap_layers_for_optimizer
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
-from .distributed.ddp import setup_distributed
+from .distributed.setup import setup_distributed
 from .distributed.precision import full_precision
 
 __all__ = ["DPOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
@@ -365,7 +365,8 @@ class DPOptimizer(torch.optim.Optimizer):
             if not params:
                 raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
             opt_ids = {id(p) for g in self.original_optimizer.param_groups for p in g["params"]}
-            validation.check_no_new_parameters(params, opt_ids, self._known_missing)
+            shown = params if self._dist is None else self._dist.release_params(params)  # FSDP2: the shards
+            validation.check_no_new_parameters(shown, opt_ids, self._known_missing)
             self._check_finite_weights(params)
             self._step_params = params
             self._acc.begin(self._global_state, {n: p.detach() for n, p in params.items()})
@@ -459,6 +460,8 @@ class DPOptimizer(torch.optim.Optimizer):
         """Start a new step: forget pending passes and sums, and zero/None the ``.grad`` s."""
         self._acc.reset()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        if self._dist is not None:  # FSDP2: unshard the model for the step
+            self._dist.begin_step()
 
     def backward_pass(
         self, inputs: Any, targets: Any, *, sensitive: bool = True, loss_fn: LossFn | None = None
@@ -552,6 +555,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     self._acc.reset()
                     raise
                 examples = None if examples is None else self._dist.last_global_examples
+                self._step_params = self._dist.release_params(self._step_params)
             else:
                 result, new_state, event = self._acc.finish(old_state)
             if event is not None:
@@ -638,8 +642,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
 
 def __getattr__(name: str):
-    """``DPGaussianOptimizer`` moved to :mod:`.gaussian_optimizer` (imported lazily here, so the
-    old import path keeps working without an import cycle)."""
+    """``DPGaussianOptimizer`` moved to :mod:`.gaussian_optimizer` (imported lazily: no cycle)."""
     if name == "DPGaussianOptimizer":
         from .gaussian_optimizer import DPGaussianOptimizer
 

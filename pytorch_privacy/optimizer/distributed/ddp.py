@@ -106,6 +106,13 @@ class DistributedStep:
         """Whether this rank records the ledger and decides the budget (rank 0)."""
         return self.rank == 0
 
+    def begin_step(self) -> None:
+        """Called when a step begins (``zero_grad``); nothing to do for replicated models."""
+
+    def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """The parameters the released gradients are written to (the step's own, for DDP)."""
+        return params
+
     def local_num_microbatches(self, num_microbatches: int) -> int:
         """``num_microbatches`` is the global count; each rank splits its batch into
         ``num_microbatches / W`` groups (so the denominator ``num_microbatches`` stays right)."""
@@ -261,23 +268,3 @@ class DistributedStep:
                 pos += n
             result = pytree.unflatten(parts, _load_spec(r_spec))  # rank 0 already applied acc.noise_scale
         return result, new_state, event
-
-
-def setup_distributed(model: nn.Module, data_loader: Any = None) -> tuple[nn.Module, DistributedStep | None]:
-    """What :class:`~pytorch_privacy.optimizer.DPOptimizer` trains on: ``(inner module,
-    DistributedStep)`` for a ``DistributedDataParallel`` model, ``(model, None)`` otherwise.
-
-    A :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader` over several ranks
-    with a plain model is refused: each rank would release its own share as a whole step."""
-    inner, wrapped = unwrap_ddp(model)
-    if wrapped:
-        return inner, DistributedStep(model.process_group if hasattr(model, "process_group") else None)
-    from .sampler import DistributedDPDataLoader
-
-    if isinstance(data_loader, DistributedDPDataLoader) and data_loader.world_size > 1:
-        raise ValueError(
-            "the data loader gives each rank a share of a global Poisson sample, but the model is not a "
-            "DistributedDataParallel: every rank would noise and release its share as a whole step. Wrap the "
-            "model in torch.nn.parallel.DistributedDataParallel"
-        )
-    return inner, None

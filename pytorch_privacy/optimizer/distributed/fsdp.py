@@ -1,0 +1,292 @@
+"""Private steps on FSDP2 models (``torch.distributed.fsdp.fully_shard``): global norms, one
+reduction of the clipped sums, each rank noising only its own shard.
+
+With ``W`` ranks and a model whose trainable parameters are all sharded by ``fully_shard``
+(``DTensor`` parameters, ``Shard(d)`` on a 1-D mesh), one logical step is::
+
+    unshard every FSDP unit (all-gather; once, when the step begins: ``zero_grad``)
+    g_i, ||g_i||   per example of the rank's local batch, on the unsharded model (any engine)
+    S_r  = sum_{i in B_r} clip_C(g_i)                      full-shaped, local
+    S[s] = (sum_r S_r)[shard s]                            one all-reduce, each rank keeps its shard
+    released[s] = (S[s] + N(0, (sigma C)^2 I)) / D         on rank s, from rank s's own generator
+    reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
+
+What the hooks see (torch 2.13).  Data parallelism puts each example on exactly one rank, and that
+rank runs the example's whole forward and backward with the layer's *unsharded* weight (FSDP2
+all-gathers a unit's shards before its forward and frees them after).  So the activations and
+output gradients the per-example engines capture on rank ``r`` are full-width, and the
+per-example norm they compute there is already the norm of the example's gradient over *all*
+shards: the "global norm over all shards" needs no communication, and clipping is flat across the
+shards by construction.  (Summing per-example squared norms across ranks would be wrong here: rank
+``r``'s record ``j`` and rank ``s``'s record ``j`` are different examples.  The sum of squared
+per-shard norms is what the norm *is*; this module checks it against the unsharded model in the
+tests.)  Under FSDP2's lazy unsharding a forward hook registered after ``fully_shard`` runs after
+FSDP's post-forward hook, i.e. after the unit was resharded: the module then holds its sharded
+``DTensor`` parameter again (shape global, storage local); activations and output gradients are
+plain full-width tensors either way.
+
+Why the model is unsharded for the whole step.  FSDP2's hooks all-gather in every forward and
+backward, so every rank must run exactly the same sequence of forwards.  The DP engines do not: a
+rank with an empty Poisson batch runs none, the independence probe and the batch-layout trace run
+extra forwards on the first batch of an input signature, and a fallback engine may run others.
+Unsharding every unit once when the step begins (``FSDPModule.unshard``, with
+``set_reshard_after_forward(False)`` and ``set_reshard_after_backward(False)``) makes all those
+forwards collective-free; the units are resharded when the step is released.  The cost: the full
+parameters live on every rank during the step (FSDP still shards them between steps, and shards
+the gradients and the optimizer state).  No per-example gradient of the full model is formed by
+the ghost engine (norms by ghost contractions, sums by book-keeping, as in one process); the
+clipped sum ``S_r`` is full-shaped, like the gradient of a plain FSDP backward before its
+reduce-scatter.
+
+Noise exactly once.  The shards are disjoint and cover every parameter element, so each rank adding
+``N(0, (sigma C)^2)`` to each element of its own shard adds it to every element exactly once.  The
+ranks' noise must be independent: identical generator states (a common seed) would give two
+shards the same noise vector, a correlated (non-isotropic) Gaussian whose privacy loss is
+unbounded along the difference of the correlated coordinates.  The first step compares digests of
+the ranks' generator states (one ``all_gather_object``) and refuses identical ones.
+
+Ledger and budget.  Every rank's query releases an event (the same one: the global state of a
+Gaussian sum/average query does not change); rank 0 alone records it with the global ``q`` and
+decides the budget; its decision is broadcast before anything is applied, and a refusal is raised
+on every rank (each rank's query then rewinds its own generator, as in one process).  Queries whose
+global state is updated from noised data (adaptive clipping) would diverge across ranks: their
+sample states are not shaped like the parameters, and they are refused (use DDP for them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ddp import _ERROR, _OK, _REFUSED, DistributedStep
+
+__all__ = ["FSDPStep", "is_fsdp_model"]
+
+
+def _fsdp_api():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    return FSDPModule, DTensor, Shard
+
+
+def is_fsdp_model(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) was wrapped with ``torch.distributed.fsdp.fully_shard``."""
+    if not dist.is_available():
+        return False
+    try:
+        FSDPModule = _fsdp_api()[0]
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _chunks(t: torch.Tensor, world: int, dim: int) -> list[torch.Tensor]:
+    """FSDP2's split of a full tensor: ``torch.chunk`` along ``dim``, padded with empty chunks."""
+    parts = list(torch.chunk(t, world, dim=dim))
+    empty_shape = list(t.shape)
+    empty_shape[dim] = 0
+    parts += [t.new_empty(empty_shape)] * (world - len(parts))
+    return parts
+
+
+class FSDPStep(DistributedStep):
+    """The collective part of a private step on an FSDP2 model (used by
+    :class:`~pytorch_privacy.optimizer.DPOptimizer` when its model holds ``fully_shard`` units).
+
+    Args:
+        model: the root module; every trainable parameter must be a ``DTensor`` sharded by
+            ``fully_shard`` (``Shard(d)`` on one 1-D device mesh).
+
+    Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
+    all-reduced flat buffer and the 1-entry control broadcast (no release is broadcast: each rank
+    keeps its shard)."""
+
+    def __init__(self, model: nn.Module):
+        FSDPModule, DTensor, Shard = _fsdp_api()
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.model = model
+        #: trainable sharded parameters by name: ``(param, shard dim)``
+        self.sharded: dict[str, tuple[nn.Parameter, int]] = {}
+        mesh = None
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not isinstance(p, DTensor):
+                raise ValueError(
+                    f"parameter {name!r} is not sharded by fully_shard (a plain tensor next to FSDP2 units); apply "
+                    "fully_shard to the root module too, so that every trainable parameter is a DTensor"
+                )
+            if p.device_mesh.ndim != 1 or len(p.placements) != 1 or type(p.placements[0]) is not Shard:
+                raise ValueError(
+                    f"parameter {name!r} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh; only "
+                    "FSDP2's Shard(d) on a 1-D mesh is supported (no HSDP, no tensor parallelism)"
+                )
+            if mesh is not None and p.device_mesh != mesh:
+                raise ValueError("the FSDP2 units of the model live on different device meshes; use one mesh")
+            mesh = p.device_mesh
+            self.sharded[name] = (p, p.placements[0].dim)
+        if mesh is None:
+            raise ValueError("the FSDP2 model has no trainable parameters")
+        super().__init__(mesh.get_group())
+        self.mesh = mesh
+        for unit in self.units:  # unsharded for the whole step (see the module docstring)
+            unit.set_reshard_after_forward(False)
+            unit.set_reshard_after_backward(False)
+        self._checked_sources = False
+        self._checked_state = False
+        self._checked_dtypes = False
+
+    # -- the step's lifecycle (DPOptimizer: zero_grad, _ensure_started, step) ------------
+    def begin_step(self) -> None:
+        """All-gather every unit (collective: every rank starts every step with ``zero_grad``)."""
+        for unit in self.units:
+            unit.unshard()
+        if self._checked_dtypes:
+            return
+        for name, full in self.model.named_parameters():
+            p = self.sharded.get(name, (full,))[0]
+            if full.dtype != p.dtype:
+                raise ValueError(
+                    f"FSDP2 unshards {name!r} to {full.dtype} but keeps it in {p.dtype}: a MixedPrecisionPolicy with "
+                    "param_dtype is not supported (the clipped sums would be formed in that dtype); use "
+                    "torch.autocast for mixed precision"
+                )
+        self._checked_dtypes = True
+
+    def end_step(self) -> None:
+        """Reshard every unit (frees the gathered parameters)."""
+        for unit in self.units:
+            unit.reshard()
+
+    def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """The sharded parameters (the optimizer's) under the names of ``params``."""
+        return {n: self.sharded[n][0] if n in self.sharded else p for n, p in params.items()}
+
+    # -- checks --------------------------------------------------------------------------
+    def _check_distinct_sources(self, query) -> None:
+        if self._checked_sources:
+            return
+        from ..checkpoint import find_random_sources
+
+        digest = hashlib.sha256()
+        for src in find_random_sources(query):
+            if src.secure_mode:
+                continue
+            buf = io.BytesIO()
+            torch.save(src.state_dict(), buf)
+            digest.update(buf.getvalue())
+        digests: list[Any] = [None] * self.world_size
+        dist.all_gather_object(digests, digest.hexdigest(), group=self.group)
+        if len(set(digests)) < self.world_size:
+            raise ValueError(
+                "under FSDP2 every rank noises its own shard, but the ranks' noise generators are in the same "
+                "state: the shards would get identical (correlated) noise. Seed each rank differently "
+                "(generator=torch.Generator().manual_seed(seed * world_size + rank)) or pass no generator"
+            )
+        self._checked_sources = True
+
+    def _check_state(self, acc) -> None:
+        if self._checked_state:
+            return
+        state, template = acc.sample_state, acc.template
+        if not (
+            isinstance(state, dict)
+            and set(state) == set(template)
+            and all(isinstance(state[n], torch.Tensor) and state[n].shape == template[n].shape for n in template)
+        ):
+            raise ValueError(
+                f"under FSDP2 each rank noises its own shard of the sums, which needs a query whose sample state is "
+                f"one tensor per parameter (Gaussian sum/average); {type(acc.query).__name__} keeps other state "
+                "(e.g. adaptive clipping's noised count), whose release would differ across ranks. Use DDP for it"
+            )
+        self._checked_state = True
+
+    # -- release -------------------------------------------------------------------------
+    def _shard(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, t in tensors.items():
+            p, d = self.sharded[n]
+            local = _chunks(t, self.world_size, d)[self.rank]
+            out[n] = local.contiguous()
+        return out
+
+    def _as_dtensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        DTensor = _fsdp_api()[1]
+        out = {}
+        for n, t in tensors.items():
+            p, _ = self.sharded[n]
+            out[n] = DTensor.from_local(
+                t.to(p.dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+        return out
+
+    def finish(
+        self, acc, global_state: Any, local_examples: int, check: Callable[[Any], None] | None = None
+    ) -> tuple[Any, Any, Any]:
+        """All-reduce the clipped sums (and public gradients, counters) once, keep this rank's
+        shard, noise it with this rank's query, let rank 0 decide the budget, reshard.
+
+        Returns ``(result, new_global_state, event)`` with ``result`` (and the accumulator's public
+        gradients) as ``DTensor`` shards of the sharded parameters."""
+        try:
+            acc.flush()
+            self._check_distinct_sources(acc.query)
+            reduced = self._reduce(acc, local_examples)
+            if acc.public:
+                acc.public = self._as_dtensors(self._shard(acc.public))
+            if reduced is None:  # no rank took a sensitive pass
+                return None, global_state, None
+            self.last_volume_bytes = reduced[2]
+            self._check_state(acc)
+            acc.sample_state = self._shard(acc.sample_state)
+            return self._release_shards(acc, global_state, check)
+        finally:
+            self.end_step()
+
+    def _release_shards(self, acc, global_state, check):
+        from ..budget import PrivacyBudgetExceeded
+
+        # every rank noises its shard; rank 0 decides the budget; one MAX all-reduce of the ranks'
+        # codes tells every rank whether to apply (a failure anywhere stops every rank)
+        header: list[Any] = [None]
+        mine: BaseException | None = None
+        code = _OK
+        try:
+            result, new_state, event = acc.finish(global_state)  # this rank's shard, this rank's noise
+            if self.is_recorder and check is not None and event is not None:
+                check(event)
+        except PrivacyBudgetExceeded as exc:
+            header = [(str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)]
+            code, mine = _REFUSED, exc
+        except Exception as exc:
+            code, mine = _ERROR, exc
+        control = torch.tensor([code], dtype=torch.long)
+        dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_volume_bytes += control.numel() * control.element_size()
+        code = int(control[0])
+        if code == _REFUSED:
+            dist.broadcast_object_list(header, src=self._src(), group=self.group)
+            if mine is not None:
+                raise mine
+            msg, eps, target_eps, target_delta, steps = header[0]
+            raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
+        if code == _ERROR:
+            if mine is not None:
+                raise mine
+            raise RuntimeError("another rank failed to release its shard of the step; this rank stops with it")
+        return self._as_dtensors(result), new_state, event
+
+
+def setup_fsdp(model: nn.Module) -> FSDPStep | None:
+    """An :class:`FSDPStep` for a model with ``fully_shard`` units, else ``None``."""
+    if not is_fsdp_model(model):
+        return None
+    if not dist.is_initialized():
+        raise ValueError("an FSDP2 model needs an initialised process group (torch.distributed.init_process_group)")
+    return FSDPStep(model)

@@ -1,0 +1,102 @@
+"""Process bodies for the FSDP2 tests (module level: ``torch.multiprocessing.spawn`` pickles them
+by name).  Every rank shards the same model with ``fully_shard`` (each Linear, then the root)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _workers as w
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded parameters (all-gathered; collective)."""
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def train(model, engine, batches, *, rank=0, world=1, sigma=0.0, generator_seed=0, uneven=False, **opt_kwargs):
+    """3 DP steps; rank ``r`` of ``world`` takes the ``r``-th consecutive share of each global batch
+    (``uneven``: rank 0 takes all of it, the others run with empty local batches)."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=sigma,
+        expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(generator_seed + rank),
+        **opt_kwargs,
+    )
+    for x, y in batches:
+        if uneven:
+            opt.fit_batch(x if rank == 0 else x[:0], y if rank == 0 else y[:0])
+            continue
+        share = x.shape[0] // world
+        opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+    return opt
+
+
+def equivalence(rank, world, port, variants, out_dir):
+    results = []
+    for engine, kw in variants:
+        model = shard(w.make_model())
+        opt = train(model, engine, w.make_batches(), rank=rank, world=world, **dict(kw))
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        results.append({"params": full_params(model), "ledger": opt.ledger.to_dict() if opt.ledger else None,
+                        "volume": opt._dist.last_volume_bytes})
+    torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
+
+
+def norms(rank, world, port, engines, out_dir):
+    """Per-example norms of the sharded model on a batch (the step started by zero_grad)."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    out = {}
+    x, y = w.make_batches(1, batch=6, seed=7 + rank)[0]
+    for engine in engines:
+        model = shard(w.make_model())
+        opt = DPGaussianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
+            expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank),
+        )
+        opt.zero_grad()
+        out[engine] = opt.per_example_gradients(x, y).norms().detach().clone()
+        opt.accumulate_pass(opt.per_example_gradients(x, y))
+        opt.step()
+    out["x"], out["y"] = x, y
+    torch.save(out, os.path.join(out_dir, f"norms{rank}.pt"))
+
+
+def noise(rank, world, port, out_dir, sigma, clip, denominator, same_seed):
+    """One step with empty local batches on every rank: the update is -noise / D exactly."""
+    from pytorch_privacy.dp_query import PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(nn.Linear(100, 50)))
+    before = full_params(model)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), model, w.loss_fn(), l2_norm_clip=clip,
+        noise_multiplier=sigma, ledger=PrivacyLedger(100, denominator / 100),
+        generator=torch.Generator().manual_seed(5 if same_seed else 5 + rank),
+    )
+    try:
+        opt.fit_batch(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
+    except ValueError as exc:
+        torch.save({"error": str(exc)}, os.path.join(out_dir, f"noise{rank}.pt"))
+        return
+    after = full_params(model)
+    update = torch.cat([(after[n] - before[n]).reshape(-1) for n in after])
+    torch.save({"update": update, "volume": opt._dist.last_volume_bytes, "steps": opt.ledger.steps,
+                "ledger": opt.ledger.to_dict()},
+               os.path.join(out_dir, f"noise{rank}.pt"))

@@ -1,0 +1,107 @@
+"""Private steps on FSDP2 models (``fully_shard``) on gloo, 2 spawned CPU processes: equivalence
+with one process, per-example norms equal to the unsharded model's, noise once per element with
+independent streams per shard, one ledger entry on rank 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from . import _fsdp_workers as fw
+from . import _workers as w
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+VARIANTS = [
+    ("ghost", {}),
+    ("functorch", {}),
+    ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: one reduction at step()
+    ("ghost", {"uneven": True}),  # rank 1's local batches are empty (no forward there)
+]
+
+
+def _load(path):
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
+    refs = []
+    for engine, kw in VARIANTS:
+        model = w.make_model()
+        fw.train(model, engine, w.make_batches(), **kw)
+        refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    start = dict(w.make_model().named_parameters())
+    for ref in refs:
+        assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
+    w.spawn(fw.equivalence, 2, VARIANTS, str(tmp_path))
+    for rank in range(2):
+        out = _load(tmp_path / f"fsdp{rank}.pt")
+        for (engine, kw), ref, res in zip(VARIANTS, refs, out):
+            for n in ref:
+                torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
+            # one flat all-reduce of the full sums (+3 counters) and a 1-entry control all-reduce
+            n_params = sum(t.numel() for t in ref.values())
+            assert res["volume"] == 4 * (n_params + 3) + 8
+
+
+@pytest.mark.slow
+def test_fsdp_per_example_norms_are_the_unsharded_models(tmp_path):
+    from pytorch_privacy.optimizer.engines import get_engine
+
+    engines = ["ghost", "functorch"]
+    w.spawn(fw.norms, 2, engines, str(tmp_path))
+    for rank in range(2):
+        out = _load(tmp_path / f"norms{rank}.pt")
+        # the same examples through the plain model, per-example gradients materialised one by one
+        model = w.make_model()
+        expected = []
+        for i in range(out["x"].shape[0]):
+            loss = w.loss_fn()(model(out["x"][i:i + 1]), out["y"][i:i + 1]).sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            expected.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        expected = torch.stack(expected)
+        for engine in engines:
+            torch.testing.assert_close(out[engine], expected, atol=1e-5, rtol=1e-5)
+        # not the norm of one shard alone
+        ghost_plain = get_engine("ghost")(w.make_model(), w.loss_fn()).compute(out["x"], out["y"]).norms()
+        torch.testing.assert_close(ghost_plain, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path):
+    sigma, clip, denominator = 2.0, 1.0, 10.0
+    w.spawn(fw.noise, 2, str(tmp_path), sigma, clip, denominator, False)
+    u0, u1 = (_load(tmp_path / f"noise{r}.pt") for r in range(2))
+    # both ranks see the same (all-gathered) update
+    torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
+    update = u0["update"]
+    assert update.numel() == 5050
+    expected = sigma * clip / denominator
+    std = float(update.std())
+    assert abs(std / expected - 1) < 0.05, (std, expected)
+    assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25  # not noised on every rank and summed
+    assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
+    # the two shards of the weight are noised by independent streams (rows 0-24 on rank 0, 25-49 on
+    # rank 1): identical streams would make the halves equal (correlation 1)
+    w0, w1 = update[:2500], update[2500:5000]
+    corr = float(torch.corrcoef(torch.stack([w0, w1]))[0, 1])
+    assert abs(corr) < 0.1, corr
+    # recorded once, on rank 0, with the ledger's q; the global denominator D = q N = 10
+    assert u0["steps"] == 1 and u1["steps"] == 0
+    from pytorch_privacy.dp_query import PrivacyLedger
+
+    led = PrivacyLedger.from_dict(u0["ledger"])
+    assert led.selection_probability == denominator / 100 and led.runs[0].count == 1
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_identical_noise_generators(tmp_path):
+    w.spawn(fw.noise, 2, str(tmp_path), 1.0, 1.0, 10.0, True)
+    for r in range(2):
+        out = _load(tmp_path / f"noise{r}.pt")
+        assert "same state" in out.get("error", ""), out.keys()
