@@ -287,3 +287,16 @@ def test_secure_mode_query():
     assert abs(r.double().std().item() - 1.0) < 0.04 and ev.starts_tree == 1
     with pytest.raises(ValueError, match="secure"):
         TreeResidualSumQuery.build_l2_gaussian_query(1.0, 1.0, generator=torch.Generator(), secure_mode=True)
+
+
+def test_docs_page_example_runs():
+    """docs/tree_queries.md's code runs as written and records what the page says."""
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[2] / "docs" / "tree_queries.md"
+    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    ns: dict = {}
+    exec(compile(block, str(page), "exec"), ns)
+    assert ns["event"] == TreeAggregationStepEvent(2.0, 0)
+    assert ns["global_state"].inner_query_state.tree_state.num_steps == 3
