@@ -90,8 +90,20 @@ def _wide_add(*terms_and_signs, out_dtype: torch.dtype) -> torch.Tensor:
     return acc.to(out_dtype)
 
 
-def _flat(x: Any) -> list[torch.Tensor] | None:
-    return None if x is None else list(x)
+def _flat_checked(x: Any, sample_state: Any, what: str) -> list[torch.Tensor] | None:
+    """The stored flat leaves ``x`` (``None`` = zero), checked against the record's leaves before
+    anything is drawn (a refused step must not advance the noise stream)."""
+    if x is None:
+        return None
+    leaves, _ = pytree.flatten(sample_state)
+    x = list(x)
+    if len(x) != len(leaves) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(x, leaves)):
+        raise ValueError(
+            f"the record structure or shape changed since the {what} started (stored shapes "
+            f"{[tuple(a.shape) for a in x]}, record shapes {[tuple(b.shape) for b in leaves]}); "
+            "reset the query (reset_state) before changing it"
+        )
+    return x
 
 
 class _TreeSumQuery(SumAggregationDPQuery):
@@ -240,10 +252,8 @@ class TreeCumulativeSumQuery(_TreeSumQuery):
 
     def get_noised_result(self, sample_state, global_state: TreeCumulativeSumGlobalState):
         event = self.event(global_state)
+        prev = _flat_checked(global_state.samples_cumulative_sum, sample_state, "running sum")
         leaves, spec, noise, new_tree = self._tree_noise(sample_state, global_state.tree_state)
-        prev = _flat(global_state.samples_cumulative_sum)
-        if prev is not None and len(prev) != len(leaves):
-            raise ValueError("the record structure changed since the running sum started; reset the query first")
         new_sum = [
             x.to(n.dtype) if p is None else _wide_add((x, 1), (p, 1), out_dtype=torch.promote_types(n.dtype, p.dtype))
             for x, n, p in zip(leaves, noise, prev or [None] * len(leaves))
@@ -279,10 +289,8 @@ class TreeResidualSumQuery(_TreeSumQuery):
 
     def get_noised_result(self, sample_state, global_state: TreeResidualSumGlobalState):
         event = self.event(global_state)
+        prev = _flat_checked(global_state.previous_tree_noise, sample_state, "tree")
         leaves, spec, noise, new_tree = self._tree_noise(sample_state, global_state.tree_state)
-        prev = _flat(global_state.previous_tree_noise)
-        if prev is not None and len(prev) != len(leaves):
-            raise ValueError("the record structure changed within a tree; reset the query first")
         out = [
             _wide_add((x, 1), (n, 1), out_dtype=x.dtype)
             if p is None

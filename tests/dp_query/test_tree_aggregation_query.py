@@ -300,3 +300,23 @@ def test_docs_page_example_runs():
     exec(compile(block, str(page), "exec"), ns)
     assert ns["event"] == TreeAggregationStepEvent(2.0, 0)
     assert ns["global_state"].inner_query_state.tree_state.num_steps == 3
+
+
+@pytest.mark.parametrize("cls", [TreeCumulativeSumQuery, TreeResidualSumQuery])
+def test_refused_step_draws_nothing(cls):
+    """A record whose shape contradicts the state is refused before any noise is drawn; for the
+    cumulative query the running sum keeps the shape across a restart (TF semantics)."""
+    q = cls.build_l2_gaussian_query(1.0, 1.0, generator=torch.Generator().manual_seed(0))
+    _, gs, _ = _run_query(q, [torch.zeros(3)])
+    before = q.random_sources()[0].state_dict()["states"]
+    with pytest.raises(ValueError, match="shape"):
+        _run_query(q, [torch.zeros(4)], gs)
+    after = q.random_sources()[0].state_dict()["states"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    gs = q.reset_state(torch.zeros(3), gs)
+    if cls is TreeCumulativeSumQuery:
+        with pytest.raises(ValueError, match="running sum"):
+            _run_query(q, [torch.zeros(4)], gs)
+    else:
+        r, _, ev = _run_query(q, [torch.zeros(4)], gs)  # a new tree may take a new shape
+        assert r.shape == (4,) and ev.starts_tree == 1
