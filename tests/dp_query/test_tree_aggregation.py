@@ -284,3 +284,65 @@ def test_errors():
         TreeState.from_state_dict({"x": 1})
     with pytest.raises(ValueError, match="num_steps"):
         tree_noise_variance(0, 1.0)
+
+
+# -- node structure (property tests against an independent reference) ---------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class CounterGenerator(ValueGenerator):
+    """Draw k (k = 0, 1, ...) returns 2^k: a sum of draws identifies which draws it contains."""
+
+    def initialize(self):
+        return 0
+
+    def next(self, state, like):
+        return [torch.full(l.shape, 2.0**state, dtype=torch.float64) for l in like], state + 1
+
+
+def _blocks(n):
+    """Dyadic decomposition of [0, n): (level, index) of each block, left to right."""
+    out, start = [], 0
+    for d in reversed(range(n.bit_length())):
+        if n >> d & 1:
+            out.append((d, start >> d))
+            start += 1 << d
+    return out
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(1, 45))
+def test_plain_tree_prefix_is_its_dyadic_nodes(n):
+    """Plain tree: one draw per step; the node of block [a, a + 2^d) is the draw of its last step
+    a + 2^d - 1.  The prefix [0, n-1] is exactly the blocks of n's decomposition."""
+    out, _ = _run(TreeAggregator(CounterGenerator()), n)
+    want = sum(2.0 ** (((i + 1) << d) - 1) for d, i in _blocks(n))
+    assert float(out[-1]) == want
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(1, 40))
+def test_efficient_tree_matches_bottom_up_reference(n):
+    """Efficient tree against a reference built here: draws in TF's order (leaf t, then each node
+    step t completes, bottom up), stored(d, i) = fresh(d, i) + (stored(d-1, 2i) + stored(d-1, 2i+1))/2,
+    prefix = sum over the decomposition of stored / (2 - 2^-d)."""
+    fresh, k = {}, 0
+    for t in range(n):
+        fresh[(0, t)] = 2.0**k
+        k += 1
+        d = 1
+        while (t + 1) % (1 << d) == 0:
+            fresh[(d, (t + 1 >> d) - 1)] = 2.0**k
+            k += 1
+            d += 1
+
+    def stored(d, i):
+        if d == 0:
+            return fresh[(0, i)]
+        return fresh[(d, i)] + (stored(d - 1, 2 * i) + stored(d - 1, 2 * i + 1)) / 2
+
+    want = sum(stored(d, i) / (2 - 0.5**d) for d, i in _blocks(n))
+    out, state = _run(EfficientTreeAggregator(CounterGenerator()), n)
+    assert float(out[-1]) == pytest.approx(want, rel=1e-12)
+    assert state.value_generator_state == k  # the same number of draws
