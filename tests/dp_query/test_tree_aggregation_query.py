@@ -76,13 +76,11 @@ def test_noiseless_single_values_and_structure():
     "clip, partial",
     [
         (10.0, np.cumsum(STREAMING_SCALARS)),
-        (0.5, STREAMING_SCALARS * 0 + 0.5 * np.arange(1, 8) - 0.5),  # 0 unclipped, then 0.5 per step
+        (0.5, STREAMING_SCALARS * 0.5),  # min(x, 0.5) = 0, .5, .5, ...: cumulative sums 0, .5, 1, ..., 3
         (5.0, np.append(np.cumsum(STREAMING_SCALARS[:-1]), 20.0)),
     ],
 )
 def test_partial_sum_scalar_no_noise(clip, partial):
-    # TF's 'all_clip' case lists STREAMING_SCALARS * 0.5 against a *cumulative* query; the
-    # cumulative sums of min(x, 0.5) over 0..6 are 0, .5, 1, ..., 3 (the case above).
     q = TreeCumulativeSumQuery(clip, _zero)
     gs = q.initial_global_state()
     for x, want in zip(STREAMING_SCALARS, partial):
