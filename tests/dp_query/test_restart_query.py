@@ -165,3 +165,26 @@ def test_ledger_records_one_run_per_tree_part():
     assert runs == [(1, 1), (3, 0), (1, 1), (3, 0), (1, 1), (1, 0)]
     again = PrivacyLedger.from_json(ledger.to_json())
     assert [r.event for r in again.runs] == [r.event for r in ledger.runs]
+
+
+def test_ledger_of_restarted_tree_is_accounted():
+    """End to end: 3 epochs of 4 shuffled batches, one tree per epoch, z = 2.  Each record is in
+    one leaf per tree; the 3 nodes above it (4 leaves: levels 0, 1, 2) are released, so one tree
+    is a Gaussian mechanism with squared sensitivity 3 (add/remove) or 3 * 4 (replace-one, the
+    relation of shuffled ledgers): RDP(alpha) = 3 trees * alpha * 12 / (2 z^2) = 4.5 alpha."""
+    import numpy as np
+
+    from pytorch_privacy.analysis import compute_rdp_from_ledger
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.query_with_ledger import QueryWithLedger
+
+    ledger = PrivacyLedger(100, sampling="shuffle", batch_size=25)
+    inner = TreeResidualSumQuery.build_l2_gaussian_query(1.0, 2.0, generator=torch.Generator().manual_seed(0))
+    q = QueryWithLedger(RestartQuery(inner, EpochRestartIndicator(4)), ledger)
+    gs = q.initial_global_state()
+    for _ in range(12):
+        params = q.derive_sample_params(gs)
+        s = q.accumulate_records(params, q.initial_sample_state(torch.zeros(3)), torch.ones(25, 3))
+        _, gs, _ = q.get_noised_result(s, gs)
+    orders = np.array([2.0, 4.0, 8.0])
+    np.testing.assert_allclose(compute_rdp_from_ledger(ledger, orders), 4.5 * orders, rtol=1e-12)
