@@ -86,10 +86,28 @@ def _analysis_steps(ledger, delta: float, pld: bool):
     eps_m, _, lam_m = get_privacy_spent_moments(lambdas, [l * r for l, r in zip(lambdas, rdp)], target_delta=delta)
     yield line("moments accountant, classic", eps_m, f"lambda {lam_m:g}")
     if pld:
-        from ..analysis import compute_pld_from_ledger
+        eps_pld, why = _pld_epsilon(ledger, delta)
+        if why is None:
+            yield line("PLD (pessimistic, tight)", eps_pld)
+        else:
+            yield f"  {'PLD (pessimistic, tight)':<{_LABEL_WIDTH}}not computed: {why}"
 
-        acc = compute_pld_from_ledger(ledger)
-        yield line("PLD (pessimistic, tight)", acc.get_epsilon(delta))
+
+def _pld_epsilon(ledger, delta: float) -> tuple[float, str | None]:
+    """The PLD epsilon of the ledger, or ``(nan, reason)`` when the PLD accountant cannot account
+    its events.  Tree-aggregation events are accounted as their equivalent Gaussian mechanisms
+    (exact: :func:`~pytorch_privacy.analysis.tree_aggregation.gaussian_equivalent`)."""
+    from ..analysis import PLDAccountant
+    from ..analysis.tree_aggregation import gaussian_equivalent
+    from ..dp_query.events import ADD_OR_REMOVE_ONE, relation_of
+
+    event = gaussian_equivalent(ledger.to_event())
+    acc = PLDAccountant(neighboring_relation=relation_of(event) or ADD_OR_REMOVE_ONE)
+    try:
+        acc.compose(event)
+    except ValueError as exc:
+        return math.nan, f"the PLD accountant does not support this ledger's events ({exc})"
+    return acc.get_epsilon(delta), None
 
 
 def _vm_bytes() -> int | None:
