@@ -94,6 +94,48 @@ def _save_ledger(ledger, path: str, mode: int | None) -> None:
         raise ValueError(f"cannot save the ledger to {path}: {exc.strerror or exc}") from None
 
 
+def _make_canaries(model: nn.Module, m: int | None, clip: float, seed: int, log):
+    """The demo's gradient canaries (``None`` without ``--audit``)."""
+    if m is None:
+        return None
+    from .auditing.canaries import GradientCanaries
+
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= d:
+        raise ValueError(f"audit needs between 1 and {d} canaries (one model coordinate each), got {m!r}")
+    canaries = GradientCanaries(model, m, l2_norm_clip=clip, kind="dirac", seed=seed + 1000)
+    log(
+        f"audit: {m} gradient canaries (Dirac, norm C), {canaries.num_included} of them in (each with "
+        "probability 1/2), sampled at q like the real examples"
+    )
+    return canaries
+
+
+def _step(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries, q: float) -> torch.Tensor:
+    """One private step; with canaries, the sampled ones join the step and are scored after it."""
+    if canaries is None:
+        return opt.fit_batch(x, y)
+    from .auditing.canaries import canary_step
+
+    loss = canary_step(opt, x, y, canaries.records(canaries.sample(q)))
+    canaries.observe_model(model)
+    return loss
+
+
+def _finish_audit(canaries, delta: float, confidence: float, eps_rdp: float, eps_pld: float, log):
+    from .auditing.one_run import one_run_audit
+
+    res = one_run_audit(canaries.scores, canaries.included, delta=delta, confidence=confidence)
+    log(
+        f"audit (one run, {res.m} canaries): empirical epsilon >= {res.epsilon_lower_bound:.3f} "
+        f"({100 * confidence:g}% confidence); ledger upper bounds: RDP {eps_rdp:.3f}, PLD {eps_pld:.3f} "
+        f"(delta {delta:g}); {res.correct}/{res.guesses} guesses right"
+    )
+    if res.epsilon_lower_bound > min(eps_rdp, eps_pld):
+        log("WARNING: the empirical lower bound exceeds the claimed epsilon: evidence of a privacy bug")
+    return res
+
+
 def run_demo(
     *,
     epochs: int = 15,
@@ -109,6 +151,8 @@ def run_demo(
     ledger_mode: int | None = 0o644,
     plot_path: str | None = None,
     progress: bool = True,
+    audit: int | None = None,
+    audit_confidence: float = 0.95,
     log=print,
 ) -> dict:
     """Train privately and return ``{"test_accuracy", "epsilon", "steps", "seconds", ...}``.
@@ -116,7 +160,15 @@ def run_demo(
     ``ledger_path`` is (over)written after every epoch and then given the permissions
     ``ledger_mode`` (``None``: leave them as :meth:`PrivacyLedger.save` made them, i.e. 0600);
     the command line refuses an existing file unless ``--overwrite``.  ``plot_path``: a PNG of
-    epsilon against steps.  ``progress``: a tqdm bar per epoch (when tqdm is installed)."""
+    epsilon against steps.  ``progress``: a tqdm bar per epoch (when tqdm is installed).
+
+    ``audit=m``: the one-run audit (Steinke, Nasr, Jagielski 2023) in the same run: ``m`` Dirac
+    gradient canaries (:class:`~pytorch_privacy.auditing.canaries.GradientCanaries`), each in
+    with probability 1/2 and then Poisson-sampled at ``q`` like the real examples (the ledger's
+    population counts them), scored by the released gradients; prints ``empirical epsilon >= X
+    (95% confidence)`` beside the ledger's RDP/PLD upper bounds, and with ``plot_path`` also
+    draws the audit's ROC curve and score histogram (``<plot>_audit.png``).  The result gains
+    ``"audit"`` (the :class:`~pytorch_privacy.auditing.one_run.OneRunAuditResult`)."""
     from .analysis import RdpAccountant
     from .dp_query import PrivacyLedger
     from .optimizer import DPDataLoader, DPGaussianOptimizer
@@ -135,7 +187,9 @@ def run_demo(
     )
 
     model = DigitsCNN().to(device)
-    ledger = PrivacyLedger(n, q, metadata={"demo": "digits", "model": "DigitsCNN"})
+    canaries = _make_canaries(model, audit, l2_norm_clip, seed, log)
+    population = n + (canaries.num_included if canaries is not None else 0)
+    ledger = PrivacyLedger(population, q, metadata={"demo": "digits", "model": "DigitsCNN"})
     opt = DPGaussianOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
         model,
@@ -159,7 +213,7 @@ def run_demo(
         losses = []
         for (idx,) in bar(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}"):
             idx = idx.to(device)
-            losses.append(opt.fit_batch(x_tr[idx], y_tr[idx]))
+            losses.append(_step(opt, model, x_tr[idx], y_tr[idx], canaries, q))
         accountant = RdpAccountant().compose_ledger(ledger)
         eps = accountant.get_epsilon(delta)
         if ledger_path:
@@ -182,9 +236,18 @@ def run_demo(
     )
     if ledger_path:
         log(f"ledger saved to {ledger_path}; audit it with: pytorch-privacy audit {ledger_path} --delta {delta:g}")
+    result = {"test_accuracy": acc, "epsilon": eps, "epsilon_pld": eps_pld, "delta": delta, "steps": len(ledger), "seconds": seconds}
+    if canaries is not None:
+        result["audit"] = _finish_audit(canaries, delta, audit_confidence, eps, eps_pld, log)
     if plot_path:
         from .cli.plot import epsilon_curve, plot_epsilon_curve
 
         plot_epsilon_curve(epsilon_curve(ledger, delta), plot_path, title="pytorch-privacy demo (digits)")
         log(f"plot: epsilon against steps written to {plot_path}")
-    return {"test_accuracy": acc, "epsilon": eps, "epsilon_pld": eps_pld, "delta": delta, "steps": len(ledger), "seconds": seconds}
+        if canaries is not None:
+            from .cli.plot import audit_plot_path, plot_audit
+
+            apath = audit_plot_path(plot_path)
+            plot_audit(result["audit"], apath, claimed=eps_pld, title="one-run audit of the demo (digits)")
+            log(f"plot: the audit's ROC curve and score histogram written to {apath}")
+    return result

@@ -687,3 +687,38 @@ def test_audit_plot_leaves_out_pld_when_the_audit_could_not_finish_it(tmp_path, 
     assert main(["audit", str(_honest(tmp_path)), "--time-limit", "1", "--plot", str(png)]) == 0
     assert seen == {"pld": False} and "not computed" in capsys.readouterr().out
     _png_ok(png)
+
+
+# -- demo --audit: the one-run audit beside the ledger's bounds ------------------------------
+
+
+def test_demo_audit_option_defaults_and_bounds(tmp_path, capsys, monkeypatch):
+    from pytorch_privacy.cli.args import build_parser
+    from pytorch_privacy.cli.demo_command import DIGITS_CNN_PARAMETERS
+    from pytorch_privacy.demo import DigitsCNN
+
+    p = build_parser()
+    assert p.parse_args(["demo"]).audit is None
+    assert p.parse_args(["demo", "--audit"]).audit == 1000
+    assert p.parse_args(["demo", "--audit", "250"]).audit == 250
+    assert DIGITS_CNN_PARAMETERS == sum(q.numel() for q in DigitsCNN().parameters())
+    _no_training(monkeypatch)
+    assert main(["demo", "--audit", "99999", "--ledger", str(tmp_path / "l.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--audit 99999" in err and "9258" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["demo", "--audit", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_demo_audit_prints_the_empirical_lower_bound(tmp_path, capsys, monkeypatch):
+    _tiny_demo(monkeypatch)
+    path = tmp_path / "l.json"
+    argv = ["demo", "--epochs", "1", "--batch-size", "20", "--ledger", str(path), "--no-progress", "--audit", "200"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"empirical epsilon >= ([0-9.]+) \(95% confidence\); ledger upper bounds: RDP ([0-9.]+), PLD ([0-9.]+)", out)
+    assert m, out
+    low, rdp, pld = (float(g) for g in m.groups())
+    assert 0 <= low <= min(rdp, pld)
+    assert rdp == pytest.approx(float(re.search(r"\(([0-9.]+), 1e-05\)-DP", out).group(1)), abs=1e-3)

@@ -26,7 +26,9 @@ def small_data(monkeypatch):
 def _run(tmp_path, **kw):
     lines = []
     kw.setdefault("ledger_path", str(tmp_path / "ledger.json"))
-    result = demo.run_demo(epochs=1, batch_size=20, log=lines.append, **kw)
+    kw.setdefault("epochs", 1)
+    kw.setdefault("batch_size", 20)
+    result = demo.run_demo(log=lines.append, **kw)
     return result, lines
 
 
@@ -70,3 +72,44 @@ def test_demo_save_error_names_the_users_path_not_a_temporary_file(tmp_path, sma
         _run(tmp_path, progress=False, ledger_path=str(target))
     msg = str(exc.value)
     assert str(target) in msg and ".ledger-" not in msg
+
+
+# -- the one-run audit in the demo (demo --audit) --------------------------------------------
+
+
+def test_demo_audit_prints_the_lower_bound_beside_the_ledger_bounds(tmp_path, small_data):
+    result, lines = _run(tmp_path, progress=False, audit=300, noise_multiplier=1.0)
+    res = result["audit"]
+    line = next(line for line in lines if "empirical epsilon >= " in line)
+    assert "(95% confidence)" in line and "RDP" in line and "PLD" in line
+    assert f"{res.epsilon_lower_bound:.3f}" in line and res.m == 300
+    # a 95% bound that exceeds the claim would be a bug (probability <= 5% on a correct run)
+    assert 0 <= res.epsilon_lower_bound <= min(result["epsilon"], result["epsilon_pld"])
+    # the ledger's population counts the included canaries (they are records sampled at q)
+    ledger = PrivacyLedger.load(tmp_path / "ledger.json")
+    assert ledger.population_size == 200 + int(res.included.sum())
+    assert len(ledger) == result["steps"]
+
+
+@pytest.mark.slow
+def test_demo_audit_without_noise_finds_the_canaries(tmp_path, small_data):
+    """sigma = 0.3 (hardly private: claimed epsilon ~40): 500 Dirac canaries, q = 0.5, 8 steps on
+    a model of 9258 coordinates; an included canary is drawn ~4 times (signal ~4 C), the noise on
+    its coordinate has sd 0.3 C sqrt(8) ~ 0.85 C: d' ~ 4.7."""
+    result, _ = _run(tmp_path, progress=False, audit=500, noise_multiplier=0.3, epochs=4, batch_size=100)
+    assert result["audit"].epsilon_lower_bound > 2.0, result["audit"].summary()
+
+
+def test_demo_audit_plot_draws_roc_and_histogram(tmp_path, small_data):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "eps.png"
+    _, lines = _run(tmp_path, progress=False, plot_path=str(png), audit=100)
+    audit_png = tmp_path / "eps_audit.png"
+    data = audit_png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+    assert any(str(audit_png) in line for line in lines) and png.exists()
+
+
+def test_demo_audit_count_is_checked(tmp_path, small_data):
+    with pytest.raises(ValueError, match="between 1 and 9258 canaries"):
+        _run(tmp_path, progress=False, audit=10**6)

@@ -96,7 +96,17 @@ def _add_demo(sub, fmt) -> None:
         "--ledger-mode", type=_file_mode, default="644",
         help="permissions (octal) of the saved ledger file; readable by others unless told otherwise",
     )
-    d.add_argument("--plot", default=None, help="also draw epsilon against steps (RDP and PLD) into this PNG file")
+    d.add_argument(
+        "--plot", default=None,
+        help="also draw epsilon against steps (RDP and PLD) into this PNG file (with --audit, also the "
+        "audit's ROC curve and score histogram into <name>_audit.png)",
+    )
+    d.add_argument(
+        "--audit", type=_positive_int, nargs="?", const=1000, default=None, metavar="M",
+        help="run the one-run audit (Steinke et al. 2023) in the same training run with M gradient "
+        "canaries (1000 when M is left out) and print the empirical epsilon lower bound (95%% confidence) "
+        "beside the ledger's upper bounds",
+    )
     d.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 

@@ -6,6 +6,10 @@ import os
 
 from .plot import _require_matplotlib
 
+#: trainable coordinates of the demo's DigitsCNN (checked against the model by tests/test_cli.py;
+#: spelled out so that checking ``--audit`` does not import torch)
+DIGITS_CNN_PARAMETERS = 9258
+
 
 def _check_output_path(path: str, option: str, *, overwrite: bool) -> None:
     """Refuse, before any work, an output path that cannot be written as asked."""
@@ -44,6 +48,11 @@ def _cmd_demo(args) -> int:
     if args.plot is not None:
         _check_output_path(args.plot, "--plot", overwrite=True)
         _require_matplotlib()
+    if args.audit is not None and args.audit > DIGITS_CNN_PARAMETERS:
+        raise ValueError(
+            f"--audit {args.audit}: the demo model has {DIGITS_CNN_PARAMETERS} coordinates, one per Dirac "
+            "canary; use at most that many"
+        )
     _check_device(args.device)
     from ..demo import run_demo
 
@@ -61,5 +70,6 @@ def _cmd_demo(args) -> int:
         ledger_mode=args.ledger_mode,
         plot_path=args.plot,
         progress=not args.no_progress,
+        audit=args.audit,
     )
     return 0

@@ -1,8 +1,10 @@
-"""Epsilon against steps (RDP and PLD at a delta) and its plot (``audit --plot``, ``demo --plot``)."""
+"""Epsilon against steps (RDP and PLD at a delta) and its plot (``audit --plot``, ``demo --plot``), and
+the one-run audit's ROC curve and score histogram (``demo --plot --audit``)."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 
@@ -138,6 +140,60 @@ def plot_epsilon_curve(curve: dict, path: str, *, target_epsilon: float | None =
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise ValueError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+
+
+def audit_plot_path(plot_path: str) -> str:
+    """Where ``demo --plot P --audit`` draws the audit: ``P`` with ``_audit`` before the suffix."""
+    root, ext = os.path.splitext(plot_path)
+    return f"{root}_audit{ext or '.png'}"
+
+
+def plot_audit(result, path: str, *, claimed: float | None = None, title: str = "") -> None:
+    """Draw a one-run audit (:class:`~pytorch_privacy.auditing.one_run.OneRunAuditResult`) into the
+    PNG file ``path``: the ROC curve of its canary scores against the inclusion bits (log-log, with
+    the chance diagonal and, when ``claimed`` is given, the line ``TPR = e^claimed FPR`` that no
+    test of a ``claimed``-DP mechanism can exceed at ``delta = 0``), and the histogram of the scores
+    of included and excluded canaries.  Needs matplotlib."""
+    _require_matplotlib()
+    import matplotlib
+    import numpy as np
+
+    from ..auditing.statistics import roc_curve
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    scores, inc = np.asarray(result.scores, dtype=float), np.asarray(result.included, dtype=bool)
+    fpr, tpr, _ = roc_curve(inc, scores)
+    floor = 1.0 / max(len(scores), 1)
+    fig = Figure(figsize=(9.0, 3.6), dpi=100)
+    ax, hx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    keep = (fpr > 0) & (tpr > 0)
+    ax.loglog(fpr[keep], tpr[keep], color="tab:blue", label="canary scores")
+    grid = np.logspace(np.log10(floor), 0, 50)
+    ax.loglog(grid, grid, color="gray", ls=":", label="chance")
+    if claimed is not None and math.isfinite(claimed):
+        ax.loglog(grid, np.minimum(1.0, math.exp(claimed) * grid), color="tab:red", ls="--", label=f"limit at epsilon {claimed:.2f}")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(floor, 1.05)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC: empirical epsilon >= {result.epsilon_lower_bound:.2f}")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    bins = np.histogram_bin_edges(scores, bins=40)
+    hx.hist(scores[~inc], bins=bins, alpha=0.6, label=f"out ({int((~inc).sum())})", color="tab:gray")
+    hx.hist(scores[inc], bins=bins, alpha=0.6, label=f"in ({int(inc.sum())})", color="tab:orange")
+    hx.set_xlabel("canary score")
+    hx.set_ylabel("canaries")
+    hx.set_title("scores of included and excluded canaries")
+    hx.legend(fontsize=8)
+    fig.suptitle(title or "one-run audit")
     fig.tight_layout()
     try:
         fig.savefig(path, format="png")
