@@ -11,7 +11,7 @@ A banded run with banded Poisson sampling
 (:class:`~pytorch_privacy.dp_query.matrix_factorization_events.AmplifiedBandedMatrixFactorizationEvent`)
 is as private as ``rounds`` steps of the Poisson-subsampled Gaussian with rate ``q`` and noise
 multiplier ``sigma / column_norm`` (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix
-Factorization: A unified approach to private training", Thm. 4), computed exactly by
+Factorization: A unified approach to private training", Sec. 4), computed exactly by
 :func:`.rdp.compute_rdp`'s one-step RDP.
 
 The per-step :class:`~pytorch_privacy.dp_query.matrix_factorization_events.MatrixFactorizationStepEvent`
@@ -44,13 +44,14 @@ def mf_noise_multiplier(noise_multiplier: float, sensitivity: float) -> float:
 @register_rdp_rule(MatrixFactorizationEvent)
 def matrix_factorization_rdp(event: MatrixFactorizationEvent, orders: np.ndarray, neighboring_relation: str) -> np.ndarray:
     """RDP of a whole MF run: ``alpha (s sens)^2 / (2 sigma^2)`` with ``s = 1`` (add/remove) or 2
-    (replace-one).  A run whose loader only supports replace-one (``event.relation``) refuses
+    (replace-one).  A run on fixed-size batches (:class:`MatrixFactorizationReplaceOneEvent`) refuses
     add-or-remove-one."""
     orders = np.asarray(orders, dtype=float)
-    if event.relation and str(neighboring_relation) != event.relation:
+    required = getattr(type(event), "neighboring_relation", None)
+    if required is not None and str(neighboring_relation) != str(required):
         raise ValueError(
-            f"this matrix-factorisation run was recorded with a loader accounted under {event.relation} "
-            f"neighbours (fixed-size batches); use an accountant with neighboring_relation='{event.relation}'"
+            f"this matrix-factorisation run was recorded with a loader of fixed-size batches, accounted under "
+            f"{required} neighbours; use an accountant with neighboring_relation='{required}'"
         )
     if str(neighboring_relation) not in (ADD_OR_REMOVE_ONE.value, REPLACE_ONE.value):
         raise ValueError(f"unknown neighbouring relation {neighboring_relation!r}")

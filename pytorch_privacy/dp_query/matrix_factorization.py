@@ -14,7 +14,7 @@ clip norm).  Under *b-min-separation* (a record takes part at most ``k`` times, 
 participations at least ``b`` steps apart), when the columns of ``C`` that are at least ``b``
 apart are orthogonal (e.g. ``C`` has at most ``b`` bands), ``sens^2`` is the largest sum of ``k``
 ``b``-separated squared column norms (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix
-Factorization: A unified approach to private training", Thm. 2); otherwise it is found here by
+Factorization: A unified approach to private training"); otherwise it is found here by
 enumeration (small ``n``) or bounded by their two-stage bound on ``|C^T C|``.
 
 Strategies (all lower triangular with a nonzero diagonal, so ``C^{-1} z`` is computed in a
@@ -396,7 +396,7 @@ def sensitivity_squared(C: Any, max_participation: int, min_separation: int, *, 
 
     * ``"banded"``: exact when the columns of ``C`` at least ``min_separation`` apart are orthogonal
       (``C^T C`` has at most ``2 min_separation - 1`` bands, e.g. ``C`` has ``<= min_separation``
-      bands): the largest separated sum of squared column norms (Choquette-Choo et al. 2023, Thm. 2).
+      bands): the largest separated sum of squared column norms (Choquette-Choo et al. 2023).
       ``ValueError`` otherwise.
     * ``"exact"``: enumeration of every pattern (at most :data:`MAX_ENUMERATED_PATTERNS`).
     * ``"bound"``: an upper bound for any ``C``: for each row of ``|C^T C|`` its largest separated sum,

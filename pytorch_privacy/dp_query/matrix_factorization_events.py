@@ -12,7 +12,7 @@ whole-run event from the ledger's sampling settings:
 ==========================  =====================================================================
 ledger sampling             whole-run event
 ==========================  =====================================================================
-``"fixed_order"``           :class:`MatrixFactorizationEvent` with ``max_participation`` = epochs
+``"fixed_order"``           :class:`MatrixFactorizationReplaceOneEvent` with ``max_participation`` = epochs
                             ``ceil(T / s)`` and ``min_separation`` = ``s`` steps per epoch
                             (``N // batch_size``); replace-one
 ``"shuffle"``               a fresh order each epoch: ``max_participation`` = epochs,
@@ -22,7 +22,7 @@ ledger sampling             whole-run event
                             ``partitions`` groups, step ``t`` Poisson-samples group ``t mod p``):
                             :class:`AmplifiedBandedMatrixFactorizationEvent`, DP-SGD over
                             ``ceil(T / p)`` rounds at ``sigma / max column norm`` (Choquette-Choo et
-                            al. 2023, "(Amplified) Banded Matrix Factorization", Thm. 4); with
+                            al. 2023, "(Amplified) Banded Matrix Factorization", Sec. 4); with
                             ``partitions < bands``: **no amplification**, every step may hold the
                             record (``max_participation = T``, ``min_separation = 1``)
 ``"without_replacement"``   no amplification: ``max_participation = T``, ``min_separation = 1``;
@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MatrixFactorizationStepEvent",
     "MatrixFactorizationEvent",
+    "MatrixFactorizationReplaceOneEvent",
     "AmplifiedBandedMatrixFactorizationEvent",
     "group_matrix_factorization_runs",
 ]
@@ -85,11 +86,6 @@ def _check_strategy(instance, attribute, value):  # noqa: ARG001
         raise ValueError(f"strategy must be a strategy's JSON spec, got {value[:60]!r}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise ValueError(f"strategy must be a JSON object with a 'type', got {value[:60]!r}")
-
-
-def _check_relation(instance, attribute, value):  # noqa: ARG001
-    if value not in ("", ADD_OR_REMOVE_ONE.value, REPLACE_ONE.value):
-        raise ValueError(f"relation must be '', 'add_or_remove_one' or 'replace_one', got {value!r}")
 
 
 def _check_prob(instance, attribute, value):  # noqa: ARG001
@@ -125,8 +121,9 @@ class MatrixFactorizationEvent(DpEvent):
     norm, add-or-remove-one; doubled under replace-one) and noise stddev ``noise_multiplier``.
 
     ``steps``, ``max_participation`` and ``min_separation`` record the participation the sensitivity
-    was computed for; ``relation`` is the neighbouring relation the run supports (``""``: either,
-    ``"replace_one"`` for loaders whose batches depend on the data set's order).
+    was computed for.  Either neighbouring relation applies (Poisson, full-batch and
+    without-replacement loaders); :class:`MatrixFactorizationReplaceOneEvent` is the same run on a
+    loader of fixed-size batches, accounted under replace-one only.
     """
 
     kind: ClassVar[str] = "matrix_factorization"
@@ -135,12 +132,20 @@ class MatrixFactorizationEvent(DpEvent):
     steps: int = attrs.field(validator=_check_pos_int)
     max_participation: int = attrs.field(validator=_check_pos_int)
     min_separation: int = attrs.field(validator=_check_pos_int)
-    relation: str = attrs.field(default="", validator=_check_relation)
+
+
+@attrs.frozen
+class MatrixFactorizationReplaceOneEvent(MatrixFactorizationEvent):
+    """:class:`MatrixFactorizationEvent` of a run on fixed-size batches (fixed order, shuffled,
+    without replacement): its participation bound holds under replace-one neighbours only."""
+
+    kind: ClassVar[str] = "matrix_factorization_replace_one"
+    neighboring_relation: ClassVar[str] = REPLACE_ONE
 
 
 @attrs.frozen
 class AmplifiedBandedMatrixFactorizationEvent(DpEvent):
-    """A banded MF run with banded Poisson sampling (Choquette-Choo et al. 2023, Thm. 4): as private
+    """A banded MF run with banded Poisson sampling (Choquette-Choo et al. 2023, Sec. 4): as private
     as ``rounds`` steps of the Poisson-subsampled Gaussian with rate ``sampling_probability`` and
     noise multiplier ``noise_multiplier / column_norm``.  Neighbouring relation: add-or-remove-one.
     """
@@ -194,17 +199,16 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
         col = float(max(strategy.column_norms(steps)))
         rounds = -(-steps // ev.partitions)
         return AmplifiedBandedMatrixFactorizationEvent(sigma, col, first.selection_probability, rounds)
-    relation = ""
+    cls = MatrixFactorizationReplaceOneEvent
     if first.sampling in ("fixed_order", "shuffle"):
         spe = max(1, first.population_size // first.batch_size)
         k, sep = -(-steps // spe), (spe if first.sampling == "fixed_order" else 1)
-        relation = REPLACE_ONE.value
     else:  # poisson without banded sampling, without_replacement, full: any step may hold the record
         k, sep = steps, 1
-        if first.sampling == "without_replacement":
-            relation = REPLACE_ONE.value
+        if first.sampling != "without_replacement":
+            cls = MatrixFactorizationEvent
     sens2, _how = toeplitz_sensitivity_squared(strategy, steps, k, sep)
-    return MatrixFactorizationEvent(sigma, math.sqrt(sens2), steps, min(k, steps), sep, relation)
+    return cls(sigma, math.sqrt(sens2), steps, min(k, steps), sep)
 
 
 @register_run_grouper(MatrixFactorizationStepEvent)

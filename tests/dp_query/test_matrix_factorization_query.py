@@ -20,6 +20,7 @@ from pytorch_privacy.dp_query.matrix_factorization import (
 from pytorch_privacy.dp_query.matrix_factorization_events import (
     AmplifiedBandedMatrixFactorizationEvent,
     MatrixFactorizationEvent,
+    MatrixFactorizationReplaceOneEvent,
     MatrixFactorizationStepEvent,
 )
 from pytorch_privacy.dp_query.matrix_factorization_query import MatrixFactorizationQuery
@@ -138,7 +139,8 @@ def test_spec_strategy_and_events_round_trip_json():
     _, _, events = _run(q, {"x": torch.zeros(1)}, 2)
     assert [e.starts for e in events] == [1, 0]
     for ev in events + [
-        MatrixFactorizationEvent(1.2, 3.5, 100, 4, 25, "replace_one"),
+        MatrixFactorizationReplaceOneEvent(1.2, 3.5, 100, 4, 25),
+        MatrixFactorizationEvent(1.2, 3.5, 100, 4, 25),
         AmplifiedBandedMatrixFactorizationEvent(1.1, 1.0, 0.01, 30),
     ]:
         assert event_from_json(ev.to_json()) == ev
@@ -164,7 +166,7 @@ def test_grouper_fixed_order_uses_epochs_and_steps_per_epoch():
     led = _ledger_run(strategy, 25, population_size=100, sampling="fixed_order", batch_size=10)
     ev = PrivacyLedger.from_json(led.to_json()).to_event()
     # 10 steps per epoch, 25 steps: 3 participations 10 apart; 3 bands <= 10: 3 full columns
-    assert ev == MatrixFactorizationEvent(2.0, math.sqrt(3 * 1.3125), 25, 3, 10, "replace_one")
+    assert ev == MatrixFactorizationReplaceOneEvent(2.0, math.sqrt(3 * 1.3125), 25, 3, 10)
     acc = RdpAccountant(orders=[2.0, 10.0], neighboring_relation="replace_one").compose(ev)
     np.testing.assert_allclose(acc.rdp, np.array([2.0, 10.0]) * 2 * 3 * 1.3125 / 4.0)
     with pytest.raises(ValueError, match="replace_one"):
@@ -186,7 +188,7 @@ def test_grouper_banded_poisson_amplified_only_with_enough_partitions():
     assert led.to_event() == AmplifiedBandedMatrixFactorizationEvent(2.0, 5.0, 0.05, 5)
     # ordinary Poisson loader: no amplification, every step may hold the record
     plain = _ledger_run(strategy, 9, population_size=1000, selection_probability=0.05).to_event()
-    assert isinstance(plain, MatrixFactorizationEvent)
+    assert type(plain) is MatrixFactorizationEvent  # Poisson: add-or-remove-one
     assert (plain.max_participation, plain.min_separation) == (9, 1)
     # all coefficients positive: the worst case is every step, ||C 1||
     assert plain.sensitivity == pytest.approx(np.linalg.norm(strategy.matrix(9).sum(axis=1)))
@@ -195,7 +197,8 @@ def test_grouper_banded_poisson_amplified_only_with_enough_partitions():
 def test_grouper_shuffle_allows_back_to_back_participation():
     strategy = BandedToeplitzStrategy([1.0, 0.5])
     ev = _ledger_run(strategy, 20, population_size=100, sampling="shuffle", batch_size=10).to_event()
-    assert (ev.max_participation, ev.min_separation, ev.relation) == (2, 1, "replace_one")
+    assert isinstance(ev, MatrixFactorizationReplaceOneEvent)
+    assert (ev.max_participation, ev.min_separation) == (2, 1)
     # two adjacent participations: ||c0 e0 + (c1 + c0) e1 + c1 e2|| is the worst case
     assert ev.sensitivity == pytest.approx(math.sqrt(1 + 1.5**2 + 0.25))
 
@@ -207,12 +210,12 @@ def test_grouper_restarts_compose_and_changes_mid_run_are_refused():
     for r in second.runs:
         led.record_sample(r.event, r.count)
     ev = led.to_event()
-    one = MatrixFactorizationEvent(2.0, math.sqrt(2 * 1.25), 20, 2, 10, "replace_one")
+    one = MatrixFactorizationReplaceOneEvent(2.0, math.sqrt(2 * 1.25), 20, 2, 10)
     assert ev == ComposedEvent((one, one))
     # every step a fresh sequence: count - 1 one-step mechanisms, then one open
     led2 = PrivacyLedger(100, sampling="fixed_order", batch_size=10)
     led2.record_sample(MatrixFactorizationStepEvent(2.0, strategy.to_json(), 1, 1), 3)
-    single = MatrixFactorizationEvent(2.0, 1.0, 1, 1, 10, "replace_one")  # one step: only c_0 is used
+    single = MatrixFactorizationReplaceOneEvent(2.0, 1.0, 1, 1, 10)  # one step: only c_0 is used
     assert led2.to_event() == ComposedEvent((SelfComposedEvent(single, 2), single))
     bad = PrivacyLedger(100, sampling="fixed_order", batch_size=10)
     bad.record_sample(MatrixFactorizationStepEvent(2.0, strategy.to_json(), 1, 1))

@@ -15,7 +15,7 @@ from pytorch_privacy.analysis.rdp_accountant import RdpAccountant
 from pytorch_privacy.dp_query.matrix_factorization import BandedToeplitzStrategy, identity_strategy
 from pytorch_privacy.dp_query.matrix_factorization_events import (
     AmplifiedBandedMatrixFactorizationEvent,
-    MatrixFactorizationEvent,
+    MatrixFactorizationReplaceOneEvent,
 )
 from pytorch_privacy.dp_query.matrix_factorization_query import MatrixFactorizationQuery
 from pytorch_privacy.dp_query.normalized_query import NormalizedQuery
@@ -73,7 +73,7 @@ def test_dp_optimizer_with_a_custom_mf_query_trains_on_fixed_order_data():
     assert last < 0.5 * first
     ev = opt.ledger.to_event()
     # 40 steps, 5 epochs, 8 apart: sens^2 = 5 column norms^2 = 5
-    assert ev == MatrixFactorizationEvent(0.5, math.sqrt(5.0), 40, 5, 8, "replace_one")
+    assert ev == MatrixFactorizationReplaceOneEvent(0.5, math.sqrt(5.0), 40, 5, 8)
     eps = RdpAccountant(neighboring_relation="replace_one").compose(ev).get_epsilon(1e-5)
     assert math.isfinite(eps) and eps > 0
 
