@@ -722,3 +722,74 @@ def test_demo_audit_prints_the_empirical_lower_bound(tmp_path, capsys, monkeypat
     low, rdp, pld = (float(g) for g in m.groups())
     assert 0 <= low <= min(rdp, pld)
     assert rdp == pytest.approx(float(re.search(r"\(([0-9.]+), 1e-05\)-DP", out).group(1)), abs=1e-3)
+
+
+def _tree_ledger_file(tmp_path, sampling, trees, sigma=2.0, n=1000, b=100):
+    from pytorch_privacy.dp_query.tree_events import TreeAggregationStepEvent
+
+    led = PrivacyLedger(n, sampling=sampling, batch_size=None if sampling == "full" else b)
+    for size in trees:  # written step by step, starts_tree=1 at each (re)start
+        for t in range(size):
+            led.record_sample(TreeAggregationStepEvent(sigma, 1 if t == 0 else 0))
+    path = tmp_path / f"tree_{sampling}.json"
+    led.save(path)
+    return path
+
+
+def test_audit_of_tree_aggregation_ledgers_prints_the_tree_bound(tmp_path, capsys):
+    import numpy as np
+
+    from pytorch_privacy.analysis import DEFAULT_ORDERS, get_privacy_spent
+    from pytorch_privacy.analysis.tree_aggregation import compute_rdp_single_tree, compute_rdp_tree_restart
+
+    orders = np.array(DEFAULT_ORDERS)
+    # fixed order, 10 steps per epoch: a tree per epoch for 3 epochs, then one tree over 2 epochs
+    path = _tree_ledger_file(tmp_path, "fixed_order", [10, 10, 10, 20])
+    assert main(["audit", str(path), "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    # replace-one: sensitivity 2C per participation, i.e. the zero-out bound at half the noise
+    rdp = compute_rdp_tree_restart(1.0, [10, 10, 10], orders) + compute_rdp_single_tree(1.0, 20, 2, 9, orders)
+    want = get_privacy_spent(orders, rdp, target_delta=1e-5)[0]
+    assert _floats_after("RDP", out) == pytest.approx(want, abs=6e-5)  # printed to 4 decimals
+    assert _floats_after("PLD", out) <= _floats_after("RDP", out)
+    # full batch, add/remove-one: every record in every step of each tree
+    path = _tree_ledger_file(tmp_path, "full", [8, 8, 3], sigma=5.0)
+    assert main(["audit", str(path), "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    rdp = 2 * compute_rdp_single_tree(5.0, 8, 8, 0, orders) + compute_rdp_single_tree(5.0, 3, 3, 0, orders)
+    assert _floats_after("RDP", out) == pytest.approx(get_privacy_spent(orders, rdp, target_delta=1e-5)[0], abs=6e-5)
+
+
+def test_audit_refuses_sampled_tree_steps_with_the_reason(tmp_path, capsys):
+    from pytorch_privacy.dp_query.tree_events import TreeAggregationStepEvent
+
+    led = PrivacyLedger(1000, 0.1)
+    led.record_sample(TreeAggregationStepEvent(1.0, 1))
+    path = tmp_path / "poisson_tree.json"
+    led.save(path)
+    assert main(["audit", str(path)]) == 2
+    assert "no amplification" in capsys.readouterr().err
+
+
+def test_audit_says_when_pld_cannot_account_an_event(tmp_path, capsys):
+    from typing import ClassVar
+
+    import attrs
+
+    from pytorch_privacy.analysis.rdp_accountant import register_rdp_rule
+    from pytorch_privacy.dp_query.events import DpEvent
+
+    @attrs.frozen
+    class _RdpOnlyEvent(DpEvent):
+        kind: ClassVar[str] = "test_cli_rdp_only"
+        rho: float = 0.1
+
+    register_rdp_rule(_RdpOnlyEvent)(lambda event, orders, relation: orders * event.rho)
+    led = PrivacyLedger(1000, sampling="full")
+    led.record_sample(_RdpOnlyEvent(0.1), 3)
+    path = tmp_path / "rdp_only.json"
+    led.save(path)
+    assert main(["audit", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert _floats_after("RDP", out) > 0
+    assert "not computed: the PLD accountant does not support" in out
