@@ -318,3 +318,21 @@ def test_refused_step_draws_nothing(cls):
     else:
         r, _, ev = _run_query(q, [torch.zeros(4)], gs)  # a new tree may take a new shape
         assert r.shape == (4,) and ev.starts_tree == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [TreeCumulativeSumQuery, TreeResidualSumQuery])
+def test_cuda_records_and_cpu_restored_state(cls):
+    """CUDA records give CUDA results; a state saved from CUDA and restored on the CPU (plain
+    tensors) continues on CUDA (its tensors move to the records' device)."""
+    q = cls.build_l2_gaussian_query(1.0, 1.0, generator=torch.Generator(device="cuda").manual_seed(0))
+    rec = [torch.ones(5, device="cuda")]
+    r, gs, _ = _run_query(q, rec)
+    assert r.device.type == "cuda"
+    import attrs
+
+    field = "samples_cumulative_sum" if cls is TreeCumulativeSumQuery else "previous_tree_noise"
+    tree = attrs.evolve(gs.tree_state, level_buffer=tuple(t.cpu() for t in gs.tree_state.level_buffer))
+    cpu_state = attrs.evolve(gs, tree_state=tree, **{field: tuple(t.cpu() for t in getattr(gs, field))})
+    r2, _, ev = _run_query(q, rec, cpu_state)
+    assert r2.device.type == "cuda" and ev.starts_tree == 0
