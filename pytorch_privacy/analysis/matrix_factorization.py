@@ -22,23 +22,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dp_query.events import ADD_OR_REMOVE_ONE, REPLACE_ONE
+import math
+from typing import Any
+
+from ..dp_query.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, DpEvent, relation_of
 from ..dp_query.matrix_factorization_events import (
     AmplifiedBandedMatrixFactorizationEvent,
     MatrixFactorizationEvent,
     MatrixFactorizationStepEvent,
 )
+from ..dp_query.privacy_ledger import PrivacyLedger
+from .calibration import smallest_noise
 from .rdp import poisson_rdp_one_step
-from .rdp_accountant import register_rdp_rule
+from .rdp_accountant import RdpAccountant, register_rdp_rule
 
-__all__ = ["matrix_factorization_rdp", "amplified_banded_rdp", "mf_noise_multiplier"]
-
-
-def mf_noise_multiplier(noise_multiplier: float, sensitivity: float) -> float:
-    """The noise multiplier of the equivalent single Gaussian: ``sigma / sens``."""
-    if not (np.isfinite(sensitivity) and sensitivity > 0):
-        raise ValueError(f"sensitivity must be finite and > 0, got {sensitivity!r}")
-    return float(noise_multiplier) / float(sensitivity)
+__all__ = ["matrix_factorization_rdp", "amplified_banded_rdp", "mf_plan_event", "mf_epsilon", "mf_noise_multiplier"]
 
 
 @register_rdp_rule(MatrixFactorizationEvent)
@@ -91,4 +89,52 @@ def _step_rdp(event: MatrixFactorizationStepEvent, orders: np.ndarray, neighbori
         "a MatrixFactorizationStepEvent has no per-step RDP: its noise is correlated across steps. "
         "Record the steps in a PrivacyLedger and account ledger.to_event() (its run grouper makes the "
         "whole-run MatrixFactorizationEvent)"
+    )
+
+
+# -- planning and calibration ----------------------------------------------------------------
+def mf_plan_event(
+    noise_multiplier: float,
+    strategy: Any,
+    *,
+    population_size: int,
+    steps: int,
+    sampling: str = "fixed_order",
+    batch_size: int | None = None,
+    selection_probability: float | None = None,
+    partitions: int = 1,
+) -> DpEvent:
+    """The whole-run event of ``steps`` steps of a
+    :class:`~pytorch_privacy.dp_query.matrix_factorization_query.MatrixFactorizationQuery` with
+    ``strategy`` (a ``Strategy`` or its JSON) on a loader with these ledger settings, exactly as
+    the ledger of that run accounts it (its run grouper)."""
+    spec = strategy if isinstance(strategy, str) else strategy.to_json()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    led = PrivacyLedger(population_size, selection_probability, sampling=sampling, batch_size=batch_size)
+    led.record_sample(MatrixFactorizationStepEvent(noise_multiplier, spec, partitions, 1))
+    if steps > 1:
+        led.record_sample(MatrixFactorizationStepEvent(noise_multiplier, spec, partitions, 0), steps - 1)
+    return led.to_event()
+
+
+def mf_epsilon(noise_multiplier: float, target_delta: float, strategy: Any, **plan) -> float:
+    """Epsilon at ``target_delta`` (RDP accountant, the relation the run's loader is stated under)
+    of the plan of :func:`mf_plan_event`."""
+    event = mf_plan_event(noise_multiplier, strategy, **plan)
+    acc = RdpAccountant(neighboring_relation=relation_of(event) or ADD_OR_REMOVE_ONE)
+    return float(acc.compose(event).get_epsilon(target_delta))
+
+
+def mf_noise_multiplier(target_epsilon: float, target_delta: float, strategy: Any, *, rtol: float = 1e-4, **plan) -> float:
+    """The smallest ``noise_multiplier`` (to relative ``rtol``) whose plan (:func:`mf_plan_event`)
+    meets ``(target_epsilon, target_delta)``, by bisection (:func:`.calibration.smallest_noise`)."""
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
+        math.isfinite(target_epsilon) and target_epsilon > 0
+    ):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    mf_plan_event(1.0, strategy, **plan)  # validate the plan once, before the search
+    return smallest_noise(
+        lambda s: mf_epsilon(s, target_delta, strategy, **plan), float(target_epsilon), rtol=rtol,
+        plan=f"matrix factorisation {plan}",
     )

@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytorch_privacy.analysis.matrix_factorization import amplified_banded_rdp, matrix_factorization_rdp, mf_noise_multiplier
+from pytorch_privacy.analysis.matrix_factorization import (
+    amplified_banded_rdp,
+    matrix_factorization_rdp,
+    mf_epsilon,
+    mf_noise_multiplier,
+    mf_plan_event,
+)
 from pytorch_privacy.analysis.rdp import compute_rdp
 from pytorch_privacy.analysis.rdp_accountant import RdpAccountant, compute_rdp_from_ledger
 from pytorch_privacy.dp_query.events import GaussianEvent
@@ -44,9 +50,6 @@ def test_gaussian_with_sensitivity_and_relations():
     with pytest.raises(ValueError, match="replace_one"):
         matrix_factorization_rdp(fixed, ORDERS, "add_or_remove_one")
     assert np.all(np.isinf(matrix_factorization_rdp(MatrixFactorizationEvent(0.0, 1.0, 1, 1, 1), ORDERS, "replace_one")))
-    assert mf_noise_multiplier(2.0, 4.0) == 0.5
-    with pytest.raises(ValueError):
-        mf_noise_multiplier(1.0, 0.0)
 
 
 def test_identity_strategy_on_fixed_order_is_k_fold_gaussian_composition():
@@ -110,3 +113,20 @@ def test_mf_ledger_file_is_accounted_without_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) == pytest.approx(expected, rel=1e-12)
     assert json.loads(path.read_text())["runs"][0]["event"]["kind"] == "mf_step"
+
+
+def test_plan_and_calibration():
+    strategy = BandedToeplitzStrategy([0.8, 0.6])
+    plan = dict(population_size=1000, steps=200, sampling="fixed_order", batch_size=50)  # 20 per epoch, 10 epochs
+    ev = mf_plan_event(1.0, strategy, **plan)
+    assert ev == MatrixFactorizationReplaceOneEvent(1.0, np.sqrt(10.0), 200, 10, 20)
+    sigma = mf_noise_multiplier(4.0, 1e-5, strategy, **plan)
+    assert mf_epsilon(sigma, 1e-5, strategy, **plan) <= 4.0 < mf_epsilon(sigma * (1 - 3e-4), 1e-5, strategy, **plan)
+    # with banded sampling the same target needs less noise (amplification)
+    banded = dict(population_size=500, steps=200, sampling="poisson", selection_probability=0.1, partitions=2)
+    assert isinstance(mf_plan_event(1.0, strategy, **banded), AmplifiedBandedMatrixFactorizationEvent)
+    assert mf_noise_multiplier(4.0, 1e-5, strategy, **banded) < sigma
+    with pytest.raises(ValueError):
+        mf_noise_multiplier(0.0, 1e-5, strategy, **plan)
+    with pytest.raises(ValueError):
+        mf_plan_event(1.0, strategy, population_size=10, steps=0, sampling="full")
