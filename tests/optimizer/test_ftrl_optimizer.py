@@ -174,6 +174,80 @@ def test_restart_resets_the_tree(efficient):
         assert (no_restart[4] - no_restart[3]).var().item() == pytest.approx(3.0, rel=0.05)
 
 
+# -- accounting ---------------------------------------------------------------------------------
+def _small_run(loader, sigma, restart, epochs, **kw):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    opt = DPFTRLOptimizer(model, ce, 1.0, sigma, learning_rate=0.1, data_loader=loader, restart=restart, **kw)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.fit_batch(x, y)
+    return opt
+
+
+def _ledger_rdp(ledger):
+    from pytorch_privacy.analysis import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation="replace_one")
+    acc.compose(ledger.to_event())
+    return acc.orders, acc.rdp
+
+
+@pytest.mark.parametrize("restart", ["epoch", None])
+def test_ledger_gives_the_tree_accounting_of_the_plan(restart):
+    from pytorch_privacy.analysis.tree_aggregation import compute_rdp_single_tree, compute_rdp_tree_restart
+
+    sigma = 2.0
+    opt = _small_run(FixedOrderLoader(_data(16), 4, generator=0), sigma, restart, 3)  # 4 steps an epoch
+    assert opt.ledger.sampling == "fixed_order" and len(opt.ledger) == 12
+    orders, rdp = _ledger_rdp(opt.ledger)
+    # replace-one: every participation moves its leaves by up to 2C, so 4x the RDP at sensitivity C
+    if restart == "epoch":
+        expected = 4 * compute_rdp_tree_restart(sigma, [4, 4, 4], orders)
+        by_hand = orders * 4 * (3 * 3) / (2 * sigma**2)  # 3 trees, each leaf under floor(log2 4) + 1 = 3 nodes
+        np.testing.assert_allclose(rdp, by_hand, rtol=1e-12)
+    else:  # one tree of 12 steps; a record in at most 3 of them, 3 steps strictly between two
+        expected = 4 * compute_rdp_single_tree(sigma, 12, 3, 3, orders)
+    np.testing.assert_allclose(rdp, expected, rtol=1e-12)
+    plan = dict(population_size=16, batch_size=4, epochs=3, restart=restart)
+    from pytorch_privacy.analysis import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation="replace_one", refine=True)
+    acc.compose(opt.ledger.to_event())
+    assert acc.get_epsilon(1e-5) == pytest.approx(ftrl_epsilon(sigma, 1e-5, **plan), rel=1e-12)
+
+
+def test_shuffled_loader_with_epoch_restarts_is_one_tree_per_epoch():
+    from pytorch_privacy.analysis.tree_aggregation import compute_rdp_tree_restart
+
+    loader = DataLoader(_data(18), batch_size=4, shuffle=True, drop_last=True)  # 4 steps an epoch
+    opt = _small_run(loader, 1.5, "epoch", 2)
+    assert opt.ledger.sampling == "shuffle" and opt.restart_period == 4
+    orders, rdp = _ledger_rdp(opt.ledger)
+    np.testing.assert_allclose(rdp, 4 * compute_rdp_tree_restart(1.5, [4, 4], orders), rtol=1e-12)
+
+
+def test_budget_stops_before_the_bound_is_exceeded():
+    from pytorch_privacy.optimizer import PrivacyBudgetExceeded
+
+    plan = dict(population_size=16, batch_size=4, restart="epoch")
+    eps2 = ftrl_epsilon(2.0, 1e-5, epochs=2, **plan)
+    assert ftrl_epsilon(2.0, 1e-5, steps=9, **plan) > eps2  # the first step of a third tree costs more
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        _small_run(FixedOrderLoader(_data(16), 4), 2.0, "epoch", 3, target_epsilon=eps2 * (1 + 1e-9), target_delta=1e-5)
+    assert info.value.steps == 8 and info.value.epsilon > eps2 * (1 + 1e-9)
+
+
+def test_calibrated_noise_takes_every_planned_step():
+    plan = dict(population_size=16, batch_size=4, epochs=3, restart=None)
+    sigma = ftrl_noise_multiplier(3.0, 1e-5, **plan)
+    assert ftrl_epsilon(sigma, 1e-5, **plan) <= 3.0 < ftrl_epsilon(sigma * (1 - 2e-4), 1e-5, **plan)
+    opt = _small_run(FixedOrderLoader(_data(16), 4), sigma, None, 3, target_epsilon=3.0, target_delta=1e-5)
+    assert len(opt.ledger) == 12 and opt.epsilon <= 3.0
+    ledger = plan_ledger(sigma, **plan)
+    assert ledger.to_dict()["runs"] == opt.ledger.to_dict()["runs"]  # the plan is the run's own ledger
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 def test_state_dict_resume_continues_the_same_tree():
     def make(seed):
