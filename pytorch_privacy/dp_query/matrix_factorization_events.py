@@ -97,7 +97,7 @@ def _check_prob(instance, attribute, value):  # noqa: ARG001
 class MatrixFactorizationStepEvent(DpEvent):
     """One step of a matrix-factorisation query.
 
-    Fields:
+    Args:
         noise_multiplier: ``sigma``, the stddev of ``z`` over the clip norm (the noise of step ``t``
             is ``sigma C_clip (C^{-1} z)_t``).
         strategy: the strategy's canonical JSON (``Strategy.to_json()``).

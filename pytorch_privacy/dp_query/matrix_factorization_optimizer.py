@@ -169,8 +169,9 @@ def optimize_banded_toeplitz(
 
     Args:
         n: number of steps (the workload size), >= 1.
-        bands: number of bands ``b`` in ``[1, n]`` (1 is DP-SGD; train with
-            ``min_separation >= b``, e.g. ``b <= `` steps per epoch, to keep the banded sensitivity).
+        bands: number of bands ``b`` in ``[1, n]`` (1 is DP-SGD).  Train with a minimum separation of
+            at least ``b`` (e.g. at most as many bands as steps per epoch) to keep the exact banded
+            sensitivity.
         workload: ``"prefix"`` (SGD) or ``"momentum"`` (with ``momentum`` in ``[0, 1)``).
         objective: ``"total"`` (sum of the squared errors of all prefix sums) or ``"max"``.
         cache: read and write the result under :func:`cache_dir` (the optimisation of ``n`` in the

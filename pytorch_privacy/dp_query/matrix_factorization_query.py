@@ -1,6 +1,6 @@
 r"""The matrix-factorisation (MF) query: clip and sum like DP-SGD, add noise correlated across steps.
 
-With a strategy ``C`` (lower triangular, :mod:`.matrix_factorization`) the query releases at step
+With a strategy ``C`` (lower triangular, :mod:`pytorch_privacy.dp_query.matrix_factorization`) the query releases at step
 ``t``::
 
     sum_i clip_C(x_i)  +  sigma * C_clip * (C^{-1} z)_t,      z_0, z_1, ... i.i.d. N(0, I)
