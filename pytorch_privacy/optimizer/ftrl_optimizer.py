@@ -99,7 +99,9 @@ def _check_momentum(m: Any) -> float:
 def _settings_of(data_loader: Any, ledger: PrivacyLedger | None) -> dict[str, Any] | None:
     """The sampling the run will be accounted under; refuses schemes with sampling."""
     if data_loader is not None:
-        if hasattr(data_loader, "poisson_sampler") or type(data_loader).__name__ == "PoissonSampler":
+        from .samplers import PoissonSampler
+
+        if hasattr(data_loader, "poisson_sampler") or isinstance(data_loader, PoissonSampler):
             raise ValueError(
                 "DP-FTRL does not use sampling: its accounting assumes every record in at most one batch an "
                 "epoch, in a fixed order or a fresh shuffle each epoch. Use FixedOrderLoader(dataset, batch_size) "
@@ -226,14 +228,21 @@ class DPFTRLOptimizer(DPOptimizer):
         query = NormalizedQuery(_tree_query(clip, sigma, self.restart_period, efficient_tree, source), float(batch_size))
         sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=gamma)
         super().__init__(sgd, model, loss_fn, query, ledger=ledger, data_loader=data_loader, secure_mode=secure_mode, **kwargs)
+        #: the event of the previous step (an SGD step without a new release starts no tree)
+        self._event_before = None
         sgd.register_step_pre_hook(self._reset_momentum_at_restart)
+
+    def step(self, closure: None = None) -> None:
+        """Release the step (see :meth:`DPOptimizer.step`); the SGD momentum is cleared first when
+        the release is the first of a tree."""
+        self._event_before = self._last_event
+        super().step(closure)
 
     def _reset_momentum_at_restart(self, optimizer, args, kwargs) -> None:  # noqa: ARG002
         """Before the SGD step of the first step of a tree: clear the momentum buffers."""
         ev = self._last_event
-        starts = ev.starts_tree if isinstance(ev, TreeAggregationStepEvent) else int(
-            self.restart_period is not None and self._steps % self.restart_period == 0
-        )
+        fresh = ev is not None and ev is not self._event_before
+        starts = fresh and isinstance(ev, TreeAggregationStepEvent) and ev.starts_tree == 1
         if starts and self.momentum:
             for group in optimizer.param_groups:
                 for p in group["params"]:

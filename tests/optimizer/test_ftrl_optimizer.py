@@ -123,6 +123,38 @@ def test_momentum_matches_anchored_recursion(restart):
         assert max((p - q).abs().max().item() for p, q in zip(plain.parameters(), expected)) > 1e-3
 
 
+def test_physical_chunks_and_the_ledger_free_mode_give_the_same_update():
+    loader = FixedOrderLoader(_data(), B, generator=3)
+    batches = _batches(loader, 6)
+    a, b = _model(), _model()
+    opt_a = DPFTRLOptimizer(a, ce, 0.5, 0.0, learning_rate=0.2, momentum=0.5, data_loader=loader, restart=4)
+    # no loader and no ledger: the denominator and the restart period are given directly
+    opt_b = DPFTRLOptimizer(b, ce, 0.5, 0.0, learning_rate=0.2, momentum=0.5, batch_size=B, restart=4,
+                            max_physical_batch_size=4)
+    for x, y in batches:
+        opt_a.fit_batch(x, y)
+        opt_b.fit_batch(x, y)
+    assert opt_b.ledger is None and len(opt_a.ledger) == 6
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-9, rtol=0)
+
+
+def test_secure_mode_draws_the_tree_noise_from_the_os():
+    loader = FixedOrderLoader(_data(), B, generator=3)
+    opts = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the global RNG plays no part
+        m = _model()
+        opt = DPFTRLOptimizer(m, ce, 1.0, 1.0, learning_rate=0.1, data_loader=loader, secure_mode=True, metrics=True)
+        _run(opt, loader, 3)
+        opts.append(m)
+    assert opt.secure_mode and opt.last_metrics["query/stddev"] == 1.0
+    assert not torch.equal(opts[0][0].weight, opts[1][0].weight)
+    with pytest.raises(ValueError, match="secure"):
+        DPFTRLOptimizer(_model(), ce, 1.0, 1.0, learning_rate=0.1, data_loader=loader, secure_mode=True,
+                        generator=torch.Generator())
+
+
 # -- the noise ---------------------------------------------------------------------------------
 def _node_var(level: int, efficient: bool) -> float:
     """Variance (in units of (sigma C)^2) of one complete subtree's noise estimate at ``level``:
