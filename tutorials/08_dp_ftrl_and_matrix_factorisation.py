@@ -31,9 +31,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from pytorch_privacy.analysis import RdpAccountant, compute_noise
-from pytorch_privacy.analysis.calibration import smallest_noise
-from pytorch_privacy.dp_query import PrivacyLedger
+from pytorch_privacy.analysis import compute_noise
 from pytorch_privacy.dp_query.normalized_query import NormalizedQuery
 from pytorch_privacy.optimizer import DPDataLoader, DPGaussianOptimizer, DPOptimizer
 from pytorch_privacy.optimizer.fixed_order import FixedOrderLoader
@@ -142,11 +140,11 @@ def train_dp_ftrl(eps: float) -> tuple[float, float]:
 # fits its coefficients to the workload that SGD with momentum 0.9 computes from the noisy
 # gradients, over the run's number of steps (L-BFGS, under a second here).  The ledger records one
 # `MatrixFactorizationStepEvent` per step, and its run grouper computes the sensitivity of `C`
-# under the fixed order.  We calibrate `sigma` as for DP-FTRL: build the ledger of the plan,
-# then bisect.
+# under the fixed order.  `mf_noise_multiplier` calibrates `sigma` as `ftrl_noise_multiplier`
+# does: it accounts the event the plan's ledger will give, and bisects.
 
 # %%
-from pytorch_privacy.dp_query.matrix_factorization_events import MatrixFactorizationStepEvent  # noqa: E402
+from pytorch_privacy.analysis.matrix_factorization import mf_noise_multiplier  # noqa: E402
 from pytorch_privacy.dp_query.matrix_factorization_optimizer import optimize_banded_toeplitz  # noqa: E402
 from pytorch_privacy.dp_query.matrix_factorization_query import MatrixFactorizationQuery  # noqa: E402
 
@@ -155,16 +153,9 @@ strategy = optimize_banded_toeplitz(steps, bands, workload="momentum", momentum=
 print(f"{bands}-banded strategy, coefficients {np.round(strategy.coefficients_, 3).tolist()}")
 
 
-def mf_epsilon(sigma: float) -> float:
-    ledger = PrivacyLedger(N, sampling="fixed_order", batch_size=batch_size)
-    ledger.record_sample(MatrixFactorizationStepEvent(sigma, strategy.to_json(), 1, 1))
-    ledger.record_sample(MatrixFactorizationStepEvent(sigma, strategy.to_json(), 1, 0), steps - 1)
-    acc = RdpAccountant(neighboring_relation="replace_one", refine=True)
-    return acc.compose(ledger.to_event()).get_epsilon(delta)
-
-
 def train_banded_mf(eps: float) -> tuple[float, float]:
-    sigma = smallest_noise(mf_epsilon, eps, plan="banded MF")
+    plan = dict(population_size=N, steps=steps, sampling="fixed_order", batch_size=batch_size)
+    sigma = mf_noise_multiplier(eps, delta, strategy, **plan)
     model = make_model()
     loader = FixedOrderLoader(train_set, batch_size, generator=4)
     query = NormalizedQuery(
