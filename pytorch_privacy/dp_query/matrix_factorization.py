@@ -54,7 +54,9 @@ __all__ = [
     "max_separated_sum",
     "banded_sensitivity",
     "sensitivity_squared",
-    "toeplitz_sensitivity_squared",
+    "strategy_sensitivity_squared",
+    "max_column_norm",
+    "DENSE_ACCOUNTING_STEPS",
     "count_participation_patterns",
     "MAX_DENSE_STEPS",
     "MAX_ENUMERATED_PATTERNS",
@@ -345,11 +347,15 @@ def max_separated_sum(x: Any, min_separation: int, max_participation: int) -> np
     return float(out[0]) if arr.ndim == 1 else out
 
 
-def count_participation_patterns(n: int, max_participation: int, min_separation: int) -> int:
+def count_participation_patterns(n: int, max_participation: int, min_separation: int, *, limit: int | None = None) -> int:
     """Number of nonempty participation patterns: index sets in ``range(n)`` of at most
-    ``max_participation`` indices any two at least ``min_separation`` apart."""
+    ``max_participation`` indices any two at least ``min_separation`` apart (with ``limit``: stops
+    early and returns a number above ``limit`` once the count exceeds it)."""
     n = _check_steps(n)
     k, s = _check_participation(max_participation, min_separation)
+    if limit is not None and k > 1 and n > s and (n - s) * (n - s + 1) // 2 > limit:
+        return limit + 1  # already the patterns of exactly two participations exceed the limit
+    k = min(k, -(-n // s))
     # ways[j][i]: sets of size j within indices >= i
     prev = [1] * (n + s + 1)  # size 0
     total = 0
@@ -359,7 +365,7 @@ def count_participation_patterns(n: int, max_participation: int, min_separation:
             cur[i] = cur[i + 1] + prev[i + s]
         total += cur[0]
         prev = cur
-        if cur[0] == 0:
+        if cur[0] == 0 or (limit is not None and total > limit):
             break
     return total
 
@@ -368,8 +374,7 @@ def _columns_orthogonal_beyond(x: np.ndarray, s: int) -> bool:
     n = x.shape[0]
     idx = np.arange(n)
     far = np.abs(idx[:, None] - idx[None, :]) >= s
-    scale = max(float(np.max(np.abs(np.diag(x)))), 1e-300)
-    return bool(np.all(np.abs(x[far]) <= 1e-12 * scale))
+    return bool(np.all(x[far] == 0.0))  # banded C gives exact zeros; anything else is not banded
 
 
 def _enumerate_max(x: np.ndarray, k: int, s: int) -> float:
@@ -426,20 +431,31 @@ def _sens2(x: np.ndarray, k: int, s: int, method: str) -> tuple[float, str]:
                 f"columns of C at least min_separation={s} apart are not orthogonal "
                 "(more bands than the separation); use method='exact' or 'bound'"
             )
-    count = count_participation_patterns(n, k, s)
+    count = count_participation_patterns(n, k, s, limit=MAX_ENUMERATED_PATTERNS)
     if method == "exact" or (method == "auto" and count <= MAX_ENUMERATED_PATTERNS):
         if count > MAX_ENUMERATED_PATTERNS:
-            raise ValueError(f"{count} participation patterns exceed MAX_ENUMERATED_PATTERNS; use method='bound'")
+            raise ValueError(f"more than {MAX_ENUMERATED_PATTERNS} participation patterns (MAX_ENUMERATED_PATTERNS); use method='bound'")
         return _enumerate_max(x, k, s), "exact"
     row_best = max_separated_sum(np.abs(x), s, k)
     return max_separated_sum(row_best, s, k), "bound"
 
 
+def _banded_toeplitz_sens2(c: np.ndarray, n: int, k: int, s: int) -> float:
+    """Exact ``sens^2`` of a ``b``-banded Toeplitz strategy with ``b <= s`` in ``O(b)``: the squared
+    column norms ``cum[min(b, n - j) - 1]`` do not increase with ``j``, so the earliest packing
+    ``0, s, 2s, ...`` is a maximiser; every column of it at ``j <= n - b`` is complete."""
+    b = c.size
+    cum = np.cumsum(c**2)
+    k = min(k, -(-n // s))
+    full = 0 if n < b else min(k, (n - b) // s + 1)
+    return full * float(cum[-1]) + sum(float(cum[n - e * s - 1]) for e in range(full, k))
+
+
 def banded_sensitivity(strategy: Any, n: int, max_participation: int, min_separation: int) -> float:
     """Exact L2 sensitivity (in units of the clip norm) of a banded strategy over ``n`` steps when
     ``min_separation >= bands``: ``sqrt`` of the largest sum of at most ``max_participation``
-    ``min_separation``-separated squared column norms.  For a banded Toeplitz strategy this is
-    ``O(n k)`` without forming ``C``.
+    ``min_separation``-separated squared column norms.  ``O(bands)`` for a banded Toeplitz strategy
+    (any ``n``), ``O(n k)`` otherwise.
 
     ``strategy``: a :class:`Strategy` with ``bands`` set, or a banded matrix ``C``.
     """
@@ -451,28 +467,70 @@ def banded_sensitivity(strategy: Any, n: int, max_participation: int, min_separa
                 f"banded_sensitivity needs bands <= min_separation, got bands={strategy.bands}, "
                 f"min_separation={s}; use sensitivity_squared(strategy.matrix(n), ...)"
             )
+        if isinstance(strategy, BandedToeplitzStrategy):
+            return math.sqrt(_banded_toeplitz_sens2(np.asarray(strategy.coefficients_), n, k, s))
         return math.sqrt(max_separated_sum(strategy.column_norms(n) ** 2, s, k))
     return math.sqrt(sensitivity_squared(strategy, k, s, method="banded"))
 
 
-def toeplitz_sensitivity_squared(strategy: Strategy, n: int, max_participation: int, min_separation: int) -> tuple[float, str]:
-    """``sens^2`` of ``strategy`` over ``n`` steps under min-separation participation, and how it was
-    found: ``"exact"`` (banded with ``bands <= min_separation``, or small ``n``) or ``"bound"``.
+#: Runs up to this many steps are accounted with the dense matrix ``C`` (exact or two-stage bound).
+DENSE_ACCOUNTING_STEPS = 256
+_TOEPLITZ_WINDOW = 1 << 16
+_WORK = 2 * 10**7
 
-    Large non-banded cases (``n > 1024``) use, for a Toeplitz ``C`` with coefficients ``c``, the bound
-    ``||Cu||^2 <= ||Cu||_inf ||Cu||_1 <= M k ||c||_1`` (``M`` the largest separated sum of ``|c|``)
-    and the triangle bound ``(k max_j ||C e_j||)^2``, whichever is smaller.
+
+def _toeplitz_window(strategy: Strategy, n: int) -> tuple[np.ndarray, float]:
+    """``(|c_0..c_{L-1}|, tail)`` with ``tail >= sum_{L <= t < n} |c_t|``: the first ``L`` coefficients
+    (``L = min(n, bands)`` for a banded strategy, else ``min(n, 2**16)``) and a bound on the rest."""
+    if isinstance(strategy, BandedToeplitzStrategy):
+        return np.abs(strategy.coefficients(min(n, strategy.bands))), 0.0
+    if isinstance(strategy, BLTStrategy):
+        L = min(n, _TOEPLITZ_WINDOW)
+        tail = 0.0
+        if L < n:  # |c_t| <= sum_i |w_i| theta_i^(t-1), summed over t >= L
+            tail = sum(abs(w) * th ** (L - 1) / (1.0 - th) for th, w in zip(strategy.buffer_decay, strategy.output_scale))
+        return np.abs(strategy.coefficients(L)), tail
+    raise TypeError(f"{type(strategy).__name__} is not a Toeplitz strategy")
+
+
+def strategy_sensitivity_squared(strategy: Strategy, n: int, max_participation: int, min_separation: int) -> tuple[float, str]:
+    """``sens^2`` of ``strategy`` over ``n`` steps under min-separation participation, and how it was
+    found: ``"exact"`` or ``"bound"`` (never below the exact value).  Bounded time and memory for any
+    ``n`` (a ledger may hold 10**9 steps):
+
+    * ``bands <= min_separation``: exact (:func:`banded_sensitivity`);
+    * ``n <= DENSE_ACCOUNTING_STEPS``: :func:`sensitivity_squared` on the matrix (exact by enumeration
+      when the patterns are few, else the two-stage bound);
+    * larger Toeplitz strategies, with coefficients ``c``: ``||Cu||^2 <= ||Cu||_inf ||Cu||_1 <= M k ||c||_1``
+      (``M`` the largest separated sum of ``|c|``) and the triangle bound ``(k ||c||_2)^2``, the
+      smaller; BLT coefficients past ``2**16`` enter through their geometric tail bound;
+    * larger dense strategies: the triangle bound ``(largest separated sum of column norms)^2``.
     """
     n = strategy.check_steps(n)
     k, s = _check_participation(max_participation, min_separation)
     k = min(k, -(-n // s))
     if strategy.bands is not None and strategy.bands <= s:
         return banded_sensitivity(strategy, n, k, s) ** 2, "exact"
-    if n <= 1024:
+    if n <= DENSE_ACCOUNTING_STEPS:
         c = strategy.matrix(n)
         return _sens2(c.T @ c, k, s, "auto")
-    coef = np.abs(strategy.coefficients(n))
-    m = max_separated_sum(coef, s, k)
-    triangle = (k * float(np.max(strategy.column_norms(n)))) ** 2
-    return min(m * k * float(np.sum(coef)), triangle), "bound"
+    if isinstance(strategy, DenseStrategy):
+        return max_separated_sum(strategy.column_norms(n), s, k) ** 2, "bound"
+    coef, tail = _toeplitz_window(strategy, n)
+    l1 = float(np.sum(coef)) + tail
+    l2 = float(np.linalg.norm(coef)) + tail
+    if coef.size * min(k, -(-coef.size // s)) <= _WORK:
+        m = max_separated_sum(coef, s, k) + tail
+    else:
+        m = l1
+    return min(m * k * l1, (k * l2) ** 2), "bound"
 
+
+def max_column_norm(strategy: Strategy, n: int) -> float:
+    """``max_j ||C e_j||`` over ``n`` steps (an upper bound for a BLT strategy past ``2**16`` steps);
+    for a Toeplitz strategy it is column 0's, the longest."""
+    n = strategy.check_steps(n)
+    if isinstance(strategy, DenseStrategy):
+        return float(np.max(strategy.column_norms(n)))
+    coef, tail = _toeplitz_window(strategy, n)
+    return float(np.linalg.norm(coef)) + tail

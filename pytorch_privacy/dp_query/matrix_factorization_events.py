@@ -32,7 +32,7 @@ ledger sampling             whole-run event
 
 The sensitivity is exact for banded Toeplitz strategies with ``bands <= min_separation`` and for
 small runs; otherwise it is an upper bound
-(:func:`~pytorch_privacy.dp_query.matrix_factorization.toeplitz_sensitivity_squared`).  A step
+(:func:`~pytorch_privacy.dp_query.matrix_factorization.strategy_sensitivity_squared`).  A step
 with ``starts=1`` begins a fresh noise sequence (a new query): the runs between two starts are one
 mechanism, and the mechanisms compose.
 
@@ -180,7 +180,7 @@ def _segments(runs: tuple["LedgerRun", ...]) -> list[tuple[list[tuple["LedgerRun
 
 
 def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
-    from .matrix_factorization import strategy_from_spec, toeplitz_sensitivity_squared
+    from .matrix_factorization import max_column_norm, strategy_from_spec, strategy_sensitivity_squared
 
     first = parts[0][0]
     for r, _ in parts[1:]:
@@ -196,7 +196,7 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
     strategy.check_steps(steps)
     sigma = ev.noise_multiplier
     if first.sampling == "poisson" and strategy.bands is not None and strategy.bands <= ev.partitions:
-        col = float(max(strategy.column_norms(steps)))
+        col = max_column_norm(strategy, steps)
         rounds = -(-steps // ev.partitions)
         return AmplifiedBandedMatrixFactorizationEvent(sigma, col, first.selection_probability, rounds)
     cls = MatrixFactorizationReplaceOneEvent
@@ -207,7 +207,7 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
         k, sep = steps, 1
         if first.sampling != "without_replacement":
             cls = MatrixFactorizationEvent
-    sens2, _how = toeplitz_sensitivity_squared(strategy, steps, k, sep)
+    sens2, _how = strategy_sensitivity_squared(strategy, steps, k, sep)
     return cls(sigma, math.sqrt(sens2), steps, min(k, steps), sep)
 
 

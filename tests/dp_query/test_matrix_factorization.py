@@ -23,7 +23,7 @@ from pytorch_privacy.dp_query.matrix_factorization import (
     sensitivity_squared,
     strategy_from_spec,
     toeplitz_matrix,
-    toeplitz_sensitivity_squared,
+    strategy_sensitivity_squared,
 )
 from pytorch_privacy.dp_query.matrix_factorization_optimizer import (
     banded_toeplitz_loss,
@@ -170,11 +170,36 @@ def test_toeplitz_sensitivity_large_bound_is_not_below_exact():
     # exact for at most 2 participations at least 1000 apart, by vectorised enumeration
     i, j = np.nonzero(np.subtract.outer(np.arange(n), np.arange(n)) <= -1000)
     exact = max(float(d.max()), float(np.max(d[i] + d[j] + 2 * X[i, j])))
-    bound, how = toeplitz_sensitivity_squared(blt, n, 2, 1000)
+    bound, how = strategy_sensitivity_squared(blt, n, 2, 1000)
     assert how == "bound" and exact <= bound <= 4 * exact
-    value, how = toeplitz_sensitivity_squared(blt, 40, 2, 5)
+    # a dense strategy above DENSE_ACCOUNTING_STEPS: the triangle bound
+    dense = DenseStrategy(np.tril(np.random.default_rng(1).normal(size=(300, 300))) + 5 * np.eye(300))
+    X = dense.matrix(300).T @ dense.matrix(300)
+    d = np.diag(X)
+    i, j = np.nonzero(np.subtract.outer(np.arange(300), np.arange(300)) <= -200)
+    exact = max(float(d.max()), float(np.max(d[i] + d[j] + 2 * X[i, j])))
+    bound, how = strategy_sensitivity_squared(dense, 300, 2, 200)
+    assert how == "bound" and exact <= bound <= 4 * exact
+    value, how = strategy_sensitivity_squared(blt, 40, 2, 5)
     assert how == "exact"
     assert value == pytest.approx(brute_sens2(blt.matrix(40), 2, 5), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "strategy,k,s",
+    [(BandedToeplitzStrategy([1.0, 0.5, 0.25]), 10**6, 1000), (BandedToeplitzStrategy([1.0, 0.5, 0.25]), 10**9, 1),
+     (BLTStrategy([0.99, 0.5], [0.1, -0.2]), 10**4, 10**5)],
+)
+def test_sensitivity_of_a_billion_steps_is_bounded_in_time(strategy, k, s):
+    import time
+
+    t0 = time.perf_counter()
+    value, how = strategy_sensitivity_squared(strategy, 10**9, k, s)
+    assert time.perf_counter() - t0 < 2.0
+    assert math.isfinite(value) and value > 0
+    if strategy.bands is not None and strategy.bands <= s:
+        assert how == "exact" and value == pytest.approx(min(k, 10**9 // s) * 1.3125)
+    assert count_participation_patterns(10**9, 2, 5, limit=100) > 100
 
 
 # -- optimiser ------------------------------------------------------------------------------------

@@ -227,3 +227,17 @@ def test_grouper_restarts_compose_and_changes_mid_run_are_refused():
 def test_step_event_alone_is_refused_by_the_accountant():
     with pytest.raises(ValueError, match="ledger"):
         RdpAccountant().compose(MatrixFactorizationStepEvent(1.0, identity_strategy().to_json()))
+
+
+@pytest.mark.parametrize("strategy", [BandedToeplitzStrategy([1.0, 0.5]), BLTStrategy([0.9], [0.3])])
+@pytest.mark.parametrize("ledger_kwargs", [dict(sampling="fixed_order", batch_size=10), dict(selection_probability=0.1)])
+def test_grouper_accounts_a_billion_steps_quickly(strategy, ledger_kwargs):
+    import time
+
+    led = PrivacyLedger(1000, **ledger_kwargs)
+    led.record_sample(MatrixFactorizationStepEvent(5.0, strategy.to_json(), 1, 1))
+    led.record_sample(MatrixFactorizationStepEvent(5.0, strategy.to_json(), 1, 0), 10**9 - 1)
+    t0 = time.perf_counter()
+    ev = led.to_event()
+    assert time.perf_counter() - t0 < 2.0
+    assert ev.steps == 10**9 and math.isfinite(ev.sensitivity)
