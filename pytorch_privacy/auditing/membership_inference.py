@@ -284,10 +284,11 @@ def run_attacks(
     """
     if not isinstance(data, AttackInputData):
         raise TypeError(f"data must be an AttackInputData, got {type(data).__name__}")
+    requested = list(attack_types)
     try:
-        attacks = [AttackType(a) for a in attack_types]
+        attacks = [AttackType(a) for a in requested]
     except ValueError:
-        raise ValueError(f"unknown attack in {list(attack_types)}; choose from {[a.value for a in AttackType]}") from None
+        raise ValueError(f"unknown attack in {requested}; choose from {[a.value for a in AttackType]}") from None
     if not attacks:
         raise ValueError("attack_types is empty")
     spec = SlicingSpec() if slicing_spec is None else slicing_spec

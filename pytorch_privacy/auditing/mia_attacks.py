@@ -64,13 +64,17 @@ def lira_statistic(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _gaussian_fit(values: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and std of ``values`` (shadows x examples) over the rows where ``mask``;
-    the std is pooled over all columns when ``fixed_variance`` or a column has < 2 rows."""
+    the std is pooled over all columns when ``fixed_variance`` or a column has < 2 rows (and is
+    the plain std of all masked values when no column has 2)."""
     count = mask.sum(axis=0)
     total = np.where(mask, values, 0.0).sum(axis=0)
     mean = total / np.maximum(count, 1)
     resid2 = np.where(mask, (values - mean) ** 2, 0.0)
-    pooled_dof = max(int(count.sum()) - int((count > 0).sum()), 1)
-    pooled = np.sqrt(resid2.sum() / pooled_dof)
+    pooled_dof = int(count.sum()) - int((count > 0).sum())
+    if pooled_dof > 0:
+        pooled = np.sqrt(resid2.sum() / pooled_dof)
+    else:  # one shadow per example: no replicate anywhere, so the spread across examples it is
+        pooled = float(np.std(values[mask])) if mask.any() else 1.0
     if fixed_variance:
         std = np.full(mean.shape, pooled)
     else:

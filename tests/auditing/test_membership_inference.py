@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import optimize, stats
 
 from pytorch_privacy.auditing.membership_inference import (
@@ -322,3 +324,32 @@ def test_run_attacks_rejects_bad_requests():
         lira_scores(np.zeros(5), np.zeros((2, 5)), np.ones((2, 5)))
     with pytest.raises(ValueError):
         evaluate_scores([1.0], [0.0, 1.0])
+
+
+def test_lira_with_one_in_and_one_out_shadow_per_example_stays_finite_and_informative():
+    # n_shadow = 2: no example has two IN or two OUT shadows, so no per-example variance exists;
+    # the pooled fallback is the spread of all values.  Same construction as above, sd 0.5.
+    rng = np.random.default_rng(6)
+    n = 400
+    c = rng.normal(0, 3, n)
+    member = np.arange(n) < n // 2
+    first = rng.random(n) < 0.5
+    shadow_in = np.stack([first, ~first])
+    shadow = c + shadow_in * 1.0 + rng.normal(0, 0.5, (2, n))
+    target = c + member * 1.0 + rng.normal(0, 0.5, n)
+    for online in (True, False):
+        s = lira_scores(target, shadow, shadow_in, online=online)
+        assert np.all(np.isfinite(s))
+        assert evaluate_scores(s[member], s[~member]).auc > 0.5 + 4 * _null_auc_se(200, 200)
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=40),
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=40),
+    st.floats(0, 0.5),
+)
+def test_evaluate_scores_is_finite_for_any_scores(m, n, delta):
+    r = evaluate_scores(m, n, delta=delta)
+    values = [r.auc, r.advantage, r.epsilon_lower_bound, r.epsilon_optimistic, *r.tpr_at_fpr.values()]
+    assert all(math.isfinite(v) for v in values)
+    assert 0 <= r.auc <= 1 and 0 <= r.advantage <= 1 and 0 <= r.epsilon_lower_bound

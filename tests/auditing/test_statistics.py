@@ -255,3 +255,31 @@ def test_statistics_imports_without_torch():
         "assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(-3, 3)), min_size=2, max_size=30).filter(
+        lambda v: any(b for b, _ in v) and not all(b for b, _ in v)
+    ),
+    st.booleans(),
+)
+def test_roc_matches_sklearn_on_random_tied_inputs(pairs, drop):
+    metrics = pytest.importorskip("sklearn.metrics")
+    y = np.array([int(b) for b, _ in pairs])
+    s = np.array([float(v) for _, v in pairs])  # 7 distinct values: many ties
+    f1, t1, th1 = roc_curve(y, s, drop_intermediate=drop)
+    f2, t2, th2 = metrics.roc_curve(y, s, drop_intermediate=drop)
+    np.testing.assert_array_equal(th1, th2)
+    np.testing.assert_allclose(np.c_[f1, t1], np.c_[f2, t2], atol=1e-15)
+    assert roc_auc_score(y, s) == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
+
+
+@given(st.integers(0, 60), st.integers(0, 60), st.integers(0, 60), st.integers(0, 60), st.floats(0, 0.2), st.floats(0.5, 0.999))
+def test_epsilon_lower_bound_is_finite_and_below_the_point_estimate(tp, fn, fp, tn, delta, conf):
+    if tp + fn == 0 or fp + tn == 0:
+        with pytest.raises(ValueError):
+            epsilon_lower_bound(tp, fn, fp, tn, delta, conf)
+        return
+    eps = epsilon_lower_bound(tp, fn, fp, tn, delta, conf)
+    assert math.isfinite(eps) and eps >= 0
+    assert eps <= epsilon_from_rates(tp / (tp + fn), fp / (fp + tn), delta) + 1e-12
