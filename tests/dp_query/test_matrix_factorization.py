@@ -222,6 +222,14 @@ def test_loss_equals_dense_error_and_gradient_matches_finite_differences(workloa
     np.testing.assert_allclose(grad, fd, rtol=1e-5)
 
 
+def test_square_root_factorisation_facts():
+    n = 12
+    C = toeplitz_matrix(sqrt_prefix_sum_coefficients(n), n)
+    np.testing.assert_allclose(C @ C, prefix_sum_workload(n), atol=1e-12)
+    # C^{-1} = (1 - x)^{1/2}: 1, -1/2, -1/8, -1/16, -5/128, ...
+    np.testing.assert_allclose(np.linalg.inv(C)[:5, 0], [1, -1 / 2, -1 / 8, -1 / 16, -5 / 128], atol=1e-12)
+
+
 def _tree_total_error(n):
     """Total squared error of the binary-tree mechanism for prefix sums (sensitivity^2 = levels,
     prefix t+1 sums popcount(t+1) node noises)."""

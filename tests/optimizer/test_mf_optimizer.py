@@ -104,6 +104,12 @@ def test_checkpoint_resume_continues_the_correlated_noise():
         opt2.fit_batch(x, y)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+    # a checkpoint of another strategy is refused: its noise memory would be misread
+    other = _model()
+    opt3 = DPMatrixFactorizationOptimizer(torch.optim.SGD(other.parameters(), lr=0.05), other, _loss, 1.0, 1.0,
+                                          BandedToeplitzStrategy([1.0, 0.5, 0.2]), data_loader=FixedOrderLoader(ds, 8, generator=3))
+    with pytest.raises(ValueError, match="strategy"):
+        opt3.load_state_dict(state)
 
 
 def test_banded_poisson_sampler_groups_and_state():
