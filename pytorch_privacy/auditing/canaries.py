@@ -74,6 +74,9 @@ class GradientCanaries:
         inclusion_probability: 1/2 for the one-run audit.
         seed: seeds the inclusion bits, the directions and the per-step sampling (separate
             generators, none of them torch's global one).
+        included: fixed inclusion bits (bool ``[m]``) instead of random ones (the multi-run
+            distinguishing audit decides inclusion per run).
+        sampling_seed: seed of the per-step sampling (default derived from ``seed``).
 
     Attributes: ``included`` (bool ``[m]``, the secret), ``scores`` (float64 ``[m]``).
     """
@@ -87,6 +90,8 @@ class GradientCanaries:
         kind: str = "dirac",
         inclusion_probability: float = 0.5,
         seed: int = 0,
+        included: torch.Tensor | None = None,
+        sampling_seed: int | None = None,
     ):
         _check_m_p(m, inclusion_probability)
         if not (isinstance(l2_norm_clip, (int, float)) and math.isfinite(l2_norm_clip) and l2_norm_clip > 0):
@@ -101,7 +106,12 @@ class GradientCanaries:
         self.dtype, self.device = first.dtype, first.device
         d = sum(self.sizes)
         self.m, self.kind, self.l2_norm_clip = m, kind, float(l2_norm_clip)
-        self.included = _inclusion_bits(m, inclusion_probability, seed)
+        if included is None:
+            self.included = _inclusion_bits(m, inclusion_probability, seed)
+        else:
+            self.included = torch.as_tensor(included, dtype=torch.bool).reshape(-1).clone().cpu()
+            if len(self.included) != m:
+                raise ValueError(f"included must have one bit per canary ({m}), got {len(self.included)}")
         g = torch.Generator().manual_seed(int(seed) + 1)
         if kind == "dirac":
             if m > d:
@@ -112,7 +122,7 @@ class GradientCanaries:
             u = torch.randn(m, d, generator=g, dtype=torch.float64)
             self.directions = (u / u.norm(dim=1, keepdim=True)).to(self.device, torch.float32)
             self.coordinates = None
-        self._sampler = torch.Generator().manual_seed(int(seed) + 2)
+        self._sampler = torch.Generator().manual_seed(int(seed) + 2 if sampling_seed is None else int(sampling_seed))
         self.scores = torch.zeros(m, dtype=torch.float64)
 
     @property
