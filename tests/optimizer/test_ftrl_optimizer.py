@@ -155,6 +155,43 @@ def test_secure_mode_draws_the_tree_noise_from_the_os():
                         generator=torch.Generator())
 
 
+@pytest.mark.parametrize("restart", [None, 3])
+def test_noisy_run_equals_the_anchored_form_on_the_cumulative_query(restart):
+    """With noise: the optimizer (residual releases into SGD with momentum) gives the parameters of
+    the anchored recursion fed with TreeCumulativeSumQuery's noisy prefix sums (same tree, same
+    seed), restarts included."""
+    from pytorch_privacy.dp_query.tree_aggregation_query import TreeCumulativeSumQuery
+
+    lr, gamma, clip, sigma, seed = 0.2, 0.6, 0.7, 0.9, 21
+    loader = FixedOrderLoader(_data(), B, generator=2)
+    model, ref = _model(), _model()
+    opt = DPFTRLOptimizer(model, ce, clip, sigma, learning_rate=lr, momentum=gamma, data_loader=loader,
+                          restart=restart, generator=torch.Generator().manual_seed(seed))
+    _run(opt, loader, 8)
+
+    query = TreeCumulativeSumQuery.build_l2_gaussian_query(clip, sigma, generator=torch.Generator().manual_seed(seed))
+    state = query.initial_global_state()
+    names, params = zip(*ref.named_parameters())
+    theta0 = [p.detach().clone() for p in params]
+    base = {n: torch.zeros_like(p) for n, p in zip(names, params)}  # the release at the last restart
+    m = [torch.zeros_like(p) for p in params]
+    for t, (x, y) in enumerate(_batches(loader, 8)):
+        released, state, _ = query.get_noised_result(dict(zip(names, _clipped_sum(ref, x, y, clip))), state)
+        with torch.no_grad():
+            for i, (n, p) in enumerate(zip(names, params)):
+                m[i] = gamma * m[i] + (released[n] - base[n])  # s_t of the current tree
+                p.copy_(theta0[i] - lr * m[i] / B)
+        if restart is not None and (t + 1) % restart == 0:
+            state = query.reset_state(released, state)
+            base, theta0 = released, [p.detach().clone() for p in params]
+            m = [torch.zeros_like(p) for p in params]
+    noise_moved = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), _anchored_reference(
+        _model(), _batches(loader, 8), clip, lr, gamma, restart)))
+    assert noise_moved > 1e-2  # the noise is really there
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-9, rtol=0)
+
+
 # -- the noise ---------------------------------------------------------------------------------
 def _node_var(level: int, efficient: bool) -> float:
     """Variance (in units of (sigma C)^2) of one complete subtree's noise estimate at ``level``:
