@@ -200,6 +200,16 @@ class BandedToeplitzStrategy(Strategy):
     def spec(self) -> dict[str, Any]:
         return {"type": self.kind, "coefficients": list(self.coefficients_)}
 
+    @property
+    def inverse_is_stable(self) -> bool:
+        """Whether the coefficients of ``C^{-1}`` stay bounded (no root of ``c(x) = sum_j c_j x^j``
+        strictly inside the unit disk); otherwise the streamed noise ``(C^{-1} z)_t`` grows
+        exponentially with ``t`` (still private, useless for training)."""
+        c = np.trim_zeros(np.asarray(self.coefficients_), "b")
+        if c.size < 2:
+            return True
+        return bool(np.all(np.abs(np.roots(c[::-1])) >= 1.0 - 1e-9))
+
 
 def identity_strategy() -> BandedToeplitzStrategy:
     """``C = I``: independent noise each step (DP-SGD)."""

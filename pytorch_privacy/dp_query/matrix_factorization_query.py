@@ -22,6 +22,7 @@ run grouper turns the steps into the run's event (:mod:`.matrix_factorization_ev
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import attrs
@@ -148,6 +149,13 @@ class MatrixFactorizationQuery(GaussianSumQuery):
             strategy = strategy_from_spec(strategy)
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
+        if isinstance(strategy, BandedToeplitzStrategy) and not strategy.inverse_is_stable:
+            warnings.warn(
+                "this banded strategy's inverse grows exponentially (a root of c(x) inside the unit disk): "
+                "the noise (C^{-1} z)_t explodes in long runs; use optimize_banded_toeplitz or another strategy",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.strategy = strategy
         self.noise_multiplier = sigma
         self.partitions = partitions

@@ -133,6 +133,14 @@ def test_strategy_mismatch_and_bad_arguments_are_refused():
         dense.get_noised_result({"x": torch.zeros(1)}, state)
 
 
+def test_unstable_inverse_warns():
+    assert BandedToeplitzStrategy([1.0, -0.9]).inverse_is_stable  # root 1/0.9 outside the disk
+    assert BandedToeplitzStrategy([1.0, -1.0]).inverse_is_stable  # prefix-sum inverse: grows linearly only
+    assert not BandedToeplitzStrategy([1.0, 3.0]).inverse_is_stable  # w_t = z_t - 3 w_{t-1}
+    with pytest.warns(RuntimeWarning, match="grows exponentially"):
+        MatrixFactorizationQuery(1.0, 1.0, BandedToeplitzStrategy([1.0, 3.0]))
+
+
 def test_spec_strategy_and_events_round_trip_json():
     q = MatrixFactorizationQuery(1.0, 1.0, STRATEGIES["blt"].to_json())
     assert q.strategy == STRATEGIES["blt"]
@@ -183,7 +191,7 @@ def test_grouper_identity_with_poisson_is_dp_sgd():
 
 
 def test_grouper_banded_poisson_amplified_only_with_enough_partitions():
-    strategy = BandedToeplitzStrategy([3.0, 4.0])  # column norm 5
+    strategy = BandedToeplitzStrategy([4.0, 3.0])  # column norm 5
     led = _ledger_run(strategy, 9, partitions=2, population_size=1000, selection_probability=0.05)
     assert led.to_event() == AmplifiedBandedMatrixFactorizationEvent(2.0, 5.0, 0.05, 5)
     # ordinary Poisson loader: no amplification, every step may hold the record
