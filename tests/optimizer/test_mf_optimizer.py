@@ -134,7 +134,7 @@ def test_banded_poisson_training_is_accounted_with_amplification():
     ds = _data(n=60)
     loader = BandedPoissonLoader(ds, 0.25, 2, generator=torch.Generator().manual_seed(2))
     model = _model()
-    strategy = BandedToeplitzStrategy([0.6, 0.8])
+    strategy = BandedToeplitzStrategy([0.8, 0.6])
     opt = DPMatrixFactorizationOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, _loss, 1.0, 1.2, strategy,
                                          data_loader=loader, generator=torch.Generator().manual_seed(0))
     assert opt.denominator == pytest.approx(0.25 * 30)
