@@ -70,7 +70,7 @@ def test_separated_gaussian_losses_match_analytic_metrics():
 
 def test_random_scores_are_near_chance():
     rng = np.random.default_rng(1)
-    n = 600
+    n = 300
     logits = rng.normal(size=(2 * n, 10))
     labels = rng.integers(0, 10, 2 * n)
     data = AttackInputData(logits_train=logits[:n], logits_test=logits[n:], labels_train=labels[:n], labels_test=labels[n:])
@@ -91,6 +91,23 @@ def test_trained_attacker_learns_a_separable_feature_and_is_seeded():
         auc = evaluate_scores(s[y[200:] == 1], s[y[200:] == 0]).auc
         assert auc > 0.95, (kind, auc)
         np.testing.assert_array_equal(s, train_attacker(x[:200], y[:200], x[200:], kind=kind, seed=5))
+
+
+def test_attacker_adam_equals_torch_adam():
+    from pytorch_privacy.auditing.mia_attacks import _adam
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    ours = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    _adam([ours], lambda: ((a @ ours - b) ** 2).sum(), steps=50, lr=0.05)
+    opt = torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        ((a @ theirs - b) ** 2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_lira_calibration_beats_a_global_threshold():

@@ -72,14 +72,16 @@ def test_clopper_pearson_contains_point_estimate_and_nests(kn):
     assert 0 <= lo99 <= lo95 <= k / n <= hi95 <= hi99 <= 1
 
 
-def test_clopper_pearson_coverage_by_simulation():
-    # Exact intervals are conservative: coverage >= 95% for every p (here 3 values, 4000 draws
-    # each; the binomial SE of a 95% coverage estimate is 0.0034, so 0.94 is > 2.9 SE below).
-    rng = np.random.default_rng(0)
-    for p in (0.03, 0.3, 0.5):
-        ks = rng.binomial(50, p, size=4000)
-        cover = np.mean([lo <= p <= hi for lo, hi in (clopper_pearson(int(k), 50) for k in ks)])
-        assert cover >= 0.94
+@pytest.mark.parametrize("side", ["two-sided", "lower", "upper"])
+def test_clopper_pearson_exact_coverage(side):
+    # Exact intervals are conservative: the coverage sum_k Binom(k; n, p) 1[p in CI(k)] is at
+    # least the confidence for every p (computed exactly, no simulation), on a grid of 199 p.
+    n = 40
+    cis = [clopper_pearson(k, n, 0.9, side) for k in range(n + 1)]
+    for p in np.linspace(0.005, 0.995, 199):
+        pmf = stats.binom.pmf(np.arange(n + 1), n, p)
+        cover = sum(w for w, (lo, hi) in zip(pmf, cis) if lo <= p <= hi)
+        assert cover >= 0.9 - 1e-12, (p, cover)
 
 
 @pytest.mark.parametrize(
