@@ -1,0 +1,155 @@
+"""DiscreteGaussianSumQuery: exact sums without noise (TF Privacy's cases), clipping of integer
+records, conditional randomized rounding within the L2 bound, noise variance, event."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pytorch_privacy.dp_query.discrete_gaussian_query import (
+    DiscreteGaussianSumQuery,
+    clip_integer_records,
+    prepare_integer_records,
+    randomized_round,
+    rounded_l1_norm_bound,
+    rounded_l2_norm_bound,
+)
+from pytorch_privacy.dp_query.distributed_events import DiscreteGaussianEvent
+from pytorch_privacy.dp_query.events import NoOpEvent
+from pytorch_privacy.dp_query.randomness import RandomSource
+
+ALPHA = 1e-4
+
+
+def _run(query, records):
+    gs = query.initial_global_state()
+    params = query.derive_sample_params(gs)
+    state = query.initial_sample_state(records[0])
+    for r in records:
+        state = query.accumulate_record(params, state, r)
+    result, _, event = query.get_noised_result(state, gs)
+    return result, event
+
+
+def _i(*v):
+    return torch.tensor(v, dtype=torch.int32)
+
+
+def test_sum_no_noise_tf_cases():
+    q = DiscreteGaussianSumQuery(l2_norm_bound=10, stddev=0.0)
+    result, event = _run(q, [_i(2, 0), _i(-1, 1)])
+    assert result.dtype == torch.int64 and result.tolist() == [1, 1]
+    assert event == DiscreteGaussianEvent(10.0, 0.0)
+    for n in (1, 3):
+        rec = [_i(1, 0), {"a": _i(1, 1, 1), "b": [_i(1), (torch.ones(2, 2, dtype=torch.int32), _i(1, 0))]}]
+        out, _ = _run(q, [rec] * n)
+        assert out[0].tolist() == [n, 0]
+        assert out[1]["a"].tolist() == [n] * 3
+        assert out[1]["b"][1][0].tolist() == [[n, n], [n, n]]
+
+
+def test_float_records_need_rounding():
+    q = DiscreteGaussianSumQuery(l2_norm_bound=10, stddev=0.0)
+    with pytest.raises(TypeError, match="integer"):
+        _run(q, [torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])])
+
+
+def test_float_bound_not_rounded_and_excess_is_clipped():
+    q = DiscreteGaussianSumQuery(l2_norm_bound=14.2, stddev=0.0)  # [10, 10] has norm 14.14
+    assert _run(q, [_i(10, 10)])[0].tolist() == [10, 10]
+    for bound in (0, 3, 10, 14.1):
+        out, event = _run(DiscreteGaussianSumQuery(bound, 0.0), [_i(10, 10)])
+        assert float(out.double().norm()) <= bound
+        assert out.tolist() == [math.floor(bound / math.sqrt(200) * 10)] * 2
+        assert (event == NoOpEvent()) == (bound == 0)
+
+
+def test_clip_integer_records_exact_boundary_and_l1():
+    # [3, 4] has norm exactly 5: within a bound of 5, clipped under 4.999999
+    rows = [torch.tensor([[3, 4], [3, 4]])]
+    assert clip_integer_records(rows, 5.0)[0].tolist() == [[3, 4], [3, 4]]
+    out = clip_integer_records(rows, 4.999999)[0]
+    assert (out.double().norm(dim=1) <= 4.999999).all()
+    l1 = clip_integer_records([torch.tensor([[5, -5, 2]])], 100.0, l1_norm_bound=6)[0]
+    assert l1.abs().sum() <= 6 and (l1.abs() <= torch.tensor([5, 5, 2])).all()
+
+
+def test_randomized_round_unbiased_and_within_bound():
+    x = torch.tensor([0.3, -1.7, 2.5, 0.0, 4.9])
+    bound = rounded_l2_norm_bound(float(x.norm()), 5, beta=math.exp(-0.5))
+    src = RandomSource(torch.Generator().manual_seed(3))
+    one = randomized_round(x, bound, src)
+    assert one.shape == x.shape and float(one.double().norm()) <= bound
+    # the batched path (what the queries run) on 3000 copies
+    draws = prepare_integer_records([x.repeat(3000, 1)], l2_norm_bound=bound, l2_norm_clip=10.0, source=src)[0]
+    assert draws.dtype == torch.int64
+    assert (draws.double().norm(dim=1) <= bound).all()
+    assert set(draws[:, 0].tolist()) <= {0, 1} and set(draws[:, 1].tolist()) <= {-2, -1}
+    # each coordinate is floor or ceil; the conditioning on the norm barely biases it here
+    np.testing.assert_allclose(draws.double().mean(0).numpy(), x.double().numpy(), atol=0.05)
+
+
+def test_randomized_round_falls_back_within_bound():
+    # a bound equal to the record's own norm can rarely be met by rounding up: after the tries
+    # the record is rounded toward zero, never above the bound
+    x = {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.5])}
+    out = randomized_round(x, math.sqrt(0.75), torch.Generator().manual_seed(0), max_tries=2)
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in out.values()))
+    assert norm <= math.sqrt(0.75)
+
+
+def test_query_rounds_float_records_within_bound():
+    bound = rounded_l2_norm_bound(2.0, 6)
+    q = DiscreteGaussianSumQuery(bound, 0.0, l2_norm_clip=2.0, generator=torch.Generator().manual_seed(1))
+    batch = torch.randn(200, 6, generator=torch.Generator().manual_seed(2)) * 3
+    params = q.derive_sample_params(q.initial_global_state())
+    pre = q.preprocess_records(params, batch)
+    assert pre.dtype == torch.int64 and (pre.double().norm(dim=1) <= bound).all()
+    with pytest.raises(ValueError, match="exceeds l2_norm_bound"):
+        DiscreteGaussianSumQuery(1.0, 0.0, l2_norm_clip=2.0)
+    with pytest.raises(ValueError, match="NaN"):
+        q.preprocess_records(params, torch.tensor([[float("nan")] * 6]))
+
+
+def test_batched_equals_looped_without_noise():
+    q = DiscreteGaussianSumQuery(7.5, 0.0)
+    batch = torch.randint(-6, 7, (30, 4), generator=torch.Generator().manual_seed(5))
+    params = q.derive_sample_params(q.initial_global_state())
+    s1 = q.accumulate_records(params, q.initial_sample_state(batch[0]), batch)
+    s2 = q.initial_sample_state(batch[0])
+    for r in batch:
+        s2 = q.accumulate_record(params, s2, r)
+    assert torch.equal(s1, s2)
+    assert torch.equal(q.merge_sample_states(s1, s2), 2 * s1)
+
+
+@pytest.mark.parametrize("stddev", [10.0, 100.0, 3.5])
+def test_noise_variance(stddev):
+    n = 4000
+    q = DiscreteGaussianSumQuery(n, stddev, generator=torch.Generator().manual_seed(int(stddev)))
+    result, event = _run(q, [torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32)])
+    noise = (result - 1).double().numpy()
+    # the variance of N_Z(0, s^2) equals s^2 to ~1e-8 relative from s = 1 on
+    chi = (n - 1) * noise.var(ddof=1) / stddev**2
+    assert stats.chi2.sf(chi, n - 1) > ALPHA / 2 and stats.chi2.cdf(chi, n - 1) > ALPHA / 2
+    assert event == DiscreteGaussianEvent(n, stddev)
+
+
+def test_owned_randomness_and_metrics():
+    q = DiscreteGaussianSumQuery(3.0, 2.0)
+    assert q.random_sources()[0].kind == "owned"
+    assert q.derive_metrics(q.initial_global_state()) == {"l2_norm_bound": 3.0, "stddev": 2.0}
+    assert DiscreteGaussianSumQuery(3.0, 2.0, secure_mode=True).generator.secure_mode
+    with pytest.raises(ValueError):
+        DiscreteGaussianSumQuery(3.0, 1e-5)
+    with pytest.raises(ValueError):
+        DiscreteGaussianSumQuery(-1.0, 1.0)
+
+
+def test_rounding_bounds():
+    # c = 3, d = 16, beta = e^-0.5: sqrt(9 + 4 + 1 * (3 + 2)) = sqrt(18) < 3 + 4
+    assert rounded_l2_norm_bound(3.0, 16) == pytest.approx(math.sqrt(18.0), rel=1e-15)
+    assert rounded_l2_norm_bound(3.0, 16, beta=0) == 7.0
+    assert rounded_l1_norm_bound(3.0, 100) == 9.0 and rounded_l1_norm_bound(30.0, 4) == 60.0
