@@ -12,7 +12,13 @@ and *how far apart* one record takes part in the stream of steps.  With this loa
 * every epoch repeats the same batches in the same order, so a record that takes part does so at
   the same position of every epoch: consecutive participations are exactly ``steps_per_epoch``
   steps apart (``min_separation = steps_per_epoch - 1`` in the convention of TF Privacy's
-  ``compute_rdp_single_tree``).
+  ``compute_rdp_single_tree``);
+* the stream of batches is one cycle through that order, whatever the loops around it: the loader
+  keeps its :attr:`~FixedOrderSampler.position` (batches handed out so far), and a new ``for``
+  loop continues from it.  A loop left with ``break`` and started again does not go back to the
+  first batch, which would bring a record's two participations closer than an epoch.
+  :class:`~pytorch_privacy.optimizer.ftrl_optimizer.DPFTRLOptimizer` checks that it trains every
+  batch once, in this order.
 
 The loader is the truth about sampling: :meth:`FixedOrderLoader.make_ledger` (or
 ``DPFTRLOptimizer(data_loader=loader)``) builds the ledger from it (sampling ``"fixed_order"``,
@@ -57,6 +63,9 @@ class FixedOrderSampler(Sampler[list[int]]):
 
     The order needs no secrecy for the privacy guarantee (the accounting holds for every fixed
     order); it is seeded so that runs can be repeated.
+
+    :attr:`position` counts the batches handed out so far; every iteration continues the cycle
+    from it (``len(sampler)`` batches, one epoch's worth, per iteration).
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class FixedOrderSampler(Sampler[list[int]]):
         else:
             order = torch.arange(num_samples)
         self.order: torch.Tensor = order
+        #: batches handed out so far (the next one is ``batch(position)``)
+        self.position = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -106,16 +117,22 @@ class FixedOrderSampler(Sampler[list[int]]):
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        for s in range(self.steps_per_epoch):
-            yield self.batch(s)
+        for _ in range(self.steps_per_epoch):
+            b = self.batch(self.position)
+            self.position += 1
+            yield b
 
     def state_dict(self) -> dict[str, Any]:
-        """The settings and the order (plain tensors; ``torch.load(weights_only=True)`` reads it)."""
-        return {"num_samples": self.num_samples, "batch_size": self.batch_size, "order": self.order.clone()}
+        """The settings, the order and the position (plain tensors and ints;
+        ``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "num_samples": self.num_samples, "batch_size": self.batch_size, "order": self.order.clone(),
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the order of a checkpointed run.  ``ValueError`` (nothing changed) for another
-        ``N`` or batch size, or an order that is not a permutation of ``range(N)``."""
+        """Restore the order and position of a checkpointed run.  ``ValueError`` (nothing changed)
+        for another ``N`` or batch size, or an order that is not a permutation of ``range(N)``."""
         if not isinstance(state, dict) or not {"num_samples", "batch_size", "order"} <= set(state):
             raise ValueError("not a FixedOrderSampler state dict (expected num_samples, batch_size, order)")
         for key, ours in (("num_samples", self.num_samples), ("batch_size", self.batch_size)):
@@ -133,7 +150,11 @@ class FixedOrderSampler(Sampler[list[int]]):
             or not torch.equal(torch.sort(order.cpu()).values, torch.arange(self.num_samples, dtype=order.dtype))
         ):
             raise ValueError("the checkpoint's order is not a permutation of range(N); the checkpoint is corrupt")
+        position = state.get("position", 0)
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"the checkpoint's loader position must be an integer >= 0, got {position!r}")
         self.order = order.cpu().to(torch.int64).clone()
+        self.position = position
 
 
 class FixedOrderLoader(DataLoader):
@@ -183,6 +204,11 @@ class FixedOrderLoader(DataLoader):
     def min_separation(self) -> int:
         """``N // B - 1``: steps strictly between two participations of one record."""
         return self.fixed_order_sampler.min_separation
+
+    @property
+    def position(self) -> int:
+        """Batches handed out so far (see :class:`FixedOrderSampler`)."""
+        return self.fixed_order_sampler.position
 
     def ledger_settings(self) -> dict[str, Any]:
         """The sampling settings this loader implements, as a ledger records them:

@@ -126,6 +126,13 @@ def _settings_of(data_loader: Any, ledger: PrivacyLedger | None) -> dict[str, An
     return s
 
 
+def _checks_position(data_loader: Any) -> bool:
+    """Whether the optimizer checks the loader's position each step (single-process fixed order)."""
+    from .fixed_order import FixedOrderLoader
+
+    return isinstance(data_loader, FixedOrderLoader) and data_loader.num_workers == 0
+
+
 def _restart_period(restart: Any, settings: dict[str, Any] | None) -> int | None:
     if restart is None:
         return None
@@ -224,6 +231,8 @@ class DPFTRLOptimizer(DPOptimizer):
         self.learning_rate, self.momentum = lr, gamma
         #: every batch must have exactly this many examples (fixed-size batches are the plan)
         self._fixed_batch = batch_size if settings is not None else None
+        #: a single-process FixedOrderLoader, whose position must follow the steps (see :meth:`step`)
+        self._order_loader = data_loader if _checks_position(data_loader) else None
         source = RandomSource(generator, secure_mode=secure_mode)
         query = NormalizedQuery(_tree_query(clip, sigma, self.restart_period, efficient_tree, source), float(batch_size))
         sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=gamma)
@@ -234,7 +243,22 @@ class DPFTRLOptimizer(DPOptimizer):
 
     def step(self, closure: None = None) -> None:
         """Release the step (see :meth:`DPOptimizer.step`); the SGD momentum is cleared first when
-        the release is the first of a tree."""
+        the release is the first of a tree.
+
+        With a single-process :class:`~pytorch_privacy.optimizer.fixed_order.FixedOrderLoader`,
+        the step is refused (``ValueError``, nothing released) unless its batch is the one the
+        loader handed out last, right after the batch of the previous step: the accounting assumes
+        every batch of the fixed order trained once, in order (a skipped batch brings two
+        participations of a record closer than an epoch).  With ``num_workers > 0`` the loader
+        prefetches and its position is not checked."""
+        loader = self._order_loader
+        if loader is not None and loader.position != self._steps + 1:
+            raise ValueError(
+                f"the FixedOrderLoader has handed out {loader.position} batches but this is step {self._steps + 1}: "
+                "DP-FTRL's accounting assumes every batch of the fixed order is trained once, in order (a skipped "
+                "or repeated batch changes how far apart a record's participations are). Train one step on every "
+                "batch the loader yields, from a fresh loader (or one restored with the optimizer's state_dict)"
+            )
         self._event_before = self._last_event
         super().step(closure)
 

@@ -85,3 +85,24 @@ def test_make_ledger_matches_the_loader():
     SamplingMonitor(built, loader)  # agrees with its loader
     with pytest.raises(ValueError, match="ledger"):
         SamplingMonitor(built, FixedOrderLoader(_ds(40), 4))
+
+
+def test_position_continues_the_cycle_and_is_checkpointed():
+    loader = FixedOrderLoader(_ds(12), 3, generator=5)  # 4 batches an epoch
+    whole = [y.tolist() for _, y in loader] * 2
+    loader = FixedOrderLoader(_ds(12), 3, generator=5)
+    got = []
+    for _, y in loader:
+        got.append(y.tolist())
+        if len(got) == 3:
+            break
+    assert loader.position == 3
+    got += [y.tolist() for _, y in loader]  # continues at batch 3, then wraps around
+    assert got == whole[:7] and loader.position == 7
+    other = FixedOrderLoader(_ds(12), 3, generator=6)
+    other.load_state_dict(loader.state_dict())
+    assert other.position == 7 and [y.tolist() for _, y in other][0] == whole[7]
+    bad = loader.state_dict()
+    bad["position"] = -1
+    with pytest.raises(ValueError, match="position"):
+        other.load_state_dict(bad)

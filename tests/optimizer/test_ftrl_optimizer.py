@@ -73,21 +73,22 @@ def _anchored_reference(model, batches, clip, lr, gamma, period):
     return [p.detach() for p in params]
 
 
+def _stream(loader):
+    """The loader's batches, epoch after epoch (as a training loop takes them)."""
+    while True:
+        yield from loader
+
+
 def _run(opt, loader, steps):
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            if done == steps:
-                break
-            opt.fit_batch(x, y)
-            done += 1
+    stream = _stream(loader)
+    for _ in range(steps):
+        opt.fit_batch(*next(stream))
 
 
-def _batches(loader, steps):
-    out = []
-    while len(out) < steps:
-        out.extend(list(loader))
-    return out[:steps]
+def _batches(seed, steps):
+    """The first ``steps`` batches of a fresh FixedOrderLoader(_data(), B, generator=seed)."""
+    stream = _stream(FixedOrderLoader(_data(), B, generator=seed))
+    return [next(stream) for _ in range(steps)]
 
 
 # -- the update rule ---------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_noise_free_equals_clipped_sgd(engine, restart):
     opt = DPFTRLOptimizer(model, ce, 1.0, 0.0, learning_rate=0.3, data_loader=loader, restart=restart, engine=engine)
     _run(opt, loader, 10)
     ref_params = [p for p in ref.parameters()]
-    for x, y in _batches(loader, 10):  # clipped full-batch-sum SGD on the same batches
+    for x, y in _batches(1, 10):  # clipped full-batch-sum SGD on the same batches
         g = _clipped_sum(ref, x, y, 1.0)
         with torch.no_grad():
             for p, gi in zip(ref_params, g):
@@ -114,24 +115,25 @@ def test_momentum_matches_anchored_recursion(restart):
     model, ref = _model(), _model()
     opt = DPFTRLOptimizer(model, ce, 0.7, 0.0, learning_rate=0.2, momentum=0.9, data_loader=loader, restart=restart)
     _run(opt, loader, 9)
-    expected = _anchored_reference(ref, _batches(loader, 9), 0.7, 0.2, 0.9, restart)
+    expected = _anchored_reference(ref, _batches(2, 9), 0.7, 0.2, 0.9, restart)
     for p, q in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
     if restart is None:  # momentum really acted: plain SGD ends elsewhere
         plain = _model()
-        _anchored_reference(plain, _batches(loader, 9), 0.7, 0.2, 0.0, None)
+        _anchored_reference(plain, _batches(2, 9), 0.7, 0.2, 0.0, None)
         assert max((p - q).abs().max().item() for p, q in zip(plain.parameters(), expected)) > 1e-3
 
 
 def test_physical_chunks_and_the_ledger_free_mode_give_the_same_update():
     loader = FixedOrderLoader(_data(), B, generator=3)
-    batches = _batches(loader, 6)
     a, b = _model(), _model()
     opt_a = DPFTRLOptimizer(a, ce, 0.5, 0.0, learning_rate=0.2, momentum=0.5, data_loader=loader, restart=4)
     # no loader and no ledger: the denominator and the restart period are given directly
     opt_b = DPFTRLOptimizer(b, ce, 0.5, 0.0, learning_rate=0.2, momentum=0.5, batch_size=B, restart=4,
                             max_physical_batch_size=4)
-    for x, y in batches:
+    stream = _stream(loader)
+    for _ in range(6):
+        x, y = next(stream)
         opt_a.fit_batch(x, y)
         opt_b.fit_batch(x, y)
     assert opt_b.ledger is None and len(opt_a.ledger) == 6
@@ -140,10 +142,10 @@ def test_physical_chunks_and_the_ledger_free_mode_give_the_same_update():
 
 
 def test_secure_mode_draws_the_tree_noise_from_the_os():
-    loader = FixedOrderLoader(_data(), B, generator=3)
     opts = []
     for _ in range(2):
         torch.manual_seed(0)  # the global RNG plays no part
+        loader = FixedOrderLoader(_data(), B, generator=3)
         m = _model()
         opt = DPFTRLOptimizer(m, ce, 1.0, 1.0, learning_rate=0.1, data_loader=loader, secure_mode=True, metrics=True)
         _run(opt, loader, 3)
@@ -175,7 +177,7 @@ def test_noisy_run_equals_the_anchored_form_on_the_cumulative_query(restart):
     theta0 = [p.detach().clone() for p in params]
     base = {n: torch.zeros_like(p) for n, p in zip(names, params)}  # the release at the last restart
     m = [torch.zeros_like(p) for p in params]
-    for t, (x, y) in enumerate(_batches(loader, 8)):
+    for t, (x, y) in enumerate(_batches(2, 8)):
         released, state, _ = query.get_noised_result(dict(zip(names, _clipped_sum(ref, x, y, clip))), state)
         with torch.no_grad():
             for i, (n, p) in enumerate(zip(names, params)):
@@ -186,7 +188,7 @@ def test_noisy_run_equals_the_anchored_form_on_the_cumulative_query(restart):
             base, theta0 = released, [p.detach().clone() for p in params]
             m = [torch.zeros_like(p) for p in params]
     noise_moved = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), _anchored_reference(
-        _model(), _batches(loader, 8), clip, lr, gamma, restart)))
+        _model(), _batches(2, 8), clip, lr, gamma, restart)))
     assert noise_moved > 1e-2  # the noise is really there
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-9, rtol=0)
@@ -216,8 +218,9 @@ def _noise_run(steps, restart, efficient, sigma=1.5, dim=40_000):
     )
     theta0 = model.weight.detach().clone().flatten()
     rows = [torch.zeros(dim)]
+    stream = _stream(loader)
     for _ in range(steps):
-        opt.fit_batch(x[:2], y[:2])
+        opt.fit_batch(*next(stream))
         rows.append((theta0 - model.weight.detach().flatten()) * 2.0)  # * D / lr
     return torch.stack(rows).double() / sigma
 
@@ -329,24 +332,37 @@ def test_state_dict_resume_continues_the_same_tree():
         return model, opt, loader
 
     m1, o1, l1 = make(5)
-    batches = _batches(l1, 7)
-    for x, y in batches:
-        o1.fit_batch(x, y)
+    _run(o1, l1, 7)
 
     m2, o2, l2 = make(5)
-    for x, y in batches[:4]:
-        o2.fit_batch(x, y)
+    _run(o2, l2, 4)
     sd = copy.deepcopy(o2.state_dict())
     weights = copy.deepcopy(m2.state_dict())
     m3, o3, l3 = make(9)  # other seeds: the checkpoint must restore the noise stream and the order
     m3.load_state_dict(weights)
     o3.load_state_dict(sd)
-    assert torch.equal(l3.fixed_order_sampler.order, l1.fixed_order_sampler.order)
-    for x, y in batches[4:]:
-        o3.fit_batch(x, y)
+    assert torch.equal(l3.fixed_order_sampler.order, l1.fixed_order_sampler.order) and l3.position == 4
+    _run(o3, l3, 3)  # the loop continues at the checkpoint's batch
     for p, q in zip(m1.parameters(), m3.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
     assert o3.ledger == o1.ledger and len(o3.ledger) == 7
+
+
+def test_batches_must_follow_the_fixed_order():
+    loader = FixedOrderLoader(_data(), B, generator=4)
+    opt = DPFTRLOptimizer(_model(), ce, 1.0, 1.0, learning_rate=0.1, data_loader=loader)
+    for i, (x, y) in enumerate(loader):  # a loop left early and started again continues the cycle
+        opt.fit_batch(x, y)
+        if i == 1:
+            break
+    x, y = next(iter(loader))
+    assert loader.position == 3 and torch.equal(y, _data().tensors[1][loader.fixed_order_sampler.batch(2)])
+    opt.fit_batch(x, y)
+    it = iter(loader)
+    next(it)  # a batch taken and not trained: the next step would bring a record's participations closer
+    with pytest.raises(ValueError, match="trained once, in order"):
+        opt.fit_batch(*next(it))
+    assert len(opt.ledger) == 3 and opt.steps == 3
 
 
 # -- bad input ---------------------------------------------------------------------------------
