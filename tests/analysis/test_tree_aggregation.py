@@ -311,3 +311,17 @@ def test_gaussian_equivalent_has_the_same_rdp_and_feeds_the_pld_accountant(event
 def test_gaussian_equivalent_of_a_tree_is_exact_at_one_step():
     assert gaussian_equivalent(TreeAggregationEvent(1.7, 1, 1, 0)) == GaussianEvent(1.7)
     assert gaussian_equivalent(TreeAggregationEvent(1.7, 4, 4, 0)) == GaussianEvent(1.7 / math.sqrt(4 + 2 * 4 + 16))
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12), m=st.integers(1, 12), p=st.integers(1, 12))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_breakpoint_maxplus_equals_the_plain_one_on_monotone_tables(seed, n, m, p):
+    rng = np.random.default_rng(seed)
+    # "at least" tables: rows non-increasing in j (ending in -inf where infeasible), b non-decreasing
+    a = -np.cumsum(rng.integers(0, 3, size=(n, m)), axis=1).astype(float)
+    a[rng.random((n, m)) < 0.2] = -np.inf
+    a = np.minimum.accumulate(a, axis=1)
+    b = np.cumsum(rng.integers(0, 3, size=(m, p)), axis=0).astype(float)
+    b[: rng.integers(0, m + 1)] = -np.inf  # infeasible small j
+    plain = (a[:, :, None] + b[None, :, :]).max(axis=1)
+    np.testing.assert_array_equal(ta._maxplus(a, b), plain)  # noqa: SLF001
