@@ -91,7 +91,8 @@ class AttackInputData:
     """What the attacks see of a trained model: per-example losses and/or logits and labels, for
     members (``*_train``) and non-members (``*_test``).  Arrays or tensors; stored as numpy.
 
-    A missing loss is the cross-entropy of the logits and labels.  ``shadow`` (for LiRA) holds
+    A missing loss is the cross-entropy of the logits and labels.  A model that outputs
+    probabilities can pass their logarithms as logits (the softmax of ``log p`` is ``p``).  ``shadow`` (for LiRA) holds
     shadow-model statistics on the members followed by the non-members, in that order
     (``train_shadow_models(..., data=(cat(x_train, x_test), cat(y_train, y_test)))``).
     """

@@ -128,6 +128,7 @@ class AttackResults:
         return max((r.epsilon_lower_bound for r in self.results), default=0.0)
 
     def to_dict(self, arrays: bool = False) -> dict:
+        """``{"results": [AttackResult.to_dict(arrays), ...], "skipped": [...]}`` (JSON-serialisable)."""
         return {"results": [r.to_dict(arrays) for r in self.results], "skipped": list(self.skipped)}
 
     def summary(self) -> str:

@@ -269,6 +269,7 @@ class ExposureResult:
         return math.log2(self.space_size)
 
     def to_dict(self) -> dict:
+        """Plain-Python view (JSON-serialisable; an infinite extrapolation is the string ``"inf"``)."""
         return {
             "perplexities": self.perplexities.tolist(),
             "exposure": self.exposure.tolist(),

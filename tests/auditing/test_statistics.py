@@ -254,6 +254,8 @@ def test_statistics_imports_without_torch():
         "import sys\n"
         "import pytorch_privacy.auditing.statistics as s\n"
         "s.epsilon_lower_bound(90, 10, 5, 95)\n"
+        "import pytorch_privacy.auditing.mia_results as r\n"
+        "r.evaluate_scores([1.0, 2.0, 3.0], [0.0, 1.0, 0.5])\n"
         "assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
