@@ -402,3 +402,50 @@ def test_refuses_shuffle_loader_with_a_short_last_batch_and_wrong_batch_sizes():
     with pytest.raises(ValueError, match="exactly 6"):
         opt.fit_batch(x[:5], y[:5])
     assert len(opt.ledger) == 0
+
+
+# -- plans (properties) ------------------------------------------------------------------------
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    n=st.integers(2, 40), b=st.integers(1, 8), epochs=st.integers(1, 4),
+    restart=st.sampled_from(["epoch", None, 1, 3]), sigma=st.floats(0.5, 8.0),
+)
+def test_plan_ledger_and_its_epsilon(n, b, epochs, restart, sigma):
+    assume(b <= n)
+    plan = dict(population_size=n, batch_size=b, epochs=epochs, restart=restart)
+    ledger = plan_ledger(sigma, **plan)
+    steps = epochs * (n // b)
+    period = {"epoch": n // b, None: steps}.get(restart, restart)
+    assert len(ledger) == steps
+    assert sum(r.count for r in ledger.runs if r.event.starts_tree) == math.ceil(steps / period)
+    eps = ftrl_epsilon(sigma, 1e-5, **plan)
+    assert 0 < eps < math.inf
+    assert ftrl_epsilon(sigma * 1.5, 1e-5, **plan) < eps  # more noise, less epsilon
+    assert ftrl_epsilon(sigma, 1e-5, **dict(plan, epochs=epochs + 1)) >= eps  # more epochs never cheaper
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(population_size=16, batch_size=4, epochs=2, steps=8), "exactly one"),
+        (dict(population_size=16, batch_size=4), "exactly one"),
+        (dict(population_size=16, batch_size=4, epochs=0), "epochs"),
+        (dict(population_size=16, batch_size=4, steps=8, sampling="poisson"), "sampling"),
+        (dict(population_size=16, batch_size=4, steps=8, restart="daily"), "restart"),
+    ],
+)
+def test_plans_refuse_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_ledger(1.0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        ftrl_noise_multiplier(2.0, 1e-5, **kwargs)
+
+
+def test_noise_calibration_refuses_a_bad_target():
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="target_epsilon"):
+            ftrl_noise_multiplier(bad, 1e-5, population_size=16, batch_size=4, epochs=1)
