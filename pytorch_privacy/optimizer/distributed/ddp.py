@@ -4,26 +4,39 @@ With ``W`` processes (``torch.distributed``, one model replica each, e.g. a
 ``torch.nn.parallel.DistributedDataParallel`` model) one logical DP-SGD step is::
 
     S_r      = sum_{i in B_r} clip_C(g_i)                 on every rank r (its own examples)
-    S        = sum_r S_r                                  one all-reduce (SUM) of one flat buffer
-    released = (S + N(0, (sigma C)^2 I)) / D              on rank 0 only (the query), D = q N global
-    broadcast released from rank 0                        every replica applies the same update
+    S + N    = sum_r S_r + N(0, (sigma C)^2 I)            one all-reduce (SUM) of one flat buffer
+    released = (S + N) / D                                D = q N global, the same on every rank
 
-Noise once.  The noise is drawn once, by rank 0's query, on the *global* sum, and the released
-value is broadcast, so the world releases exactly what one process holding the global batch would
-release: ``N(0, (sigma C)^2)`` per coordinate, for sensitivity ``C`` (one example lives on one
-rank).  The alternative (every rank adds ``N(0, (sigma C)^2 / W)`` to its local sum before the
-all-reduce) gives the same total variance *only if every rank is honest and alive*, needs every
-rank's generator to be secure, ties the query's noise logic to the reduction, and breaks for
-queries whose release is not "sum + Gaussian" (adaptive clipping updates a global state from the
-noised count).  Drawing on rank 0 works for every query whose sample states merge by addition (all
-built-in ones), keeps one noise stream to checkpoint (rank 0's), and costs one extra broadcast of
-the released gradient (see :attr:`DistributedStep.last_volume_bytes`).
+Block noise (the Gaussian sum and average queries, i.e. ``DPGaussianOptimizer``).  Each rank
+flattens its local sum ``S_r`` into one buffer of ``L`` elements and, before the all-reduce, adds
+``N(0, (sigma C)^2)`` to the elements of *its own block* ``[r L / W, (r + 1) L / W)`` only, drawn
+by its own query (same stddev, its own generator).  The blocks partition the buffer, so after the
+all-reduce every coordinate carries exactly one Gaussian draw of stddev ``sigma C``, made by
+exactly one rank: the world releases what one process holding the global batch would release,
+``S + N(0, (sigma C)^2 I)``, for sensitivity ``C`` (one example lives on one rank).  This costs
+one collective per step (as a non-private DDP step) and ``1/W`` of the noise draws per rank; the
+ranks never see the un-noised global sum.  It needs the ranks' draws to be independent: identical
+generator states would put the same noise vector in every block, a correlated Gaussian whose
+privacy loss is unbounded along the difference of two blocks; the first noisy step compares
+digests of the ranks' generator states (one ``all_gather_object``) and refuses identical ones
+(OS-entropy seeding, the default, and ``secure_mode`` always pass).  Each rank's generator is part
+of its own ``state_dict``: a resume needs every rank's checkpoint, not rank 0's alone.  (The
+alternative that splits the noise as ``N(0, (sigma C)^2 / W)`` on every coordinate of every rank
+gives the same total, but draws ``W`` times as many normals.)
+
+Other queries (adaptive clipping: a global state updated from a noised count; any query with its
+own ``get_noised_result``).  The clipped sums are all-reduced un-noised, rank 0's query draws the
+noise once on the global sum (``acc.finish``), and the released value is broadcast, so every
+replica applies rank 0's release: one noise stream, at the cost of a second collective (see
+:attr:`DistributedStep.last_volume_bytes`).  It works for every query whose sample states merge
+by addition (all built-in ones).
 
 Ledger and budget.  Only rank 0 records the step (with the global ``q``: the ledger is built from a
 :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader`, whose ``q`` and ``N`` are
-global).  The budget is decided on rank 0, before anything is released, and the decision is
-broadcast with the release, so every rank refuses the step together
-(:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks).
+global).  The budget is decided on rank 0, before anything is released, and the decision travels
+with the step's collective, so every rank refuses the step together
+(:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks; each rank's query
+rewinds its own generator).
 
 Public passes (no privacy cost) are averaged over the ranks in the same all-reduce, so the replicas
 stay equal; every rank must take them.  Physical batches and several passes are clipped and merged
@@ -34,14 +47,20 @@ local batch still joins the collectives (it contributes a zero sum).
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import pickle
 from typing import Any, Callable
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ...dp_query import pytree
+from ...dp_query.gaussian_query import GaussianSumQuery
+from ...dp_query.normalized_query import NormalizedGlobalState, NormalizedQuery
 
 __all__ = ["DistributedStep", "unwrap_ddp"]
 
@@ -72,6 +91,36 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, False
 
 
+def _sources(query) -> list:
+    from ..checkpoint import find_random_sources
+
+    return find_random_sources(query)
+
+
+def _gaussian_part(query: Any, global_state: Any) -> tuple[Any, Any]:
+    """The Gaussian sum query inside ``query`` and its global state (see :func:`linear_release_divisor`)."""
+    if isinstance(query, NormalizedQuery):
+        return query.numerator_query, global_state.numerator_state
+    return query, global_state
+
+
+def linear_release_divisor(query: Any, global_state: Any) -> float | None:
+    """``D`` when ``query.get_noised_result(S)`` is exactly ``(S + N(0, stddev^2 I)) / D``: the
+    built-in :class:`~pytorch_privacy.dp_query.GaussianSumQuery` (``D = 1``) and a
+    :class:`~pytorch_privacy.dp_query.NormalizedQuery` of one (its public denominator), with their
+    own ``get_noised_result`` (not a subclass's); ``None`` otherwise."""
+    divisor = 1.0
+    if isinstance(query, NormalizedQuery):
+        if type(query).get_noised_result is not NormalizedQuery.get_noised_result:
+            return None
+        if not isinstance(global_state, NormalizedGlobalState):
+            return None
+        divisor, query = global_state.denominator, query.numerator_query
+    if isinstance(query, GaussianSumQuery) and type(query).get_noised_result is GaussianSumQuery.get_noised_result:
+        return divisor
+    return None
+
+
 class DistributedStep:
     """The collective part of one private step (used by :class:`~pytorch_privacy.optimizer.DPOptimizer`
     when its model is a ``DistributedDataParallel``).
@@ -97,6 +146,7 @@ class DistributedStep:
         self.last_volume_bytes = 0
         self.last_global_examples: int | None = None
         self._checked_additive = False
+        self._checked_sources = False
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
         self._last_blob: bytes | None = None
         self._header: Any = None
@@ -156,11 +206,123 @@ class DistributedStep:
             if check is not None and event is not None:
                 check(event)
             return result, new_state, event
+        divisor = linear_release_divisor(acc.query, global_state)
+        if divisor is not None:  # Gaussian sum/average: noise before the one all-reduce
+            return self._noise_then_reduce(acc, global_state, local_examples, check, divisor)
         reduced = self._reduce(acc, local_examples)
         if reduced is None:  # no rank took a sensitive pass: nothing is released
             return None, global_state, None
         wide, device, volume = reduced
         return self._release(acc, global_state, check, wide, device, volume)
+
+    def _noise_then_reduce(self, acc, global_state, local_examples: int, check, divisor: float):
+        """The one-collective step for queries whose release is ``(S + N(0, (sigma C)^2 I)) / D``
+        (see the module docstring, "Block noise").
+
+        Every rank flattens its local sum into one buffer of ``L`` elements and noises the block
+        ``[r L / W, (r + 1) L / W)`` of it with its own query (same stddev, own generator); one
+        all-reduce of ``[buffer, public gradients, counters]`` gives every rank ``S + N`` with
+        each coordinate noised exactly once; every rank then divides by ``D`` (and scales by the
+        per-pass factor), as the query would."""
+        from ..budget import PrivacyBudgetExceeded
+
+        query = acc.query
+        has_sensitive = acc.sample_state is not None
+        state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
+        self._check_additive(query, state)
+        leaves, spec = pytree.flatten(state)
+        wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+        device = leaves[0].device if leaves else torch.device("cpu")
+        public = acc.num_public_passes > 0
+        names = list(acc.template)
+        pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
+        n_sum = sum(t.numel() for t in leaves)
+        flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(5, dtype=wide, device=device)])
+        gauss, gauss_state = _gaussian_part(query, global_state)
+        self._check_distinct_sources(query, gauss_state.stddev)
+        saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
+        lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
+        code, mine, header = _OK, None, None
+        try:
+            noised, new_gauss, event = gauss.get_noised_result(flat[lo:hi], gauss_state)  # this rank's block
+            flat[lo:hi] = noised
+            if self.is_recorder and check is not None and event is not None:
+                check(event)
+        except PrivacyBudgetExceeded as exc:
+            header = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
+            code, mine = _REFUSED, exc
+        except Exception as exc:  # the others still join the all-reduce, then stop with this rank
+            code, mine = _ERROR, exc
+        flat[-5:] = torch.tensor(
+            [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
+        )
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        self.last_volume_bytes = flat.numel() * flat.element_size()
+        any_sensitive, examples, n_public, n_refused, n_errors = flat[-5:].round().long().tolist()  # one sync
+        self.last_global_examples = examples
+        if n_refused or n_errors:
+            return self._stop(header, mine, bool(n_refused) and not n_errors)
+        if public:
+            if n_public != self.world_size:
+                raise ValueError(
+                    "a public pass was taken on some ranks only; take public passes on every rank (each on its "
+                    "share of the public batch: the ranks' public gradients are averaged)"
+                )
+            pos = n_sum
+            for n in names:
+                t = acc.template[n]
+                acc.public[n] = (flat[pos : pos + t.numel()].reshape(t.shape) / self.world_size).to(t.dtype)
+                pos += t.numel()
+        if not any_sensitive:  # nothing released: undo this rank's draw
+            for src_, st in zip(_sources(query), saved or []):
+                src_.load_state_dict(st)
+            return None, global_state, None
+        scale = acc.noise_scale / divisor  # the query's "/ D", then the per-pass factor
+        pos, total = 0, []
+        for t in leaves:
+            total.append((flat[pos : pos + t.numel()].reshape(t.shape) * scale).to(t.dtype))
+            pos += t.numel()
+        new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
+        return pytree.unflatten(total, spec), new_state, event
+
+    def _check_distinct_sources(self, query, stddev: Any = None) -> None:
+        """Refuse identical noise generators across ranks (one ``all_gather_object``, once; not
+        needed while the stddev is 0: nothing is drawn)."""
+        if self._checked_sources or (isinstance(stddev, (int, float)) and stddev == 0):
+            return
+        digest = hashlib.sha256()
+        for src_ in _sources(query):
+            if src_.kind == "user":  # a torch.Generator given by hand: its state may be shared
+                buf = io.BytesIO()
+                torch.save(src_.state_dict(), buf)
+                digest.update(buf.getvalue())
+            else:  # seeded from OS entropy (or the OS CSPRNG itself) when it first draws
+                digest.update(os.urandom(16))
+        digests: list[Any] = [None] * self.world_size
+        dist.all_gather_object(digests, digest.hexdigest(), group=self.group)
+        if len(set(digests)) < self.world_size:
+            raise ValueError(
+                "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but the ranks' noise generators "
+                "are in the same state: the blocks would get identical (correlated) noise. Seed each rank differently "
+                "(generator=torch.Generator().manual_seed(seed * world_size + rank)) or pass no generator"
+            )
+        self._checked_sources = True
+
+    def _stop(self, header: Any, mine: BaseException | None, refused: bool):
+        """Every rank raises: the budget's refusal (message from rank 0) or a failure."""
+        from ..budget import PrivacyBudgetExceeded
+
+        self._last_blob = None
+        if not refused:
+            if mine is not None:
+                raise mine
+            raise RuntimeError("rank 0 failed to release the step; this rank stops with it")
+        box = [header]
+        dist.broadcast_object_list(box, src=self._src(), group=self.group)
+        if mine is not None:
+            raise mine
+        msg, eps, target_eps, target_delta, steps = box[0]
+        raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
 
     def _reduce(self, acc, local_examples: int):
         """All-reduce the clipped sums, the public gradients and the step counters in one flat

@@ -55,8 +55,6 @@ sample states are not shaped like the parameters, and they are refused (use DDP 
 
 from __future__ import annotations
 
-import hashlib
-import io
 from typing import Any, Callable
 
 import torch
@@ -138,7 +136,6 @@ class FSDPStep(DistributedStep):
         for unit in self.units:  # unsharded for the whole step (see the module docstring)
             unit.set_reshard_after_forward(False)
             unit.set_reshard_after_backward(False)
-        self._checked_sources = False
         self._checked_state = False
         self._checked_dtypes = False
 
@@ -169,28 +166,6 @@ class FSDPStep(DistributedStep):
         return {n: self.sharded[n][0] if n in self.sharded else p for n, p in params.items()}
 
     # -- checks --------------------------------------------------------------------------
-    def _check_distinct_sources(self, query) -> None:
-        if self._checked_sources:
-            return
-        from ..checkpoint import find_random_sources
-
-        digest = hashlib.sha256()
-        for src in find_random_sources(query):
-            if src.secure_mode:
-                continue
-            buf = io.BytesIO()
-            torch.save(src.state_dict(), buf)
-            digest.update(buf.getvalue())
-        digests: list[Any] = [None] * self.world_size
-        dist.all_gather_object(digests, digest.hexdigest(), group=self.group)
-        if len(set(digests)) < self.world_size:
-            raise ValueError(
-                "under FSDP2 every rank noises its own shard, but the ranks' noise generators are in the same "
-                "state: the shards would get identical (correlated) noise. Seed each rank differently "
-                "(generator=torch.Generator().manual_seed(seed * world_size + rank)) or pass no generator"
-            )
-        self._checked_sources = True
-
     def _check_state(self, acc) -> None:
         if self._checked_state:
             return

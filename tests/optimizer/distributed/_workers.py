@@ -114,18 +114,36 @@ def _count_ddp_reductions(model) -> list:
     return calls
 
 
-def noise_std(rank, world, port, out_dir, sigma, clip, denominator):
-    """One step with empty local batches on every rank: the update is -noise / D exactly."""
-    from pytorch_privacy.optimizer import DPGaussianOptimizer
+def noise_std(rank, world, port, out_dir, sigma, clip, denominator, mode="block"):
+    """One step with empty local batches on every rank: the update is -noise / D exactly.
+
+    ``mode``: ``"block"`` (DPGaussianOptimizer: each rank noises its block), ``"broadcast"`` (a
+    query with its own ``get_noised_result``: rank 0 noises the global sum and broadcasts),
+    ``"same_seed"`` (block noise with one seed on every rank: refused)."""
+    from pytorch_privacy.dp_query import GaussianAverageQuery
+    from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
+
+    class OwnRelease(GaussianAverageQuery):
+        def get_noised_result(self, sample_state, global_state):
+            return super().get_noised_result(sample_state, global_state)
 
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Linear(100, 50))
     before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
-    opt = DPGaussianOptimizer(
-        torch.optim.SGD(model.module.parameters(), lr=1.0), model, loss_fn(), l2_norm_clip=clip,
-        noise_multiplier=sigma, expected_batch_size=denominator,
-    )
-    opt.fit_batch(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
+    sgd = torch.optim.SGD(model.module.parameters(), lr=1.0)
+    if mode == "broadcast":
+        opt = DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator))
+    else:
+        gen = torch.Generator().manual_seed(11) if mode == "same_seed" else None
+        opt = DPGaussianOptimizer(
+            sgd, model, loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=denominator,
+            generator=gen,
+        )
+    try:
+        opt.fit_batch(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
+    except ValueError as exc:
+        torch.save({"error": str(exc)}, os.path.join(out_dir, f"update{rank}.pt"))
+        return
     update = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.module.named_parameters()])
     torch.save({"update": update, "volume": opt._dist.last_volume_bytes}, os.path.join(out_dir, f"update{rank}.pt"))
 

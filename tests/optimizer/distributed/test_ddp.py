@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from . import _workers as w
 
@@ -49,9 +48,10 @@ def test_two_ranks_equal_one_process_without_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_noise_added_once_across_ranks(tmp_path):
+@pytest.mark.parametrize("mode", ["block", "broadcast"])
+def test_noise_added_once_across_ranks(tmp_path, mode):
     sigma, clip, denominator = 2.0, 1.0, 10.0
-    w.spawn(w.noise_std, 2, str(tmp_path), sigma, clip, denominator)
+    w.spawn(w.noise_std, 2, str(tmp_path), sigma, clip, denominator, mode)
     u0, u1 = (_load(tmp_path / f"update{r}.pt") for r in range(2))
     # every replica applies the same noised release
     torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
@@ -63,8 +63,22 @@ def test_noise_added_once_across_ranks(tmp_path):
     # not sqrt(W) times more (noise drawn on every rank), not noise-free, and centred
     assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
     assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
-    # one flat all-reduce of the sums (+3 counters) and one broadcast of the release, fp32
-    assert u0["volume"] == 4 * (5050 + 3) + 4 * 5050
+    if mode == "block":
+        # one flat all-reduce of the block-noised sums and 5 counters, fp32; no broadcast
+        assert u0["volume"] == 4 * (5050 + 5)
+        # rank 0 noised elements [0, 2525), rank 1 [2525, 5050), from independent streams
+        corr = float(torch.corrcoef(torch.stack([update[:2525], update[2525:]]))[0, 1])
+        assert abs(corr) < 0.1, corr
+    else:
+        # one flat all-reduce of the sums (+3 counters) and one broadcast of rank 0's release, fp32
+        assert u0["volume"] == 4 * (5050 + 3) + 4 * 5050
+
+
+@pytest.mark.slow
+def test_block_noise_refuses_one_seed_on_every_rank(tmp_path):
+    w.spawn(w.noise_std, 2, str(tmp_path), 1.0, 1.0, 10.0, "same_seed")
+    for r in range(2):
+        assert "same state" in _load(tmp_path / f"update{r}.pt").get("error", "")
 
 
 def _single_process_ledger(n, q, steps, target_epsilon):
