@@ -74,7 +74,7 @@ from .consistency import ledger_for_loader, loader_sampling
 from .dp_optimizer import DPOptimizer, LossFn
 from .fixed_order import FIXED_ORDER
 
-__all__ = ["DPFTRLOptimizer", "ftrl_epsilon", "ftrl_noise_multiplier", "FTRL_SAMPLING"]
+__all__ = ["DPFTRLOptimizer", "ftrl_epsilon", "ftrl_noise_multiplier", "plan_ledger", "FTRL_SAMPLING"]
 
 #: the ledger sampling schemes DP-FTRL runs under (no amplification by sampling)
 FTRL_SAMPLING = (FIXED_ORDER, "shuffle")
@@ -187,7 +187,8 @@ class DPFTRLOptimizer(DPOptimizer):
 
     Microbatches are not supported (a record is one example).  ``state_dict()`` saves the tree
     state, the momentum buffers, the noise generators, the step count, the ledger and the loader's
-    order: a resumed run continues the same tree and never draws the same noise twice.
+    order and position: a resumed run continues the same tree with the next batch, and never draws
+    the same noise twice.
     """
 
     def __init__(
@@ -230,7 +231,7 @@ class DPFTRLOptimizer(DPOptimizer):
         self.l2_norm_clip, self.noise_multiplier, self.denominator = clip, sigma, float(batch_size)
         self.learning_rate, self.momentum = lr, gamma
         #: every batch must have exactly this many examples (fixed-size batches are the plan)
-        self._fixed_batch = batch_size if settings is not None else None
+        self._fixed_batch = settings["batch_size"] if settings is not None else None
         #: a single-process FixedOrderLoader, whose position must follow the steps (see :meth:`step`)
         self._order_loader = data_loader if _checks_position(data_loader) else None
         source = RandomSource(generator, secure_mode=secure_mode)
