@@ -238,7 +238,15 @@ def canary_step(optimizer: Any, inputs: Any, targets: Any, canary_records: Mappi
     gradient-canary records, via its multi-pass API: the real batch's per-example gradients are
     clipped and accumulated (a flush), the canary records are added as a pass over *other* records
     and flushed, then one noised release.  Sensitivity and ledger are those of a plain step.
-    Returns the mean loss of the real batch."""
+    Returns the mean loss of the real batch.
+
+    Refused for optimizers with microbatches (a record is then a group of examples, and a canary
+    is not one).  The real batch is processed in one physical batch (``max_physical_batch_size``
+    is not applied)."""
+    if getattr(optimizer, "num_microbatches", None) is not None or getattr(optimizer, "microbatch_size", None) is not None:
+        raise ValueError(
+            "canaries need one record per example: build the optimizer without num_microbatches/microbatch_size"
+        )
     optimizer.zero_grad()
     loss = optimizer.backward_pass(inputs, targets, sensitive=True)
     optimizer.clip_and_accumulate()

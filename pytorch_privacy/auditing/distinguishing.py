@@ -51,6 +51,7 @@ class DistinguishingAuditResult:
     scores_out: np.ndarray = field(repr=False)
 
     def summary(self) -> str:
+        """One line: the bound, its confidence and delta, and the evaluation runs' rates."""
         return (
             f"empirical epsilon >= {self.epsilon_lower_bound:.3f} ({100 * self.confidence:g}% confidence, delta "
             f"{self.delta:g}; TPR {self.tp}/{self.tp + self.fn}, FPR {self.fp}/{self.fp + self.tn})"

@@ -177,6 +177,7 @@ class OneRunAuditResult:
         return self.correct / self.guesses if self.guesses else math.nan
 
     def summary(self) -> str:
+        """One line: the bound, its confidence and delta, and the guesses behind it."""
         return (
             f"empirical epsilon >= {self.epsilon_lower_bound:.3f} ({100 * self.confidence:g}% confidence, "
             f"delta {self.delta:g}; {self.correct}/{self.guesses} guesses right, m={self.m} canaries)"

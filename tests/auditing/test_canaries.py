@@ -170,5 +170,12 @@ def test_errors_name_the_fix():
         GradientCanaries(nn.Linear(2, 2), 0, l2_norm_clip=1.0)
     with pytest.raises(ValueError, match="exactly one"):
         train_with_canaries(nn.Linear(2, 2), None, torch.zeros(1, 2), torch.zeros(1), sample_rate=0.5, steps=1)
+    model = _model()
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(reduction="none"),
+        l2_norm_clip=1.0, noise_multiplier=1.0, ledger=PrivacyLedger(100, 0.1), microbatch_size=2,
+    )
+    with pytest.raises(ValueError, match="microbatch"):
+        canary_step(opt, *_data(4), None)
     with pytest.raises(ValueError, match="steps= or epochs="):
         audit_training(_model(), _factory(1.0), *_data(10), sample_rate=0.5)

@@ -116,3 +116,26 @@ def test_argument_errors():
         one_run_p_value(5, 6, 3, 1.0)
     with pytest.raises(ValueError, match="confidence"):
         one_run_epsilon_lower_bound(5, 5, 5, confidence=1.0)
+
+
+def test_saved_scores_are_audited_without_torch():
+    """The analysis reads scores and bits only: it imports and runs with torch blocked."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from pytorch_privacy.auditing.one_run import one_run_audit\n"
+        "from pytorch_privacy.auditing.distinguishing import distinguishing_bound\n"
+        "r = one_run_audit([3.0, 2.0, 1.0, 0.0] * 50, [True, True, False, False] * 50, delta=1e-5)\n"
+        "assert r.correct == r.guesses and r.epsilon_lower_bound > 1\n"
+        "assert distinguishing_bound([1.0] * 20, [0.0] * 20, 0.5).tp == 20\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
