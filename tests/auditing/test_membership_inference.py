@@ -370,3 +370,34 @@ def test_evaluate_scores_is_finite_for_any_scores(m, n, delta):
     values = [r.auc, r.advantage, r.epsilon_lower_bound, r.epsilon_optimistic, *r.tpr_at_fpr.values()]
     assert all(math.isfinite(v) for v in values)
     assert 0 <= r.auc <= 1 and 0 <= r.advantage <= 1 and 0 <= r.epsilon_lower_bound
+
+
+@pytest.mark.slow
+def test_bound_on_a_dp_sgd_model_stays_below_the_ledger_epsilon():
+    # 400 members trained with DP-SGD calibrated to epsilon = 2 at delta = 1e-5 (10 epochs).  A
+    # sound audit never exceeds the claim (with 95% confidence each); these attacks are weak
+    # (AUC about 0.55 when written) and find 0.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytorch_privacy import make_private
+
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x, y = torch.tensor(d.data / 16, dtype=torch.float32), torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    mem, non = perm[:400], perm[400:800]
+    model = _digits_model(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(TensorDataset(x[mem], y[mem]), batch_size=64)
+    model, opt, loader = make_private(model, opt, loader, criterion=torch.nn.CrossEntropyLoss(), max_grad_norm=1.0,
+                                      target_epsilon=2.0, target_delta=1e-5, epochs=10, seed=0)
+    for _ in range(10):
+        for xb, yb in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    claimed = opt.epsilon(1e-5)
+    assert claimed <= 2.0 + 1e-6
+    attacks = [a for a in AttackType if not a.value.startswith("lira")]
+    res = run_attacks(compute_attack_inputs(model, *_loaders(x[mem], y[mem], x[non], y[non])), attacks, delta=1e-5)
+    assert all(r.epsilon_lower_bound <= claimed for r in res), str(res)
