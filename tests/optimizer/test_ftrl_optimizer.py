@@ -92,7 +92,7 @@ def _batches(seed, steps):
 
 
 # -- the update rule ---------------------------------------------------------------------------
-@pytest.mark.parametrize("engine", ["functorch", "ghost"])
+@pytest.mark.parametrize("engine", ["functorch", "ghost", "loop"])
 @pytest.mark.parametrize("restart", ["epoch", None])
 def test_noise_free_equals_clipped_sgd(engine, restart):
     loader = FixedOrderLoader(_data(), B, generator=1)
