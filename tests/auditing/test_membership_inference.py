@@ -401,3 +401,14 @@ def test_bound_on_a_dp_sgd_model_stays_below_the_ledger_epsilon():
     attacks = [a for a in AttackType if not a.value.startswith("lira")]
     res = run_attacks(compute_attack_inputs(model, *_loaders(x[mem], y[mem], x[non], y[non])), attacks, delta=1e-5)
     assert all(r.epsilon_lower_bound <= claimed for r in res), str(res)
+
+
+@pytest.mark.gpu
+def test_compute_attack_inputs_runs_a_cuda_model_on_cpu_loaders(digits):
+    xtr, ytr, xte, yte, model = digits
+    cpu = compute_attack_inputs(model, *_loaders(xtr, ytr, xte, yte))
+    gpu_model = _digits_model(0).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu = compute_attack_inputs(gpu_model, *_loaders(xtr, ytr, xte, yte))
+    np.testing.assert_allclose(gpu.loss_train, cpu.loss_train, rtol=1e-4, atol=1e-5)
+    assert gpu.labels_test.dtype == np.int64

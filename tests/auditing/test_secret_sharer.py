@@ -217,3 +217,10 @@ def test_log_perplexity_accepts_logits_attribute_and_rejects_bad_models():
         SecretFormat([1, "a"], vocab=[1])
     with pytest.raises(ValueError):
         SecretFormat([1, 2], vocab=[1])  # no slot
+
+
+@pytest.mark.gpu
+def test_log_perplexity_of_a_cuda_model_equals_cpu():
+    w = torch.cat([-torch.arange(10.0), torch.zeros(2)]).double()
+    seq = FMT.sample(20, np.random.default_rng(0))
+    np.testing.assert_allclose(log_perplexity(Unigram(w).cuda(), seq), log_perplexity(Unigram(w), seq), rtol=1e-12)
