@@ -365,6 +365,23 @@ def test_batches_must_follow_the_fixed_order():
     assert len(opt.ledger) == 3 and opt.steps == 3
 
 
+def test_a_checkpoint_of_another_noise_or_order_is_refused():
+    def make(sigma, seed=5):
+        loader = FixedOrderLoader(_data(), B, generator=seed)
+        return DPFTRLOptimizer(_model(), ce, 1.0, sigma, learning_rate=0.1, data_loader=loader), loader
+
+    opt, loader = make(0.8)
+    _run(opt, loader, 2)
+    sd = opt.state_dict()
+    other, _ = make(1.6)
+    with pytest.raises(ValueError, match="differently configured query"):
+        other.load_state_dict(sd)
+    assert other.steps == 0 and len(other.ledger) == 0
+    smaller = DPFTRLOptimizer(_model(), ce, 1.0, 0.8, learning_rate=0.1, data_loader=FixedOrderLoader(_data(12), B))
+    with pytest.raises(ValueError, match="sampl"):
+        smaller.load_state_dict(sd)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_refuses_poisson_loader():
     from pytorch_privacy.optimizer import DPDataLoader
