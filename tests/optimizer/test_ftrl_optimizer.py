@@ -9,6 +9,7 @@ noise variance from the binary decomposition of the step count.
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import numpy as np
@@ -336,7 +337,10 @@ def test_state_dict_resume_continues_the_same_tree():
 
     m2, o2, l2 = make(5)
     _run(o2, l2, 4)
-    sd = copy.deepcopy(o2.state_dict())
+    buf = io.BytesIO()
+    torch.save(o2.state_dict(), buf)  # through a file, read back with weights_only=True
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
     weights = copy.deepcopy(m2.state_dict())
     m3, o3, l3 = make(9)  # other seeds: the checkpoint must restore the noise stream and the order
     m3.load_state_dict(weights)
