@@ -69,15 +69,18 @@ __all__ = [
     "tree_depth",
     "gaussian_equivalent",
     "EXACT_COST_LIMIT",
+    "EXACT_MEMORY_LIMIT",
 ]
 
-#: Estimated work of the exact dynamic programme (``sum over table merges of 200 + s^2``, with
+#: Estimated work of the exact dynamic programme (``1000 + s^2`` per merge of two table slices,
 #: ``s = min_separation + 1``) above which :func:`max_tree_sensitivity_squared` returns an upper
-#: bound instead (the limit is a few seconds of CPU; measured 0.4 s at ``T=2400, K=10, s=240``
-#: 2.3 s at ``T=3000, K=300, s=10``, 2.7 s at ``T=10000, K=100, s=100``).
-EXACT_COST_LIMIT = 20_000_000
+#: bound instead: a few seconds of CPU at most (measured 0.1-0.4 s at ``T=2400, K=10, s=240``,
+#: 1.5 s at ``T=3000, K=300, s=10``, 1.6-2.0 s at ``T=10000, K=100, s=100``).
+EXACT_COST_LIMIT = 60_000_000
+#: Table cells (8 bytes each) above which the exact programme is not tried (160 MB).
+EXACT_MEMORY_LIMIT = 20_000_000
 #: Counts above which the per-node-cap bound itself is replaced by the cruder ``K * cap`` bound.
-_CAP_BOUND_LIMIT = 4096
+_CAP_BOUND_LIMIT = 2048
 _NEG = -np.inf
 
 
@@ -185,26 +188,33 @@ def _cap(length: int, k: int, sep1: int) -> int:
     return min(k, (length - 1) // sep1 + 1)
 
 
-def _exact_cost(total: int, k: int, sep1: int) -> float:
-    """The max-plus work of :func:`_exact_sens2` (to choose between it and the bound); stops
-    counting once it passes :data:`EXACT_COST_LIMIT`."""
+def _exact_fits(total: int, k: int, sep1: int) -> bool:
+    """Whether :func:`_exact_sens2` fits :data:`EXACT_COST_LIMIT` (work: each merge of two table
+    slices costs a fixed overhead plus a few ``s x s`` passes) and :data:`EXACT_MEMORY_LIMIT`
+    (its tables: ``cap + 1`` slices of ``s x s`` floats each)."""
     seen: set = set()
-    cost = 0.0
-    unit = 200.0 + float(sep1) ** 2  # a merge: fixed overhead plus a few (s x s) array passes
+    s2 = float(sep1) ** 2
+    work = cells = 0.0
     stack = [_segments(total)]
     while stack:
         node = stack.pop()
-        if node in seen or node[0] == 1:
+        if node in seen:
             continue
         seen.add(node)
+        cap = _cap(node[0], k, sep1)
+        cells += (cap + 1) * s2
+        if cells > EXACT_MEMORY_LIMIT:
+            return False
+        if node[0] == 1:
+            continue
         (lc, rc, l, r) = _children(*node)
         cl, cr = _cap(l, k, sep1), _cap(r, k, sep1)
-        for n in range(2, _cap(node[0], k, sep1) + 1):
-            cost += max(0, min(n - 1, cl) - max(1, n - cr) + 1) * unit
-            if cost > EXACT_COST_LIMIT:
-                return cost
+        for n in range(2, cap + 1):
+            work += max(0, min(n - 1, cl) - max(1, n - cr) + 1) * (1000.0 + s2)
+            if work > EXACT_COST_LIMIT:
+                return False
         stack.extend((lc, rc))
-    return cost
+    return True
 
 
 def _maxplus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -254,9 +264,9 @@ def _exact_sens2(total: int, k: int, sep: int) -> float:
         for n in range(1, cap + 1):
             best = np.full((sep1, sep1), _NEG)
             if n <= cr:  # all in the right segment, after the left one's l empty steps
-                best = np.maximum(best, fr[n][np.maximum(idx - l, 0), :])
+                best = np.maximum(best, fr[n][np.maximum(idx - min(l, sep1), 0), :])
             if n <= cl:  # all in the left segment
-                best = np.maximum(best, fl[n][:, np.maximum(idx - r, 0)])
+                best = np.maximum(best, fl[n][:, np.maximum(idx - min(r, sep1), 0)])
             for nl in range(max(1, n - cr), min(n - 1, cl) + 1):
                 # left ends with >= j empty steps, right starts with >= sep - j
                 best = np.maximum(best, _maxplus(fl[nl], fr[n - nl][::-1, :]))
@@ -304,11 +314,11 @@ def max_tree_sensitivity_squared(total_steps: int, max_participation: int, min_s
     sums in units of the clip norm (Kairouz et al. 2021, Appendix D.2).
 
     Exact (a dynamic programme over the tree) whenever its estimated work is below
-    :data:`EXACT_COST_LIMIT`, roughly ``log2(T/s) * K^2 * (200 + s^2) <= 2e7`` with
-    ``s = min_separation + 1`` (e.g. ``T = 2400, K = 10, s = 240`` and ``T = 3000, K = 300, s = 10``
-    are exact); every record in every step (``min_separation =
-    0``, ``max_participation >= T``) has the closed form ``sum_h floor(T / 2^h) 4^h``.  Beyond the
-    limit it returns an upper bound (each node holds at most the participations that fit its
+    :data:`EXACT_COST_LIMIT` and its tables fit :data:`EXACT_MEMORY_LIMIT`: roughly
+    ``log2(T/s) * K^2 * (1000 + s^2) <= 6e7`` with ``s = min_separation + 1`` (``T = 2400, K = 10,
+    s = 240``, ``T = 3000, K = 300, s = 10`` and ``T = 10000, K = 100, s = 100`` are exact).  Every
+    record in every step (``min_separation = 0``, ``max_participation >= T``) has the closed form
+    ``sum_h floor(T / 2^h) 4^h``.  Beyond the limits it returns an upper bound (each node holds at most the participations that fit its
     length, separation across node boundaries relaxed; measured within about 1 % of the exact
     value), so the privacy bound stays valid.
     """
@@ -322,7 +332,7 @@ def max_tree_sensitivity_squared(total_steps: int, max_participation: int, min_s
     k = _cap(t, k, sep1)
     if sep == 0 and k == t:  # every record in every step: all nodes full
         return float(sum((t >> h) * 4**h for h in range(t.bit_length())))
-    if _exact_cost(t, k, sep1) <= EXACT_COST_LIMIT:
+    if _exact_fits(t, k, sep1):
         return _cached_exact(t, k, sep)
     if k <= _CAP_BOUND_LIMIT:
         return _cap_bound_sens2(t, k, sep1)

@@ -187,7 +187,7 @@ def test_exact_equals_brute_force_on_small_trees(total):
 def test_bounds_beyond_the_exact_budget_are_upper_bounds(monkeypatch):
     cases = [(t, k, s) for t in (7, 12, 13) for k in (2, 3, 4) for s in (0, 1, 3)]
     exact = {c: max_tree_sensitivity_squared(*c) for c in cases}
-    monkeypatch.setattr(ta, "EXACT_COST_LIMIT", -1)  # force the bounds
+    monkeypatch.setattr(ta, "EXACT_MEMORY_LIMIT", -1)  # force the bounds
     looser = 0
     for (t, k, s), e in exact.items():
         cap_bound = max_tree_sensitivity_squared(t, k, s)
