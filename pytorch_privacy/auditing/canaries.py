@@ -1,7 +1,7 @@
 """Canaries for auditing DP-SGD: gradient canaries and input canaries, each included in training
 with probability 1/2 (the secret bits the auditor guesses), and a training loop that runs them.
 
-Gradient canaries (white-box; Steinke, Nasr, Jagielski 2023, Section 6; Nasr et al. 2021)
+Gradient canaries (white-box; Steinke, Nasr, Jagielski 2023; Nasr et al. 2021)
     A canary is a per-example *gradient* ``C u_i`` for a unit vector ``u_i`` over all trainable
     parameters: ``kind="dirac"`` (one coordinate of one parameter, the paper's white-box canary)
     or ``kind="random"`` (a uniformly random direction).  An included canary is one more record

@@ -13,8 +13,8 @@ The analysis
 If training is ``epsilon``-DP with respect to each canary (add/remove), ``W`` is stochastically
 dominated by ``Binomial(r, p)`` with ``p = e^eps / (1 + e^eps)`` (the accuracy of randomized
 response): one run behaves, for the auditor, like ``r`` independent ``eps``-DP coin guesses,
-without the group-privacy cost of inserting many canaries.  With ``delta > 0`` their Theorem 5.2
-adds a term::
+without the group-privacy cost of inserting many canaries.  With ``delta > 0`` their analysis
+(the bound their p-value computation evaluates) adds a term::
 
     P[W >= v] <= P[Bin(r, p) >= v] + 2 m delta * max_{1 <= i <= v} P[v - i <= Bin(r, p) < v] / i
 
@@ -75,8 +75,8 @@ def _check_delta_conf(delta: float, confidence: float) -> None:
 
 def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
     """Upper bound on ``P[W >= v]`` for an ``(epsilon, delta)``-DP mechanism in the one-run game
-    with ``m`` canaries and ``r`` guesses (Steinke et al. 2023, Theorem 5.2; for ``delta = 0`` the
-    binomial tail of their Proposition/Theorem 3.1).  Values are capped at 1."""
+    with ``m`` canaries and ``r`` guesses (Steinke et al. 2023: the binomial tail for
+    ``delta = 0``, plus their ``2 m delta`` term for ``delta > 0``).  Values are capped at 1."""
     _check_counts(m, r, v)
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0 and not math.isnan(epsilon)):
         raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
@@ -185,7 +185,10 @@ class OneRunAuditResult:
 
 
 def _grid(m: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
-    ks = sorted({max(1, min(m // 2, int(round(f * m)))) for f in fractions if f > 0})
+    """``k+ = k- = round(f m)`` (at least 1, at most ``m // 2``); one canary: a single guess "in"."""
+    if m < 2:
+        return [(1, 0)]
+    ks = sorted({max(1, min(m // 2, int(round(f * m)))) for f in fractions if 0 < f <= 0.5})
     return [(k, k) for k in ks]
 
 

@@ -17,7 +17,7 @@ from pytorch_privacy.auditing.one_run import (
 
 def _all_correct_eps(r: int, beta: float = 0.05) -> float:
     """delta = 0, r guesses all right: the tail is P[Bin(r, p) >= r] = p^r, so the bound solves
-    p^r = beta, i.e. eps = logit(beta^(1/r)) (the paper's Proposition for pure DP)."""
+    p^r = beta, i.e. eps = logit(beta^(1/r)) (the paper's binomial tail for pure DP)."""
     p = beta ** (1.0 / r)
     return math.log(p / (1.0 - p))
 
@@ -31,7 +31,7 @@ def test_all_correct_guesses_give_the_closed_form_bound(r, expected):
 
 
 def _naive_p(m, r, v, eps, delta):
-    """Theorem 5.2 written out term by term with exact binomial pmfs (math.comb)."""
+    """The paper's delta > 0 tail bound written out term by term with exact binomial pmfs (math.comb)."""
     p = math.exp(eps) / (1 + math.exp(eps))
     pmf = [math.comb(r, j) * p**j * (1 - p) ** (r - j) for j in range(r + 1)]
     tail = sum(pmf[v:])
@@ -139,3 +139,23 @@ def test_saved_scores_are_audited_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scores=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=300),
+    seed=st.integers(0, 2**16),
+    delta=st.sampled_from([0.0, 1e-6, 1e-2]),
+)
+def test_any_scores_give_a_finite_bound_within_the_ceiling(scores, seed, delta):
+    """Every input gives a bound in [0, the all-correct ceiling of that many guesses]."""
+    inc = np.random.default_rng(seed).random(len(scores)) < 0.5
+    res = one_run_audit(scores, inc, delta=delta)
+    assert 0.0 <= res.epsilon_lower_bound < 60 and math.isfinite(res.epsilon_lower_bound)
+    ceiling = one_run_epsilon_lower_bound(len(scores), res.guesses, res.guesses, delta=delta,
+                                          confidence=1 - 0.05 / res.settings_tried)
+    assert res.epsilon_lower_bound <= ceiling + 1e-9
