@@ -67,11 +67,6 @@ def record_dimension(tree: Any) -> int:
     return sum(l.numel() for l in leaves)
 
 
-def _add_states(a: DistributedSumState, total: Any, n: int) -> DistributedSumState:
-    pytree.check_same_structure(a.total, total)
-    return DistributedSumState(pytree.tree_map(lambda s, b: s + b.to(torch.int64), a.total, total), a.num_records + n)
-
-
 class _DistributedIntegerSumQuery(DPQuery):
     """Shared plumbing of the distributed queries: int64 sums with a record count; subclasses
     define :meth:`preprocess_records` (bound, round, add the local noise) and :meth:`event`."""
@@ -94,17 +89,26 @@ class _DistributedIntegerSumQuery(DPQuery):
         batched = pytree.tree_map(lambda t: t.unsqueeze(0), record)
         return pytree.tree_map(lambda t: t[0], self.preprocess_records(params, batched))
 
+    def _reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """Hook applied to every partial sum (the Skellam query reduces modulo its modulus)."""
+        return total
+
+    def _add(self, a: DistributedSumState, total: Any, n: int) -> DistributedSumState:
+        pytree.check_same_structure(a.total, total)
+        summed = pytree.tree_map(lambda s, b: self._reduce(s + b.to(torch.int64)), a.total, total)
+        return DistributedSumState(summed, a.num_records + n)
+
     def accumulate_preprocessed_record(self, sample_state: DistributedSumState, preprocessed_record: Any) -> DistributedSumState:
-        return _add_states(sample_state, preprocessed_record, 1)
+        return self._add(sample_state, preprocessed_record, 1)
 
     def accumulate_preprocessed_records(self, sample_state: DistributedSumState, preprocessed_batch: Any) -> DistributedSumState:
         pytree.check_same_structure(sample_state.total, preprocessed_batch, batched=True)
         leaves, _ = pytree.flatten(preprocessed_batch)
         n = leaves[0].shape[0] if leaves else 0
-        return _add_states(sample_state, pytree.tree_map(lambda b: b.sum(dim=0), preprocessed_batch), n)
+        return self._add(sample_state, pytree.tree_map(lambda b: self._reduce(b.sum(dim=0)), preprocessed_batch), n)
 
     def merge_sample_states(self, sample_state_1: DistributedSumState, sample_state_2: DistributedSumState) -> DistributedSumState:
-        return _add_states(sample_state_1, sample_state_2.total, sample_state_2.num_records)
+        return self._add(sample_state_1, sample_state_2.total, sample_state_2.num_records)
 
 
 class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
