@@ -7,17 +7,22 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
 * ``non-private``: forward through the ``DistributedDataParallel`` model, ``loss.mean().backward()``
   (DDP all-reduces the gradients in buckets during the backward), ``SGD.step()``.
 * ``dp``: ``DPGaussianOptimizer(ddp_model, ...).fit_batch`` with the chosen engine: per-example
-  gradients of the local share, clip and sum locally, one all-reduce of the flat clipped sums,
-  noise on rank 0, one broadcast of the release, ``SGD.step()``.
+  gradients of the local share, clip and sum locally, each rank noises its own block of the flat
+  sums, one all-reduce, ``SGD.step()`` (the one-collective step, see ``distributed/ddp.py``).
+* ``dp-bcast``: the same through a query with its own ``get_noised_result`` (the generic path, and
+  the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
+  global sum, a control broadcast and a broadcast of the release.
+* with ``--fsdp``: ``fsdp non-private`` (``fully_shard`` on each Linear and the root, plain
+  backward) and ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model: unshard once per step,
+  one all-reduce of the sums, each rank noises its shard).
 
-Reduction volume per step is what each rank hands to the collectives: for ``dp`` the flat buffer
-of the all-reduce (sums + 3 counters) plus the broadcast release
-(``DistributedStep.last_volume_bytes``); for ``non-private`` the gradient bytes DDP all-reduces.
+Reduction volume per step is what each rank hands to the collectives: for the DP modes
+``DistributedStep.last_volume_bytes``; for ``non-private`` the gradient bytes DDP all-reduces.
 
 Usage::
 
     python benchmarks/bench_distributed.py [--worlds 1 2] [--batch-size 256] [--steps 20]
-        [--warmup 3] [--engine ghost] [--hidden 256]
+        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pytorch_privacy.dp_query import GaussianAverageQuery
+
 
 def per_example_ce(out, y):
     """Per-example cross-entropy."""
@@ -45,6 +52,14 @@ def per_example_ce(out, y):
 def make_model(hidden: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+class OwnReleaseQuery(GaussianAverageQuery):
+    """A Gaussian average with its own ``get_noised_result`` (same numbers): takes the generic
+    distributed path (rank 0 noises the global sum and broadcasts the release)."""
+
+    def get_noised_result(self, sample_state, global_state):
+        return super().get_noised_result(sample_state, global_state)
 
 
 def _free_port() -> int:
@@ -59,7 +74,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from pytorch_privacy.optimizer import DPGaussianOptimizer
+        from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
 
         local = args["batch_size"] // world
         g = torch.Generator().manual_seed(100 + rank)
@@ -73,33 +88,66 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             per_example_ce(plain(x), y).mean().backward()
             plain_opt.step()
 
-        private = nn.parallel.DistributedDataParallel(make_model(args["hidden"]))
-        dp_opt = DPGaussianOptimizer(
-            torch.optim.SGD(private.module.parameters(), lr=0.01), private, per_example_ce, l2_norm_clip=1.0,
-            noise_multiplier=1.0, expected_batch_size=args["batch_size"], engine=args["engine"],
-        )
+        def dp_optimizer(model, own_release=False):
+            inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            gen = torch.Generator().manual_seed(1000 + rank)
+            if own_release:
+                query = OwnReleaseQuery(1.0, 1.0, args["batch_size"], generator=gen)
+                return DPOptimizer(torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, query,
+                                   engine=args["engine"])
+            return DPGaussianOptimizer(
+                torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, l2_norm_clip=1.0,
+                noise_multiplier=1.0, expected_batch_size=args["batch_size"], engine=args["engine"], generator=gen,
+            )
 
-        def dp_step():
-            dp_opt.fit_batch(x, y)
+        dp_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+        bcast_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])), own_release=True)
+        modes = {
+            "non-private": plain_step,
+            "dp": lambda: dp_opt.fit_batch(x, y),
+            "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
+        }
+        volumes = {}
+        if args["fsdp"]:
+            from torch.distributed.fsdp import fully_shard
 
-        times = {"non-private": [], "dp": []}
+            def sharded():
+                m = make_model(args["hidden"])
+                for sub in m:
+                    if isinstance(sub, nn.Linear):
+                        fully_shard(sub)
+                return fully_shard(m)
+
+            fsdp_plain = sharded()
+            fsdp_plain_opt = torch.optim.SGD(fsdp_plain.parameters(), lr=0.01)
+
+            def fsdp_plain_step():
+                fsdp_plain_opt.zero_grad(set_to_none=True)
+                per_example_ce(fsdp_plain(x), y).mean().backward()
+                fsdp_plain_opt.step()
+
+            fsdp_opt = dp_optimizer(sharded())
+            modes["fsdp non-private"] = fsdp_plain_step
+            modes["fsdp dp"] = lambda: fsdp_opt.fit_batch(x, y)
+
+        times = {name: [] for name in modes}
         for i in range(args["warmup"] + args["steps"]):
-            for name, fn in (("non-private", plain_step), ("dp", dp_step)):
+            for name, fn in modes.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn()
                 dist.barrier()
                 if i >= args["warmup"]:
                     times[name].append(time.perf_counter() - t0)
+        volumes["dp"] = dp_opt._dist.last_volume_bytes
+        volumes["dp-bcast"] = bcast_opt._dist.last_volume_bytes
+        if args["fsdp"]:
+            volumes["fsdp dp"] = fsdp_opt._dist.last_volume_bytes
         n_params = sum(p.numel() for p in plain.parameters())
+        volumes["non-private"] = n_params * 4 if world > 1 else 0
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({
-                    "times": times,
-                    "dp_volume": dp_opt._dist.last_volume_bytes,
-                    "ddp_volume": n_params * 4,
-                    "params": n_params,
-                }, f)
+                json.dump({"times": times, "volumes": volumes, "params": n_params}, f)
     finally:
         dist.destroy_process_group()
 
@@ -121,19 +169,25 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--engine", default="ghost", help="per-example gradient engine of the DP step")
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
+    p.add_argument("--fsdp", action="store_true", help="also time FSDP2 (fully_shard) steps")
+    p.add_argument("--repeats", type=int, default=1, help="spawn each world this many times (medians of medians)")
     ns = p.parse_args(argv)
-    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden")}
+    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp")}
     print(f"MLP 784-{ns.hidden}-{ns.hidden}-10, global batch {ns.batch_size}, engine {ns.engine}, gloo on CPU, "
-          f"1 thread per rank, {os.cpu_count()} CPUs visible")
-    print(f"{'W':>2} {'non-private ms':>15} {'dp ms':>9} {'dp/non-private':>15} {'DDP bytes/step':>15} {'dp bytes/step':>14}")
+          f"1 thread per rank, {os.cpu_count()} CPUs visible; median step ms over {ns.steps} interleaved steps "
+          f"(median over {ns.repeats} spawn(s))")
+    print(f"{'W':>2} {'mode':>17} {'ms/step':>9} {'x non-private':>14} {'bytes/step/rank':>16}")
     for world in ns.worlds:
-        r = run(world, args)
-        npv = statistics.median(r["times"]["non-private"]) * 1e3
-        dpv = statistics.median(r["times"]["dp"]) * 1e3
-        ddp_bytes = r["ddp_volume"] if world > 1 else 0
-        print(f"{world:>2} {npv:>15.2f} {dpv:>9.2f} {dpv / npv:>15.2f} {ddp_bytes:>15,d} {r['dp_volume']:>14,d}")
-    print("bytes/step: what each rank hands to the collectives (both skip them at W=1; at W>1 the DP step "
-          "all-reduces the clipped sums once and broadcasts rank 0's noised release once)")
+        runs = [run(world, args) for _ in range(ns.repeats)]
+        med = {m: statistics.median(statistics.median(r["times"][m]) for r in runs) * 1e3 for m in runs[0]["times"]}
+        for mode, ms in med.items():
+            base = med["fsdp non-private"] if mode.startswith("fsdp") else med["non-private"]
+            vol = runs[0]["volumes"].get(mode, runs[0]["volumes"]["non-private"] if mode.startswith("fsdp") else 0)
+            print(f"{world:>2} {mode:>17} {ms:>9.2f} {ms / base:>14.2f} {vol:>16,d}")
+    print("x non-private: DDP modes against the DDP non-private step, FSDP modes against the FSDP non-private "
+          "step. bytes/step/rank: the flat buffers each rank hands to the collectives (DP: all-reduce + broadcasts; "
+          "non-private DDP: the gradient; FSDP non-private: shown as the gradient size, FSDP's own all-gathers and "
+          "reduce-scatters are not counted)")
     return 0
 
 
