@@ -325,3 +325,49 @@ def test_breakpoint_maxplus_equals_the_plain_one_on_monotone_tables(seed, n, m, 
     b[: rng.integers(0, m + 1)] = -np.inf  # infeasible small j
     plain = (a[:, :, None] + b[None, :, :]).max(axis=1)
     np.testing.assert_array_equal(ta._maxplus(a, b), plain)  # noqa: SLF001
+
+
+_SIGMAS = st.one_of(st.sampled_from([0.0, 5e-324, 1e-160, 1e-3, 1.0, 1e160, 1.7e308, math.inf]), st.floats(0.0, 1e3))
+_BIG_INTS = st.one_of(st.integers(0, 64), st.integers(0, 10**12), st.sampled_from([10**18, 2**63, 10**30]))
+
+
+@given(sigma=_SIGMAS, t=_BIG_INTS, k=_BIG_INTS, sep=_BIG_INTS, order=st.sampled_from([1.0 + 1e-12, 2.0, 1e12, math.inf]))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_every_input_gives_a_number_or_inf_quickly(sigma, t, k, sep, order):
+    t0 = time.process_time()
+    with np.errstate(invalid="raise"):  # no NaN from an invalid operation
+        s2 = max_tree_sensitivity_squared(t, k, sep)
+        r = compute_rdp_single_tree(sigma, t, k, sep, [order])
+        z = compute_zcdp_single_tree(sigma, t, k, sep)
+        rr = compute_rdp_tree_restart(sigma, [t, k], [order])
+    assert math.isfinite(s2) and s2 >= 0
+    assert not np.isnan(r).any() and not math.isnan(z) and not np.isnan(rr).any()
+    assert time.process_time() - t0 < 5.0
+
+
+def _brute_sens2_vectorised(total: int, k: int, sep: int) -> float:
+    """The same enumeration as :func:`_brute_sens2`, as matrix products (larger trees)."""
+    import itertools
+
+    rows = []
+    size = 1
+    while size <= total:
+        for j in range(total // size):
+            r = np.zeros(total)
+            r[j * size : (j + 1) * size] = 1
+            rows.append(r)
+        size *= 2
+    blocks = np.array(rows)
+    best = 0.0
+    for m in range(1, k + 1):
+        pats = [c for c in itertools.combinations(range(total), m) if all(b - a > sep for a, b in zip(c, c[1:]))]
+        if pats:
+            x = np.zeros((len(pats), total))
+            np.put_along_axis(x, np.array(pats), 1.0, axis=1)
+            best = max(best, float(((x @ blocks.T) ** 2).sum(axis=1).max()))
+    return best
+
+
+@pytest.mark.parametrize("total, k, sep", [(33, 4, 2), (47, 3, 5), (64, 4, 9), (40, 4, 0), (29, 4, 7)])
+def test_exact_equals_brute_force_on_larger_trees(total, k, sep):
+    assert max_tree_sensitivity_squared(total, k, sep) == _brute_sens2_vectorised(total, k, sep)
