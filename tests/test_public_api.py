@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-PACKAGES = ["pytorch_privacy", "pytorch_privacy.dp_query", "pytorch_privacy.analysis", "pytorch_privacy.optimizer"]
+PACKAGES = [
+    "pytorch_privacy",
+    "pytorch_privacy.dp_query",
+    "pytorch_privacy.analysis",
+    "pytorch_privacy.optimizer",
+    "pytorch_privacy.auditing",
+]
 
 
 def _public(pkg_name):

@@ -33,6 +33,12 @@ _LAZY = {
     # calibration.py
     "compute_noise": ".calibration",
     "compute_epochs": ".calibration",
+    "register_rdp_rule": ".rdp_accountant",
+    "mf_noise_multiplier": ".matrix_factorization",
+    "mf_epsilon": ".matrix_factorization",
+    "mf_plan_event": ".matrix_factorization",
+    "matrix_factorization_rdp": ".matrix_factorization",
+    "amplified_banded_rdp": ".matrix_factorization",
     # compute_dp_sgd_privacy_lib.py (the script compute_dp_sgd_privacy.py re-exports it)
     "compute_dp_sgd_privacy": ".compute_dp_sgd_privacy_lib",
 }

@@ -13,6 +13,39 @@ from __future__ import annotations
 
 from .._lazy import lazy_attributes
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "clopper_pearson": ".statistics",
+    "epsilon_from_rates": ".statistics",
+    "epsilon_lower_bound": ".statistics",
+    "epsilon_lower_bound_per_threshold": ".statistics",
+    "confusion_counts": ".statistics",
+    "roc_curve": ".statistics",
+    "auc": ".statistics",
+    "roc_auc_score": ".statistics",
+    "tpr_at_fpr": ".statistics",
+    "AttackType": ".membership_inference",
+    "AttackInputData": ".membership_inference",
+    "SlicingSpec": ".membership_inference",
+    "compute_attack_inputs": ".membership_inference",
+    "run_attacks": ".membership_inference",
+    "train_shadow_models": ".mia_attacks",
+    "ShadowModels": ".mia_attacks",
+    "lira_scores": ".mia_attacks",
+    "lira_statistic": ".mia_attacks",
+    "train_attacker": ".mia_attacks",
+    "confidence_scores": ".mia_attacks",
+    "true_class_probabilities": ".mia_attacks",
+    "AttackResult": ".mia_results",
+    "AttackResults": ".mia_results",
+    "evaluate_scores": ".mia_results",
+    "SecretFormat": ".secret_sharer",
+    "generate_secrets": ".secret_sharer",
+    "insert_secrets": ".secret_sharer",
+    "log_perplexity": ".secret_sharer",
+    "exposure_from_ranks": ".secret_sharer",
+    "extrapolated_exposure": ".secret_sharer",
+    "ExposureResult": ".secret_sharer",
+    "measure_exposure": ".secret_sharer",
+}
 
 __getattr__, __dir__, __all__ = lazy_attributes(__name__, globals(), _LAZY)

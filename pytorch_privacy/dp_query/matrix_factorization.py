@@ -150,6 +150,7 @@ class Strategy(abc.ABC):
         return json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
 
     def check_steps(self, n: int) -> int:
+        """``n`` as a step count, ``ValueError`` when it is not positive or exceeds the strategy's length."""
         n = _check_steps(n, "steps")
         if self.num_steps is not None and n > self.num_steps:
             raise ValueError(f"this {self.kind} strategy is defined for {self.num_steps} steps, not {n}")

@@ -98,6 +98,7 @@ class BandedPoissonSampler(Sampler[list[int]]):
             yield self.sample().tolist()
 
     def state_dict(self) -> dict[str, Any]:
+        """The settings, the step counter and the generator state (for checkpoints)."""
         return {"num_samples": self.num_samples, "sample_rate": self.sample_rate, "partitions": self.partitions,
                 "step": self.step, "random": self.random.state_dict()}
 
@@ -133,18 +134,22 @@ class BandedPoissonLoader(DataLoader):
         return self.poisson_sampler.expected_batch_size
 
     def ledger_settings(self) -> dict[str, Any]:
+        """The ledger settings of one step: Poisson sampling at ``q`` within one group."""
         s = self.poisson_sampler
         return {"population_size": s.group_size, "sampling": "poisson", "selection_probability": s.sample_rate,
                 "batch_size": None}
 
     def make_ledger(self, **metadata) -> PrivacyLedger:
+        """A new ledger with this loader's settings (``metadata`` saved with it)."""
         s = self.poisson_sampler
         return PrivacyLedger(s.group_size, s.sample_rate, sampling="poisson", metadata=metadata)
 
     def state_dict(self) -> dict[str, Any]:
+        """The sampler's :meth:`BandedPoissonSampler.state_dict`."""
         return self.poisson_sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (settings must match)."""
         self.poisson_sampler.load_state_dict(state)
 
 
