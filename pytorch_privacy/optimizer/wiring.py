@@ -19,7 +19,7 @@ from ..dp_query.query_with_ledger import QueryWithLedger
 from .budget import PrivacyBudget
 from .consistency import ledger_for_loader
 
-__all__ = ["query_chain", "check_wrapped_objects", "check_optimizer_covers", "attach_ledger", "make_budget"]
+__all__ = ["query_chain", "check_wrapped_objects", "check_partition_claims", "check_optimizer_covers", "attach_ledger", "make_budget"]
 
 
 def query_chain(query: DPQuery) -> Iterator[DPQuery]:
@@ -75,6 +75,26 @@ def check_optimizer_covers(optimizer: torch.optim.Optimizer, model: nn.Module, t
     return {id(trainable[n]) for n in missing}
 
 
+def check_partition_claims(chain: list, data_loader: Any) -> None:
+    """A query that claims banded sampling (``partitions > 1``: record ``i`` may only be drawn at
+    steps ``t`` with ``t mod partitions == i mod partitions``, which the accounting amplifies) must
+    be fed by a loader that implements it (a ``BandedPoissonLoader`` with the same ``partitions``);
+    otherwise the ledger would under-report epsilon.  ``ValueError`` when the claim is unbacked."""
+    for q in chain:
+        claimed = getattr(q, "partitions", 1)
+        if not isinstance(claimed, int) or claimed <= 1:
+            continue
+        source = getattr(data_loader, "poisson_sampler", data_loader)
+        actual = getattr(source, "partitions", None)
+        if actual != claimed:
+            where = "no data_loader" if data_loader is None else f"a {type(data_loader).__name__} with partitions={actual}"
+            raise ValueError(
+                f"{type(q).__name__}(partitions={claimed}) claims banded sampling, but the optimizer gets {where}; "
+                "the amplified accounting would under-report epsilon. Pass data_loader=BandedPoissonLoader(dataset, "
+                f"sample_rate, partitions={claimed}), or build the query with partitions=1"
+            )
+
+
 def attach_ledger(
     query: DPQuery, ledger: PrivacyLedger | None, data_loader: Any
 ) -> tuple[DPQuery, DPQuery, PrivacyLedger | None, bool]:
@@ -84,6 +104,7 @@ def attach_ledger(
     a step refused by the budget is never recorded; without ``ledger`` one is built from
     ``data_loader`` (the loader is the truth about sampling)."""
     chain = list(query_chain(query))
+    check_partition_claims(chain, data_loader)
     if data_loader is not None and ledger is None and not any(isinstance(q, QueryWithLedger) for q in chain):
         ledger = ledger_for_loader(data_loader)
     if ledger is not None:

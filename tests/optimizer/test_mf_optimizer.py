@@ -144,3 +144,23 @@ def test_banded_poisson_training_is_accounted_with_amplification():
     assert ev == AmplifiedBandedMatrixFactorizationEvent(1.2, 1.0, 0.25, 4)
     orders = [2.0, 4.0, 16.0]
     np.testing.assert_allclose(RdpAccountant(orders=orders).compose(ev).rdp, compute_rdp(0.25, 1.2, 4, orders))
+
+
+@pytest.mark.parametrize("loader_kind", ["none", "dp_loader", "other_partitions"])
+def test_a_partitions_claim_without_a_banded_loader_is_refused(loader_kind):
+    """partitions > 1 amplifies the accounting; only a loader that really cycles the groups may back it."""
+    from pytorch_privacy.optimizer.samplers import DPDataLoader
+
+    ds = _data()
+    loader = {
+        "none": None,
+        "dp_loader": DPDataLoader(ds, sample_rate=0.25),
+        "other_partitions": BandedPoissonLoader(ds, 0.25, partitions=2),
+    }[loader_kind]
+    m = _model()
+    strategy = BandedToeplitzStrategy([1.0, -0.5, 0.1])
+    query = NormalizedQuery(MatrixFactorizationQuery(1.0, 1.0, strategy, partitions=4), 4.0)
+    with pytest.raises(ValueError, match="claims banded sampling"):
+        DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, _loss, query, data_loader=loader)
+    # backed by the loader that implements it: accepted
+    DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, _loss, query, data_loader=BandedPoissonLoader(ds, 0.25, partitions=4))
