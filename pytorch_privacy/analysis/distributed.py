@@ -29,8 +29,9 @@ Mechanism for Federated Learning with Secure Aggregation", Theorem 1 and Proposi
                \tfrac\alpha2\big(s_2^2 + 2 s_1\tau + \tau^2 d\big),\;
                \tfrac\alpha2\big(s_2 + \sqrt d\,\tau\big)^2\Big\}.
 
-    This module applies it for ``n >= 2`` and ``sigma >= 1/2`` (the range of the paper's theorem)
-    and takes the minimum with :math:`\alpha\Delta_2^2/(2\sigma^2)`, the bound from the differing
+    This module applies it for ``n >= 2`` and ``sigma >= 1`` only (a conservative restriction of
+    the theorem's range; at ``sigma < 1`` the ``tau d`` terms exceed the plain bound for any
+    realistic ``d`` anyway) and takes the minimum with :math:`\alpha\Delta_2^2/(2\sigma^2)`, the bound from the differing
     client's own share alone (the other shares and records are independent of it, so they are
     post-processing), which holds for every ``sigma > 0``.  At ``n = 1``, :math:`\tau = 0` and both
     reduce to the single discrete Gaussian.
@@ -182,7 +183,7 @@ def compute_rdp_distributed_discrete_gaussian(
     if deg is not None:
         return deg
     single = _gauss_like(o, d2 / s)  # the differing client's own share alone
-    if n == 1 or s < 0.5:
+    if n == 1 or s < 1.0:
         return single
     tau = ddg_tau(s, n)
     a = np.where(np.isfinite(o), np.ceil(o), np.inf)

@@ -199,6 +199,25 @@ def test_bernoulli_exp_neg_frequency_with_forced_exact_path(gamma, seed):
         assert stats.binomtest(int(got.sum()), n, math.exp(-float(gamma))).pvalue > ALPHA
 
 
+def test_acceptance_gamma_error_bound_holds_against_exact_rationals():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(300):
+        s2 = as_fraction("s2", float(np.exp(rng.uniform(math.log(2.0**-20), math.log(2.0**60)))))
+        t = math.isqrt(s2.numerator // s2.denominator) + 1
+        c = s2 / t
+        # |y| around c (cancellation), and spread over the likely range
+        near = [max(0, math.floor(c) + d) for d in (-1, 0, 1)]
+        ay = np.array(near + [int(v) for v in rng.integers(0, 40 * t + 2, size=5)], dtype=np.int64)
+        g, err = dg._acceptance_gamma(ay, float(s2), float(c))
+        for yi, gi, ei in zip(ay.tolist(), g.tolist(), err.tolist()):
+            exact = (Fraction(yi) - c) ** 2 / (2 * s2)
+            diff = abs(Fraction(gi) - exact)
+            assert diff <= Fraction(ei)
+            worst = max(worst, float(diff / Fraction(ei)))
+    assert worst < 0.05  # the bound has a wide margin
+
+
 def test_uniform_below_is_uniform():
     src = RandomSource(_gen(61))
     u = dg._uniform_below(src, 5, 20000)

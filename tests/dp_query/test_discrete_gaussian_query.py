@@ -153,3 +153,20 @@ def test_rounding_bounds():
     assert rounded_l2_norm_bound(3.0, 16) == pytest.approx(math.sqrt(18.0), rel=1e-15)
     assert rounded_l2_norm_bound(3.0, 16, beta=0) == 7.0
     assert rounded_l1_norm_bound(3.0, 100) == 9.0 and rounded_l1_norm_bound(30.0, 4) == 60.0
+
+
+def test_full_batch_ledger_accounts_the_discrete_gaussian():
+    from pytorch_privacy.analysis.rdp_accountant import compute_rdp_from_ledger
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.query_with_ledger import QueryWithLedger
+
+    ledger = PrivacyLedger(50, sampling="full")
+    q = QueryWithLedger(DiscreteGaussianSumQuery(2.0, 8.0, generator=torch.Generator().manual_seed(0)), ledger)
+    batch = torch.randint(-1, 2, (50, 3), generator=torch.Generator().manual_seed(1))
+    for _ in range(7):
+        p = q.derive_sample_params(q.initial_global_state())
+        q.get_noised_result(q.accumulate_records(p, q.initial_sample_state(batch[0]), batch), q.initial_global_state())
+    loaded = PrivacyLedger.from_json(ledger.to_json())
+    orders = np.array([2.0, 10.0])
+    # add/remove-one, 7 releases: 7 * alpha * 2^2 / (2 * 8^2)
+    np.testing.assert_allclose(compute_rdp_from_ledger(loaded, orders), 7 * orders * 4 / 128, rtol=1e-12)

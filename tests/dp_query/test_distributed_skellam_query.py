@@ -3,6 +3,7 @@ Skellam/Poisson samplers (pmf, variance), modular wrap-around and clipping, scal
 decoding, event and accounting."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -200,3 +201,44 @@ def test_bad_arguments():
         DistributedSkellamSumQuery(100, 10, 1.0, l2_norm_clip=1.0, scale=20.0)
     assert DistributedSkellamSumQuery(1, 1, 1.0, secure_mode=True).random_sources()[0].secure_mode
     assert isinstance(DistributedSkellamSumQuery(1, 1, 1.0).generator, RandomSource)
+
+
+def test_ledger_round_trip_and_audit_of_distributed_events(tmp_path, capsys):
+    from pytorch_privacy.analysis.conversion import get_privacy_spent
+    from pytorch_privacy.analysis.rdp_accountant import compute_rdp_from_ledger
+    from pytorch_privacy.cli import main
+    from pytorch_privacy.dp_query.distributed_discrete_gaussian_query import DistributedDiscreteGaussianSumQuery
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.query_with_ledger import QueryWithLedger
+
+    # 1000 clients, cohorts of 10 from a shuffled order (replace-one): 25 rounds = 3 epochs
+    ledger = PrivacyLedger(1000, sampling="shuffle", batch_size=10)
+    sk = QueryWithLedger(DistributedSkellamSumQuery(9, 3, 2.0, bits=16, generator=_gen(0)), ledger)
+    ddg = QueryWithLedger(DistributedDiscreteGaussianSumQuery(3.0, 2.0, generator=_gen(1)), ledger)
+    batch = torch.randint(-1, 2, (10, 4), generator=_gen(2))
+    for _ in range(25):
+        for q in (sk, ddg):
+            p = q.derive_sample_params(q.initial_global_state())
+            st = q.accumulate_records(p, q.initial_sample_state(batch[0]), batch)
+            q.get_noised_result(st, q.initial_global_state())
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    loaded = PrivacyLedger.load(path)
+    assert loaded == ledger
+    orders = np.array([2.0, 4.0, 8.0, 32.0])
+    from pytorch_privacy.analysis.distributed import compute_rdp_distributed_discrete_gaussian
+
+    # shuffle accounting: at most one un-amplified release per epoch and query (25 rounds are
+    # 1/4 epoch; a ledger that keeps alternating runs apart counts each run as an epoch: <= 25)
+    sk_one = compute_rdp_skellam(18.0, 6.0, 40.0, orders)
+    ddg_one = compute_rdp_distributed_discrete_gaussian(6.0, 12.0, 2.0, 10, 4, orders)
+    rdp = compute_rdp_from_ledger(loaded, orders)
+    assert np.all(rdp > 0) and np.all(np.isfinite(rdp))
+    assert np.all(rdp <= 25 * (sk_one + ddg_one) * (1 + 1e-12))
+    assert np.all(rdp >= sk_one + ddg_one)
+    from pytorch_privacy.analysis.orders import DEFAULT_ORDERS
+
+    eps = get_privacy_spent(DEFAULT_ORDERS, compute_rdp_from_ledger(loaded, DEFAULT_ORDERS), target_delta=1e-5)[0]
+    assert main(["audit", str(path), "--delta", "1e-5", "--no-pld"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"RDP \(tight conversion\)\s+epsilon = " + re.escape(f"{eps:.6g}"), out), out
