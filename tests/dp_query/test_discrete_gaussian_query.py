@@ -170,3 +170,50 @@ def test_full_batch_ledger_accounts_the_discrete_gaussian():
     orders = np.array([2.0, 10.0])
     # add/remove-one, 7 releases: 7 * alpha * 2^2 / (2 * 8^2)
     np.testing.assert_allclose(compute_rdp_from_ledger(loaded, orders), 7 * orders * 4 / 128, rtol=1e-12)
+
+
+# -- properties ------------------------------------------------------------------------------
+from fractions import Fraction  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _exact_sq(row) -> int:
+    return sum(int(v) ** 2 for v in row)
+
+
+@settings(max_examples=40)
+@given(
+    rows=st.lists(st.lists(st.integers(-10**6, 10**6), min_size=3, max_size=3), min_size=1, max_size=6),
+    l2=st.floats(0.0, 2e6),
+    l1=st.one_of(st.none(), st.floats(0.0, 3e6)),
+)
+def test_clip_integer_records_always_within_bounds(rows, l2, l1):
+    x = torch.tensor(rows, dtype=torch.int64)
+    out = clip_integer_records([x], l2, l1)[0]
+    assert out.dtype == torch.int64
+    for r_in, r_out in zip(x.tolist(), out.tolist()):
+        assert Fraction(_exact_sq(r_out)) <= Fraction(l2) ** 2
+        if l1 is not None:
+            assert sum(abs(v) for v in r_out) <= l1
+        assert all(abs(b) <= abs(a) and a * b >= 0 for a, b in zip(r_in, r_out))
+        within = Fraction(_exact_sq(r_in)) <= Fraction(l2) ** 2 and (l1 is None or sum(map(abs, r_in)) <= l1)
+        if within:
+            assert r_out == r_in
+
+
+@settings(max_examples=25)
+@given(
+    rows=st.lists(st.lists(st.floats(-50, 50), min_size=4, max_size=4), min_size=1, max_size=5),
+    clip=st.floats(0.0, 30.0),
+    scale=st.floats(0.5, 20.0),
+    seed=st.integers(0, 2**31),
+)
+def test_prepared_float_records_always_within_bound(rows, clip, scale, seed):
+    bound = rounded_l2_norm_bound(clip * scale, 4)
+    src = RandomSource(torch.Generator().manual_seed(seed))
+    x = torch.tensor(rows, dtype=torch.float64)
+    out = prepare_integer_records([x], l2_norm_bound=bound, l2_norm_clip=clip, scale=scale, source=src, max_round_tries=3)[0]
+    for r in out.tolist():
+        assert Fraction(_exact_sq(r)) <= Fraction(bound) ** 2
