@@ -53,6 +53,9 @@ __all__ = [
 #: the fractions of ``m`` tried as ``k+ = k-`` when no guess count is fixed (Bonferroni over them)
 DEFAULT_GUESS_FRACTIONS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
 
+#: the most canaries the analysis accepts (its delta > 0 term costs memory and time linear in m)
+MAX_CANARIES = 10_000_000
+
 _EPS_MAX = 60.0  # beyond this, logistic(eps) is 1 to double precision
 
 
@@ -60,6 +63,8 @@ def _check_counts(m: int, r: int, v: int) -> None:
     for name, x in (("m", m), ("r", r), ("v", v)):
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
             raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    if m > MAX_CANARIES:
+        raise ValueError(f"m={m} canaries: the analysis supports at most {MAX_CANARIES:,} (its cost is linear in m)")
     if not 0 <= v <= r <= m:
         raise ValueError(
             f"need 0 <= v <= r <= m (correct guesses <= guesses <= canaries), got v={v}, r={r}, m={m}"
@@ -89,10 +94,29 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) 
     tail = float(binom.sf(v - 1, r, p))  # P[Bin(r, p) >= v]
     if delta == 0:
         return min(tail, 1.0)
-    # P[v - i <= Bin < v] for i = 1..v: cumulative sums of the pmf at v-1, v-2, ..., 0
-    pmf = binom.pmf(np.arange(v - 1, -1, -1), r, p)
-    window = np.cumsum(pmf) / np.arange(1, v + 1)
-    return float(min(tail + 2.0 * m * delta * float(window.max()), 1.0))
+    return float(min(tail + 2.0 * m * delta * _alpha(r, v, p), 1.0))
+
+
+def _alpha(r: int, v: int, p: float) -> float:
+    """``max_{1 <= i <= v} P[v - i <= Bin(r, p) < v] / i``, rounded up, in ``O(sqrt(r))``.
+
+    The pmf is evaluated only on ``[lo, hi]``, ``mean -+ 40 sd``: for ``j = v - i`` in that range
+    the ratio's numerator is the window's sum plus at most ``P[hi < Bin < v]``; outside it only
+    ``P[Bin < lo]`` can join, and ``i >= 1``.  Adding both (each below 1e-300 when the window is
+    cut) to the maximum over the window bounds the exact value from above, so the p-value stays
+    conservative."""
+    from scipy.stats import binom
+
+    sd = math.sqrt(r * p * (1.0 - p))
+    lo = max(0, int(math.floor(r * p - 40.0 * sd)) - 1)
+    hi = min(v - 1, int(math.ceil(r * p + 40.0 * sd)) + 1)
+    upper = float(binom.sf(hi, r, p) - binom.sf(v - 1, r, p)) if hi < v - 1 else 0.0  # P[hi < Bin < v]
+    slack = max(upper, 0.0) + (float(binom.cdf(lo - 1, r, p)) if lo > 0 else 0.0)
+    if hi < lo:
+        return slack
+    j = np.arange(hi, lo - 1, -1)  # v-1 >= hi >= j >= lo, so i = v - j >= 1
+    ratios = np.cumsum(binom.pmf(j, r, p)) / (v - j)
+    return float(ratios.max()) + slack
 
 
 def one_run_epsilon_lower_bound(

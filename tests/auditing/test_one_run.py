@@ -116,6 +116,8 @@ def test_argument_errors():
         one_run_p_value(5, 6, 3, 1.0)
     with pytest.raises(ValueError, match="confidence"):
         one_run_epsilon_lower_bound(5, 5, 5, confidence=1.0)
+    with pytest.raises(ValueError, match="at most 10,000,000"):
+        one_run_p_value(10**9, 10**9, 10**9, 1.0, 1e-5)
 
 
 def test_saved_scores_are_audited_without_torch():
@@ -159,3 +161,15 @@ def test_any_scores_give_a_finite_bound_within_the_ceiling(scores, seed, delta):
     ceiling = one_run_epsilon_lower_bound(len(scores), res.guesses, res.guesses, delta=delta,
                                           confidence=1 - 0.05 / res.settings_tried)
     assert res.epsilon_lower_bound <= ceiling + 1e-9
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.4, 1.0, 3.0])
+def test_p_value_for_many_guesses_matches_the_full_sum(eps):
+    """r = 5000 guesses: the implementation evaluates the pmf on mean -+ 40 sd only; the full sum
+    over i = 1..v (scipy pmfs, every term) must agree."""
+    m, r, v, delta = 20000, 5000, 3000, 1e-5
+    p = math.exp(eps) / (1 + math.exp(eps))
+    pmf = binom.pmf(np.arange(v - 1, -1, -1), r, p)
+    alpha = float((np.cumsum(pmf) / np.arange(1, v + 1)).max())
+    full = min(1.0, float(binom.sf(v - 1, r, p)) + 2 * m * delta * alpha)
+    assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(full, rel=1e-9, abs=1e-300)
