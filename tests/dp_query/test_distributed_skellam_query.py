@@ -242,3 +242,15 @@ def test_ledger_round_trip_and_audit_of_distributed_events(tmp_path, capsys):
     assert main(["audit", str(path), "--delta", "1e-5", "--no-pld"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"RDP \(tight conversion\)\s+epsilon = " + re.escape(f"{eps:.6g}"), out), out
+
+
+def test_docs_page_code_runs(capsys):
+    import pathlib
+
+    page = pathlib.Path(__file__).resolve().parents[2] / "docs" / "discrete_queries.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
+    out = capsys.readouterr().out
+    eps = float(re.search(r"epsilon = ([0-9.]+) after 10 rounds", out).group(1))
+    assert 1 < eps < 10
