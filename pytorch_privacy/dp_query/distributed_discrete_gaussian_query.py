@@ -176,7 +176,8 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
     def get_noised_result(self, sample_state: DistributedSumState, global_state: DistributedDiscreteGaussianGlobalState):
         """The sum of the locally noised records (no central noise: secure aggregation releases
         only this sum, assuming no noise share is missing)."""
-        return sample_state.total, global_state, self.event(global_state, sample_state)
+        result = pytree.tree_map(torch.clone, sample_state.total)
+        return result, global_state, self.event(global_state, sample_state)
 
     def event(self, global_state: DistributedDiscreteGaussianGlobalState, sample_state: DistributedSumState) -> DpEvent:
         """The privacy event of one sample with ``sample_state.num_records`` noise shares."""

@@ -58,6 +58,9 @@ from .randomness import RandomSource, as_random_source
 
 __all__ = ["DistributedSkellamSumQuery", "DistributedSkellamGlobalState", "sample_skellam", "sample_poisson"]
 
+#: Largest local Skellam stddev: each Poisson rate ``stddev^2 / 2`` stays below 2^52.
+MAX_LOCAL_STDDEV = 2.0**26
+
 #: Largest modulus: partial sums of a batch of up to 2^22 client messages stay below 2^63.
 MAX_BITS = 40
 
@@ -187,6 +190,8 @@ class DistributedSkellamSumQuery(_DistributedIntegerSumQuery):
         self._l1 = check_stddev(l1_norm_bound, "l1_norm_bound")
         self._l2 = check_stddev(l2_norm_bound, "l2_norm_bound")
         self._local = check_noise_scale(local_stddev, "local_stddev")
+        if self._local > MAX_LOCAL_STDDEV:
+            raise ValueError(f"local_stddev must be at most 2^26 (its Poisson rates at most 2^52), got {local_stddev!r}")
         self._scale = check_stddev(scale, "scale")
         if self._scale == 0:
             raise ValueError("scale must be > 0")
@@ -246,7 +251,7 @@ class DistributedSkellamSumQuery(_DistributedIntegerSumQuery):
                 m = self._modulus
                 t = torch.remainder(t, m)
                 t = torch.where(t >= (m + 1) // 2, t - m, t)
-            return t if self._clip is None else t.to(torch.float64) / self._scale
+            return t.clone() if self._clip is None else t.to(torch.float64) / self._scale
 
         return pytree.tree_map(one, total)
 

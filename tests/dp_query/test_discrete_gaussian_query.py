@@ -148,6 +148,18 @@ def test_owned_randomness_and_metrics():
         DiscreteGaussianSumQuery(-1.0, 1.0)
 
 
+def test_resumed_source_repeats_the_noise_and_results_are_fresh_tensors():
+    q = DiscreteGaussianSumQuery(5.0, 3.0, generator=torch.Generator().manual_seed(9))
+    gs = q.initial_global_state()
+    state = q.initial_sample_state(torch.zeros(50, dtype=torch.int64))
+    saved = q.generator.state_dict()
+    a = q.get_noised_result(state, gs)[0]
+    q.generator.load_state_dict(saved)
+    b = q.get_noised_result(state, gs)[0]
+    assert torch.equal(a, b) and a.abs().sum() > 0
+    assert not state.any()  # the sample state was not modified in place
+
+
 def test_rounding_bounds():
     # c = 3, d = 16, beta = e^-0.5: sqrt(9 + 4 + 1 * (3 + 2)) = sqrt(18) < 3 + 4
     assert rounded_l2_norm_bound(3.0, 16) == pytest.approx(math.sqrt(18.0), rel=1e-15)

@@ -199,6 +199,8 @@ def test_bad_arguments():
         DistributedSkellamSumQuery(1, 1, 1.0, scale=10.0)
     with pytest.raises(ValueError, match="exceeds"):
         DistributedSkellamSumQuery(100, 10, 1.0, l2_norm_clip=1.0, scale=20.0)
+    with pytest.raises(ValueError, match="2\\^26"):
+        DistributedSkellamSumQuery(1, 1, 1e9)
     assert DistributedSkellamSumQuery(1, 1, 1.0, secure_mode=True).random_sources()[0].secure_mode
     assert isinstance(DistributedSkellamSumQuery(1, 1, 1.0).generator, RandomSource)
 
