@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Data-parallel DP-SGD on `torch.distributed` (DDP), and bf16 autocast
+# # Data-parallel DP-SGD on `torch.distributed` (DDP, FSDP2), bf16 autocast and fp16 loss scaling
 #
 # Several processes (ranks) train one model together.  Each rank
 #
@@ -7,8 +7,9 @@
 #    owns the examples `i` with `i % W == r` and draws each with probability `q`),
 # 2. computes and **clips the per-example gradients of its own examples** and sums them,
 #
-# then, once per logical step, the clipped sums are **all-reduced once**, rank 0 adds the Gaussian
-# noise `N(0, (sigma C)^2)` **once** and broadcasts the release, every replica applies the same
+# then, once per logical step, each rank adds the Gaussian noise `N(0, (sigma C)^2)` to **its own
+# block** of the flat sums (the blocks partition the coordinates, so every coordinate is noised
+# **once**, by one rank), the sums are **all-reduced once**, every replica applies the same
 # update, and **rank 0 records the step once** in the ledger with the global `q`.  The world
 # releases exactly what one process holding the global batch would release, so the epsilon of a
 # run does not depend on `W` (see `docs/distributed.md`).
@@ -70,7 +71,8 @@ def train(rank: int, world: int) -> dict:
         torch.optim.SGD(model.module.parameters(), lr=0.5), model, per_example_ce,
         l2_norm_clip=CLIP, noise_multiplier=SIGMA, data_loader=loader,
         target_epsilon=TARGET_EPS, target_delta=DELTA, engine="ghost",
-        generator=torch.Generator().manual_seed(19),  # reproducible tutorial (rank 0 draws the noise)
+        # reproducible tutorial; each rank noises its own block, so the seeds must differ across ranks
+        generator=torch.Generator().manual_seed(19 * world + rank),
     )
     local_sizes, stopped = [], False
     for x, y in loader:
@@ -177,3 +179,93 @@ if __name__ == "__main__":
     diff = (params[True] - params[False]).abs().max().item()
     print(f"bf16 vs fp32 step: max parameter difference {diff:.2e}")
     assert diff < 1e-2
+
+# %% [markdown]
+# ## fp16: a static loss scale
+#
+# In fp16 small output gradients underflow, so the loss is scaled.  `DPLossScaler` runs
+# `fit_batch` with the per-example losses times `s` and unscales norms and sums **before
+# clipping**.  The scale stays a public constant (it never backs off on an overflow: that would
+# make it depend on single records); a record that overflows is dropped and the step is still
+# released and recorded.  (CPU autocast supports fp16 too, which is what runs here.)
+
+# %%
+if __name__ == "__main__":
+    from pytorch_privacy.optimizer.distributed.precision import DPLossScaler
+
+    fp = {}
+    for use_fp16 in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2))
+        opt = DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, per_example_ce,
+                                  l2_norm_clip=CLIP, noise_multiplier=0.0, expected_batch_size=64, engine="ghost")
+        if use_fp16:
+            with torch.autocast("cpu", dtype=torch.float16):
+                DPLossScaler(torch.amp.GradScaler("cpu", init_scale=2.0**10)).fit_batch(opt, x, y)
+        else:
+            opt.fit_batch(x, y)
+        fp[use_fp16] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    diff = (fp[True] - fp[False]).abs().max().item()
+    print(f"fp16 (scale 1024) vs fp32 step: max parameter difference {diff:.2e}")
+    assert diff < 1e-2
+
+# %% [markdown]
+# ## FSDP2: `fully_shard`
+#
+# The same loop on a model sharded with `torch.distributed.fsdp.fully_shard`.  The optimizer is
+# built over the sharded (`DTensor`) parameters.  Every step unshards the units once, each rank
+# computes the per-example gradients of its own examples on the full-width layers (so each norm is
+# already the norm over all shards), the clipped sums are all-reduced once, and each rank noises
+# **its own shard** before writing it into `.grad` (see `docs/distributed.md`).
+
+
+# %%
+def train_fsdp(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    data = make_data()
+    loader = DistributedDPDataLoader(data, Q, steps=round(1 / Q))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, per_example_ce, l2_norm_clip=CLIP,
+        noise_multiplier=SIGMA, data_loader=loader, engine="ghost",
+        generator=torch.Generator().manual_seed(23 * world + rank),  # one noise stream per shard
+    )
+    for x, y in loader:
+        opt.fit_batch(x, y)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}  # all-gather the shards
+    x, y = data.tensors
+    with torch.no_grad():
+        h = torch.tanh(x @ full["0.weight"].T + full["0.bias"])
+        acc = ((h @ full["2.weight"].T + full["2.bias"]).argmax(1) == y).float().mean().item()
+    return {"steps": opt.steps, "ledger_steps": opt.ledger.steps, "accuracy": acc,
+            "local_rows": model[0].weight.to_local().shape[0]}
+
+
+def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = train_fsdp(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# %%
+if __name__ == "__main__" and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = torch.multiprocessing.get_context("spawn").Manager().dict()
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, port, results), nprocs=2, join=True)
+    f0, f1 = results[0], results[1]
+    print(f"FSDP2 rank 0: {f0}\nFSDP2 rank 1: {f1}")
+    assert f0["local_rows"] == f1["local_rows"] == 16  # each rank holds half of the 32 rows
+    assert f0["steps"] == f1["steps"] == f0["ledger_steps"] == round(1 / Q) and f1["ledger_steps"] == 0
+    assert f0["accuracy"] == f1["accuracy"] > 0.8
