@@ -793,3 +793,17 @@ def test_audit_says_when_pld_cannot_account_an_event(tmp_path, capsys):
     out = capsys.readouterr().out
     assert _floats_after("RDP", out) > 0
     assert "not computed: the PLD accountant does not support" in out
+
+
+def test_audit_plot_of_tree_ledgers_draws_rdp_and_pld(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from pytorch_privacy.cli.plot import epsilon_curve
+
+    path = _tree_ledger_file(tmp_path, "fixed_order", [10, 20, 5])
+    png = tmp_path / "curve.png"
+    assert main(["audit", str(path), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+    out = capsys.readouterr().out
+    curve = epsilon_curve(PrivacyLedger.load(path), 1e-5)
+    assert curve["pld"] and curve["pld"][-1] == pytest.approx(_floats_after("PLD", out), abs=6e-5)
+    assert all(p <= r + 1e-9 for p, r in zip(curve["pld"], [curve["rdp"][curve["steps"].index(k)] for k in curve["pld_steps"]]))

@@ -68,6 +68,7 @@ __all__ = [
     "max_tree_sensitivity_squared",
     "tree_depth",
     "gaussian_equivalent",
+    "pld_accountant_for",
     "EXACT_COST_LIMIT",
     "EXACT_MEMORY_LIMIT",
 ]
@@ -165,13 +166,11 @@ def compute_rdp_single_epoch_tree_aggregation(noise_multiplier: float, step_coun
 
 
 # -- one tree, several participations ---------------------------------------------------------
-def _segments(total: int):
-    """The segment ``[0, total)`` as a tree of ``(length, complete)`` pieces: a complete dyadic
-    block splits in two halves (and is a node); an incomplete segment splits into its largest
-    complete block and the rest (and is no node)."""
-    if total & (total - 1) == 0:
-        return total, True
-    return total, False
+def _segments(total: int) -> tuple[int, bool]:
+    """The whole tree as a segment ``(length, complete)``.  A complete segment (a power of two) is a
+    node and splits into two halves; an incomplete one is no node and splits into its largest
+    complete block and the rest (:func:`_children`)."""
+    return total, total & (total - 1) == 0
 
 
 def _children(length: int, complete: bool) -> tuple[tuple[int, bool], tuple[int, bool], int, int]:
@@ -438,3 +437,17 @@ def gaussian_equivalent(event: DpEvent) -> DpEvent:
     if isinstance(event, ComposedEvent):
         return ComposedEvent(tuple(gaussian_equivalent(e) for e in event.events))
     return event
+
+
+def pld_accountant_for(event: DpEvent, **kwargs):
+    """A :class:`~pytorch_privacy.analysis.pld.PLDAccountant` holding ``event`` with its tree events
+    replaced by their equivalent Gaussian mechanisms (:func:`gaussian_equivalent`), under the
+    relation the event is stated under (``relation_of``; add-or-remove-one when it states none)
+    unless ``neighboring_relation`` is given.  ``kwargs`` go to the accountant; ``ValueError`` for
+    events the PLD accountant cannot account."""
+    from ..dp_query.events import relation_of
+    from .pld import PLDAccountant
+
+    eq = gaussian_equivalent(event)
+    kwargs.setdefault("neighboring_relation", relation_of(eq) or ADD_OR_REMOVE_ONE)
+    return PLDAccountant(**kwargs).compose(eq)

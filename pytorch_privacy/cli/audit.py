@@ -57,6 +57,9 @@ def _read_key(args):
     return None
 
 
+#: How an accountant line says that this accountant cannot bound the ledger.
+_NOT_COMPUTED = "not computed: "
+
 #: Label column of the audit's accountant lines (every label fits, so the epsilons line up).
 _LABEL_WIDTH = 28
 
@@ -89,22 +92,18 @@ def _analysis_steps(ledger, delta: float, pld: bool):
         eps_pld, why = _pld_epsilon(ledger, delta)
         if why is None:
             yield line("PLD (pessimistic, tight)", eps_pld)
-        else:
-            yield f"  {'PLD (pessimistic, tight)':<{_LABEL_WIDTH}}not computed: {why}"
+        else:  # the --plot curve then leaves PLD out (the parent sees _NOT_COMPUTED)
+            yield f"  {'PLD (pessimistic, tight)':<{_LABEL_WIDTH}}{_NOT_COMPUTED}{why}"
 
 
 def _pld_epsilon(ledger, delta: float) -> tuple[float, str | None]:
     """The PLD epsilon of the ledger, or ``(nan, reason)`` when the PLD accountant cannot account
     its events.  Tree-aggregation events are accounted as their equivalent Gaussian mechanisms
-    (exact: :func:`~pytorch_privacy.analysis.tree_aggregation.gaussian_equivalent`)."""
-    from ..analysis import PLDAccountant
-    from ..analysis.tree_aggregation import gaussian_equivalent
-    from ..dp_query.events import ADD_OR_REMOVE_ONE, relation_of
+    (exact: :func:`~pytorch_privacy.analysis.tree_aggregation.pld_accountant_for`)."""
+    from ..analysis.tree_aggregation import pld_accountant_for
 
-    event = gaussian_equivalent(ledger.to_event())
-    acc = PLDAccountant(neighboring_relation=relation_of(event) or ADD_OR_REMOVE_ONE)
     try:
-        acc.compose(event)
+        acc = pld_accountant_for(ledger.to_event())
     except ValueError as exc:
         return math.nan, f"the PLD accountant does not support this ledger's events ({exc})"
     return acc.get_epsilon(delta), None
@@ -155,6 +154,7 @@ def _bounded_analysis(ledger, args) -> bool | None:
     if "fork" not in mp.get_all_start_methods():
         for line in _analysis_steps(ledger, args.delta, pld):
             print(line)
+            args.partial = getattr(args, "partial", False) or _NOT_COMPUTED in line
         return True
     # import the analysis before forking, so the child's time and memory go to the analysis
     from .. import analysis  # noqa: F401
@@ -188,6 +188,8 @@ def _bounded_analysis(ledger, args) -> bool | None:
             if kind == "line":
                 print(text)
                 printed += 1
+                if _NOT_COMPUTED in text:
+                    args.partial = True
             elif kind == "done":
                 break
             else:

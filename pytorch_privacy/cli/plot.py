@@ -77,7 +77,8 @@ def epsilon_curve(
 
     Returns ``{"steps": [...], "rdp": [...], "pld_steps": [...], "pld": [...], "delta": delta}``.
     """
-    from ..analysis import DEFAULT_ORDERS, compute_pld_from_ledger, compute_rdp_from_ledger, get_privacy_spent
+    from ..analysis import DEFAULT_ORDERS, compute_rdp_from_ledger, get_privacy_spent
+    from ..analysis.tree_aggregation import pld_accountant_for
 
     def rdp_eps(k: int) -> float:
         if k == 0:
@@ -86,7 +87,8 @@ def epsilon_curve(
         return float(get_privacy_spent(DEFAULT_ORDERS, r, target_delta=delta)[0])
 
     def pld_eps(k: int) -> float:
-        return 0.0 if k == 0 else float(compute_pld_from_ledger(_prefix_ledger(ledger, k)).get_epsilon(delta))
+        # tree-aggregation events through their equivalent Gaussians, as the audit does
+        return 0.0 if k == 0 else float(pld_accountant_for(_prefix_ledger(ledger, k).to_event()).get_epsilon(delta))
 
     def sweep(ks: list[int], f, budget: float) -> dict[int, float]:
         out: dict[int, float] = {}
