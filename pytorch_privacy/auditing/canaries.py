@@ -15,7 +15,8 @@ Gradient canaries (white-box; Steinke, Nasr, Jagielski 2023; Nasr et al. 2021)
     parameter update, for an auditor who only sees the first and last model).
 
 Input canaries (black-box)
-    Examples (mislabelled or out-of-distribution inputs) appended to the training set when
+    Examples (mislabelled, :func:`mislabelled_canaries`, or out-of-distribution,
+    :func:`random_input_canaries`) appended to the training set when
     included; they are sampled with the real data.  Score: the negative loss of the trained
     model on the canary (a member tends to have a lower loss).
 
@@ -36,6 +37,7 @@ __all__ = [
     "GradientCanaries",
     "InputCanaries",
     "mislabelled_canaries",
+    "random_input_canaries",
     "canary_step",
     "train_with_canaries",
 ]
@@ -231,6 +233,21 @@ def mislabelled_canaries(
     idx = torch.randperm(len(y), generator=g)[:m]
     shift = torch.randint(1, num_classes, (m,), generator=g).to(y.device)
     return InputCanaries(x[idx], (y[idx] + shift) % num_classes, seed=seed, **kwargs)
+
+
+def random_input_canaries(
+    like: torch.Tensor, m: int, *, num_classes: int, seed: int = 0, **kwargs
+) -> InputCanaries:
+    """:class:`InputCanaries` of ``m`` out-of-distribution inputs: uniform noise over the range of
+    ``like`` (e.g. the training inputs; only its shape, dtype and min/max are read), each with a
+    random label.  Seeded; torch's global RNG is not touched."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (the number of canaries) must be a positive integer, got {m!r}")
+    g = torch.Generator().manual_seed(int(seed) + 4)
+    lo, hi = float(like.min()), float(like.max())
+    x = lo + (hi - lo) * torch.rand((m,) + tuple(like.shape[1:]), generator=g)
+    y = torch.randint(0, num_classes, (m,), generator=g)
+    return InputCanaries(x.to(like.device, like.dtype), y.to(like.device), seed=seed, **kwargs)
 
 
 def canary_step(optimizer: Any, inputs: Any, targets: Any, canary_records: Mapping[str, torch.Tensor] | None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pytorch_privacy.auditing.canaries import (
     InputCanaries,
     canary_step,
     mislabelled_canaries,
+    random_input_canaries,
     train_with_canaries,
 )
 from pytorch_privacy.auditing.one_run import audit_training
@@ -194,3 +195,13 @@ def test_an_under_noised_run_is_caught():
     misstated.record_sample(GaussianEvent(4.0), 20)
     claimed = claimed_epsilons(misstated, 1e-5)
     assert res.epsilon_lower_bound > max(claimed.values()), (res.summary(), claimed)
+
+
+def test_out_of_distribution_canaries_span_the_data_range_and_are_seeded():
+    x, _ = _data(50)
+    a = random_input_canaries(x, 30, num_classes=4, seed=3)
+    b = random_input_canaries(x, 30, num_classes=4, seed=3)
+    assert a.inputs.shape == (30, 64) and torch.equal(a.inputs, b.inputs) and torch.equal(a.included, b.included)
+    assert a.inputs.min() >= x.min() and a.inputs.max() <= x.max() and set(a.targets.tolist()) <= {0, 1, 2, 3}
+    # uniform over the range: far from the data's class prototypes, so a spread of values
+    assert a.inputs.std() > 0.5 * (x.max() - x.min()) / math.sqrt(12)
