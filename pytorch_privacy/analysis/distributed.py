@@ -133,7 +133,8 @@ def discrete_gaussian_zcdp(l2_sensitivity: float, sigma: float) -> float:
         return 0.0
     if s == 0.0:
         return math.inf
-    return 0.5 * (d / s) ** 2
+    with np.errstate(over="ignore"):
+        return float(0.5 * np.float64(d / s) ** 2)
 
 
 def compute_rdp_discrete_gaussian(l2_sensitivity: float, sigma: float, orders: Sequence[float] | float | None = None) -> np.ndarray:
@@ -187,8 +188,9 @@ def compute_rdp_distributed_discrete_gaussian(
         return single
     tau = ddg_tau(s, n)
     a = np.where(np.isfinite(o), np.ceil(o), np.inf)
-    s2 = d2 / (math.sqrt(n) * s)
-    s1 = d1 / (math.sqrt(n) * s)
+    s2 = np.float64(d2) / (math.sqrt(n) * s)
+    s1 = np.float64(d1) / (math.sqrt(n) * s)
+    tau = np.float64(tau)
     with np.errstate(over="ignore", invalid="ignore"):
         t1 = 0.5 * a * s2**2 + tau * dim
         t2 = 0.5 * a * (s2**2 + 2.0 * s1 * tau + tau**2 * dim)
@@ -209,6 +211,7 @@ def compute_rdp_skellam(
     deg = _degenerate(max(d1, d2), mu, o)
     if deg is not None:
         return deg
+    d1, d2, mu = np.float64(d1), np.float64(d2), np.float64(mu)
     a = np.where(np.isfinite(o), np.ceil(o), np.inf)
     with np.errstate(over="ignore", invalid="ignore"):
         base = a * d2 * d2 / (2.0 * mu)

@@ -289,3 +289,27 @@ def test_skellam_bound_holds_for_exact_skellam(mu, delta):
         exact = _renyi_shift(logp, delta, alpha)
         bound = compute_rdp_skellam(delta, delta, mu, [alpha])[0]
         assert exact <= bound, (exact, bound)
+
+
+_any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**30), 10**30), st.just(True), st.just("1")
+)
+
+
+@settings(max_examples=60)
+@given(a=_any_float, b=_any_float, c=_any_float, n=st.one_of(st.integers(-5, 10**12), st.floats()), order=_any_float)
+def test_fuzz_public_functions_finite_inf_or_clear_error(a, b, c, n, order):
+    calls = [
+        lambda: compute_rdp_discrete_gaussian(a, b, [order]),
+        lambda: discrete_gaussian_zcdp(a, b),
+        lambda: ddg_tau(a, n),
+        lambda: compute_rdp_distributed_discrete_gaussian(a, b, c, n, 7, [order]),
+        lambda: compute_rdp_skellam(a, b, c, [order]),
+    ]
+    for call in calls:
+        try:
+            out = np.atleast_1d(np.asarray(call(), dtype=float))
+        except (ValueError, TypeError) as exc:
+            assert str(exc)
+            continue
+        assert not np.any(np.isnan(out)) and np.all(out >= 0)
