@@ -19,8 +19,8 @@ Canonne, Kamath, Steinke 2020, "The Discrete Gaussian for Differential Privacy",
 probability :math:`p` exactly.  The fast path draws 53 random bits :math:`k` (so
 :math:`U\in[k/2^{53}, (k+1)/2^{53})`) and compares that interval with a float64 value
 :math:`\tilde p` and a rigorous bound on :math:`|\tilde p - p|`; only when the interval and
-:math:`[\tilde p - \text{err}, \tilde p + \text{err}]` overlap (probability about
-:math:`2^{-44}` per draw) is the comparison redone in exact rational arithmetic
+:math:`[\tilde p - \text{err}, \tilde p + \text{err}]` overlap (a probability of order
+:math:`2^{-44}` per draw at typical values) is the comparison redone in exact rational arithmetic
 (:class:`fractions.Fraction`), refining :math:`U` with further random bits until it is decided.
 So the output distribution is exactly the discrete Gaussian for the given rational
 :math:`\sigma^2`; a float ``sigma`` is taken as the exact rational it represents, and
@@ -51,8 +51,6 @@ import torch
 from .randomness import RandomSource, as_random_source
 
 __all__ = ["sample_discrete_gaussian", "sample_discrete_laplace", "as_fraction"]
-
-
 
 _TWO_M53 = 2.0**-53
 _MIN_S2 = Fraction(1, 2**20)
