@@ -324,6 +324,13 @@ def max_tree_sensitivity_squared(total_steps: int, max_participation: int, min_s
     t = _check_int("total_steps", total_steps)
     k = _check_int("max_participation", max_participation)
     sep = _check_int("min_separation", min_separation)
+    return _sens2(t, k, sep)
+
+
+@functools.lru_cache(maxsize=256)
+def _sens2(t: int, k: int, sep: int) -> float:
+    """:func:`max_tree_sensitivity_squared` of checked arguments, cached: calibration evaluates
+    the same tree at many noise multipliers, and the sensitivity does not depend on the noise."""
     if t == 0 or k == 0:
         return 0.0
     sep = min(sep, t)  # a separation of t or more allows one participation, like t
@@ -332,15 +339,10 @@ def max_tree_sensitivity_squared(total_steps: int, max_participation: int, min_s
     if sep == 0 and k == t:  # every record in every step: all nodes full
         return float(sum((t >> h) * 4**h for h in range(t.bit_length())))
     if _exact_fits(t, k, sep1):
-        return _cached_exact(t, k, sep)
+        return _exact_sens2(t, k, sep)
     if k <= _CAP_BOUND_LIMIT:
         return _cap_bound_sens2(t, k, sep1)
     return _crude_bound_sens2(t, k, sep1)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_exact(t: int, k: int, sep: int) -> float:
-    return _exact_sens2(t, k, sep)
 
 
 def compute_rdp_single_tree(
