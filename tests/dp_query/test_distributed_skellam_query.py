@@ -256,3 +256,13 @@ def test_docs_page_code_runs(capsys):
     out = capsys.readouterr().out
     eps = float(re.search(r"epsilon = ([0-9.]+) after 10 rounds", out).group(1))
     assert 1 < eps < 10
+
+
+def test_average_through_normalized_query_tf_case():
+    # TF Privacy's DistributedSkellamAverageQuery is the sum query inside a NormalizedQuery
+    from pytorch_privacy.dp_query.normalized_query import NormalizedQuery
+
+    q = NormalizedQuery(DistributedSkellamSumQuery(3.0, 3.0, 0.0), denominator=2.0)
+    result, event = _run(q, [_i(1, 1), _i(1, 1)])
+    assert result.tolist() == [1.0, 1.0]
+    assert event == DistributedSkellamEvent(3.0, 3.0, 0.0, 2)
