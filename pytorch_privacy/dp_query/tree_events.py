@@ -211,10 +211,11 @@ def group_tree_steps(runs: tuple["LedgerRun", ...]) -> DpEvent:
         for r, _ in tree:
             if r.sampling in ("poisson", "without_replacement"):
                 raise ValueError(
-                    f"tree-aggregation steps recorded with {r.sampling!r} sampling cannot be accounted: no "
-                    "amplification by sampling is claimed for tree aggregation, and a sampled record's "
-                    "participation in a tree is unbounded. Record DP-FTRL steps with sampling='fixed_order' "
-                    "(same batch order every epoch), 'shuffle' or 'full'"
+                    f"tree-aggregation steps recorded with {r.sampling!r} sampling are refused: no "
+                    "amplification by sampling is claimed for tree aggregation, and a sampled record may "
+                    "take part in every step of a tree (the full-batch bound, far above what DP-FTRL "
+                    "needs). Record DP-FTRL steps with the loader's real scheme: sampling='fixed_order' "
+                    "(same batches every epoch), 'shuffle' (a new permutation every epoch) or 'full'"
                 )
             if _settings(r) != _settings(first):
                 raise ValueError(
