@@ -122,16 +122,17 @@ def _step(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries, q: 
     return loss
 
 
-def _finish_audit(canaries, delta: float, confidence: float, eps_rdp: float, eps_pld: float, log):
+def _finish_audit(canaries, delta: float, confidence: float, eps_rdp: float, eps_pld: float | None, log):
     from .auditing.one_run import one_run_audit
 
     res = one_run_audit(canaries.scores, canaries.included, delta=delta, confidence=confidence)
+    pld_text = "n/a" if eps_pld is None else f"{eps_pld:.3f}"
     log(
         f"audit (one run, {res.m} canaries): empirical epsilon >= {res.epsilon_lower_bound:.3f} "
-        f"({100 * confidence:g}% confidence); ledger upper bounds: RDP {eps_rdp:.3f}, PLD {eps_pld:.3f} "
+        f"({100 * confidence:g}% confidence); ledger upper bounds: RDP {eps_rdp:.3f}, PLD {pld_text} "
         f"(delta {delta:g}); {res.correct}/{res.guesses} guesses right"
     )
-    if res.epsilon_lower_bound > min(eps_rdp, eps_pld):
+    if res.epsilon_lower_bound > min(eps_rdp, eps_rdp if eps_pld is None else eps_pld):
         log("WARNING: the empirical lower bound exceeds the claimed epsilon: evidence of a privacy bug")
     return res
 
@@ -228,8 +229,12 @@ def run_demo(
     seconds = time.perf_counter() - t0
     from .analysis import compute_pld_from_ledger
 
-    eps_pld = compute_pld_from_ledger(ledger).get_epsilon(delta) if len(ledger) else 0.0
-    log(f"tighter PLD bound for the same ledger: epsilon {eps_pld:.3f} (RDP: {eps:.3f})")
+    try:
+        eps_pld = compute_pld_from_ledger(ledger).get_epsilon(delta) if len(ledger) else 0.0
+        log(f"tighter PLD bound for the same ledger: epsilon {eps_pld:.3f} (RDP: {eps:.3f})")
+    except ValueError as exc:  # e.g. a noise multiplier so small that one step's loss overflows
+        eps_pld = None
+        log(f"PLD bound not computed ({exc}); the RDP bound {eps:.3f} stands")
     log(
         f"done: test accuracy {acc:.3f}, ({eps:.3f}, {delta:g})-DP over {len(ledger)} steps "
         f"({steps_per_epoch} per epoch), {seconds:.1f}s"
@@ -248,6 +253,6 @@ def run_demo(
             from .cli.plot import audit_plot_path, plot_audit
 
             apath = audit_plot_path(plot_path)
-            plot_audit(result["audit"], apath, claimed=eps_pld, title="one-run audit of the demo (digits)")
+            plot_audit(result["audit"], apath, claimed=eps if eps_pld is None else eps_pld, title="one-run audit of the demo (digits)")
             log(f"plot: the audit's ROC curve and score histogram written to {apath}")
     return result

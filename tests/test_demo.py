@@ -113,3 +113,11 @@ def test_demo_audit_plot_draws_roc_and_histogram(tmp_path, small_data):
 def test_demo_audit_count_is_checked(tmp_path, small_data):
     with pytest.raises(ValueError, match="between 1 and 9258 canaries"):
         _run(tmp_path, progress=False, audit=10**6)
+
+
+def test_demo_with_almost_no_noise_reports_rdp_when_pld_cannot_be_computed(tmp_path, small_data):
+    """sigma = 1e-3: one step's privacy loss is beyond the PLD grid; the demo says so and finishes."""
+    result, lines = _run(tmp_path, noise_multiplier=1e-3, progress=False)
+    assert result["epsilon_pld"] is None
+    assert result["epsilon"] > 1e3
+    assert any("PLD bound not computed" in line for line in lines)
