@@ -233,6 +233,28 @@ def check_noise_scale(value, name: str) -> float:
     return v
 
 
+def check_scale(scale, l2_norm_clip) -> float:
+    """The scaling factor of floating-point records: > 0, and only with ``l2_norm_clip``."""
+    v = check_stddev(scale, "scale")
+    if v == 0:
+        raise ValueError("scale must be > 0")
+    if l2_norm_clip is None and v != 1.0:
+        raise ValueError("scale applies to floating-point records: give l2_norm_clip too (integer records are taken as they are)")
+    return v
+
+
+def check_round_tries(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_round_tries must be a positive integer, got {value!r}")
+    return value
+
+
+def decode(t: torch.Tensor, scale: float, floating: bool) -> torch.Tensor:
+    """An integer-domain sum back in the records' domain: ``t / scale`` in float64 for
+    floating-point records, the int64 tensor itself (a copy) for integer records."""
+    return t.to(torch.float64) / scale if floating else t.clone()
+
+
 def _check_clip_vs_bound(l2_norm_clip, scale: float, l2_norm_bound: float) -> float | None:
     if l2_norm_clip is None:
         return None
@@ -256,13 +278,17 @@ class DiscreteGaussianSumQuery(SumAggregationDPQuery):
             toward zero (TF Privacy asserts instead); records within it are used as they are.
         stddev: the discrete Gaussian's scale ``sigma`` (exact, not rounded up as in TF Privacy).
         l2_norm_clip: optional; lets the query take floating-point records: each is clipped to
-            this L2 norm and conditionally rounded (:func:`randomized_round`) to the bound.
+            this L2 norm, multiplied by ``scale`` and conditionally rounded
+            (:func:`randomized_round`) to the bound; the result is then decoded (divided by
+            ``scale``, float64).  ``l2_norm_clip * scale`` must not exceed ``l2_norm_bound``.
+        scale: the scaling factor of floating-point records (the rounding granularity is
+            ``1/scale``; ``stddev`` and the bound are in the scaled, integer domain).
         max_round_tries: conditional rounding draws before rounding toward zero.
         generator: a ``torch.Generator`` or a :class:`~.randomness.RandomSource` (default: owned,
             OS-seeded; never torch's global RNG).
         secure_mode: draw from the OS CSPRNG.
 
-    The sum and the result are int64.  The event is
+    The sum is int64, and so is the result for integer records.  The event is
     :class:`~.distributed_events.DiscreteGaussianEvent` ``(l2_norm_bound, stddev)``
     (:class:`~.events.NoOpEvent` when the bound is 0).
     """
@@ -273,16 +299,16 @@ class DiscreteGaussianSumQuery(SumAggregationDPQuery):
         stddev: float,
         *,
         l2_norm_clip: float | None = None,
+        scale: float = 1.0,
         max_round_tries: int = MAX_ROUND_TRIES,
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
     ):
         self._l2_norm_bound = check_stddev(l2_norm_bound, "l2_norm_bound")
         self._stddev = check_noise_scale(stddev, "stddev")
-        self._l2_norm_clip = _check_clip_vs_bound(l2_norm_clip, 1.0, self._l2_norm_bound)
-        if isinstance(max_round_tries, bool) or not isinstance(max_round_tries, int) or max_round_tries < 1:
-            raise ValueError(f"max_round_tries must be a positive integer, got {max_round_tries!r}")
-        self._max_tries = max_round_tries
+        self._scale = check_scale(scale, l2_norm_clip)
+        self._l2_norm_clip = _check_clip_vs_bound(l2_norm_clip, self._scale, self._l2_norm_bound)
+        self._max_tries = check_round_tries(max_round_tries)
         self.generator = as_random_source(generator, secure_mode=secure_mode)
 
     def initial_global_state(self) -> DiscreteGaussianSumGlobalState:
@@ -308,6 +334,7 @@ class DiscreteGaussianSumQuery(SumAggregationDPQuery):
             leaves,
             l2_norm_bound=float(params.l2_norm_bound),
             l2_norm_clip=self._l2_norm_clip,
+            scale=self._scale,
             source=self.generator,
             max_round_tries=self._max_tries,
         )
@@ -321,7 +348,8 @@ class DiscreteGaussianSumQuery(SumAggregationDPQuery):
         sigma = float(global_state.stddev)
 
         def noise(v: torch.Tensor) -> torch.Tensor:
-            return v + sample_discrete_gaussian(sigma, tuple(v.shape), self.generator, device=v.device)
+            noised = v + sample_discrete_gaussian(sigma, tuple(v.shape), self.generator, device=v.device)
+            return decode(noised, self._scale, self._l2_norm_clip is not None)
 
         return pytree.tree_map(noise, sample_state), global_state, self.event(global_state)
 

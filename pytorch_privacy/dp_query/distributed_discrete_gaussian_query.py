@@ -27,6 +27,9 @@ from .discrete_gaussian_query import (
     MAX_ROUND_TRIES,
     _check_clip_vs_bound,
     check_noise_scale,
+    check_round_tries,
+    check_scale,
+    decode,
     prepare_integer_records,
     rounded_l1_norm_bound,
 )
@@ -122,12 +125,14 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
             integer).  The sum of ``n`` shares has variance about ``n * local_stddev^2``.
         l1_norm_bound: optional L1 bound, also enforced by clipping; the event's L1 sensitivity
             is the smaller of it and ``min(sqrt(d) * l2_norm_bound, l2_norm_bound^2)``.
-        l2_norm_clip: optional; take floating-point records, clip them to this L2 norm and
-            conditionally round them (Kairouz et al. 2021) to ``l2_norm_bound``.
+        l2_norm_clip: optional; take floating-point records, clip them to this L2 norm, multiply
+            them by ``scale`` and conditionally round them (Kairouz et al. 2021) to
+            ``l2_norm_bound``; the result is then decoded (divided by ``scale``, float64).
+        scale: the scaling factor of floating-point records (granularity ``1/scale``).
         max_round_tries, generator, secure_mode: as for
             :class:`~.discrete_gaussian_query.DiscreteGaussianSumQuery`.
 
-    The result is the int64 sum of the noised records.  The event is
+    The result is the sum of the noised records (int64 for integer records).  The event is
     ``DistributedDiscreteGaussianEvent(l2, l1, local_stddev, num_records, dimension)``, accounted
     under replace-one neighbours (see :mod:`pytorch_privacy.analysis.distributed`);
     :class:`~.events.NoOpEvent` for an empty sample or a bound of 0.
@@ -140,6 +145,7 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
         *,
         l1_norm_bound: float | None = None,
         l2_norm_clip: float | None = None,
+        scale: float = 1.0,
         max_round_tries: int = MAX_ROUND_TRIES,
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
@@ -147,10 +153,9 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
         self._l2 = check_stddev(l2_norm_bound, "l2_norm_bound")
         self._l1 = None if l1_norm_bound is None else check_stddev(l1_norm_bound, "l1_norm_bound")
         self._local = check_noise_scale(local_stddev, "local_stddev")
-        self._clip = _check_clip_vs_bound(l2_norm_clip, 1.0, self._l2)
-        if isinstance(max_round_tries, bool) or not isinstance(max_round_tries, int) or max_round_tries < 1:
-            raise ValueError(f"max_round_tries must be a positive integer, got {max_round_tries!r}")
-        self._max_tries = max_round_tries
+        self._scale = check_scale(scale, l2_norm_clip)
+        self._clip = _check_clip_vs_bound(l2_norm_clip, self._scale, self._l2)
+        self._max_tries = check_round_tries(max_round_tries)
         self.generator = as_random_source(generator, secure_mode=secure_mode)
 
     def initial_global_state(self) -> DistributedDiscreteGaussianGlobalState:
@@ -166,6 +171,7 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
             l2_norm_bound=float(params.l2_norm_bound),
             l1_norm_bound=None if params.l1_norm_bound is None else float(params.l1_norm_bound),
             l2_norm_clip=self._clip,
+            scale=self._scale,
             source=self.generator,
             max_round_tries=self._max_tries,
         )
@@ -176,7 +182,7 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
     def get_noised_result(self, sample_state: DistributedSumState, global_state: DistributedDiscreteGaussianGlobalState):
         """The sum of the locally noised records (no central noise: secure aggregation releases
         only this sum, assuming no noise share is missing)."""
-        result = pytree.tree_map(torch.clone, sample_state.total)
+        result = pytree.tree_map(lambda t: decode(t, self._scale, self._clip is not None), sample_state.total)
         return result, global_state, self.event(global_state, sample_state)
 
     def event(self, global_state: DistributedDiscreteGaussianGlobalState, sample_state: DistributedSumState) -> DpEvent:

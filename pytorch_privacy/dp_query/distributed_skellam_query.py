@@ -47,6 +47,9 @@ from .discrete_gaussian_query import (
     MAX_ROUND_TRIES,
     _check_clip_vs_bound,
     check_noise_scale,
+    check_round_tries,
+    check_scale,
+    decode,
     prepare_integer_records,
     rounded_l1_norm_bound,
 )
@@ -192,16 +195,10 @@ class DistributedSkellamSumQuery(_DistributedIntegerSumQuery):
         self._local = check_noise_scale(local_stddev, "local_stddev")
         if self._local > MAX_LOCAL_STDDEV:
             raise ValueError(f"local_stddev must be at most 2^26 (its Poisson rates at most 2^52), got {local_stddev!r}")
-        self._scale = check_stddev(scale, "scale")
-        if self._scale == 0:
-            raise ValueError("scale must be > 0")
-        if l2_norm_clip is None and self._scale != 1.0:
-            raise ValueError("scale applies to floating-point records: give l2_norm_clip too (integer records are taken as they are)")
+        self._scale = check_scale(scale, l2_norm_clip)
         self._clip = _check_clip_vs_bound(l2_norm_clip, self._scale, self._l2)
         self._modulus = _modulus(bits, modulus)
-        if isinstance(max_round_tries, bool) or not isinstance(max_round_tries, int) or max_round_tries < 1:
-            raise ValueError(f"max_round_tries must be a positive integer, got {max_round_tries!r}")
-        self._max_tries = max_round_tries
+        self._max_tries = check_round_tries(max_round_tries)
         self.generator = as_random_source(generator, secure_mode=secure_mode)
 
     @property
@@ -251,7 +248,7 @@ class DistributedSkellamSumQuery(_DistributedIntegerSumQuery):
                 m = self._modulus
                 t = torch.remainder(t, m)
                 t = torch.where(t >= (m + 1) // 2, t - m, t)
-            return t.clone() if self._clip is None else t.to(torch.float64) / self._scale
+            return decode(t, self._scale, self._clip is not None)
 
         return pytree.tree_map(one, total)
 

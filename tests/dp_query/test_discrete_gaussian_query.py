@@ -229,3 +229,25 @@ def test_prepared_float_records_always_within_bound(rows, clip, scale, seed):
     out = prepare_integer_records([x], l2_norm_bound=bound, l2_norm_clip=clip, scale=scale, source=src, max_round_tries=3)[0]
     for r in out.tolist():
         assert Fraction(_exact_sq(r)) <= Fraction(bound) ** 2
+
+
+@pytest.mark.parametrize("scale", [1.0, 64.0])
+def test_scaled_float_records_are_decoded(scale):
+    from pytorch_privacy.dp_query.distributed_discrete_gaussian_query import DistributedDiscreteGaussianSumQuery
+
+    dim, clip, n = 16, 1.0, 300
+    bound = rounded_l2_norm_bound(clip * scale, dim)
+    batch = torch.randn(n, dim, generator=torch.Generator().manual_seed(6)) * 0.1  # within the clip
+    for q in (
+        DiscreteGaussianSumQuery(bound, 0.0, l2_norm_clip=clip, scale=scale, generator=torch.Generator().manual_seed(7)),
+        DistributedDiscreteGaussianSumQuery(bound, 0.0, l2_norm_clip=clip, scale=scale, generator=torch.Generator().manual_seed(8)),
+    ):
+        gs = q.initial_global_state()
+        st = q.accumulate_records(q.derive_sample_params(gs), q.initial_sample_state(batch[0]), batch)
+        result = q.get_noised_result(st, gs)[0]
+        assert result.dtype == torch.float64
+        # unbiased rounding to the grid 1/scale: error of the sum ~ sqrt(n / 4) / scale
+        err = float((result - batch.double().sum(0)).abs().max())
+        assert err < 5 * math.sqrt(n / 4) / scale
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        DiscreteGaussianSumQuery(10.0, 1.0, scale=2.0)
