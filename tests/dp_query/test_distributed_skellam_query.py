@@ -266,3 +266,32 @@ def test_average_through_normalized_query_tf_case():
     result, event = _run(q, [_i(1, 1), _i(1, 1)])
     assert result.tolist() == [1.0, 1.0]
     assert event == DistributedSkellamEvent(3.0, 3.0, 0.0, 2)
+
+
+@pytest.mark.gpu
+def test_discrete_queries_on_cuda():
+    from pytorch_privacy.dp_query.discrete_gaussian_query import DiscreteGaussianSumQuery
+    from pytorch_privacy.dp_query.distributed_discrete_gaussian_query import DistributedDiscreteGaussianSumQuery
+
+    dev = torch.device("cuda")
+    ints = torch.randint(-2, 3, (20, 8), generator=_gen(0)).to(dev)
+    floats = (torch.randn(20, 8, generator=_gen(1)) * 0.1).to(dev)
+    bound = rounded_l2_norm_bound(16.0, 8)
+    for q, batch in (
+        (DiscreteGaussianSumQuery(10.0, 0.0), ints),
+        (DistributedDiscreteGaussianSumQuery(10.0, 0.0), ints),
+        (DistributedSkellamSumQuery(30, 10, 0.0, bits=12), ints),
+        (DistributedSkellamSumQuery(100, bound, 0.0, l2_norm_clip=1.0, scale=16.0, bits=16), floats),
+    ):
+        gs = q.initial_global_state()
+        st = q.accumulate_records(q.derive_sample_params(gs), q.initial_sample_state(batch[0]), batch)
+        res = q.get_noised_result(st, gs)[0]
+        assert res.device.type == "cuda"
+        if batch.dtype == torch.int64:
+            assert torch.equal(res.cpu(), batch.sum(0).cpu())
+        else:
+            assert float((res.double() - batch.double().sum(0)).abs().max()) < 5 * math.sqrt(5) / 16
+    noisy = DiscreteGaussianSumQuery(10.0, 3.0)
+    gs = noisy.initial_global_state()
+    res = noisy.get_noised_result(noisy.initial_sample_state(ints[0]), gs)[0]
+    assert res.device.type == "cuda" and res.dtype == torch.int64
