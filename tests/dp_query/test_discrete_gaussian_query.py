@@ -251,3 +251,32 @@ def test_scaled_float_records_are_decoded(scale):
         assert err < 5 * math.sqrt(n / 4) / scale
     with pytest.raises(ValueError, match="l2_norm_clip"):
         DiscreteGaussianSumQuery(10.0, 1.0, scale=2.0)
+
+
+def test_trains_with_dp_optimizer_and_accounts_the_ledger():
+    from torch import nn
+
+    from pytorch_privacy.analysis.rdp_accountant import compute_rdp_from_ledger
+    from pytorch_privacy.dp_query.normalized_query import NormalizedQuery
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.optimizer.dp_optimizer import DPOptimizer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 5, generator=g), torch.randint(0, 2, (100,), generator=g)
+    model = nn.Linear(5, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = 100.0
+    bound = rounded_l2_norm_bound(scale, 12)
+    inner = DiscreteGaussianSumQuery(bound, scale, l2_norm_clip=1.0, scale=scale, generator=torch.Generator().manual_seed(1))
+    ledger = PrivacyLedger(100, sampling="shuffle", batch_size=50)
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, nn.CrossEntropyLoss(reduction="none"),
+        NormalizedQuery(inner, denominator=50), ledger=ledger,
+    )
+    for _ in range(2):
+        for i in range(0, 100, 50):
+            assert math.isfinite(opt.fit_batch(x[i : i + 50], y[i : i + 50]))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # shuffled batches: one release per epoch under replace-one (sensitivity 2 * bound)
+    orders = np.array([2.0, 8.0])
+    np.testing.assert_allclose(compute_rdp_from_ledger(ledger, orders), 2 * orders * (2 * bound) ** 2 / (2 * scale**2))
