@@ -177,7 +177,10 @@ def randomized_round(
     is above the bound)."""
     leaves, spec = pytree.flatten(record)
     src = as_random_source(generator, secure_mode=secure_mode)
-    rows = _round_rows([l.unsqueeze(0) for l in leaves], check_stddev(l2_norm_bound, "l2_norm_bound"), src, max_tries)
+    bound = check_norm_bound(l2_norm_bound, "l2_norm_bound")
+    if not all(bool(torch.isfinite(l).all()) for l in leaves):
+        raise ValueError("the record has a NaN or infinite entry; it cannot be rounded")
+    rows = _round_rows([l.unsqueeze(0) for l in leaves], bound, src, check_round_tries(max_tries))
     return pytree.unflatten([r[0] for r in rows], spec)
 
 
@@ -223,6 +226,21 @@ class DiscreteGaussianSumGlobalState:
 
     l2_norm_bound: float
     stddev: float
+
+
+#: Largest integer-domain L2 bound: a record's sum of squares (<= bound^2 <= 2^52) and the
+#: squared threshold are then exact in float64, so the bound checks are exact.
+MAX_L2_BOUND = 2.0**26
+#: Largest integer-domain L1 bound (L1 sums exact in float64).
+MAX_L1_BOUND = 2.0**52
+
+
+def check_norm_bound(value, name: str, cap: float = MAX_L2_BOUND) -> float:
+    """An integer-domain norm bound: finite, >= 0 and at most ``cap``."""
+    v = check_stddev(value, name)
+    if v > cap:
+        raise ValueError(f"{name} must be at most {cap:.6g} (sums of squares exact in float64), got {value!r}")
+    return v
 
 
 def check_noise_scale(value, name: str) -> float:
@@ -304,7 +322,7 @@ class DiscreteGaussianSumQuery(SumAggregationDPQuery):
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
     ):
-        self._l2_norm_bound = check_stddev(l2_norm_bound, "l2_norm_bound")
+        self._l2_norm_bound = check_norm_bound(l2_norm_bound, "l2_norm_bound")
         self._stddev = check_noise_scale(stddev, "stddev")
         self._scale = check_scale(scale, l2_norm_clip)
         self._l2_norm_clip = _check_clip_vs_bound(l2_norm_clip, self._scale, self._l2_norm_bound)

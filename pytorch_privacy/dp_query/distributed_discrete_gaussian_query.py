@@ -24,8 +24,10 @@ import torch
 from . import pytree
 from .discrete_gaussian import sample_discrete_gaussian
 from .discrete_gaussian_query import (
+    MAX_L1_BOUND,
     MAX_ROUND_TRIES,
     _check_clip_vs_bound,
+    check_norm_bound,
     check_noise_scale,
     check_round_tries,
     check_scale,
@@ -33,7 +35,7 @@ from .discrete_gaussian_query import (
     prepare_integer_records,
     rounded_l1_norm_bound,
 )
-from .dp_query import DPQuery, check_stddev
+from .dp_query import DPQuery
 from .distributed_events import DistributedDiscreteGaussianEvent
 from .events import DpEvent, NoOpEvent
 from .randomness import RandomSource, as_random_source
@@ -150,8 +152,8 @@ class DistributedDiscreteGaussianSumQuery(_DistributedIntegerSumQuery):
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
     ):
-        self._l2 = check_stddev(l2_norm_bound, "l2_norm_bound")
-        self._l1 = None if l1_norm_bound is None else check_stddev(l1_norm_bound, "l1_norm_bound")
+        self._l2 = check_norm_bound(l2_norm_bound, "l2_norm_bound")
+        self._l1 = None if l1_norm_bound is None else check_norm_bound(l1_norm_bound, "l1_norm_bound", MAX_L1_BOUND)
         self._local = check_noise_scale(local_stddev, "local_stddev")
         self._scale = check_scale(scale, l2_norm_clip)
         self._clip = _check_clip_vs_bound(l2_norm_clip, self._scale, self._l2)

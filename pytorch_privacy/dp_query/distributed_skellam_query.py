@@ -44,8 +44,10 @@ from scipy.special import gammaln
 from . import pytree
 from .discrete_gaussian import _random_bits
 from .discrete_gaussian_query import (
+    MAX_L1_BOUND,
     MAX_ROUND_TRIES,
     _check_clip_vs_bound,
+    check_norm_bound,
     check_noise_scale,
     check_round_tries,
     check_scale,
@@ -190,8 +192,8 @@ class DistributedSkellamSumQuery(_DistributedIntegerSumQuery):
         generator: "torch.Generator | RandomSource | None" = None,
         secure_mode: bool = False,
     ):
-        self._l1 = check_stddev(l1_norm_bound, "l1_norm_bound")
-        self._l2 = check_stddev(l2_norm_bound, "l2_norm_bound")
+        self._l1 = check_norm_bound(l1_norm_bound, "l1_norm_bound", MAX_L1_BOUND)
+        self._l2 = check_norm_bound(l2_norm_bound, "l2_norm_bound")
         self._local = check_noise_scale(local_stddev, "local_stddev")
         if self._local > MAX_LOCAL_STDDEV:
             raise ValueError(f"local_stddev must be at most 2^26 (its Poisson rates at most 2^52), got {local_stddev!r}")

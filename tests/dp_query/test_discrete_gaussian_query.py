@@ -280,3 +280,14 @@ def test_trains_with_dp_optimizer_and_accounts_the_ledger():
     # shuffled batches: one release per epoch under replace-one (sensitivity 2 * bound)
     orders = np.array([2.0, 8.0])
     np.testing.assert_allclose(compute_rdp_from_ledger(ledger, orders), 2 * orders * (2 * bound) ** 2 / (2 * scale**2))
+
+
+def test_bounds_are_capped_and_rounding_refuses_non_finite():
+    from pytorch_privacy.dp_query.distributed_skellam_query import DistributedSkellamSumQuery
+
+    with pytest.raises(ValueError, match="at most"):
+        DiscreteGaussianSumQuery(2.0**27, 1.0)
+    with pytest.raises(ValueError, match="at most"):
+        DistributedSkellamSumQuery(2.0**53, 10, 1.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        randomized_round(torch.tensor([1.0, float("inf")]), 5.0)
