@@ -24,6 +24,7 @@ from pytorch_privacy.dp_query.distributed_events import (
 )
 from pytorch_privacy.dp_query.events import (
     PoissonSampledEvent,
+    SampledWithoutReplacementEvent,
     SelfComposedEvent,
     ShuffledEvent,
     event_from_dict,
@@ -85,7 +86,7 @@ def test_discrete_gaussian_degenerate_and_relations():
     np.testing.assert_allclose(rep, 4.0 * add)
 
 
-def test_poisson_sampled_discrete_events_are_refused():
+def test_sampled_discrete_events_are_refused():
     for inner in (
         DiscreteGaussianEvent(1.0, 2.0),
         DistributedDiscreteGaussianEvent(1.0, 1.0, 2.0, 10, 5),
@@ -93,6 +94,8 @@ def test_poisson_sampled_discrete_events_are_refused():
     ):
         with pytest.raises(ValueError, match="Gaussian"):
             compute_rdp_from_event(PoissonSampledEvent(0.1, inner), ORDERS)
+        with pytest.raises(ValueError, match="Gaussian"):
+            compute_rdp_from_event(SampledWithoutReplacementEvent(100, 10, inner), ORDERS)
 
 
 # -- distributed discrete Gaussian ----------------------------------------------------------
