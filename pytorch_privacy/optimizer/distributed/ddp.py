@@ -277,10 +277,15 @@ class DistributedStep:
             for src_, st in zip(_sources(query), saved or []):
                 src_.load_state_dict(st)
             return None, global_state, None
-        scale = acc.noise_scale / divisor  # the query's "/ D", then the per-pass factor
+        released = flat[:n_sum]  # in place, then views (no extra pass over the parameters)
+        if divisor != 1.0:  # the query's "/ D" (as NormalizedQuery: a true division)
+            released.div_(divisor)
+        if acc.noise_scale != 1:  # the per-pass factor (mode B)
+            released.mul_(acc.noise_scale)
         pos, total = 0, []
         for t in leaves:
-            total.append((flat[pos : pos + t.numel()].reshape(t.shape) * scale).to(t.dtype))
+            view = released[pos : pos + t.numel()].view(t.shape)
+            total.append(view if view.dtype == t.dtype else view.to(t.dtype))
             pos += t.numel()
         new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
         return pytree.unflatten(total, spec), new_state, event

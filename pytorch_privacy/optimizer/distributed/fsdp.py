@@ -102,7 +102,7 @@ class FSDPStep(DistributedStep):
             ``fully_shard`` (``Shard(d)`` on one 1-D device mesh).
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    all-reduced flat buffer and the 1-entry control broadcast (no release is broadcast: each rank
+    all-reduced flat buffer and the 1-entry control all-reduce (no release is broadcast: each rank
     keeps its shard)."""
 
     def __init__(self, model: nn.Module):
