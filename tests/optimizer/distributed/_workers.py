@@ -148,9 +148,10 @@ def noise_std(rank, world, port, out_dir, sigma, clip, denominator, mode="block"
     torch.save({"update": update, "volume": opt._dist.last_volume_bytes}, os.path.join(out_dir, f"update{rank}.pt"))
 
 
-def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon):
+def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=False):
     """A 2-rank run on a DistributedDPDataLoader with budget enforcement: saves the ledger, the
-    number of steps taken and whether (and at which step) the budget refused."""
+    number of steps taken and whether (and at which step) the budget refused (``fsdp``: the model
+    sharded with ``fully_shard`` instead of wrapped in DDP)."""
     from torch.utils.data import TensorDataset
 
     from pytorch_privacy.optimizer import DPGaussianOptimizer, PrivacyBudgetExceeded
@@ -159,9 +160,15 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon):
     g = torch.Generator().manual_seed(3)
     data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
     loader = DistributedDPDataLoader(data, q, steps=steps)
-    model = nn.parallel.DistributedDataParallel(make_model())
+    if fsdp:
+        from ._fsdp_workers import shard
+
+        model = inner = shard(make_model())
+    else:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        inner = model.module
     opt = DPGaussianOptimizer(
-        torch.optim.SGD(model.module.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
+        torch.optim.SGD(inner.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
         noise_multiplier=1.0, data_loader=loader, target_epsilon=target_epsilon, target_delta=1e-5,
     )
     taken, refused_at, local = 0, None, []
@@ -173,8 +180,9 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon):
         except PrivacyBudgetExceeded:
             refused_at = taken
             break
+    sharded = all(type(p).__name__ == "DTensor" for p in inner.parameters())  # resharded after a refusal too
     torch.save(
         {"ledger": opt.ledger.to_dict(), "taken": taken, "refused_at": refused_at, "local": local,
-         "denominator": opt.denominator},
+         "denominator": opt.denominator, "sharded": sharded},
         os.path.join(out_dir, f"ledger{rank}.pt"),
     )

@@ -105,3 +105,29 @@ def test_fsdp_refuses_identical_noise_generators(tmp_path):
     for r in range(2):
         out = _load(tmp_path / f"noise{r}.pt")
         assert "same state" in out.get("error", ""), out.keys()
+
+
+@pytest.mark.slow
+def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_path):
+    from pytorch_privacy.analysis import RdpAccountant
+
+    from .test_ddp import _prefix, _runs, _single_process_ledger
+
+    n, q, steps = 40, 0.25, 4
+    ref, _, _ = _single_process_ledger(n, q, steps, target_epsilon=None)
+    eps = []
+    for k in (2, 3):
+        acc = RdpAccountant()
+        acc.compose_ledger(_prefix(ref, k))
+        eps.append(acc.get_epsilon(1e-5))
+    budget = (eps[0] + eps[1]) / 2  # step 3 is refused
+    ref_b, taken_b, refused_b = _single_process_ledger(n, q, steps, target_epsilon=budget)
+    assert (taken_b, refused_b) == (2, 2)
+    w.spawn(w.ledger_run, 2, str(tmp_path), n, q, steps, budget, True)
+    r0, r1 = (_load(tmp_path / f"ledger{r}.pt") for r in range(2))
+    led0, runs0 = _runs(r0["ledger"])
+    _, runs_ref = _runs(ref_b.to_dict())
+    assert runs0 == runs_ref and led0.steps == 2  # rank 0: the one-process ledger, global N and q
+    assert _runs(r1["ledger"])[0].steps == 0
+    assert r0["taken"] == r1["taken"] == 2 and r0["refused_at"] == r1["refused_at"] == 2
+    assert r0["sharded"] and r1["sharded"]
