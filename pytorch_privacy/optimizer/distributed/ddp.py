@@ -383,7 +383,7 @@ class DistributedStep:
         # global state, event, result structure) only when it changed since the last step, and
         # the flat release
         result = None
-        control = torch.zeros(2, dtype=torch.long)
+        control = torch.zeros(2, dtype=torch.long, device=device)  # NCCL needs device tensors
         header: list[Any] = [None]
         refused: BaseException | None = None
         if self.is_recorder:

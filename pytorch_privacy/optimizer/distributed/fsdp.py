@@ -241,7 +241,8 @@ class FSDPStep(DistributedStep):
             code, mine = _REFUSED, exc
         except Exception as exc:
             code, mine = _ERROR, exc
-        control = torch.tensor([code], dtype=torch.long)
+        device = next(iter(acc.sample_state.values())).device if acc.sample_state else torch.device("cpu")
+        control = torch.tensor([code], dtype=torch.long, device=device)  # NCCL needs device tensors
         dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.group)
         self.last_volume_bytes += control.numel() * control.element_size()
         code = int(control[0])

@@ -21,6 +21,7 @@ VARIANTS = [
     ("functorch", {}),
     ("ghost", {"max_physical_batch_size": 1}),  # physical chunks: one reduction at step()
     ("ghost", {"uneven": True}),  # rank 1's local batches are empty (no forward there)
+    ("functorch", {"num_microbatches": 4}),  # global count: 2 microbatches per rank
 ]
 
 
