@@ -7,9 +7,15 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
     unshard every FSDP unit (all-gather; once, when the step begins: ``zero_grad``)
     g_i, ||g_i||   per example of the rank's local batch, on the unsharded model (any engine)
     S_r  = sum_{i in B_r} clip_C(g_i)                      full-shaped, local
-    S[s] = (sum_r S_r)[shard s]                            one all-reduce, each rank keeps its shard
-    released[s] = (S[s] + N(0, (sigma C)^2 I)) / D         on rank s, from rank s's own generator
+    S_r[r] += N(0, (sigma C)^2 I)                          rank r noises its own shard's part only
+    S[s] = (sum_r S_r)[shard s]                            one reduce-scatter (rank-major buffer)
+    released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
+
+(That is the path of the Gaussian sum/average queries.  A query with its own
+``get_noised_result`` but a sample state of one tensor per parameter takes a general path: one
+all-reduce of the sums, each rank releases its shard with ``query.get_noised_result`` (its own
+noise), and a one-entry all-reduce of the ranks' budget/failure codes.)
 
 What the hooks see (torch 2.13).  Data parallelism puts each example on exactly one rank, and that
 rank runs the example's whole forward and backward with the layer's *unsharded* weight (FSDP2
@@ -61,7 +67,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ddp import _ERROR, _OK, _REFUSED, DistributedStep
+import attrs
+
+from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, _gaussian_part, _sources, linear_release_divisor
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -102,8 +110,13 @@ class FSDPStep(DistributedStep):
             ``fully_shard`` (``Shard(d)`` on one 1-D device mesh).
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    all-reduced flat buffer and the 1-entry control all-reduce (no release is broadcast: each rank
-    keeps its shard)."""
+    reduce-scattered buffer (``W`` segments of one shard each plus 5 counters), or for the
+    general path the all-reduced flat buffer and the 1-entry control all-reduce (no release is
+    broadcast: each rank keeps its shard).
+
+    The units are set to ``reshard_after_forward=False`` and ``reshard_after_backward=False`` (the
+    step reshards them itself when it ends): a forward of your own between steps (evaluation)
+    leaves them unsharded until the next step ends."""
 
     def __init__(self, model: nn.Module):
         FSDPModule, DTensor, Shard = _fsdp_api()
@@ -166,10 +179,10 @@ class FSDPStep(DistributedStep):
         return {n: self.sharded[n][0] if n in self.sharded else p for n, p in params.items()}
 
     # -- checks --------------------------------------------------------------------------
-    def _check_state(self, acc) -> None:
+    def _check_state(self, acc, state=None) -> None:
         if self._checked_state:
             return
-        state, template = acc.sample_state, acc.template
+        state, template = acc.sample_state if state is None else state, acc.template
         if not (
             isinstance(state, dict)
             and set(state) == set(template)
@@ -211,6 +224,9 @@ class FSDPStep(DistributedStep):
         gradients) as ``DTensor`` shards of the sharded parameters."""
         try:
             acc.flush()
+            divisor = linear_release_divisor(acc.query, global_state)
+            if divisor is not None:  # Gaussian sum/average: noise before one reduce-scatter
+                return self._scatter_release(acc, global_state, local_examples, check, divisor)
             self._check_distinct_sources(acc.query)
             reduced = self._reduce(acc, local_examples)
             if acc.public:
@@ -223,6 +239,78 @@ class FSDPStep(DistributedStep):
             return self._release_shards(acc, global_state, check)
         finally:
             self.end_step()
+
+    def _scatter_release(self, acc, global_state, local_examples: int, check, divisor: float):
+        """One collective for the Gaussian sum/average queries: every rank lays its local sums out
+        rank-major (segment ``s`` = the parts of every parameter in rank ``s``'s shard, padded to
+        a common length, then 5 counters), noises *its own* segment with its query, and one
+        reduce-scatter hands every rank the world's noised sum of its own shard (each element
+        noised once, by the rank that owns it) and the summed counters."""
+        from ..budget import PrivacyBudgetExceeded
+
+        query, names, world = acc.query, list(acc.template), self.world_size
+        has_sensitive = acc.sample_state is not None
+        state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
+        self._check_state(acc, state)
+        public = acc.num_public_passes > 0
+        pub = {n: acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names} if public else {}
+        wide = torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
+        device = state[names[0]].device
+        pieces = [
+            [c.reshape(-1).to(wide) for n in names for c in [_chunks(state[n], world, self.sharded[n][1])[s]]]
+            + [c.reshape(-1).to(wide) for n in pub for c in [_chunks(pub[n], world, self.sharded[n][1])[s]]]
+            for s in range(world)
+        ]
+        length = max(sum(t.numel() for t in seg) for seg in pieces)
+        buf = torch.zeros(world, length + 5, dtype=wide, device=device)
+        for s, seg in enumerate(pieces):
+            if seg:
+                torch.cat(seg, out=buf[s, : sum(t.numel() for t in seg)])
+        own = sum(t.numel() for t in pieces[self.rank][: len(names)])  # this rank's sum elements
+        gauss, gauss_state = _gaussian_part(query, global_state)
+        self._check_distinct_sources(query, gauss_state.stddev)
+        saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
+        code, mine, header = _OK, None, None
+        try:
+            noised, new_gauss, event = gauss.get_noised_result(buf[self.rank, :own], gauss_state)
+            buf[self.rank, :own] = noised
+            if self.is_recorder and check is not None and event is not None:
+                check(event)
+        except PrivacyBudgetExceeded as exc:
+            header = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
+            code, mine = _REFUSED, exc
+        except Exception as exc:  # the others still join the collective, then stop with this rank
+            code, mine = _ERROR, exc
+        buf[:, length:] = torch.tensor(
+            [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
+        )
+        out = torch.empty(length + 5, dtype=wide, device=device)
+        dist.reduce_scatter_single(out, buf.reshape(-1), op=dist.ReduceOp.SUM, group=self.group)
+        self.last_volume_bytes = buf.numel() * buf.element_size()
+        any_sensitive, examples, n_public, n_refused, n_errors = out[length:].round().long().tolist()
+        self.last_global_examples = examples
+        if n_refused or n_errors:
+            return self._stop(header, mine, bool(n_refused) and not n_errors)
+        if public and n_public != world:
+            raise ValueError("a public pass was taken on some ranks only; take public passes on every rank")
+        shards, pos = {}, 0
+        for n in names + list(pub):
+            p, d = self.sharded[n]
+            shape = _chunks(acc.template[n], world, d)[self.rank].shape
+            shards[n] = out[pos : pos + shape.numel()].view(shape)
+            pos += shape.numel()
+        if public:
+            acc.public = self._as_dtensors({n: shards[n] / world for n in pub})
+        if not any_sensitive:  # nothing released: undo this rank's draw
+            for src_, st in zip(_sources(query), saved or []):
+                src_.load_state_dict(st)
+            return None, global_state, None
+        result = {}
+        for n in names:
+            r = shards[n] / divisor if divisor != 1.0 else shards[n]
+            result[n] = r * acc.noise_scale if acc.noise_scale != 1 else r
+        new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
+        return self._as_dtensors(result), new_state, event
 
     def _release_shards(self, acc, global_state, check):
         from ..budget import PrivacyBudgetExceeded

@@ -76,19 +76,29 @@ def norms(rank, world, port, engines, out_dir):
     torch.save(out, os.path.join(out_dir, f"norms{rank}.pt"))
 
 
-def noise(rank, world, port, out_dir, sigma, clip, denominator, same_seed):
-    """One step with empty local batches on every rank: the update is -noise / D exactly."""
-    from pytorch_privacy.dp_query import PrivacyLedger
-    from pytorch_privacy.optimizer import DPGaussianOptimizer
+def noise(rank, world, port, out_dir, sigma, clip, denominator, same_seed, general=False):
+    """One step with empty local batches on every rank: the update is -noise / D exactly.
+    ``general``: a query with its own ``get_noised_result`` (all-reduce, then each rank noises
+    its shard through ``acc.finish``) instead of the Gaussian reduce-scatter path."""
+    from pytorch_privacy.dp_query import GaussianAverageQuery, PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
+
+    class OwnRelease(GaussianAverageQuery):
+        def get_noised_result(self, sample_state, global_state):
+            return super().get_noised_result(sample_state, global_state)
 
     torch.manual_seed(0)
     model = shard(nn.Sequential(nn.Linear(100, 50)))
     before = full_params(model)
-    opt = DPGaussianOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), model, w.loss_fn(), l2_norm_clip=clip,
-        noise_multiplier=sigma, ledger=PrivacyLedger(100, denominator / 100),
-        generator=torch.Generator().manual_seed(5 if same_seed else 5 + rank),
-    )
+    gen = torch.Generator().manual_seed(5 if same_seed else 5 + rank)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    ledger = PrivacyLedger(100, denominator / 100)
+    if general:
+        query = OwnRelease(clip, sigma * clip, denominator, generator=gen)
+        opt = DPOptimizer(sgd, model, w.loss_fn(), query, ledger=ledger)
+    else:
+        opt = DPGaussianOptimizer(sgd, model, w.loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, ledger=ledger,
+                                  generator=gen)
     try:
         opt.fit_batch(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
     except ValueError as exc:

@@ -45,9 +45,11 @@ def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
         for (engine, kw), ref, res in zip(VARIANTS, refs, out):
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
-            # one flat all-reduce of the full sums (+3 counters) and a 1-entry control all-reduce
-            n_params = sum(t.numel() for t in ref.values())
-            assert res["volume"] == 4 * (n_params + 3) + 8
+            # one reduce-scatter of a rank-major buffer: 2 segments (each rank's shard of every
+            # parameter, padded to the longer one) of sums + 5 counters, fp32
+            seg = [sum(torch.chunk(t, 2, 0)[s].numel() for t in ref.values()) for s in range(2)]
+            assert seg == [33, 20]
+            assert res["volume"] == 4 * 2 * (max(seg) + 5)
 
 
 @pytest.mark.slow
@@ -74,9 +76,10 @@ def test_fsdp_per_example_norms_are_the_unsharded_models(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path):
+@pytest.mark.parametrize("general", [False, True])
+def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path, general):
     sigma, clip, denominator = 2.0, 1.0, 10.0
-    w.spawn(fw.noise, 2, str(tmp_path), sigma, clip, denominator, False)
+    w.spawn(fw.noise, 2, str(tmp_path), sigma, clip, denominator, False, general)
     u0, u1 = (_load(tmp_path / f"noise{r}.pt") for r in range(2))
     # both ranks see the same (all-gathered) update
     torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
@@ -101,8 +104,9 @@ def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_refuses_identical_noise_generators(tmp_path):
-    w.spawn(fw.noise, 2, str(tmp_path), 1.0, 1.0, 10.0, True)
+@pytest.mark.parametrize("general", [False, True])
+def test_fsdp_refuses_identical_noise_generators(tmp_path, general):
+    w.spawn(fw.noise, 2, str(tmp_path), 1.0, 1.0, 10.0, True, general)
     for r in range(2):
         out = _load(tmp_path / f"noise{r}.pt")
         assert "same state" in out.get("error", ""), out.keys()
