@@ -25,6 +25,9 @@ autosummary_generate = True
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
 autodoc_typehints = "description"
 napoleon_google_docstring = True
+# "Attributes:" sections as :ivar: fields: autodoc documents dataclass/attrs fields itself, and a
+# second ".. attribute::" from napoleon would be a duplicate object description
+napoleon_use_ivar = True
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 templates_path = ["_templates"]
@@ -43,6 +46,7 @@ _PACKAGES = (
     "pytorch_privacy.analysis",
     "pytorch_privacy.optimizer",
     "pytorch_privacy.optimizer.engines",
+    "pytorch_privacy.auditing",
 )
 
 

@@ -122,6 +122,20 @@ def _step(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries, q: 
     return loss
 
 
+def _pld_epsilon(ledger, delta: float, eps_rdp: float, log) -> float | None:
+    """The PLD bound of the ledger, logged beside the RDP one; ``None`` (and said) when the PLD
+    accountant cannot compute it (a noise multiplier so small that one step's loss overflows)."""
+    from .analysis import compute_pld_from_ledger
+
+    try:
+        eps_pld = compute_pld_from_ledger(ledger).get_epsilon(delta) if len(ledger) else 0.0
+    except ValueError as exc:
+        log(f"PLD bound not computed ({exc}); the RDP bound {eps_rdp:.3f} stands")
+        return None
+    log(f"tighter PLD bound for the same ledger: epsilon {eps_pld:.3f} (RDP: {eps_rdp:.3f})")
+    return eps_pld
+
+
 def _finish_audit(canaries, delta: float, confidence: float, eps_rdp: float, eps_pld: float | None, log):
     from .auditing.one_run import one_run_audit
 
@@ -227,14 +241,7 @@ def run_demo(
         )
     acc = _accuracy(model, x_te, y_te)
     seconds = time.perf_counter() - t0
-    from .analysis import compute_pld_from_ledger
-
-    try:
-        eps_pld = compute_pld_from_ledger(ledger).get_epsilon(delta) if len(ledger) else 0.0
-        log(f"tighter PLD bound for the same ledger: epsilon {eps_pld:.3f} (RDP: {eps:.3f})")
-    except ValueError as exc:  # e.g. a noise multiplier so small that one step's loss overflows
-        eps_pld = None
-        log(f"PLD bound not computed ({exc}); the RDP bound {eps:.3f} stands")
+    eps_pld = _pld_epsilon(ledger, delta, eps, log)
     log(
         f"done: test accuracy {acc:.3f}, ({eps:.3f}, {delta:g})-DP over {len(ledger)} steps "
         f"({steps_per_epoch} per epoch), {seconds:.1f}s"

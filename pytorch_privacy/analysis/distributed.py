@@ -8,15 +8,13 @@ Sensitivity convention (as for the Gaussian): an event states bounds on *one rec
 norm in the integer domain; under add-or-remove-one they are the sensitivities, under
 replace-one they are doubled.
 
-Discrete Gaussian (Canonne, Kamath, Steinke 2020, "The Discrete Gaussian for Differential
-Privacy", Theorem 14)
+Discrete Gaussian (Canonne, Kamath, Steinke 2020, "The Discrete Gaussian for Differential Privacy", Theorem 14)
     Adding ``N_Z(0, sigma^2)`` independently to each coordinate of an integer-valued query of L2
     sensitivity :math:`\Delta` is :math:`\rho`-zCDP with :math:`\rho = \Delta^2 / (2\sigma^2)`, i.e.
     :math:`(\alpha, \alpha\Delta^2/(2\sigma^2))`-RDP for every :math:`\alpha > 1`: the bound of the
     continuous Gaussian.
 
-Distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, "The Distributed Discrete Gaussian
-Mechanism for Federated Learning with Secure Aggregation", Theorem 1 and Proposition 14)
+Distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, "The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation", Theorem 1 and Proposition 14)
     ``n`` clients each add ``N_Z(0, sigma^2)`` per coordinate; the sum of the shares is close to,
     but not exactly, ``N_Z(0, n sigma^2)``.  With :math:`\Delta_2, \Delta_1` the L2, L1
     sensitivities, ``d`` coordinates, :math:`s_p = \Delta_p / (\sqrt n \sigma)` and
@@ -36,8 +34,7 @@ Mechanism for Federated Learning with Secure Aggregation", Theorem 1 and Proposi
     post-processing), which holds for every ``sigma > 0``.  At ``n = 1``, :math:`\tau = 0` and both
     reduce to the single discrete Gaussian.
 
-Skellam (Agarwal, Kairouz, Liu 2021, "The Skellam Mechanism for Differentially Private Federated
-Learning", Theorem 3.5 / Corollary 3.6)
+Skellam (Agarwal, Kairouz, Liu 2021, "The Skellam Mechanism for Differentially Private Federated Learning", Theorem 3.5 / Corollary 3.6)
     Symmetric Skellam noise of variance :math:`\mu` per coordinate (``Poisson(mu/2) -
     Poisson(mu/2)``; the sum of independent shares of variances :math:`v_i` is Skellam of variance
     :math:`\sum v_i` exactly) on an integer query of sensitivities :math:`\Delta_1, \Delta_2` is

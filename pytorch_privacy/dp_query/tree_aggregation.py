@@ -368,8 +368,8 @@ class EfficientTreeAggregator(_TreeAggregatorBase):
 
 
 def tree_noise_variance(num_steps: int, stddev: float, efficient: bool = False) -> float:
-    """Per-coordinate variance of the prefix noise after ``num_steps`` leaves (steps ``0 ..
-    num_steps - 1``) of one tree with Gaussian nodes of stddev ``stddev``:
+    """Per-coordinate variance of the prefix noise after ``num_steps`` leaves (steps 0 to
+    ``num_steps - 1``) of one tree with Gaussian nodes of stddev ``stddev``:
     ``sum over set bits d of num_steps`` of ``stddev^2`` (plain) or ``stddev^2 / (2 - 2^-d)``
     (efficient)."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:

@@ -4,7 +4,7 @@ Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep) Lea
 Sampling or Shuffling" (ICML 2021).  Semantics follow TF Privacy's ``tree_aggregation_query``.
 
 Step ``i`` (a call to ``get_noised_result``) has the clipped sum ``x_i = sum_j clip_C(x_{i,j})`` of
-its records.  Both queries use one binary tree of noise (:mod:`.tree_aggregation`) whose prefix
+its records.  Both queries use one binary tree of noise (:mod:`pytorch_privacy.dp_query.tree_aggregation`) whose prefix
 noise after step ``i`` is ``n_i``:
 
 * :class:`TreeCumulativeSumQuery` releases ``s_i + n_i``, ``s_i = x_0 + ... + x_i`` (the noisy
