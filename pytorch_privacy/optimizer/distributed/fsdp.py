@@ -82,8 +82,9 @@ def _fsdp_api():
 
 
 def is_fsdp_model(model: nn.Module) -> bool:
-    """Whether ``model`` (or a submodule) was wrapped with ``torch.distributed.fsdp.fully_shard``."""
-    if not dist.is_available():
+    """Whether ``model`` (or a submodule) was wrapped with ``torch.distributed.fsdp.fully_shard``
+    (which needs an initialised process group: without one the answer is ``False`` at no cost)."""
+    if not dist.is_available() or not dist.is_initialized():
         return False
     try:
         FSDPModule = _fsdp_api()[0]
@@ -349,8 +350,4 @@ class FSDPStep(DistributedStep):
 
 def setup_fsdp(model: nn.Module) -> FSDPStep | None:
     """An :class:`FSDPStep` for a model with ``fully_shard`` units, else ``None``."""
-    if not is_fsdp_model(model):
-        return None
-    if not dist.is_initialized():
-        raise ValueError("an FSDP2 model needs an initialised process group (torch.distributed.init_process_group)")
-    return FSDPStep(model)
+    return FSDPStep(model) if is_fsdp_model(model) else None
