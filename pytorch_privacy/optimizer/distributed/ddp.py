@@ -193,9 +193,11 @@ class DistributedStep:
     def finish(
         self, acc, global_state: Any, local_examples: int, check: Callable[[Any], None] | None = None
     ) -> tuple[Any, Any, Any]:
-        """Flush ``acc`` (a :class:`~pytorch_privacy.optimizer.StepAccumulator`), all-reduce the
-        clipped sums once, release on rank 0 (``check(event)`` first: it may raise
-        :class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded`), broadcast.
+        """Flush ``acc`` (a :class:`~pytorch_privacy.optimizer.StepAccumulator`) and release the
+        step once for the world: block noise and one all-reduce for the Gaussian sum/average
+        queries; otherwise all-reduce the clipped sums, release on rank 0, broadcast.  Rank 0
+        calls ``check(event)`` before anything is applied (it may raise
+        :class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded`).
 
         Returns ``(result, new_global_state, event)`` on every rank, the same values everywhere;
         raises the refusal on every rank when rank 0's ``check`` refuses."""
