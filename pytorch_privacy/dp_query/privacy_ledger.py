@@ -62,6 +62,7 @@ from .ledger_integrity import (  # noqa: F401  (re-exported)
     verify_integrity,
 )
 from .events import (
+    ShuffledEvent,
     ComposedEvent,
     NeighboringRelation,
     DpEvent,
@@ -255,7 +256,10 @@ class PrivacyLedger:
         """The whole ledger as one composed event (``NoOpEvent`` for an empty ledger).
 
         Runs with identical settings are grouped (composition is commutative) except shuffled
-        runs, whose epoch structure depends on their order.
+        runs, whose epoch structure depends on their order: a shuffled run is accounted once per
+        epoch it *touches*, counted from its position in the loader's epochs (see
+        :func:`_shuffled_events`), so a run that starts mid-epoch and crosses an epoch boundary
+        counts both epochs.
         """
         parts: list[DpEvent] = []
         shuffled: list[LedgerRun] = []
@@ -275,9 +279,7 @@ class PrivacyLedger:
             firsts.setdefault(key, r)
         for key, n in grouped.items():
             parts.append(firsts[key].sampled_event(n))
-        # consecutive shuffled runs with the same settings form one epoch sequence
-        for r in shuffled:
-            parts.append(r.sampled_event())
+        parts.extend(_shuffled_events(shuffled))
         for grouper, runs in whole_run.items():
             parts.append(grouper(tuple(attrs.evolve(r) for r in runs)))
         if not parts:
@@ -470,3 +472,28 @@ def _ledger_from_current(cls, cur: Any, metadata: dict) -> PrivacyLedger:
     return ledger
 
 
+def _shuffled_events(runs: list[LedgerRun]) -> list[DpEvent]:
+    """One :class:`ShuffledEvent` per shuffled run, accounting every epoch the run touches.
+
+    The shuffled runs with the same ``(population_size, batch_size)`` are taken as consecutive
+    steps of one loader from its first batch (every batch recorded: what the optimizer does), so
+    a run's first step sits at position ``offset`` in its epoch and the run touches
+    ``ceil((offset + count) / L)`` epochs of ``L`` steps; ``L`` is ``N // B`` for a loader that
+    drops the short last batch and ``ceil(N / B)`` for one that keeps it, and the larger count is
+    taken.  The run is accounted as a :class:`ShuffledEvent` whose ``steps`` count from the start
+    of the first epoch touched (rounded up to reach every epoch touched): one un-amplified step
+    per epoch touched.  (Without the offset, a run of 10 steps starting at step
+    5 of a 10-step epoch was counted as one epoch while a record can take part in it twice.)
+    """
+    out: list[DpEvent] = []
+    position: dict[tuple, int] = {}
+    for r in runs:
+        key = (r.population_size, r.batch_size)
+        pos = position.get(key, 0)
+        position[key] = pos + r.count
+        spe = max(1, r.population_size // r.batch_size)  # a loader that drops the short last batch
+        keep = -(-r.population_size // r.batch_size)  # one that keeps it: epochs of ceil(N / B) steps
+        touched = max(-(-(pos % spe + r.count) // spe), -(-(pos % keep + r.count) // keep))
+        steps = max(pos % spe + r.count, (touched - 1) * spe + 1)  # ceil(steps / spe) == touched
+        out.append(ShuffledEvent(steps_per_epoch=spe, steps=steps, event=r.event))
+    return out

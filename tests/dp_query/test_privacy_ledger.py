@@ -4,6 +4,7 @@ import json
 import os
 import tempfile
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -358,3 +359,29 @@ def test_shuffled_epochs_are_not_undercounted_with_fixed_size_batches_accounting
     acc = RdpAccountant(neighboring_relation="replace_one").compose(ev)
     four = RdpAccountant(neighboring_relation="replace_one").compose(GaussianEvent(1.0), 4)
     assert (acc.rdp >= four.rdp * (1 - 1e-12)).all()
+
+
+@pytest.mark.parametrize(
+    "n, b, first, second, epochs_of_second",
+    [
+        (100, 10, 5, 10, 2),  # the second run starts mid-epoch and crosses into the next epoch
+        (10, 3, 6, 3, 2),  # N % B != 0: a loader keeping the short last batch has epochs of 4 steps
+        (100, 10, 10, 10, 1),  # starts on an epoch boundary: one epoch
+    ],
+)
+def test_a_shuffled_run_counts_every_epoch_it_touches(n, b, first, second, epochs_of_second):
+    """A record takes part once per epoch, so a run crossing an epoch boundary may hold it twice.
+
+    Before the offset was tracked, a run starting mid-epoch was accounted by its own length
+    alone (one epoch for 10 steps of a 10-step epoch), under-counting the noisier run."""
+    from pytorch_privacy.analysis import RdpAccountant
+
+    ledger = PrivacyLedger(n, sampling="shuffle", batch_size=b)
+    ledger.record_sample(GaussianEvent(10.0), first)  # quiet run
+    ledger.record_sample(GaussianEvent(1.0), second)  # the run that matters
+    acc = RdpAccountant(neighboring_relation="replace_one").compose(ledger.to_event())
+    worst = RdpAccountant(neighboring_relation="replace_one").compose(GaussianEvent(1.0), epochs_of_second)
+    assert (acc.rdp >= worst.rdp * (1 - 1e-12)).all()
+    if epochs_of_second == 1:  # and no more than needed when nothing crosses a boundary
+        exact = RdpAccountant(neighboring_relation="replace_one").compose(GaussianEvent(10.0)).compose(GaussianEvent(1.0))
+        np.testing.assert_allclose(acc.rdp, exact.rdp, rtol=1e-12)
