@@ -25,13 +25,13 @@ exceed ``z_total / 2`` for the adjustment above to exist.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 import torch
 
-from . import pytree
-from .dp_query import DPQuery, check_stddev, clip_coefficients
+from .clip_and_count import ClipAndCountAccumulation
+from .dp_query import DPQuery, check_stddev
 from .events import ComposedEvent, DpEvent, GaussianEvent
 from .gaussian_query import GaussianSumGlobalState, GaussianSumQuery, add_gaussian_noise
 from .quantile_estimator_query import INDICATOR_SENSITIVITY, QuantileEstimatorGlobalState, QuantileEstimatorQuery
@@ -116,7 +116,7 @@ class AdaptiveClipSampleState(NamedTuple):
     count_state: torch.Tensor  # 0-dim sum of centred unclipped indicators
 
 
-class QuantileAdaptiveClipSumQuery(DPQuery):
+class QuantileAdaptiveClipSumQuery(ClipAndCountAccumulation, DPQuery):
     """:class:`GaussianSumQuery` whose clip tracks a quantile of the record norms.
 
     Args:
@@ -137,6 +137,8 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
     the clip as a 0-dim tensor, so steps run without host synchronisation;
     :meth:`derive_metrics` reports the current clip as a float.
     """
+
+    _sample_state_type = AdaptiveClipSampleState
 
     def __init__(
         self,
@@ -202,69 +204,6 @@ class QuantileAdaptiveClipSumQuery(DPQuery):
         z = self._noise_multiplier if global_state is None else global_state.noise_multiplier
         q_state = None if global_state is None else global_state.quantile_state
         return ComposedEvent([GaussianEvent(z), self._quantile_query.event(q_state)])
-
-    # -- accumulation --------------------------------------------------------------------
-    def initial_sample_state(self, template) -> AdaptiveClipSampleState:
-        leaves, _ = pytree.flatten(template)
-        if not leaves:
-            raise ValueError("template has no tensors")
-        return AdaptiveClipSampleState(
-            self._sum_query.initial_sample_state(template), self._quantile_query.initial_sample_state(leaves[0])
-        )
-
-    def preprocess_record(self, params: AdaptiveClipSampleParams, record) -> AdaptiveClipSampleState:
-        leaves, _ = pytree.flatten(record)
-        if not leaves:
-            raise ValueError("record has no tensors")
-        norm = pytree.record_norm(record)  # NaN/inf records are refused by the clip below
-        return AdaptiveClipSampleState(
-            self._sum_query.preprocess_record(params.l2_norm_clip, record),
-            self._quantile_query.preprocess_record(params.estimate, norm),
-        )
-
-    def preprocess_records(self, params: AdaptiveClipSampleParams, batch) -> AdaptiveClipSampleState:
-        leaves, spec = pytree.flatten(batch)
-        if not leaves:
-            raise ValueError("record has no tensors")
-        norms = pytree.global_norms(batch)
-        pytree.check_finite_norms(norms)
-        coef = clip_coefficients(norms, params.l2_norm_clip)
-        clipped = pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
-        return AdaptiveClipSampleState(clipped, self._quantile_query.preprocess_records(params.estimate, norms))
-
-    def accumulate_preprocessed_record(self, sample_state: AdaptiveClipSampleState, preprocessed_record):
-        return AdaptiveClipSampleState(
-            self._sum_query.accumulate_preprocessed_record(sample_state.sum_state, preprocessed_record[0]),
-            self._quantile_query.accumulate_preprocessed_record(sample_state.count_state, preprocessed_record[1]),
-        )
-
-    def accumulate_preprocessed_records(self, sample_state: AdaptiveClipSampleState, preprocessed_batch):
-        return AdaptiveClipSampleState(
-            self._sum_query.accumulate_preprocessed_records(sample_state.sum_state, preprocessed_batch[0]),
-            self._quantile_query.accumulate_preprocessed_records(sample_state.count_state, preprocessed_batch[1]),
-        )
-
-    def accumulate_records_by_norm(
-        self,
-        params: AdaptiveClipSampleParams,
-        sample_state: AdaptiveClipSampleState,
-        norms: torch.Tensor,
-        weighted_sum: Callable[[torch.Tensor], Any],
-    ) -> AdaptiveClipSampleState:
-        """Clip coefficients ``min(1, C/norm)`` for the sum and indicators ``1[norm <= C]`` for
-        the count both come from the norms alone."""
-        return AdaptiveClipSampleState(
-            self._sum_query.accumulate_records_by_norm(params.l2_norm_clip, sample_state.sum_state, norms, weighted_sum),
-            self._quantile_query.accumulate_preprocessed_records(
-                sample_state.count_state, self._quantile_query.preprocess_records(params.estimate, norms)
-            ),
-        )
-
-    def merge_sample_states(self, sample_state_1: AdaptiveClipSampleState, sample_state_2: AdaptiveClipSampleState):
-        return AdaptiveClipSampleState(
-            self._sum_query.merge_sample_states(sample_state_1.sum_state, sample_state_2.sum_state),
-            self._quantile_query.merge_sample_states(sample_state_1.count_state, sample_state_2.count_state),
-        )
 
     # -- release -------------------------------------------------------------------------
     def get_noised_result(self, sample_state: AdaptiveClipSampleState, global_state: QuantileAdaptiveClipGlobalState):

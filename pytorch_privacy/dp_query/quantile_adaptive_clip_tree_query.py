@@ -28,13 +28,13 @@ as it handles a plain tree (the clip's dependence on earlier releases is post-pr
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 import torch
 
-from . import pytree
-from .dp_query import DPQuery, check_stddev, clip_coefficients
+from .clip_and_count import ClipAndCountAccumulation
+from .dp_query import DPQuery, check_stddev
 from .events import DpEvent
 from .quantile_adaptive_clip_sum_query import combined_noise_multiplier
 from .quantile_estimator_query import INDICATOR_SENSITIVITY, QuantileEstimatorGlobalState, QuantileEstimatorQuery
@@ -66,7 +66,7 @@ class QAdaClipTreeSampleState(NamedTuple):
     quantile_estimator_state: torch.Tensor  # 0-dim float64 sum of centred indicators
 
 
-class QAdaClipTreeResSumQuery(DPQuery):
+class QAdaClipTreeResSumQuery(ClipAndCountAccumulation, DPQuery):
     """Adaptive-clip tree residual sums (see the module docstring).
 
     Args:
@@ -85,6 +85,8 @@ class QAdaClipTreeResSumQuery(DPQuery):
     :meth:`get_noised_result` returns ``(x_i + n_i - n_{i-1}, new_global_state, event)`` exactly as
     :class:`~.tree_aggregation_query.TreeResidualSumQuery` (records clipped to the current clip).
     """
+
+    _sample_state_type = QAdaClipTreeSampleState
 
     def __init__(
         self,
@@ -154,59 +156,6 @@ class QAdaClipTreeResSumQuery(DPQuery):
         z = combined_noise_multiplier(global_state.noise_multiplier, self._clipped_count_stddev)
         starts = 1 if global_state.sum_state.tree_state.level_buffer_idx.numel() == 0 else 0
         return TreeAggregationStepEvent(noise_multiplier=z, starts_tree=starts)
-
-    # -- accumulation --------------------------------------------------------------------
-    def initial_sample_state(self, template) -> QAdaClipTreeSampleState:
-        leaves, _ = pytree.flatten(template)
-        if not leaves:
-            raise ValueError("template has no tensors")
-        return QAdaClipTreeSampleState(
-            self._sum_query.initial_sample_state(template), self._quantile_query.initial_sample_state(leaves[0])
-        )
-
-    def preprocess_record(self, params: QAdaClipTreeSampleParams, record) -> QAdaClipTreeSampleState:
-        norm = pytree.record_norm(record)
-        return QAdaClipTreeSampleState(
-            self._sum_query.preprocess_record(params.sum_params, record),  # refuses NaN/inf records
-            self._quantile_query.preprocess_record(params.quantile_estimator_params, norm),
-        )
-
-    def preprocess_records(self, params: QAdaClipTreeSampleParams, batch) -> QAdaClipTreeSampleState:
-        leaves, spec = pytree.flatten(batch)
-        if not leaves:
-            raise ValueError("record has no tensors")
-        norms = pytree.global_norms(batch)
-        pytree.check_finite_norms(norms)
-        clipped = pytree.unflatten([pytree.scale_rows(l, clip_coefficients(norms, params.sum_params)) for l in leaves], spec)
-        return QAdaClipTreeSampleState(
-            clipped, self._quantile_query.preprocess_records(params.quantile_estimator_params, norms)
-        )
-
-    def accumulate_preprocessed_record(self, sample_state: QAdaClipTreeSampleState, preprocessed_record):
-        return QAdaClipTreeSampleState(
-            self._sum_query.accumulate_preprocessed_record(sample_state.sum_state, preprocessed_record[0]),
-            self._quantile_query.accumulate_preprocessed_record(sample_state[1], preprocessed_record[1]),
-        )
-
-    def accumulate_preprocessed_records(self, sample_state: QAdaClipTreeSampleState, preprocessed_batch):
-        return QAdaClipTreeSampleState(
-            self._sum_query.accumulate_preprocessed_records(sample_state.sum_state, preprocessed_batch[0]),
-            self._quantile_query.accumulate_preprocessed_records(sample_state[1], preprocessed_batch[1]),
-        )
-
-    def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
-        return QAdaClipTreeSampleState(
-            self._sum_query.accumulate_records_by_norm(params.sum_params, sample_state.sum_state, norms, weighted_sum),
-            self._quantile_query.accumulate_preprocessed_records(
-                sample_state[1], self._quantile_query.preprocess_records(params.quantile_estimator_params, norms)
-            ),
-        )
-
-    def merge_sample_states(self, sample_state_1, sample_state_2) -> QAdaClipTreeSampleState:
-        return QAdaClipTreeSampleState(
-            self._sum_query.merge_sample_states(sample_state_1.sum_state, sample_state_2.sum_state),
-            self._quantile_query.merge_sample_states(sample_state_1[1], sample_state_2[1]),
-        )
 
     # -- release -------------------------------------------------------------------------
     def get_noised_result(self, sample_state: QAdaClipTreeSampleState, global_state: QAdaClipTreeGlobalState):
