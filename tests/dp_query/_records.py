@@ -105,3 +105,24 @@ def weighted_sum_fn(batch):
         return walk(batch)
 
     return ws
+
+
+def run_query(query, records, global_state=None, batched=False):
+    """One sample through ``query``'s public contract: ``(result, new global state, event)``.
+
+    Records are accumulated one by one (``accumulate_record``) or, with ``batched``, stacked and
+    accumulated at once (``accumulate_records``)."""
+    gs = query.initial_global_state() if global_state is None else global_state
+    params = query.derive_sample_params(gs)
+    state = query.initial_sample_state(records[0])
+    if batched:
+        state = query.accumulate_records(params, state, torch.stack(records))
+    else:
+        for r in records:
+            state = query.accumulate_record(params, state, r)
+    return query.get_noised_result(state, gs)
+
+
+def int_record(*values):
+    """An int32 record tensor."""
+    return torch.tensor(values, dtype=torch.int32)

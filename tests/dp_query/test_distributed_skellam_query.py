@@ -22,6 +22,9 @@ from pytorch_privacy.dp_query.distributed_skellam_query import (
 from pytorch_privacy.dp_query.events import NoOpEvent
 from pytorch_privacy.dp_query.randomness import RandomSource
 
+from ._records import int_record as _i
+from ._records import run_query
+
 ALPHA = 1e-4
 
 
@@ -30,17 +33,8 @@ def _gen(seed):
 
 
 def _run(query, records):
-    gs = query.initial_global_state()
-    params = query.derive_sample_params(gs)
-    state = query.initial_sample_state(records[0])
-    for r in records:
-        state = query.accumulate_record(params, state, r)
-    result, _, event = query.get_noised_result(state, gs)
+    result, _, event = run_query(query, records)
     return result, event
-
-
-def _i(*v):
-    return torch.tensor(v, dtype=torch.int32)
 
 
 def test_sum_no_noise_tf_cases():

@@ -14,22 +14,12 @@ from pytorch_privacy.dp_query.restart_query import PeriodicRoundRestartIndicator
 from pytorch_privacy.dp_query.tree_events import TreeAggregationStepEvent
 from pytorch_privacy.optimizer.checkpoint import from_plain, to_plain
 
+from ._records import run_query as _run
+
 
 def _q(clip, z=0.0, target=1.0, lr=0.0, sigma_b=0.0, m=2.0, geometric=True, seed=None):
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return QAdaClipTreeResSumQuery(clip, z, target, lr, sigma_b, m, geometric, generator=gen)
-
-
-def _run(query, records, gs=None, batched=False):
-    gs = query.initial_global_state() if gs is None else gs
-    params = query.derive_sample_params(gs)
-    state = query.initial_sample_state(records[0])
-    if batched:
-        state = query.accumulate_records(params, state, torch.stack(records))
-    else:
-        for r in records:
-            state = query.accumulate_record(params, state, r)
-    return query.get_noised_result(state, gs)
 
 
 def test_sum_no_clip_no_noise():

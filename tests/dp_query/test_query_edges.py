@@ -17,17 +17,7 @@ from pytorch_privacy.dp_query import (
 )
 from pytorch_privacy.dp_query.gaussian_query import clip_record
 
-
-def _run(query, records, global_state=None, batched=False):
-    gs = query.initial_global_state() if global_state is None else global_state
-    params = query.derive_sample_params(gs)
-    state = query.initial_sample_state(records[0])
-    if batched:
-        state = query.accumulate_records(params, state, torch.stack(records))
-    else:
-        for r in records:
-            state = query.accumulate_record(params, state, r)
-    return query.get_noised_result(state, gs)
+from ._records import run_query as _run
 
 
 # -- TF Privacy parity ------------------------------------------------------------------------
