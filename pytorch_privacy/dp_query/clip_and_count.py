@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from . import pytree
-from .dp_query import clip_coefficients
+from .gaussian_query import clip_records
 
 __all__ = ["ClipAndCountAccumulation"]
 
@@ -51,13 +51,7 @@ class ClipAndCountAccumulation:
 
     def preprocess_records(self, params, batch) -> Any:
         """:meth:`preprocess_record` on a batch at once (the norms computed once)."""
-        leaves, spec = pytree.flatten(batch)
-        if not leaves:
-            raise ValueError("record has no tensors")
-        norms = pytree.global_norms(batch)
-        pytree.check_finite_norms(norms)
-        coef = clip_coefficients(norms, params[0])
-        clipped = pytree.unflatten([pytree.scale_rows(leaf, coef) for leaf in leaves], spec)
+        clipped, norms = clip_records(batch, params[0])
         return self._sample_state_type(clipped, self._quantile_query.preprocess_records(params[1], norms))
 
     def accumulate_preprocessed_record(self, sample_state, preprocessed_record) -> Any:

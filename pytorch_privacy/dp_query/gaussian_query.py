@@ -42,6 +42,21 @@ def clip_record(record: Any, l2_norm_clip) -> Any:
     return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
 
 
+def clip_records(batch: Any, l2_norm_clip) -> tuple[Any, torch.Tensor]:
+    """``(batch with each record scaled to global L2 norm <= l2_norm_clip, the records' norms)``.
+
+    ``batch`` is a tensor or pytree with a leading batch dimension on every leaf; norms are the
+    overflow-safe :func:`~.pytree.global_norms`, and a record with a NaN or infinite entry raises
+    ``ValueError``.  The batched twin of :func:`clip_record` (same arithmetic, same result)."""
+    leaves, spec = pytree.flatten(batch)
+    if not leaves:
+        raise ValueError("record has no tensors")
+    norms = pytree.global_norms(batch)
+    pytree.check_finite_norms(norms)
+    coef = clip_coefficients(norms, l2_norm_clip)
+    return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec), norms
+
+
 def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None) -> Any:
     """``record + N(0, stddev^2 I)`` leaf-wise.
 
@@ -124,13 +139,10 @@ class GaussianSumQuery(SumAggregationDPQuery):
         return clip_record(record, params)
 
     def preprocess_records(self, params, batch):
-        leaves, spec = pytree.flatten(batch)
+        leaves, _ = pytree.flatten(batch)
         if not leaves or leaves[0].shape[0] == 0:
             return batch
-        norms = pytree.global_norms(batch)
-        pytree.check_finite_norms(norms)
-        coef = clip_coefficients(norms, params)
-        return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
+        return clip_records(batch, params)[0]
 
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
         return self.accumulate_preprocessed_record(sample_state, weighted_sum(clip_coefficients(norms, params)))

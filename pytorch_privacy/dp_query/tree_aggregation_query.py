@@ -34,7 +34,7 @@ import torch
 from . import pytree
 from .dp_query import SumAggregationDPQuery, check_stddev, clip_coefficients
 from .events import DpEvent, NoOpEvent, UnsupportedEvent
-from .gaussian_query import clip_record
+from .gaussian_query import clip_record, clip_records
 from .randomness import RandomSource
 from .tree_aggregation import (
     EfficientTreeAggregator,
@@ -198,13 +198,10 @@ class _TreeSumQuery(SumAggregationDPQuery):
     def preprocess_records(self, params, batch):
         if self._clip_fn is not None:
             return super().preprocess_records(params, batch)
-        leaves, spec = pytree.flatten(batch)
+        leaves, _ = pytree.flatten(batch)
         if not leaves or leaves[0].shape[0] == 0:
             return batch
-        norms = pytree.global_norms(batch)
-        pytree.check_finite_norms(norms)
-        coef = clip_coefficients(norms, params)
-        return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec)
+        return clip_records(batch, params)[0]
 
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
         if self._clip_fn is not None:
