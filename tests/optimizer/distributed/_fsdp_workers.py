@@ -109,3 +109,26 @@ def noise(rank, world, port, out_dir, sigma, clip, denominator, same_seed, gener
     torch.save({"update": update, "volume": opt._dist.last_volume_bytes, "steps": opt.ledger.steps,
                 "ledger": opt.ledger.to_dict()},
                os.path.join(out_dir, f"noise{rank}.pt"))
+
+
+def resume(rank, world, port, out_dir):
+    """Two noisy steps, a checkpoint through torch.save, a second optimizer loading it: both then
+    take an empty-batch step; their updates (pure noise) must be equal (each rank's noise stream
+    continues from the checkpoint)."""
+    import io
+
+    model = shard(w.make_model())
+    opt = train(model, "ghost", w.make_batches(2), rank=rank, world=world, sigma=1.0)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model2 = shard(w.make_model())
+    opt2 = train(model2, "ghost", [], rank=rank, world=world, sigma=1.0, generator_seed=100)
+    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    updates = []
+    for m, o in ((model, opt), (model2, opt2)):
+        before = full_params(m)
+        o.fit_batch(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+        after = full_params(m)
+        updates.append(torch.cat([(after[n] - before[n]).reshape(-1) for n in after]))
+    torch.save({"updates": updates, "steps": opt2.steps}, os.path.join(out_dir, f"resume{rank}.pt"))

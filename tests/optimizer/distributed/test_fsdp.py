@@ -134,3 +134,13 @@ def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_pat
     assert _runs(r1["ledger"])[0].steps == 0
     assert r0["taken"] == r1["taken"] == 2 and r0["refused_at"] == r1["refused_at"] == 2
     assert r0["sharded"] and r1["sharded"]
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_every_ranks_noise_stream(tmp_path):
+    w.spawn(fw.resume, 2, str(tmp_path))
+    for r in range(2):
+        out = _load(tmp_path / f"resume{r}.pt")
+        a, b = out["updates"]
+        assert out["steps"] == 3 and float(a.abs().max()) > 0  # 2 restored + 1
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
