@@ -34,6 +34,7 @@ _LAZY = {
     "compute_noise": ".calibration",
     "compute_epochs": ".calibration",
     "register_rdp_rule": ".rdp_accountant",
+    "register_pld_equivalent": ".pld.parsing",
     "compute_rdp_tree_restart": ".tree_aggregation",
     "compute_rdp_single_epoch_tree_aggregation": ".tree_aggregation",
     "compute_rdp_single_tree": ".tree_aggregation",

@@ -25,7 +25,17 @@ import numpy as np
 import math
 from typing import Any
 
-from ..dp_query.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, DpEvent, relation_of
+from ..dp_query.events import (
+    ADD_OR_REMOVE_ONE,
+    REPLACE_ONE,
+    DpEvent,
+    GaussianEvent,
+    NonPrivateEvent,
+    PoissonSampledEvent,
+    SelfComposedEvent,
+    ShuffledEvent,
+    relation_of,
+)
 from ..dp_query.matrix_factorization_events import (
     AmplifiedBandedMatrixFactorizationEvent,
     MatrixFactorizationEvent,
@@ -34,6 +44,7 @@ from ..dp_query.matrix_factorization_events import (
 from ..dp_query.privacy_ledger import PrivacyLedger
 from .calibration import smallest_noise
 from .rdp import poisson_rdp_one_step
+from .pld.parsing import register_pld_equivalent
 from .rdp_accountant import RdpAccountant, register_rdp_rule
 
 __all__ = ["matrix_factorization_rdp", "amplified_banded_rdp", "mf_plan_event", "mf_epsilon", "mf_noise_multiplier"]
@@ -90,6 +101,30 @@ def _step_rdp(event: MatrixFactorizationStepEvent, orders: np.ndarray, neighbori
         "Record the steps in a PrivacyLedger and account ledger.to_event() (its run grouper makes the "
         "whole-run MatrixFactorizationEvent)"
     )
+
+
+def _gaussian_of(noise_multiplier: float, sensitivity: float) -> DpEvent:
+    if noise_multiplier == 0.0:
+        return NonPrivateEvent()
+    return GaussianEvent(noise_multiplier / sensitivity)
+
+
+@register_pld_equivalent(MatrixFactorizationEvent)
+def _mf_pld_equivalent(event: MatrixFactorizationEvent) -> DpEvent:
+    """A whole MF run is the Gaussian mechanism on ``C G`` with sensitivity ``sens``: exactly
+    ``GaussianEvent(sigma / sens)`` (one un-amplified replace-one release for fixed-size batches)."""
+    eq = _gaussian_of(event.noise_multiplier, event.sensitivity)
+    if getattr(type(event), "neighboring_relation", None) is not None:
+        return ShuffledEvent(steps_per_epoch=1, steps=1, event=eq)
+    return eq
+
+
+@register_pld_equivalent(AmplifiedBandedMatrixFactorizationEvent)
+def _amplified_pld_equivalent(event: AmplifiedBandedMatrixFactorizationEvent) -> DpEvent:
+    """``rounds`` Poisson-subsampled Gaussian steps at ``(q, sigma / column_norm)`` (the RDP rule's
+    mechanism, Choquette-Choo et al. 2023)."""
+    one = PoissonSampledEvent(event.sampling_probability, _gaussian_of(event.noise_multiplier, event.column_norm))
+    return one if event.rounds == 1 else SelfComposedEvent(one, event.rounds)
 
 
 # -- planning and calibration ----------------------------------------------------------------

@@ -67,6 +67,7 @@ from ..dp_query.events import (
 )
 from ..dp_query.events import relation_of
 from ._checks import check_delta, check_orders
+from ._extensions import load_rule_modules
 from .accountant_base import PrivacyAccountant
 from .conversion import get_privacy_spent, refine_epsilon
 from .rdp import poisson_rdp_one_step
@@ -78,15 +79,6 @@ __all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger",
 #: mechanisms, matrix factorisation): ``event class -> fn(event, orders, neighboring_relation)``
 #: returning the RDP vector of one occurrence.  Filled by :func:`register_rdp_rule`.
 _RDP_RULES: dict[type, "object"] = {}
-
-#: Analysis modules that register rules; imported on the first lookup that misses, so that an
-#: accountant built from ``rdp_accountant`` alone knows every event the package defines.
-_RULE_MODULES: tuple[str, ...] = (
-    "pytorch_privacy.analysis.tree_aggregation",
-    "pytorch_privacy.analysis.distributed",
-    "pytorch_privacy.analysis.matrix_factorization",
-)
-
 
 def register_rdp_rule(event_cls: type):
     """Decorator: ``fn(event, orders, neighboring_relation) -> ndarray`` is the RDP at ``orders``
@@ -116,14 +108,7 @@ def _registered_rule(event: DpEvent):
             if fn is not None:
                 return fn
         if attempt == 0:
-            import importlib
-
-            for mod in _RULE_MODULES:
-                try:
-                    importlib.import_module(mod)
-                except ModuleNotFoundError as exc:  # a family not installed in this build
-                    if exc.name != mod:
-                        raise
+            load_rule_modules()
     return None
 
 _RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)

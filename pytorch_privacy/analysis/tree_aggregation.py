@@ -453,3 +453,13 @@ def pld_accountant_for(event: DpEvent, **kwargs):
     eq = gaussian_equivalent(event)
     kwargs.setdefault("neighboring_relation", relation_of(eq) or ADD_OR_REMOVE_ONE)
     return PLDAccountant(**kwargs).compose(eq)
+
+
+def _register_pld_equivalents() -> None:
+    from .pld.parsing import register_pld_equivalent
+
+    for cls in (TreeAggregationEvent, SingleEpochTreeAggregationEvent, ReplaceOneEvent):
+        register_pld_equivalent(cls)(gaussian_equivalent)
+
+
+_register_pld_equivalents()

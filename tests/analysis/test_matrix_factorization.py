@@ -130,3 +130,28 @@ def test_plan_and_calibration():
         mf_noise_multiplier(0.0, 1e-5, strategy, **plan)
     with pytest.raises(ValueError):
         mf_plan_event(1.0, strategy, population_size=10, steps=0, sampling="full")
+
+
+def _gaussian_delta(eps, mu):
+    """Exact delta(eps) of the Gaussian mechanism with sensitivity/sigma = mu (Balle & Wang 2018)."""
+    from scipy.stats import norm
+
+    return norm.cdf(-eps / mu + mu / 2) - np.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+
+
+def test_pld_accounts_a_whole_mf_run_as_the_gaussian_mechanism_it_is():
+    """Fixed-order MF run: the PLD accountant's epsilon is the exact Gaussian epsilon at
+    mu = 2 sens / sigma (replace-one), checked with the Balle-Wang closed form, and below RDP's."""
+    from scipy.optimize import brentq
+
+    from pytorch_privacy.analysis.pld import PLDAccountant
+    from pytorch_privacy.dp_query.events import relation_of
+
+    ev = mf_plan_event(5.0, BandedToeplitzStrategy([1.0, -0.5, 0.2]), population_size=1000, steps=50, batch_size=100)
+    rel = relation_of(ev)
+    assert rel == "replace_one"
+    eps_pld = PLDAccountant(neighboring_relation=rel).compose(ev).get_epsilon(1e-5)
+    mu = 2 * ev.sensitivity / ev.noise_multiplier
+    exact = brentq(lambda e: _gaussian_delta(e, mu) - 1e-5, 0.0, 100.0)
+    assert abs(eps_pld - exact) <= 2e-3 * exact
+    assert eps_pld <= RdpAccountant(neighboring_relation=rel).compose(ev).get_epsilon(1e-5)

@@ -378,3 +378,22 @@ def _brute_sens2_vectorised(total: int, k: int, sep: int) -> float:
 @pytest.mark.parametrize("total, k, sep", [(33, 4, 2), (47, 3, 5), (64, 4, 9), (40, 4, 0), (29, 4, 7)])
 def test_exact_equals_brute_force_on_larger_trees(total, k, sep):
     assert max_tree_sensitivity_squared(total, k, sep) == _brute_sens2_vectorised(total, k, sep)
+
+
+def test_pld_of_a_tree_ledger_is_the_equivalent_gaussian_and_below_rdp():
+    """compute_pld_from_ledger accounts a DP-FTRL ledger (fixed order, restarts) through the
+    Gaussian each tree is (sensitivity sqrt(S)); equal to pld_accountant_for, below RDP."""
+    from pytorch_privacy.analysis import compute_pld_from_ledger, pld_accountant_for
+    from pytorch_privacy.analysis.rdp_accountant import RdpAccountant
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.tree_events import TreeAggregationStepEvent
+
+    led = PrivacyLedger(1000, sampling="fixed_order", batch_size=100)
+    for _ in range(3):  # three trees of 20 steps (restarts)
+        led.record_sample(TreeAggregationStepEvent(4.0, 1))
+        led.record_sample(TreeAggregationStepEvent(4.0, 0), 19)
+    ev = led.to_event()
+    eps_pld = compute_pld_from_ledger(led).get_epsilon(1e-5)
+    assert eps_pld == pytest.approx(pld_accountant_for(ev).get_epsilon(1e-5), rel=1e-9)
+    eps_rdp = RdpAccountant(neighboring_relation="replace_one").compose(ev).get_epsilon(1e-5)
+    assert 0 < eps_pld < eps_rdp
