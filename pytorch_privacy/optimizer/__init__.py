@@ -37,6 +37,7 @@ _LAZY = {
     "available_engines": ".engines",
     "DistributedPoissonSampler": ".distributed.sampler",
     "DistributedDPDataLoader": ".distributed.sampler",
+    "DPLossScaler": ".distributed.precision",
     "DPFTRLOptimizer": ".ftrl_optimizer",
     "ftrl_epsilon": ".ftrl_optimizer",
     "ftrl_noise_multiplier": ".ftrl_optimizer",
