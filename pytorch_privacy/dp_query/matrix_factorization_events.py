@@ -179,7 +179,7 @@ def _segments(runs: tuple["LedgerRun", ...]) -> list[tuple[list[tuple["LedgerRun
     return out
 
 
-def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
+def _whole_run_event(parts: list[tuple["LedgerRun", int]], offset: int = 0) -> DpEvent:
     from .matrix_factorization import max_column_norm, strategy_from_spec, strategy_sensitivity_squared
 
     first = parts[0][0]
@@ -200,9 +200,18 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]]) -> DpEvent:
         rounds = -(-steps // ev.partitions)
         return AmplifiedBandedMatrixFactorizationEvent(sigma, col, first.selection_probability, rounds)
     cls = MatrixFactorizationReplaceOneEvent
-    if first.sampling in ("fixed_order", "shuffle"):
+    if first.sampling == "fixed_order":
+        # one fixed order, period spe: any window of `steps` consecutive steps holds a record at
+        # most ceil(steps / spe) times, spe apart, wherever the window starts
         spe = max(1, first.population_size // first.batch_size)
-        k, sep = -(-steps // spe), (spe if first.sampling == "fixed_order" else 1)
+        k, sep = -(-steps // spe), spe
+    elif first.sampling == "shuffle":
+        # a fresh permutation each epoch: once per epoch the sequence touches, counted from the
+        # sequence's position `offset` in the loader's epochs (N // B steps when the short last
+        # batch is dropped, ceil(N / B) when it is kept: the larger count is taken)
+        n, b = first.population_size, first.batch_size
+        k = max(-(-(offset % length + steps) // length) for length in {max(1, n // b), -(-n // b)})
+        sep = 1
     else:  # poisson without banded sampling, without_replacement, full: any step may hold the record
         k, sep = steps, 1
         if first.sampling != "without_replacement":
@@ -216,7 +225,14 @@ def group_matrix_factorization_runs(runs: tuple["LedgerRun", ...]) -> DpEvent:
     """The run grouper of :class:`MatrixFactorizationStepEvent` (see the module docstring): one
     whole-run event per noise sequence, composed."""
     events: list[DpEvent] = []
+    position: dict[tuple, int] = {}  # steps recorded so far under each (population, batch size)
     for parts, repeats in _segments(runs):
-        one = _whole_run_event(parts)
+        key = (parts[0][0].population_size, parts[0][0].batch_size)
+        steps = sum(n for _, n in parts)
+        if repeats == 1:
+            one = _whole_run_event(parts, position.get(key, 0))
+        else:  # `repeats` one-step sequences: each holds a record at most once, wherever it sits
+            one = _whole_run_event(parts, 0)
+        position[key] = position.get(key, 0) + steps * repeats
         events.append(one if repeats == 1 else SelfComposedEvent(one, repeats))
     return events[0] if len(events) == 1 else ComposedEvent(tuple(events))

@@ -249,3 +249,17 @@ def test_grouper_accounts_a_billion_steps_quickly(strategy, ledger_kwargs):
     ev = led.to_event()
     assert time.perf_counter() - t0 < 2.0
     assert ev.steps == 10**9 and math.isfinite(ev.sensitivity)
+
+
+def test_grouper_shuffle_sequence_starting_mid_epoch_counts_both_epochs_it_touches():
+    """A noise sequence restarted mid-epoch on shuffled batches: 10 steps from step 5 of a 10-step
+    epoch touch two epochs, so a record may take part twice (end of one epoch, start of the next)."""
+    strategy = BandedToeplitzStrategy([1.0, 0.5])
+    led = _ledger_run(strategy, 5, population_size=100, sampling="shuffle", batch_size=10)
+    second = _ledger_run(strategy, 10, population_size=100, sampling="shuffle", batch_size=10)
+    for r in second.runs:
+        led.record_sample(r.event, r.count)
+    ev = led.to_event()
+    first_seq, second_seq = ev.events
+    assert first_seq.max_participation == 1
+    assert second_seq.max_participation == 2  # was 1: ceil(10 / 10) ignored the offset
