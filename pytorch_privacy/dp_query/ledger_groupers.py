@@ -20,17 +20,19 @@ from .events import DpEvent, _load_event_modules
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
 
-__all__ = ["register_run_grouper", "run_grouper_for"]
+__all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions"]
 
-RunGrouper = Callable[[tuple["LedgerRun", ...]], DpEvent]
+RunGrouper = Callable[[tuple["LedgerRun", ...], tuple[int, ...]], DpEvent]
 _GROUPERS: dict[type, RunGrouper] = {}
 
 
 def register_run_grouper(event_cls: type) -> Callable[[RunGrouper], RunGrouper]:
-    """Decorator: ``fn(runs) -> DpEvent`` accounts every ledger run whose event is an
+    """Decorator: ``fn(runs, positions) -> DpEvent`` accounts every ledger run whose event is an
     ``event_cls`` (``runs`` in ledger order, each a :class:`LedgerRun` copy with its ``count``,
-    sampling scheme, population and batch size).  ``fn`` raises ``ValueError`` for a sequence it
-    cannot account soundly (say which and what to do)."""
+    sampling scheme, population and batch size; ``positions[i]`` the number of steps recorded
+    before ``runs[i]`` under the same ``(sampling, population_size, batch_size)``, in the whole
+    ledger: the run's position in its loader's stream of batches).  ``fn`` raises ``ValueError``
+    for a sequence it cannot account soundly (say which and what to do)."""
     if not (isinstance(event_cls, type) and issubclass(event_cls, DpEvent)):
         raise TypeError(f"register_run_grouper needs a DpEvent subclass, got {event_cls!r}")
 
@@ -50,3 +52,27 @@ def run_grouper_for(event: DpEvent) -> RunGrouper | None:
         if fn is not None:
             return fn
     return None
+
+
+def loader_positions(runs) -> list[int]:
+    """For each run (in ledger order), the steps recorded before it under the same
+    ``(sampling, population_size, batch_size)``: its position in that loader's batches, the
+    ledger being recorded from the loader's first batch, every batch a step."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for r in runs:
+        key = (r.sampling, r.population_size, r.batch_size)
+        out.append(seen.get(key, 0))
+        seen[key] = seen.get(key, 0) + r.count
+    return out
+
+
+def epochs_touched(population_size: int, batch_size: int, offset: int, steps: int) -> int:
+    """How many epochs of shuffled fixed-size batches the ``steps`` consecutive steps starting at
+    loader position ``offset`` touch: a record takes part at most once in each.  An epoch is
+    ``N // B`` steps for a loader that drops the short last batch and ``ceil(N / B)`` for one that
+    keeps it; the larger count of the two is returned (the ledger does not say which)."""
+    if steps <= 0:
+        return 0
+    lengths = {max(1, population_size // batch_size), -(-population_size // batch_size)}
+    return max((offset + steps - 1) // length - offset // length + 1 for length in lengths)

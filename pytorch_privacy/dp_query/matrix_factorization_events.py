@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import ADD_OR_REMOVE_ONE, REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _finite_nonneg, _to_float
-from .ledger_groupers import register_run_grouper
+from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -164,22 +164,27 @@ def _settings(r: "LedgerRun") -> tuple:
     return (r.population_size, r.sampling, r.selection_probability, r.batch_size, e.noise_multiplier, e.strategy, e.partitions)
 
 
-def _segments(runs: tuple["LedgerRun", ...]) -> list[tuple[list[tuple["LedgerRun", int]], int]]:
-    """Split the runs into noise sequences at ``starts=1``: ``[(parts, repeats)]`` where ``parts`` is
-    a list of ``(run, steps)`` and ``repeats`` how many identical sequences it stands for (a run of
-    ``count`` steps that all start a sequence is ``count - 1`` one-step sequences, then one open)."""
-    out: list[tuple[list[tuple["LedgerRun", int]], int]] = []
-    for r in runs:
+def _segments(runs: tuple["LedgerRun", ...], positions: tuple[int, ...]) -> list[tuple[list[tuple["LedgerRun", int]], int, int, int]]:
+    """Split the runs into noise sequences at ``starts=1``: ``[(parts, repeats, start, span)]`` where
+    ``parts`` is a list of ``(run, steps)``, ``repeats`` how many identical sequences it stands for
+    (a run of ``count`` steps that all start a sequence is ``count - 1`` one-step sequences, then
+    one open), ``start`` the loader position of the first step and ``span`` the loader steps from
+    the first to the last step (more than the sequence's steps when other steps interleave)."""
+    out: list[list] = []
+    for r, pos in zip(runs, positions):
         if r.event.starts or not out:
             if r.count > 1 and r.event.starts:
-                out.append(([(r, 1)], r.count - 1))
-            out.append(([(r, 1 if r.event.starts else r.count)], 1))
+                out.append([[(r, 1)], r.count - 1, pos, 1])
+            n = 1 if r.event.starts else r.count
+            out.append([[(r, n)], 1, pos + r.count - n, n])
         else:
-            out[-1][0].append((r, r.count))
-    return out
+            seg = out[-1]
+            seg[0].append((r, r.count))
+            seg[3] = pos + r.count - seg[2]
+    return [tuple(x) for x in out]
 
 
-def _whole_run_event(parts: list[tuple["LedgerRun", int]], offset: int = 0) -> DpEvent:
+def _whole_run_event(parts: list[tuple["LedgerRun", int]], start: int = 0, span: int | None = None) -> DpEvent:
     from .matrix_factorization import max_column_norm, strategy_from_spec, strategy_sensitivity_squared
 
     first = parts[0][0]
@@ -200,18 +205,17 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]], offset: int = 0) -> D
         rounds = -(-steps // ev.partitions)
         return AmplifiedBandedMatrixFactorizationEvent(sigma, col, first.selection_probability, rounds)
     cls = MatrixFactorizationReplaceOneEvent
+    span = steps if span is None else span
     if first.sampling == "fixed_order":
-        # one fixed order, period spe: any window of `steps` consecutive steps holds a record at
-        # most ceil(steps / spe) times, spe apart, wherever the window starts
+        # one fixed order, period spe: any window of `span` consecutive loader steps holds a record
+        # at most ceil(span / spe) times, spe apart, wherever the window starts (apart in the
+        # sequence's own steps only when no other step of the loader interleaves)
         spe = max(1, first.population_size // first.batch_size)
-        k, sep = -(-steps // spe), spe
+        k, sep = -(-span // spe), (spe if span == steps else 1)
     elif first.sampling == "shuffle":
-        # a fresh permutation each epoch: once per epoch the sequence touches, counted from the
-        # sequence's position `offset` in the loader's epochs (N // B steps when the short last
-        # batch is dropped, ceil(N / B) when it is kept: the larger count is taken)
-        n, b = first.population_size, first.batch_size
-        k = max(-(-(offset % length + steps) // length) for length in {max(1, n // b), -(-n // b)})
-        sep = 1
+        # a fresh permutation each epoch: once per epoch the sequence touches, from its position in
+        # the loader's batches (epochs_touched takes both epoch lengths a loader may have)
+        k, sep = epochs_touched(first.population_size, first.batch_size, start, span), 1
     else:  # poisson without banded sampling, without_replacement, full: any step may hold the record
         k, sep = steps, 1
         if first.sampling != "without_replacement":
@@ -221,18 +225,14 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]], offset: int = 0) -> D
 
 
 @register_run_grouper(MatrixFactorizationStepEvent)
-def group_matrix_factorization_runs(runs: tuple["LedgerRun", ...]) -> DpEvent:
+def group_matrix_factorization_runs(runs: tuple["LedgerRun", ...], positions: tuple[int, ...] | None = None) -> DpEvent:
     """The run grouper of :class:`MatrixFactorizationStepEvent` (see the module docstring): one
     whole-run event per noise sequence, composed."""
+    if positions is None:  # runs alone: taken as consecutive steps of one loader
+        positions = tuple(loader_positions(runs))
     events: list[DpEvent] = []
-    position: dict[tuple, int] = {}  # steps recorded so far under each (population, batch size)
-    for parts, repeats in _segments(runs):
-        key = (parts[0][0].population_size, parts[0][0].batch_size)
-        steps = sum(n for _, n in parts)
-        if repeats == 1:
-            one = _whole_run_event(parts, position.get(key, 0))
-        else:  # `repeats` one-step sequences: each holds a record at most once, wherever it sits
-            one = _whole_run_event(parts, 0)
-        position[key] = position.get(key, 0) + steps * repeats
+    for parts, repeats, start, span in _segments(runs, positions):
+        # (`repeats` one-step sequences each hold a record at most once, wherever they sit)
+        one = _whole_run_event(parts, start, span)
         events.append(one if repeats == 1 else SelfComposedEvent(one, repeats))
     return events[0] if len(events) == 1 else ComposedEvent(tuple(events))

@@ -49,7 +49,7 @@ from .ledger_schema import (  # noqa: F401  (LIMITS, SAMPLING_SCHEMES and Ledger
     prob_field,
     run_from_dict,
 )
-from .ledger_groupers import register_run_grouper, run_grouper_for  # noqa: F401  (re-exported)
+from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper, run_grouper_for  # noqa: F401
 from .ledger_audit import SUSPICIOUS, event_str, suspicious_content  # noqa: F401  (re-exported)
 from .ledger_integrity import (  # noqa: F401  (re-exported)
     SIGNATURE_OK,
@@ -262,17 +262,17 @@ class PrivacyLedger:
         counts both epochs.
         """
         parts: list[DpEvent] = []
-        shuffled: list[LedgerRun] = []
+        shuffled: list[tuple[LedgerRun, int]] = []
         grouped: dict[tuple, int] = {}
         firsts: dict[tuple, LedgerRun] = {}
-        whole_run: dict[Any, list[LedgerRun]] = {}
-        for r in self._runs:
+        whole_run: dict[Any, list[tuple[LedgerRun, int]]] = {}
+        for r, pos in zip(self._runs, loader_positions(self._runs)):
             grouper = run_grouper_for(r.event)
             if grouper is not None:
-                whole_run.setdefault(grouper, []).append(r)
+                whole_run.setdefault(grouper, []).append((attrs.evolve(r), pos))
                 continue
             if r.sampling == "shuffle":
-                shuffled.append(r)
+                shuffled.append((r, pos))
                 continue
             key = (r.sampling, r.population_size, r.selection_probability, r.batch_size, r.event)
             grouped[key] = grouped.get(key, 0) + r.count
@@ -280,8 +280,8 @@ class PrivacyLedger:
         for key, n in grouped.items():
             parts.append(firsts[key].sampled_event(n))
         parts.extend(_shuffled_events(shuffled))
-        for grouper, runs in whole_run.items():
-            parts.append(grouper(tuple(attrs.evolve(r) for r in runs)))
+        for grouper, items in whole_run.items():
+            parts.append(grouper(tuple(r for r, _ in items), tuple(p for _, p in items)))
         if not parts:
             return NoOpEvent()
         return parts[0] if len(parts) == 1 else ComposedEvent(tuple(parts))
@@ -472,28 +472,21 @@ def _ledger_from_current(cls, cur: Any, metadata: dict) -> PrivacyLedger:
     return ledger
 
 
-def _shuffled_events(runs: list[LedgerRun]) -> list[DpEvent]:
+def _shuffled_events(runs: list[tuple[LedgerRun, int]]) -> list[DpEvent]:
     """One :class:`ShuffledEvent` per shuffled run, accounting every epoch the run touches.
 
-    The shuffled runs with the same ``(population_size, batch_size)`` are taken as consecutive
-    steps of one loader from its first batch (every batch recorded: what the optimizer does), so
-    a run's first step sits at position ``offset`` in its epoch and the run touches
-    ``ceil((offset + count) / L)`` epochs of ``L`` steps; ``L`` is ``N // B`` for a loader that
-    drops the short last batch and ``ceil(N / B)`` for one that keeps it, and the larger count is
-    taken.  The run is accounted as a :class:`ShuffledEvent` whose ``steps`` count from the start
-    of the first epoch touched (rounded up to reach every epoch touched): one un-amplified step
-    per epoch touched.  (Without the offset, a run of 10 steps starting at step
-    5 of a 10-step epoch was counted as one epoch while a record can take part in it twice.)
+    Each run comes with its position in its loader's batches (:func:`loader_positions`: the steps
+    recorded before it under the same settings), so a run that starts mid-epoch and crosses an
+    epoch boundary counts both epochs (:func:`epochs_touched`).  The run is accounted as a
+    :class:`ShuffledEvent` whose ``steps`` count from the start of the first epoch touched
+    (rounded up to reach every epoch touched): one un-amplified step per epoch touched.  (Counted
+    by its length alone, a run of 10 steps starting at step 5 of a 10-step epoch was one epoch,
+    while a record can take part in it twice.)
     """
     out: list[DpEvent] = []
-    position: dict[tuple, int] = {}
-    for r in runs:
-        key = (r.population_size, r.batch_size)
-        pos = position.get(key, 0)
-        position[key] = pos + r.count
-        spe = max(1, r.population_size // r.batch_size)  # a loader that drops the short last batch
-        keep = -(-r.population_size // r.batch_size)  # one that keeps it: epochs of ceil(N / B) steps
-        touched = max(-(-(pos % spe + r.count) // spe), -(-(pos % keep + r.count) // keep))
+    for r, pos in runs:
+        spe = max(1, r.population_size // r.batch_size)
+        touched = epochs_touched(r.population_size, r.batch_size, pos, r.count)
         steps = max(pos % spe + r.count, (touched - 1) * spe + 1)  # ceil(steps / spe) == touched
         out.append(ShuffledEvent(steps_per_epoch=spe, steps=steps, event=r.event))
     return out

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _check_event, _finite_nonneg, _to_float
-from .ledger_groupers import register_run_grouper
+from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -133,48 +133,51 @@ class ReplaceOneEvent(DpEvent):
 # ------------------------------------------------------------------------------------------
 # the run grouper: ledger runs of tree steps -> one event per tree
 # ------------------------------------------------------------------------------------------
-def _split_trees(runs: tuple["LedgerRun", ...]) -> list[tuple[list[tuple["LedgerRun", int]], int]]:
-    """Trees as ``(parts, multiplicity)`` in ledger order, ``parts`` a list of ``(run, steps of that
-    run in the tree)``.  A run of ``k`` identical ``starts_tree=1`` steps is ``k - 1`` one-step
-    trees (one entry of multiplicity ``k - 1``) and the first step of the next tree."""
-    trees: list[tuple[list[tuple[LedgerRun, int]], int]] = []
-    for r in runs:
+def _split_trees(runs: tuple["LedgerRun", ...], positions: tuple[int, ...]) -> list[tuple[list[tuple["LedgerRun", int]], int, int, int]]:
+    """Trees as ``(parts, multiplicity, start, span)`` in ledger order: ``parts`` a list of ``(run,
+    steps of that run in the tree)``, ``start`` the loader position of the tree's first step and
+    ``span`` the loader steps from its first to its last step (more than its own steps when other
+    steps of the same loader interleave).  A run of ``k`` identical ``starts_tree=1`` steps is
+    ``k - 1`` one-step trees (one entry of multiplicity ``k - 1``) and the first step of the next."""
+    trees: list[list] = []
+    for r, pos in zip(runs, positions):
         if r.event.starts_tree == 1:
             if r.count > 1:
-                trees.append(([(r, 1)], r.count - 1))
-            trees.append(([(r, 1)], 1))
+                trees.append([[(r, 1)], r.count - 1, pos, 1])
+            trees.append([[(r, 1)], 1, pos + r.count - 1, 1])
         elif trees:
-            trees[-1][0].append((r, r.count))
+            tree = trees[-1]
+            tree[0].append((r, r.count))
+            tree[3] = pos + r.count - tree[2]
         else:  # the first recorded step starts a tree, flagged or not
-            trees.append(([(r, r.count)], 1))
-    return trees
+            trees.append([[(r, r.count)], 1, pos, r.count])
+    return [tuple(t) for t in trees]
 
 
 def _settings(r: "LedgerRun") -> tuple:
     return (r.sampling, r.population_size, r.batch_size)
 
 
-def _participation(sampling: str, n: int, b: int | None, offset: int, steps: int) -> tuple[int, int]:
-    """``(max_participation, min_separation)`` of one record in ``steps`` consecutive steps that
-    start ``offset`` steps after the first step of the data loader (under these settings)."""
+def _participation(sampling: str, n: int, b: int | None, start: int, span: int, steps: int) -> tuple[int, int]:
+    """``(max_participation, min_separation)`` of one record in a tree of ``steps`` steps lying in
+    the ``span`` consecutive loader steps from position ``start`` (``span > steps`` when other
+    steps of the same loader interleave: the tree's leaf indices then skip them, so only the
+    separation 0 is sure)."""
     if sampling == "full":
         return steps, 0
-    spe = max(1, n // b)  # an epoch of N // B batches: floor, as LedgerRun.sampled_event explains
     if sampling == "fixed_order":
-        # the same batch at every epoch: a record recurs every spe steps (or every ceil(N/B)
-        # >= spe steps when the last partial batch is kept), so at most ceil(steps / spe) times
-        # in a window, at least spe - 1 steps apart
-        return -(-steps // spe), spe - 1
+        # the same batch at every epoch: a record recurs every spe = N // B loader steps, so at
+        # most ceil(span / spe) times in a window, at least spe - 1 leaves apart
+        spe = max(1, n // b)
+        return min(steps, -(-span // spe)), (spe - 1 if span == steps else 0)
     # shuffle: a fresh permutation every epoch puts a record anywhere in each epoch, so it can
     # take part once in every epoch the tree touches, in consecutive steps across an epoch
     # boundary (the last step of one epoch and the first of the next): separation 0
-    first_epoch = offset // spe
-    last_epoch = (offset + steps - 1) // spe
-    return last_epoch - first_epoch + 1, 0
+    return min(steps, epochs_touched(n, b, start, span)), 0
 
 
 @register_run_grouper(TreeAggregationStepEvent)
-def group_tree_steps(runs: tuple["LedgerRun", ...]) -> DpEvent:
+def group_tree_steps(runs: tuple["LedgerRun", ...], positions: tuple[int, ...] | None = None) -> DpEvent:
     """Turn the ledger runs of :class:`TreeAggregationStepEvent` steps into the accounted events.
 
     * Trees: a new tree starts at each step with ``starts_tree=1`` (and at the first step).
@@ -193,10 +196,10 @@ def group_tree_steps(runs: tuple["LedgerRun", ...]) -> DpEvent:
 
       ``min_separation`` counts the steps strictly between two participations.  With a fresh
       permutation each epoch a record may sit in the last batch of one epoch and the first of the
-      next, so 0 is the only sound separation for ``"shuffle"``.  Epochs are counted from the
-      first tree step recorded under the current settings: the ledger must be recorded from the
-      first batch of the loader, every batch a tree step (a change of population or batch size is
-      taken as a new loader, starting a new epoch).
+      next, so 0 is the only sound separation for ``"shuffle"``.  Epochs are counted from each
+      tree's position in its loader's batches (``positions``: the steps recorded before it under
+      the same settings, :func:`~.ledger_groupers.loader_positions`), so steps of other queries
+      on the same loader are counted too; a tree they interleave with gets separation 0.
     * Trees compose: the result is one :class:`TreeAggregationEvent` per tree (identical trees
       merged into a :class:`SelfComposedEvent`), wrapped in :class:`ReplaceOneEvent` for
       ``"shuffle"`` and ``"fixed_order"`` sampling.
@@ -204,9 +207,10 @@ def group_tree_steps(runs: tuple["LedgerRun", ...]) -> DpEvent:
     A tree whose steps change sampling settings is refused: restart the tree (``starts_tree=1``)
     when the loader changes.
     """
+    if positions is None:  # runs alone: taken as consecutive steps of one loader
+        positions = tuple(loader_positions(runs))
     counts: dict[DpEvent, int] = {}
-    offset, prev = 0, None
-    for tree, mult in _split_trees(runs):
+    for tree, mult, start, span in _split_trees(runs, positions):
         first = tree[0][0]
         for r, _ in tree:
             if r.sampling in ("poisson", "without_replacement"):
@@ -222,16 +226,13 @@ def group_tree_steps(runs: tuple["LedgerRun", ...]) -> DpEvent:
                     f"one tree spans steps with different sampling settings {_settings(first)} and "
                     f"{_settings(r)}; restart the tree (starts_tree=1) when the data loader changes"
                 )
-        if _settings(first) != prev:
-            offset, prev = 0, _settings(first)
         steps = sum(k for _, k in tree)
         sigma = min(r.event.noise_multiplier for r, _ in tree)
         # (a tree of multiplicity > 1 has one step: one participation wherever it lies)
-        part, sep = _participation(first.sampling, first.population_size, first.batch_size, offset, steps)
+        part, sep = _participation(first.sampling, first.population_size, first.batch_size, start, span, steps)
         ev: DpEvent = TreeAggregationEvent(sigma, steps, part, sep)
         if first.sampling in ("shuffle", "fixed_order"):
             ev = ReplaceOneEvent(ev)
         counts[ev] = counts.get(ev, 0) + mult
-        offset += steps * mult
     parts = [e if c == 1 else SelfComposedEvent(e, c) for e, c in counts.items()]
     return parts[0] if len(parts) == 1 else ComposedEvent(tuple(parts))

@@ -29,8 +29,8 @@ seen_runs = []
 
 
 @register_run_grouper(_StepEvent)
-def _group(runs):
-    seen_runs.append(runs)
+def _group(runs, positions):
+    seen_runs.append((runs, positions))
     steps = sum(r.count for r in runs)
     return _WholeRunEvent(runs[0].event.noise_multiplier, steps)
 
@@ -48,8 +48,9 @@ def test_grouper_receives_every_matching_run_in_order_with_settings():
     led.record_gaussian_sample(1.5, 2)  # an ordinary step in between
     led.record_sample(_StepEvent(2.0), 4)
     ev = led.to_event()
-    (runs,) = seen_runs
+    ((runs, positions),) = seen_runs
     assert [r.count for r in runs] == [3, 4]
+    assert positions == (0, 5)  # the Gaussian steps in between came from the same loader
     assert all(r.population_size == 100 and r.sampling == "poisson" for r in runs)
     assert isinstance(ev, ComposedEvent)
     assert _WholeRunEvent(2.0, 7) in ev.events
@@ -88,3 +89,20 @@ def test_ledger_with_grouped_steps_round_trips_through_json():
     back = PrivacyLedger.from_json(led.to_json())
     assert back == led
     assert event_from_json(_StepEvent(1.25).to_json()) == _StepEvent(1.25)
+
+
+def test_loader_positions_and_epochs_touched():
+    from pytorch_privacy.dp_query.ledger_groupers import epochs_touched, loader_positions
+
+    led = PrivacyLedger(100, sampling="shuffle", batch_size=10)
+    led.record_gaussian_sample(1.0, 3)
+    led.set_sampling(100, 0.1)  # another loader in between does not move the first one
+    led.record_gaussian_sample(1.0, 4)
+    led.set_sampling(100, sampling="shuffle", batch_size=10)
+    led.record_gaussian_sample(2.0, 5)
+    assert loader_positions(led.runs) == [0, 0, 3]
+    assert epochs_touched(100, 10, 0, 10) == 1
+    assert epochs_touched(100, 10, 5, 10) == 2
+    assert epochs_touched(100, 10, 9, 1) == 1
+    assert epochs_touched(10, 3, 6, 3) == 2  # keep-last epochs of 4 steps: [4, 8) and [8, 12)
+    assert epochs_touched(10, 3, 0, 0) == 0

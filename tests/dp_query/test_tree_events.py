@@ -244,3 +244,25 @@ def test_grouper_takes_runs_directly():
     led = PrivacyLedger(10, sampling="full")
     _record_trees(led, 1.0, [2, 2])
     assert group_tree_steps(led.runs) == SelfComposedEvent(TreeAggregationEvent(1.0, 2, 2, 0), 2)
+
+
+def test_tree_interleaved_with_other_steps_of_its_loader_is_accounted_over_its_span():
+    """Fixed order, 10 steps an epoch: tree steps at loader positions 0-4 and 15-19 with 10
+    Gaussian steps of the same loader between them.  The tree's 10 leaves span 20 loader steps, so
+    a record can take part twice, and its two leaves may be adjacent (separation 0)."""
+    from pytorch_privacy.dp_query.events import GaussianEvent
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.dp_query.tree_events import ReplaceOneEvent, TreeAggregationEvent, TreeAggregationStepEvent
+
+    led = PrivacyLedger(100, sampling="fixed_order", batch_size=10)
+    led.record_sample(TreeAggregationStepEvent(2.0, 1))
+    led.record_sample(TreeAggregationStepEvent(2.0, 0), 4)
+    led.record_sample(GaussianEvent(3.0), 10)
+    led.record_sample(TreeAggregationStepEvent(2.0, 0), 5)
+    tree = [e for e in led.to_event().events if isinstance(e, ReplaceOneEvent)][0].event
+    assert tree == TreeAggregationEvent(2.0, 10, 2, 0)
+    # without the interleaved steps: one participation
+    led2 = PrivacyLedger(100, sampling="fixed_order", batch_size=10)
+    led2.record_sample(TreeAggregationStepEvent(2.0, 1))
+    led2.record_sample(TreeAggregationStepEvent(2.0, 0), 9)
+    assert led2.to_event() == ReplaceOneEvent(TreeAggregationEvent(2.0, 10, 1, 9))
