@@ -278,10 +278,19 @@ class DPFTRLOptimizer(DPOptimizer):
         from .engines.base import batch_size_of
 
         n = batch_size_of(inputs, targets)
-        if self._fixed_batch is not None and n != self._fixed_batch:
+        expected, where = self._fixed_batch, ""
+        world = getattr(self._dist, "world_size", 1)
+        if expected is not None and world > 1:  # data parallel: each rank its equal share
+            if expected % world:
+                raise ValueError(
+                    f"DP-FTRL's batch of {expected} examples cannot be shared equally by {world} ranks; "
+                    "use a batch size divisible by the world size"
+                )
+            expected, where = expected // world, f" on each of {world} ranks (global batch {self._fixed_batch})"
+        if expected is not None and n != expected:
             raise ValueError(
                 f"a batch of {n} examples; DP-FTRL's plan (and its accounting) is batches of exactly "
-                f"{self._fixed_batch}. Use the FixedOrderLoader (or a shuffling DataLoader with drop_last=True)"
+                f"{expected}{where}. Use the FixedOrderLoader (or a shuffling DataLoader with drop_last=True)"
             )
         return super().fit_batch(inputs, targets)
 

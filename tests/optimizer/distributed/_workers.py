@@ -186,3 +186,27 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=Fal
          "denominator": opt.denominator, "sharded": sharded},
         os.path.join(out_dir, f"ledger{rank}.pt"),
     )
+
+
+def ftrl_train(model, batches, *, rank=0, world=1, seed=0):
+    """DP-FTRL with momentum and a restart every 2 steps, noise on; rank ``r`` of ``world`` takes the
+    ``r``-th consecutive share of each global batch.  Returns the (inner) parameters."""
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.optimizer.ftrl_optimizer import DPFTRLOptimizer
+
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    n, b = 8 * len(batches), batches[0][0].shape[0]
+    opt = DPFTRLOptimizer(
+        model, loss_fn(), 0.5, 1.0, learning_rate=0.3, momentum=0.5, restart=2, batch_size=b,
+        ledger=PrivacyLedger(n, sampling="fixed_order", batch_size=b), generator=torch.Generator().manual_seed(seed),
+    )
+    for x, y in batches:
+        share = x.shape[0] // world
+        opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}, len(opt.ledger) if rank == 0 else None
+
+
+def ftrl_equivalence(rank, world, port, out_dir):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    params, steps = ftrl_train(model, make_batches(steps=5), rank=rank, world=world, seed=rank)
+    torch.save({"params": params, "steps": steps}, os.path.join(out_dir, f"ftrl{rank}.pt"))

@@ -229,3 +229,18 @@ def test_ddp_model_without_process_group_is_refused():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(ValueError, match="init_process_group"):
         DistributedStep()
+
+
+@pytest.mark.slow
+def test_dp_ftrl_on_two_ranks_equals_one_process_with_rank_zeros_noise(tmp_path):
+    """DP-FTRL (tree noise, momentum, restarts every 2 steps) under DDP: the tree's noise is drawn
+    once, on rank 0, so two ranks (rank 0 seeded like the single process, rank 1 otherwise) end
+    with the single process's parameters, and every replica with the same ones."""
+    ref, steps = w.ftrl_train(w.make_model(), w.make_batches(steps=5), seed=0)
+    assert steps == 5
+    w.spawn(w.ftrl_equivalence, 2, str(tmp_path))
+    outs = [_load(tmp_path / f"ftrl{r}.pt") for r in range(2)]
+    assert outs[0]["steps"] == 5
+    for out in outs:
+        for n in ref:
+            torch.testing.assert_close(out["params"][n], ref[n], atol=1e-5, rtol=0)
