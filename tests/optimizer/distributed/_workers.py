@@ -210,3 +210,29 @@ def ftrl_equivalence(rank, world, port, out_dir):
     model = nn.parallel.DistributedDataParallel(make_model())
     params, steps = ftrl_train(model, make_batches(steps=5), rank=rank, world=world, seed=rank)
     torch.save({"params": params, "steps": steps}, os.path.join(out_dir, f"ftrl{rank}.pt"))
+
+
+def mf_train(model, batches, *, rank=0, world=1, seed=0):
+    """Banded matrix-factorisation noise (3 bands), noise on, fixed-order ledger; rank ``r`` of
+    ``world`` takes the ``r``-th consecutive share of each global batch."""
+    from pytorch_privacy.dp_query.matrix_factorization import BandedToeplitzStrategy
+    from pytorch_privacy.dp_query.privacy_ledger import PrivacyLedger
+    from pytorch_privacy.optimizer.mf_optimizer import DPMatrixFactorizationOptimizer
+
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    n, b = 8 * len(batches), batches[0][0].shape[0]
+    opt = DPMatrixFactorizationOptimizer(
+        torch.optim.SGD(inner.parameters(), lr=0.3), model, loss_fn(), 0.5, 1.0, BandedToeplitzStrategy([1.0, -0.4, 0.1]),
+        ledger=PrivacyLedger(n, sampling="fixed_order", batch_size=b), expected_batch_size=float(b),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    for x, y in batches:
+        share = x.shape[0] // world
+        opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+
+
+def mf_equivalence(rank, world, port, out_dir):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    params = mf_train(model, make_batches(steps=5), rank=rank, world=world, seed=rank)
+    torch.save(params, os.path.join(out_dir, f"mf{rank}.pt"))

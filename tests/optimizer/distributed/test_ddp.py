@@ -244,3 +244,15 @@ def test_dp_ftrl_on_two_ranks_equals_one_process_with_rank_zeros_noise(tmp_path)
     for out in outs:
         for n in ref:
             torch.testing.assert_close(out["params"][n], ref[n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_matrix_factorisation_on_two_ranks_equals_one_process_with_rank_zeros_noise(tmp_path):
+    """Banded MF noise (correlated across steps) under DDP: drawn once per step on rank 0, so both
+    replicas end with the single process's parameters (rank 0 seeded like it)."""
+    ref = w.mf_train(w.make_model(), w.make_batches(steps=5), seed=0)
+    w.spawn(w.mf_equivalence, 2, str(tmp_path))
+    for r in range(2):
+        params = _load(tmp_path / f"mf{r}.pt")
+        for n in ref:
+            torch.testing.assert_close(params[n], ref[n], atol=1e-5, rtol=0)
