@@ -148,6 +148,9 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"times": times, "volumes": volumes, "params": n_params}, f)
+        # both ranks leave their last collective before either tears gloo down (tearing down while
+        # the peer still talks to it aborts a rank now and then with SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
