@@ -228,16 +228,7 @@ class DistributedStep:
         per-pass factor), as the query would."""
         from ..budget import PrivacyBudgetExceeded
 
-        query = acc.query
-        has_sensitive = acc.sample_state is not None
-        state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
-        self._check_additive(query, state)
-        leaves, spec = pytree.flatten(state)
-        wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
-        device = leaves[0].device if leaves else torch.device("cpu")
-        public = acc.num_public_passes > 0
-        names = list(acc.template)
-        pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
+        query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
         flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(5, dtype=wide, device=device)])
         gauss, gauss_state = _gaussian_part(query, global_state)
@@ -331,9 +322,11 @@ class DistributedStep:
         msg, eps, target_eps, target_delta, steps = box[0]
         raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
 
-    def _reduce(self, acc, local_examples: int):
-        """All-reduce the clipped sums, the public gradients and the step counters in one flat
-        buffer; ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
+    def _local_parts(self, acc):
+        """What a rank contributes to a step's collective: ``(query, has a sensitive pass, the
+        local sum's leaves and spec, the wide dtype (fp32, fp64 for fp64 sums), device, has a
+        public pass, parameter names, the public gradients)``.  Public passes (unclipped,
+        unnoised) are averaged over the ranks, so the replicas stay equal."""
         query = acc.query
         has_sensitive = acc.sample_state is not None
         state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
@@ -341,10 +334,15 @@ class DistributedStep:
         leaves, spec = pytree.flatten(state)
         wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
         device = leaves[0].device if leaves else torch.device("cpu")
-        # public passes (unclipped, unnoised) are averaged over the ranks, so the replicas stay equal
         public = acc.num_public_passes > 0
         names = list(acc.template)
         pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
+        return query, has_sensitive, leaves, spec, wide, device, public, names, pub
+
+    def _reduce(self, acc, local_examples: int):
+        """All-reduce the clipped sums, the public gradients and the step counters in one flat
+        buffer; ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
+        query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         # one flat buffer: the sums, the public gradients, then [has a sensitive pass, examples,
         # ranks with a public pass] (counts are exact in fp32 up to 2^24 per step)
         flat = torch.cat(
