@@ -19,9 +19,10 @@
 # **Neighbouring relations.**  DP-SGD with Poisson sampling is accounted for add/remove-one
 # neighbours.  The two no-sampling mechanisms are accounted for replace-one neighbours: batches
 # are formed by position, and one record's change moves only its own contribution, which can
-# move by up to `2C`.  Replace-one is the stronger notion: add/remove-one epsilon `e` implies
-# replace-one epsilon of at most about `2e`.  So comparing at equal epsilon handicaps the
-# no-sampling methods.
+# move by up to `2C`.  At equal epsilon a replace-one guarantee of a Gaussian mechanism needs about
+# twice the noise of an add/remove-one one (sensitivity `2C` instead of `C`), so comparing at
+# equal epsilon handicaps the no-sampling methods.  (Neither guarantee implies the other at equal
+# epsilon: add/remove-one `e` gives replace-one `2e` by group privacy.)
 
 # %%
 import os
