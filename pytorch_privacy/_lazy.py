@@ -27,3 +27,14 @@ def lazy_attributes(package: str, namespace: dict, mapping: dict[str, str], eage
         return all_names
 
     return __getattr__, __dir__, all_names
+
+
+def import_optional(modules: tuple[str, ...] | list[str]) -> None:
+    """Import each of ``modules`` (by absolute name); a module missing from this build is
+    skipped, an error raised while importing one that exists is not."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise

@@ -65,9 +65,10 @@ from ..dp_query.events import (
     ShuffledEvent,
     UnsupportedEvent,
 )
+from ..dp_query.event_registry import EventTypeRegistry
 from ..dp_query.events import relation_of
 from ._checks import check_delta, check_orders
-from ._extensions import load_rule_modules
+from ._extensions import RULE_MODULES
 from .accountant_base import PrivacyAccountant
 from .conversion import get_privacy_spent, refine_epsilon
 from .rdp import poisson_rdp_one_step
@@ -78,7 +79,8 @@ __all__ = ["RdpAccountant", "compute_rdp_from_event", "compute_rdp_from_ledger",
 #: RDP of event types defined outside this module (tree aggregation, discrete and distributed
 #: mechanisms, matrix factorisation): ``event class -> fn(event, orders, neighboring_relation)``
 #: returning the RDP vector of one occurrence.  Filled by :func:`register_rdp_rule`.
-_RDP_RULES: dict[type, "object"] = {}
+_RDP_RULES = EventTypeRegistry("register_rdp_rule", RULE_MODULES)
+
 
 def register_rdp_rule(event_cls: type):
     """Decorator: ``fn(event, orders, neighboring_relation) -> ndarray`` is the RDP at ``orders``
@@ -91,25 +93,8 @@ def register_rdp_rule(event_cls: type):
         def _my_rdp(event, orders, relation):
             return orders * event.rho
     """
-    if not (isinstance(event_cls, type) and issubclass(event_cls, DpEvent)):
-        raise TypeError(f"register_rdp_rule needs a DpEvent subclass, got {event_cls!r}")
+    return _RDP_RULES.register(event_cls)
 
-    def deco(fn):
-        _RDP_RULES[event_cls] = fn
-        return fn
-
-    return deco
-
-
-def _registered_rule(event: DpEvent):
-    for attempt in range(2):
-        for cls in type(event).__mro__:
-            fn = _RDP_RULES.get(cls)
-            if fn is not None:
-                return fn
-        if attempt == 0:
-            load_rule_modules()
-    return None
 
 _RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
 _CACHE_SIZE = 4096
@@ -289,7 +274,7 @@ class RdpAccountant(PrivacyAccountant):
                 raise ValueError(f"ShuffledEvent with steps_per_epoch=0 and steps={event.steps} is malformed")
             epochs = -(-event.steps // event.steps_per_epoch)
             return epochs * self._sub(event.event, orders, cached)
-        rule = _registered_rule(event)
+        rule = _RDP_RULES.lookup(event)
         if rule is not None:
             return np.asarray(rule(event, orders, rel), dtype=float)
         raise ValueError(f"RdpAccountant does not support {type(event).__name__} events ({event!r})")

@@ -33,6 +33,8 @@ from typing import Any, ClassVar
 
 import attrs
 
+from .._lazy import import_optional
+
 __all__ = [
     "ADD_OR_REMOVE_ONE",
     "REPLACE_ONE",
@@ -85,14 +87,7 @@ EVENT_MODULES: tuple[str, ...] = (
 
 
 def _load_event_modules() -> None:
-    import importlib
-
-    for mod in EVENT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_optional(EVENT_MODULES)
 
 
 def _to_float(value) -> float:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .events import DpEvent, _load_event_modules
+from .event_registry import EventTypeRegistry
+from .events import EVENT_MODULES, DpEvent
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions"]
 
 RunGrouper = Callable[[tuple["LedgerRun", ...], tuple[int, ...]], DpEvent]
-_GROUPERS: dict[type, RunGrouper] = {}
+_GROUPERS = EventTypeRegistry("register_run_grouper", EVENT_MODULES)
 
 
 def register_run_grouper(event_cls: type) -> Callable[[RunGrouper], RunGrouper]:
@@ -33,25 +34,12 @@ def register_run_grouper(event_cls: type) -> Callable[[RunGrouper], RunGrouper]:
     before ``runs[i]`` under the same ``(sampling, population_size, batch_size)``, in the whole
     ledger: the run's position in its loader's stream of batches).  ``fn`` raises ``ValueError``
     for a sequence it cannot account soundly (say which and what to do)."""
-    if not (isinstance(event_cls, type) and issubclass(event_cls, DpEvent)):
-        raise TypeError(f"register_run_grouper needs a DpEvent subclass, got {event_cls!r}")
-
-    def deco(fn: RunGrouper) -> RunGrouper:
-        _GROUPERS[event_cls] = fn
-        return fn
-
-    return deco
+    return _GROUPERS.register(event_cls)
 
 
 def run_grouper_for(event: DpEvent) -> RunGrouper | None:
     """The grouper registered for ``event``'s class (or a base class), else ``None``."""
-    if not _GROUPERS:
-        _load_event_modules()
-    for cls in type(event).__mro__:
-        fn = _GROUPERS.get(cls)
-        if fn is not None:
-            return fn
-    return None
+    return _GROUPERS.lookup(event)
 
 
 def loader_positions(runs) -> list[int]:

@@ -24,38 +24,21 @@ from ...dp_query.events import (
     UnsupportedEvent,
     relation_of,
 )
-from .._extensions import load_rule_modules
+from ...dp_query.event_registry import EventTypeRegistry
+from .._extensions import RULE_MODULES
 from .curves import _Spec
 
 #: ``event class -> fn(event) -> DpEvent``: the event in terms the PLD accountant knows (e.g. a
 #: tree or matrix-factorisation run as the Gaussian mechanism it is), filled by
 #: :func:`register_pld_equivalent`.
-_EQUIVALENTS: dict[type, object] = {}
+_EQUIVALENTS = EventTypeRegistry("register_pld_equivalent", RULE_MODULES)
 
 
 def register_pld_equivalent(event_cls: type):
     """Decorator: ``fn(event) -> DpEvent`` rewrites an ``event_cls`` event *exactly* as events the
     PLD accountant accounts (Gaussian, Laplace, sampled, shuffled, composed).  It must not loosen
     the bound: only an equivalent mechanism (or a sound upper bound of it) is allowed."""
-    if not (isinstance(event_cls, type) and issubclass(event_cls, DpEvent)):
-        raise TypeError(f"register_pld_equivalent needs a DpEvent subclass, got {event_cls!r}")
-
-    def deco(fn):
-        _EQUIVALENTS[event_cls] = fn
-        return fn
-
-    return deco
-
-
-def _equivalent(event: DpEvent):
-    for attempt in range(2):
-        for cls in type(event).__mro__:
-            fn = _EQUIVALENTS.get(cls)
-            if fn is not None:
-                return fn
-        if attempt == 0:
-            load_rule_modules()
-    return None
+    return _EQUIVALENTS.register(event_cls)
 
 
 class _Parsed:
@@ -130,7 +113,7 @@ def _parse(event: DpEvent, count: int, relation: str, out: _Parsed) -> None:
         return
     base = _base_kind(event)
     if base is None and not isinstance(event, (PoissonSampledEvent, SampledWithoutReplacementEvent, ShuffledEvent)):
-        rewrite = _equivalent(event)
+        rewrite = _EQUIVALENTS.lookup(event)
         if rewrite is not None:
             _parse(rewrite(event), count, relation, out)
             return
