@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from ..dp_query.privacy_ledger import PrivacyLedger
 from ..dp_query.randomness import RandomSource
 from .consistency import ledger_for_loader
 from .dp_optimizer import DPOptimizer, LossFn, check_pos_int
+from .wiring import public_denominator
 
 __all__ = ["DPGaussianOptimizer"]
 
@@ -74,23 +74,9 @@ class DPGaussianOptimizer(DPOptimizer):
         if num_microbatches is not None:
             denominator = float(check_pos_int("num_microbatches", num_microbatches))
         else:
-            if expected_batch_size is None:
-                if ledger is None:
-                    raise ValueError(
-                        "DPGaussianOptimizer needs the public denominator of the average: pass "
-                        "expected_batch_size=q*N, or a ledger (it knows q*N), or num_microbatches"
-                    )
-                expected_batch_size = ledger.expected_batch_size
-            if (
-                isinstance(expected_batch_size, (bool, torch.Tensor))
-                or not isinstance(expected_batch_size, (int, float))
-                or not math.isfinite(expected_batch_size)
-                or expected_batch_size <= 0
-            ):
-                raise ValueError(
-                    f"expected_batch_size must be a positive number fixed in advance (q*N), got {expected_batch_size!r}"
-                )
-            denominator = float(expected_batch_size)
+            denominator = public_denominator(
+                expected_batch_size, ledger, "DPGaussianOptimizer", alternatives=", or num_microbatches"
+            )
             if microbatch_size is not None:
                 denominator /= check_pos_int("microbatch_size", microbatch_size)
         self.l2_norm_clip = clip

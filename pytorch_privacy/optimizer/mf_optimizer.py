@@ -18,7 +18,6 @@ run is accounted by the matrix-factorisation run grouper
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import torch
@@ -33,6 +32,7 @@ from ..dp_query.privacy_ledger import PrivacyLedger
 from ..dp_query.randomness import RandomSource, as_random_source
 from .consistency import ledger_for_loader
 from .dp_optimizer import DPOptimizer, LossFn
+from .wiring import public_denominator
 from .samplers import init_poisson_loader, refuse_batching_kwargs
 
 __all__ = ["DPMatrixFactorizationOptimizer", "BandedPoissonSampler", "BandedPoissonLoader"]
@@ -188,20 +188,13 @@ class DPMatrixFactorizationOptimizer(DPOptimizer):
     ):
         if data_loader is not None and ledger is None:
             ledger = ledger_for_loader(data_loader)
-        if expected_batch_size is None:
-            if ledger is None:
-                raise ValueError("DPMatrixFactorizationOptimizer needs data_loader=, ledger= or expected_batch_size=")
-            expected_batch_size = ledger.expected_batch_size
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, (int, float)) or not (
-            math.isfinite(expected_batch_size) and expected_batch_size > 0
-        ):
-            raise ValueError(f"expected_batch_size must be a positive number fixed in advance, got {expected_batch_size!r}")
+        denominator = public_denominator(expected_batch_size, ledger, "DPMatrixFactorizationOptimizer")
         partitions = int(getattr(data_loader, "partitions", 1) or 1)
         clip = check_clip(l2_norm_clip)
         sigma = check_stddev(noise_multiplier, "noise_multiplier")
         source = RandomSource(generator, secure_mode=secure_mode)
         mf = MatrixFactorizationQuery(clip, sigma, strategy, partitions=partitions, generator=source)
         self.l2_norm_clip, self.noise_multiplier, self.strategy = clip, sigma, mf.strategy
-        self.denominator = float(expected_batch_size)
+        self.denominator = denominator
         super().__init__(optimizer, model, loss_fn, NormalizedQuery(mf, self.denominator), ledger=ledger,
                          data_loader=data_loader, secure_mode=secure_mode, **kwargs)

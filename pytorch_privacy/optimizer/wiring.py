@@ -6,6 +6,7 @@ Each is a plain function so the optimizer's ``__init__`` stays a short list of s
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Iterator
 
@@ -19,7 +20,7 @@ from ..dp_query.query_with_ledger import QueryWithLedger
 from .budget import PrivacyBudget
 from .consistency import ledger_for_loader
 
-__all__ = ["query_chain", "check_wrapped_objects", "check_partition_claims", "check_optimizer_covers", "attach_ledger", "make_budget"]
+__all__ = ["public_denominator", "query_chain", "check_wrapped_objects", "check_partition_claims", "check_optimizer_covers", "attach_ledger", "make_budget"]
 
 
 def query_chain(query: DPQuery) -> Iterator[DPQuery]:
@@ -73,6 +74,29 @@ def check_optimizer_covers(optimizer: torch.optim.Optimizer, model: nn.Module, t
             stacklevel=3,
         )
     return {id(trainable[n]) for n in missing}
+
+
+def public_denominator(expected_batch_size: Any, ledger: PrivacyLedger | None, who: str, *, alternatives: str = "") -> float:
+    """The average's public denominator: ``expected_batch_size`` (a positive number fixed in
+    advance), else the ledger's ``q*N``; ``ValueError`` when neither is given or the value is not
+    a positive finite number (a tensor, a realised batch size, is refused: dividing by it leaks)."""
+    if expected_batch_size is None:
+        if ledger is None:
+            raise ValueError(
+                f"{who} needs the public denominator of the average: pass expected_batch_size=q*N, or a "
+                f"ledger or data_loader (they know q*N){alternatives}"
+            )
+        expected_batch_size = ledger.expected_batch_size
+    if (
+        isinstance(expected_batch_size, (bool, torch.Tensor))
+        or not isinstance(expected_batch_size, (int, float))
+        or not math.isfinite(expected_batch_size)
+        or expected_batch_size <= 0
+    ):
+        raise ValueError(
+            f"expected_batch_size must be a positive number fixed in advance (q*N), got {expected_batch_size!r}"
+        )
+    return float(expected_batch_size)
 
 
 def check_partition_claims(chain: list, data_loader: Any) -> None:
