@@ -21,7 +21,7 @@ from .events import EVENT_MODULES, DpEvent
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
 
-__all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions"]
+__all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions", "split_sequences"]
 
 RunGrouper = Callable[[tuple["LedgerRun", ...], tuple[int, ...]], DpEvent]
 _GROUPERS = EventTypeRegistry("register_run_grouper", EVENT_MODULES)
@@ -64,3 +64,28 @@ def epochs_touched(population_size: int, batch_size: int, offset: int, steps: in
         return 0
     lengths = {max(1, population_size // batch_size), -(-population_size // batch_size)}
     return max((offset + steps - 1) // length - offset // length + 1 for length in lengths)
+
+
+def split_sequences(runs, positions, starts: Callable[[DpEvent], bool]) -> list[tuple[list, int, int, int]]:
+    """The runs of one correlated-noise family split into noise sequences (trees, MF sequences) at
+    the steps whose event ``starts`` one (and at the first step): ``[(parts, repeats, start,
+    span)]``, in ledger order.
+
+    ``parts`` is a list of ``(run, steps of that run in the sequence)``; ``repeats`` how many
+    identical sequences the entry stands for (a run of ``k`` steps that each start a sequence is
+    ``k - 1`` one-step sequences, then the first step of the next); ``start`` the loader position
+    of the sequence's first step and ``span`` the loader steps from its first to its last step
+    (more than its own steps when steps of other queries on the same loader interleave)."""
+    out: list[list] = []
+    for r, pos in zip(runs, positions):
+        first = starts(r.event)
+        if first or not out:
+            if first and r.count > 1:
+                out.append([[(r, 1)], r.count - 1, pos, 1])
+            n = 1 if first else r.count
+            out.append([[(r, n)], 1, pos + r.count - n, n])
+        else:
+            seq = out[-1]
+            seq[0].append((r, r.count))
+            seq[3] = pos + r.count - seq[2]
+    return [tuple(x) for x in out]

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import ADD_OR_REMOVE_ONE, REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _finite_nonneg, _to_float
-from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper
+from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper, split_sequences
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -164,26 +164,6 @@ def _settings(r: "LedgerRun") -> tuple:
     return (r.population_size, r.sampling, r.selection_probability, r.batch_size, e.noise_multiplier, e.strategy, e.partitions)
 
 
-def _segments(runs: tuple["LedgerRun", ...], positions: tuple[int, ...]) -> list[tuple[list[tuple["LedgerRun", int]], int, int, int]]:
-    """Split the runs into noise sequences at ``starts=1``: ``[(parts, repeats, start, span)]`` where
-    ``parts`` is a list of ``(run, steps)``, ``repeats`` how many identical sequences it stands for
-    (a run of ``count`` steps that all start a sequence is ``count - 1`` one-step sequences, then
-    one open), ``start`` the loader position of the first step and ``span`` the loader steps from
-    the first to the last step (more than the sequence's steps when other steps interleave)."""
-    out: list[list] = []
-    for r, pos in zip(runs, positions):
-        if r.event.starts or not out:
-            if r.count > 1 and r.event.starts:
-                out.append([[(r, 1)], r.count - 1, pos, 1])
-            n = 1 if r.event.starts else r.count
-            out.append([[(r, n)], 1, pos + r.count - n, n])
-        else:
-            seg = out[-1]
-            seg[0].append((r, r.count))
-            seg[3] = pos + r.count - seg[2]
-    return [tuple(x) for x in out]
-
-
 def _whole_run_event(parts: list[tuple["LedgerRun", int]], start: int = 0, span: int | None = None) -> DpEvent:
     from .matrix_factorization import max_column_norm, strategy_from_spec, strategy_sensitivity_squared
 
@@ -231,7 +211,7 @@ def group_matrix_factorization_runs(runs: tuple["LedgerRun", ...], positions: tu
     if positions is None:  # runs alone: taken as consecutive steps of one loader
         positions = tuple(loader_positions(runs))
     events: list[DpEvent] = []
-    for parts, repeats, start, span in _segments(runs, positions):
+    for parts, repeats, start, span in split_sequences(runs, positions, lambda e: bool(e.starts)):
         # (`repeats` one-step sequences each hold a record at most once, wherever they sit)
         one = _whole_run_event(parts, start, span)
         events.append(one if repeats == 1 else SelfComposedEvent(one, repeats))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _check_event, _finite_nonneg, _to_float
-from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper
+from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper, split_sequences
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -133,27 +133,6 @@ class ReplaceOneEvent(DpEvent):
 # ------------------------------------------------------------------------------------------
 # the run grouper: ledger runs of tree steps -> one event per tree
 # ------------------------------------------------------------------------------------------
-def _split_trees(runs: tuple["LedgerRun", ...], positions: tuple[int, ...]) -> list[tuple[list[tuple["LedgerRun", int]], int, int, int]]:
-    """Trees as ``(parts, multiplicity, start, span)`` in ledger order: ``parts`` a list of ``(run,
-    steps of that run in the tree)``, ``start`` the loader position of the tree's first step and
-    ``span`` the loader steps from its first to its last step (more than its own steps when other
-    steps of the same loader interleave).  A run of ``k`` identical ``starts_tree=1`` steps is
-    ``k - 1`` one-step trees (one entry of multiplicity ``k - 1``) and the first step of the next."""
-    trees: list[list] = []
-    for r, pos in zip(runs, positions):
-        if r.event.starts_tree == 1:
-            if r.count > 1:
-                trees.append([[(r, 1)], r.count - 1, pos, 1])
-            trees.append([[(r, 1)], 1, pos + r.count - 1, 1])
-        elif trees:
-            tree = trees[-1]
-            tree[0].append((r, r.count))
-            tree[3] = pos + r.count - tree[2]
-        else:  # the first recorded step starts a tree, flagged or not
-            trees.append([[(r, r.count)], 1, pos, r.count])
-    return [tuple(t) for t in trees]
-
-
 def _settings(r: "LedgerRun") -> tuple:
     return (r.sampling, r.population_size, r.batch_size)
 
@@ -210,7 +189,7 @@ def group_tree_steps(runs: tuple["LedgerRun", ...], positions: tuple[int, ...] |
     if positions is None:  # runs alone: taken as consecutive steps of one loader
         positions = tuple(loader_positions(runs))
     counts: dict[DpEvent, int] = {}
-    for tree, mult, start, span in _split_trees(runs, positions):
+    for tree, mult, start, span in split_sequences(runs, positions, lambda e: e.starts_tree == 1):
         first = tree[0][0]
         for r, _ in tree:
             if r.sampling in ("poisson", "without_replacement"):
