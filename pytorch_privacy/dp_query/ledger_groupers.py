@@ -21,7 +21,7 @@ from .events import EVENT_MODULES, DpEvent
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
 
-__all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions", "split_sequences"]
+__all__ = ["register_run_grouper", "run_grouper_for", "epochs_touched", "loader_positions", "split_sequences", "participation"]
 
 RunGrouper = Callable[[tuple["LedgerRun", ...], tuple[int, ...]], DpEvent]
 _GROUPERS = EventTypeRegistry("register_run_grouper", EVENT_MODULES)
@@ -89,3 +89,23 @@ def split_sequences(runs, positions, starts: Callable[[DpEvent], bool]) -> list[
             seq[0].append((r, r.count))
             seq[3] = pos + r.count - seq[2]
     return [tuple(x) for x in out]
+
+
+def participation(sampling: str, population_size: int, batch_size: int | None, start: int, span: int, steps: int) -> tuple[int, int]:
+    """``(max_participation, min_gap)`` of one record in a noise sequence of ``steps`` steps lying
+    in the ``span`` consecutive loader steps from loader position ``start``: at most how many of
+    the sequence's steps may hold it, and the least difference of their indices in the sequence.
+
+    * ``"fixed_order"``: the same batch every epoch of ``spe = N // B`` steps, so at most
+      ``ceil(span / spe)`` times, ``spe`` apart (1 apart when other steps interleave: the
+      sequence's indices skip them).
+    * ``"shuffle"``: a fresh permutation every epoch, so once in every epoch touched
+      (:func:`epochs_touched`), possibly in consecutive steps across an epoch boundary.
+    * anything else (full batches, sampling without a participation bound): every step, 1 apart.
+    """
+    if sampling == "fixed_order":
+        spe = max(1, population_size // batch_size)
+        return min(steps, -(-span // spe)), (spe if span == steps else 1)
+    if sampling == "shuffle":
+        return min(steps, epochs_touched(population_size, batch_size, start, span)), 1
+    return steps, 1

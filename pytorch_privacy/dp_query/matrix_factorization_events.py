@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import ADD_OR_REMOVE_ONE, REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _finite_nonneg, _to_float
-from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper, split_sequences
+from .ledger_groupers import loader_positions, participation, register_run_grouper, split_sequences
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -186,20 +186,9 @@ def _whole_run_event(parts: list[tuple["LedgerRun", int]], start: int = 0, span:
         return AmplifiedBandedMatrixFactorizationEvent(sigma, col, first.selection_probability, rounds)
     cls = MatrixFactorizationReplaceOneEvent
     span = steps if span is None else span
-    if first.sampling == "fixed_order":
-        # one fixed order, period spe: any window of `span` consecutive loader steps holds a record
-        # at most ceil(span / spe) times, spe apart, wherever the window starts (apart in the
-        # sequence's own steps only when no other step of the loader interleaves)
-        spe = max(1, first.population_size // first.batch_size)
-        k, sep = -(-span // spe), (spe if span == steps else 1)
-    elif first.sampling == "shuffle":
-        # a fresh permutation each epoch: once per epoch the sequence touches, from its position in
-        # the loader's batches (epochs_touched takes both epoch lengths a loader may have)
-        k, sep = epochs_touched(first.population_size, first.batch_size, start, span), 1
-    else:  # poisson without banded sampling, without_replacement, full: any step may hold the record
-        k, sep = steps, 1
-        if first.sampling != "without_replacement":
-            cls = MatrixFactorizationEvent
+    k, sep = participation(first.sampling, first.population_size, first.batch_size, start, span, steps)
+    if first.sampling not in ("fixed_order", "shuffle", "without_replacement"):
+        cls = MatrixFactorizationEvent  # full batches or Poisson without banded sampling: either relation
     sens2, _how = strategy_sensitivity_squared(strategy, steps, k, sep)
     return cls(sigma, math.sqrt(sens2), steps, min(k, steps), sep)
 

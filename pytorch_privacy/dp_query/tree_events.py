@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from .events import REPLACE_ONE, ComposedEvent, DpEvent, SelfComposedEvent, _check_event, _finite_nonneg, _to_float
-from .ledger_groupers import epochs_touched, loader_positions, register_run_grouper, split_sequences
+from .ledger_groupers import loader_positions, participation, register_run_grouper, split_sequences
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger_schema import LedgerRun
@@ -137,24 +137,6 @@ def _settings(r: "LedgerRun") -> tuple:
     return (r.sampling, r.population_size, r.batch_size)
 
 
-def _participation(sampling: str, n: int, b: int | None, start: int, span: int, steps: int) -> tuple[int, int]:
-    """``(max_participation, min_separation)`` of one record in a tree of ``steps`` steps lying in
-    the ``span`` consecutive loader steps from position ``start`` (``span > steps`` when other
-    steps of the same loader interleave: the tree's leaf indices then skip them, so only the
-    separation 0 is sure)."""
-    if sampling == "full":
-        return steps, 0
-    if sampling == "fixed_order":
-        # the same batch at every epoch: a record recurs every spe = N // B loader steps, so at
-        # most ceil(span / spe) times in a window, at least spe - 1 leaves apart
-        spe = max(1, n // b)
-        return min(steps, -(-span // spe)), (spe - 1 if span == steps else 0)
-    # shuffle: a fresh permutation every epoch puts a record anywhere in each epoch, so it can
-    # take part once in every epoch the tree touches, in consecutive steps across an epoch
-    # boundary (the last step of one epoch and the first of the next): separation 0
-    return min(steps, epochs_touched(n, b, start, span)), 0
-
-
 @register_run_grouper(TreeAggregationStepEvent)
 def group_tree_steps(runs: tuple["LedgerRun", ...], positions: tuple[int, ...] | None = None) -> DpEvent:
     """Turn the ledger runs of :class:`TreeAggregationStepEvent` steps into the accounted events.
@@ -208,7 +190,8 @@ def group_tree_steps(runs: tuple["LedgerRun", ...], positions: tuple[int, ...] |
         steps = sum(k for _, k in tree)
         sigma = min(r.event.noise_multiplier for r, _ in tree)
         # (a tree of multiplicity > 1 has one step: one participation wherever it lies)
-        part, sep = _participation(first.sampling, first.population_size, first.batch_size, start, span, steps)
+        part, gap = participation(first.sampling, first.population_size, first.batch_size, start, span, steps)
+        sep = gap - 1  # a tree's separation counts the steps strictly between two participations
         ev: DpEvent = TreeAggregationEvent(sigma, steps, part, sep)
         if first.sampling in ("shuffle", "fixed_order"):
             ev = ReplaceOneEvent(ev)
