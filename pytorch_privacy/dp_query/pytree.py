@@ -74,6 +74,20 @@ def tree_map(fn: Callable, *trees: Any) -> Any:
     return unflatten([fn(*leaves) for leaves in zip(*flats)], spec0)
 
 
+def _batch_size(leaves: list) -> int | None:
+    """The common leading (batch) dimension of batched leaves; ``ValueError`` when a leaf has none
+    or two disagree."""
+    b = None
+    for i, leaf in enumerate(leaves):
+        if leaf.dim() == 0:
+            raise ValueError(f"batched record leaf {i} has no batch dimension")
+        if b is None:
+            b = leaf.shape[0]
+        elif leaf.shape[0] != b:
+            raise ValueError(f"batched record leaves disagree on batch size: {b} vs {leaf.shape[0]} (leaf {i})")
+    return b
+
+
 def check_same_structure(template: Any, record: Any, *, batched: bool = False) -> None:
     """Raise ``ValueError`` unless ``record`` has the structure and leaf shapes of ``template``.
 
@@ -87,16 +101,10 @@ def check_same_structure(template: Any, record: Any, *, batched: bool = False) -
         r_leaves, r_spec = flatten(record)
         if t_spec != r_spec:
             raise ValueError(f"record structure does not match the template: expected {t_spec}, got {r_spec}")
-    batch = None
+    if batched:
+        _batch_size(r_leaves)
     for i, (t, r) in enumerate(zip(t_leaves, r_leaves)):
         shape = tuple(r.shape[1:]) if batched else tuple(r.shape)
-        if batched:
-            if r.dim() == 0:
-                raise ValueError(f"batched record leaf {i} has no batch dimension")
-            if batch is None:
-                batch = r.shape[0]
-            elif r.shape[0] != batch:
-                raise ValueError(f"batched record leaves disagree on batch size: {batch} vs {r.shape[0]} (leaf {i})")
         if shape != tuple(t.shape):
             raise ValueError(f"record leaf {i} has shape {shape}, expected {tuple(t.shape)}")
 
@@ -114,14 +122,7 @@ def global_norms(batch: Any) -> torch.Tensor:
     leaves = list(batch.values()) if is_flat_dict(batch) else flatten(batch)[0]
     if not leaves:
         raise ValueError("record has no tensors")
-    b = None
-    for i, leaf in enumerate(leaves):
-        if leaf.dim() == 0:
-            raise ValueError(f"batched record leaf {i} has no batch dimension")
-        if b is None:
-            b = leaf.shape[0]
-        elif leaf.shape[0] != b:
-            raise ValueError(f"batched record leaves disagree on batch size: {b} vs {leaf.shape[0]} (leaf {i})")
+    _batch_size(leaves)
     # integer/bool records are measured in float64
     work = [l if (l.is_floating_point() or l.is_complex()) else l.to(torch.float64) for l in leaves]
     if work[0].device.type != "cpu":
