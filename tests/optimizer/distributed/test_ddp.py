@@ -118,14 +118,7 @@ def test_ledger_of_two_ranks_equals_one_process_and_budget_refuses_together(tmp_
     # a budget that allows some of the planned steps but not all of them
     ref, ref_taken, ref_refused = _single_process_ledger(n, q, steps, target_epsilon=None)
     assert ref_taken == steps and ref_refused is None
-    from pytorch_privacy.analysis import RdpAccountant
-
-    eps = []
-    for k in (2, 3):
-        acc = RdpAccountant()
-        acc.compose_ledger(_prefix(ref, k))
-        eps.append(acc.get_epsilon(1e-5))
-    budget = (eps[0] + eps[1]) / 2  # step 3 is refused
+    budget = _budget_refusing_step_3(ref)
     ref_b, taken_b, refused_b = _single_process_ledger(n, q, steps, target_epsilon=budget)
     assert (taken_b, refused_b) == (2, 2)
 
@@ -148,6 +141,14 @@ def _prefix(ledger, k):
     for _ in range(k):
         led.record_sample(ledger.runs[0].event)
     return led
+
+
+def _budget_refusing_step_3(ledger):
+    """A target epsilon between the epsilons after 2 and after 3 steps of ``ledger``."""
+    from pytorch_privacy.analysis import RdpAccountant
+
+    eps = [RdpAccountant().compose_ledger(_prefix(ledger, k)).get_epsilon(1e-5) for k in (2, 3)]
+    return (eps[0] + eps[1]) / 2
 
 
 # -- mixed precision (one process) --------------------------------------------------------------

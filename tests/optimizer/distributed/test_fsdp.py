@@ -112,18 +112,11 @@ def test_fsdp_refuses_identical_noise_generators(tmp_path, general):
 
 @pytest.mark.slow
 def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_path):
-    from pytorch_privacy.analysis import RdpAccountant
-
-    from .test_ddp import _prefix, _runs, _single_process_ledger
+    from .test_ddp import _budget_refusing_step_3, _runs, _single_process_ledger
 
     n, q, steps = 40, 0.25, 4
     ref, _, _ = _single_process_ledger(n, q, steps, target_epsilon=None)
-    eps = []
-    for k in (2, 3):
-        acc = RdpAccountant()
-        acc.compose_ledger(_prefix(ref, k))
-        eps.append(acc.get_epsilon(1e-5))
-    budget = (eps[0] + eps[1]) / 2  # step 3 is refused
+    budget = _budget_refusing_step_3(ref)
     ref_b, taken_b, refused_b = _single_process_ledger(n, q, steps, target_epsilon=budget)
     assert (taken_b, refused_b) == (2, 2)
     w.spawn(w.ledger_run, 2, str(tmp_path), n, q, steps, budget, True)
