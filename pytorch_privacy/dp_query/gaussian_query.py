@@ -12,7 +12,7 @@ from .dp_query import SumAggregationDPQuery, check_stddev, clip_coefficients
 from .events import DpEvent, GaussianEvent, NoOpEvent
 from .randomness import RandomSource, as_random_source
 
-__all__ = ["GaussianSumQuery", "GaussianSumGlobalState", "add_gaussian_noise", "clip_record"]
+__all__ = ["GaussianSumQuery", "GaussianSumGlobalState", "add_gaussian_noise", "add_gaussian_noise_", "clip_record"]
 
 
 @attrs.frozen
@@ -89,6 +89,26 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     return pytree.unflatten(out, spec)
 
 
+def add_gaussian_noise_(tensor: torch.Tensor, stddev, generator: "torch.Generator | RandomSource | None" = None) -> torch.Tensor:
+    """``tensor += N(0, stddev^2 I)`` in place; returns ``tensor``.
+
+    :func:`add_gaussian_noise` for one floating-point tensor without its temporaries: the
+    normals are drawn by ``generator`` in :func:`~pytorch_privacy.dp_query.randomness.noise_dtype`
+    of the tensor (float32 or wider; float64 in secure mode), and ``tensor + stddev * z`` is
+    computed in that width (one fused multiply-add pass) and cast back into ``tensor``.  The same
+    distribution as :func:`add_gaussian_noise`, drawn from the generator in the same order; the
+    values agree to rounding (the product is not rounded separately).  ``stddev`` may be a 0-dim
+    tensor."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"add_gaussian_noise_ needs a floating-point tensor, got {type(tensor).__name__}")
+    if isinstance(stddev, (int, float)) and stddev == 0:
+        return tensor
+    z = as_random_source(generator).normal(tensor.shape, device=tensor.device, dtype=tensor.dtype)
+    if isinstance(stddev, (int, float)):
+        return tensor.add_(z, alpha=stddev)
+    return tensor.add_(z.mul_(stddev.to(z.device, z.dtype)))
+
+
 class GaussianSumQuery(SumAggregationDPQuery):
     """Sum of records clipped to L2 norm ``l2_norm_clip``, plus ``N(0, stddev^2)`` per coordinate.
 
@@ -144,8 +164,15 @@ class GaussianSumQuery(SumAggregationDPQuery):
             return batch
         return clip_records(batch, params)[0]
 
+    def sum_records_by_norm(self, params, norms: torch.Tensor, weighted_sum: Callable):
+        """The clipped sum of a batch known through its norms, ``sum_i min(1, C / ||g_i||) g_i``
+        (``weighted_sum`` of the clip coefficients): what :meth:`accumulate_records_by_norm` adds
+        to its sample state.  A caller that would add it to a fresh (zero) sample state may take
+        it as the state itself (:class:`~pytorch_privacy.optimizer.StepAccumulator` does)."""
+        return weighted_sum(clip_coefficients(norms, params))
+
     def accumulate_records_by_norm(self, params, sample_state, norms: torch.Tensor, weighted_sum: Callable):
-        return self.accumulate_preprocessed_record(sample_state, weighted_sum(clip_coefficients(norms, params)))
+        return self.accumulate_preprocessed_record(sample_state, self.sum_records_by_norm(params, norms, weighted_sum))
 
     def accumulate_preprocessed_record(self, sample_state, preprocessed_record):
         if pytree.is_flat_dict(sample_state) and pytree.is_flat_dict(preprocessed_record):
@@ -160,6 +187,13 @@ class GaussianSumQuery(SumAggregationDPQuery):
     def get_noised_result(self, sample_state, global_state: GaussianSumGlobalState):
         result = add_gaussian_noise(sample_state, global_state.stddev, self.generator)
         return result, global_state, self.event(global_state)
+
+    def noise_in_place(self, flat: torch.Tensor, global_state: GaussianSumGlobalState) -> tuple[GaussianSumGlobalState, DpEvent]:
+        """:meth:`get_noised_result` of a sample state held as one flat tensor, noised where it
+        lies (:func:`add_gaussian_noise_`): returns ``(new_global_state, event)``.  Data-parallel
+        steps noise their block of the flat all-reduce buffer with it."""
+        add_gaussian_noise_(flat, global_state.stddev, self.generator)
+        return global_state, self.event(global_state)
 
     def event(self, global_state: GaussianSumGlobalState) -> DpEvent:
         """The privacy event of one sample under ``global_state``: ``GaussianEvent(stddev / clip)``,

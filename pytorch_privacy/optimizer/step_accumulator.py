@@ -68,7 +68,9 @@ from typing import Any
 import torch
 
 from ..dp_query import pytree
-from ..dp_query.dp_query import DPQuery
+from ..dp_query.delegating_query import DelegatingQuery
+from ..dp_query.dp_query import DPQuery, SumAggregationDPQuery
+from ..dp_query.gaussian_query import GaussianSumQuery
 from .engines.base import MaterializedGradients, PerExampleGradients, empty_gradients
 
 __all__ = ["JOINT", "PER_PASS", "PASS_CLIPPING_MODES", "StepAccumulator", "EmptyGradients", "combine_gradients"]
@@ -98,8 +100,16 @@ class _FiniteRecords(PerExampleGradients):
         raw = inner.norms()
         finite = torch.isfinite(raw)
         self.good = finite if good is None else (good & finite)
-        self._norms = torch.where(self.good, raw, torch.full_like(raw, float("inf")))
+        self._norms = torch.where(self.good, raw, float("inf"))
         self._mat: dict[str, torch.Tensor] | None = None
+        #: CPU only (no device sync there): whether every record is finite (None: not known yet)
+        self._all_good: bool | None = None
+
+    def all_good_on_cpu(self) -> bool:
+        """``True`` when the mask lives on the CPU and no record was dropped (checked once)."""
+        if self._all_good is None:
+            self._all_good = self.good.device.type == "cpu" and bool(self.good.all())
+        return self._all_good
 
     @property
     def losses(self) -> torch.Tensor:
@@ -113,13 +123,15 @@ class _FiniteRecords(PerExampleGradients):
         return self._norms
 
     def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        c = torch.where(self.good, coefficients, torch.zeros_like(coefficients))
+        if self.all_good_on_cpu():  # nothing dropped: the coefficients as they are
+            return self._inner.weighted_sum(coefficients)
+        c = torch.where(self.good, coefficients, 0.0)
         if isinstance(self._inner, MaterializedGradients):
             return {
                 n: torch.tensordot(c.to(g.dtype), torch.where(_row_mask(self.good, g), g, 0), dims=([0], [0]))
                 for n, g in self._inner.materialize().items()
             }
-        if self.good.device.type == "cpu" and not bool(self.good.all()):
+        if self.good.device.type == "cpu":  # and a record was dropped (all_good_on_cpu)
             # a dropped record poisons an implicit weighted sum (0 * NaN = NaN): on the CPU the
             # check costs no device sync, so take the materialised route for this batch
             return {
@@ -135,6 +147,31 @@ class _FiniteRecords(PerExampleGradients):
                 n: torch.where(_row_mask(self.good, g), g, 0) for n, g in self._inner.materialize().items()
             }
         return self._mat
+
+
+def plain_gaussian_sum(query: DPQuery) -> GaussianSumQuery | None:
+    """The :class:`~pytorch_privacy.dp_query.GaussianSumQuery` that accumulates for ``query`` when
+    accumulating a batch onto a fresh sample state is exactly its
+    :meth:`~pytorch_privacy.dp_query.GaussianSumQuery.sum_records_by_norm`: ``query`` is one, or
+    a chain of :class:`~pytorch_privacy.dp_query.DelegatingQuery` wrappers (a normalised average,
+    a ledger) that forward the sample state and the accumulation unchanged to one, and none of
+    them overrides how the zero state is made or records are added.  ``None`` otherwise."""
+    fwd = ("initial_sample_state", "accumulate_records_by_norm")
+    while isinstance(query, DelegatingQuery):
+        if any(getattr(type(query), m) is not getattr(DelegatingQuery, m) for m in fwd):
+            return None
+        query = query.inner_query
+    if not isinstance(query, GaussianSumQuery):
+        return None
+    own = {
+        "initial_sample_state": SumAggregationDPQuery,
+        "accumulate_records_by_norm": GaussianSumQuery,
+        "accumulate_preprocessed_record": GaussianSumQuery,
+        "sum_records_by_norm": GaussianSumQuery,
+    }
+    if any(getattr(type(query), m) is not getattr(base, m) for m, base in own.items()):
+        return None
+    return query
 
 
 def EmptyGradients(params: dict[str, torch.Tensor]) -> PerExampleGradients:  # noqa: N802 - old class name
@@ -178,6 +215,8 @@ class StepAccumulator:
         #: device tensor: records dropped for non-finite gradients since construction
         self.dropped: torch.Tensor | None = None
         self.dropped_at_begin: torch.Tensor | None = None
+        #: (query, its plain Gaussian sum or None), resolved once per query object
+        self._plain: tuple[DPQuery, GaussianSumQuery | None] | None = None
         self.reset()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -260,14 +299,37 @@ class StepAccumulator:
         bad = (~good).sum()
         self.dropped = bad if self.dropped is None else self.dropped + bad.to(self.dropped.device)
 
+    def _is_fresh_state(self, total: Any) -> bool:
+        """Whether ``total`` is what adding it to the zero state would give: one tensor per
+        template entry, of its shape, dtype and device (else the addition would promote or
+        broadcast)."""
+        if not pytree.is_flat_dict(total) or total.keys() != self.template.keys():
+            return False
+        for n, t in self.template.items():
+            s = total[n]
+            if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+                return False
+        return True
+
     def _accumulate(self, records: _FiniteRecords) -> Any:
         """Clip and sum one batch of records into a fresh sample state.
 
         Fast path: ``query.accumulate_records_by_norm(params, state, norms, weighted_sum)``;
         on ``NotImplementedError`` (remembered) ``query.accumulate_records(params, state,
-        materialised_records)``.
+        materialised_records)``.  For a plain Gaussian sum (:func:`plain_gaussian_sum`) the
+        zero state is skipped: its clipped sum is the fresh state (``0 + S = S``), one pass over
+        the parameters and one allocation fewer.
         """
         q = self.query
+        if self._plain is None or self._plain[0] is not q:
+            self._plain = (q, plain_gaussian_sum(q))
+        gauss = self._plain[1]
+        if gauss is not None:
+            total = gauss.sum_records_by_norm(self.params, records.norms(), records.weighted_sum)
+            self.by_norm = True
+            if self._is_fresh_state(total):  # the engine's fresh tensors, in a dict of our own
+                return dict(total)
+            return gauss.accumulate_preprocessed_record(gauss.initial_sample_state(self.template), total)
         state = q.initial_sample_state(self.template)
         if self.by_norm is not False:
             try:
@@ -287,9 +349,9 @@ class StepAccumulator:
         k = len(passes)
         sizes = [pe.num_records for pe in passes]
         aligned = len(set(sizes)) == 1
-        # a record non-finite in one pass is dropped from all of them
+        # a record non-finite in one pass is dropped from all of them (one pass: its own mask)
         good = None
-        if aligned:
+        if aligned and k > 1:
             for pe in passes:
                 f = torch.isfinite(pe.norms())
                 good = f if good is None else good & f

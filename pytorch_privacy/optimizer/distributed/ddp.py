@@ -116,7 +116,11 @@ def linear_release_divisor(query: Any, global_state: Any) -> float | None:
         if not isinstance(global_state, NormalizedGlobalState):
             return None
         divisor, query = global_state.denominator, query.numerator_query
-    if isinstance(query, GaussianSumQuery) and type(query).get_noised_result is GaussianSumQuery.get_noised_result:
+    if (
+        isinstance(query, GaussianSumQuery)
+        and type(query).get_noised_result is GaussianSumQuery.get_noised_result
+        and type(query).noise_in_place is GaussianSumQuery.noise_in_place
+    ):
         return divisor
     return None
 
@@ -230,6 +234,7 @@ class DistributedStep:
 
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
+        # one flat buffer: the sums, the public gradients, then 5 counters
         flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(5, dtype=wide, device=device)])
         gauss, gauss_state = _gaussian_part(query, global_state)
         self._check_distinct_sources(query, gauss_state.stddev)
@@ -237,8 +242,7 @@ class DistributedStep:
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
         code, mine, header = _OK, None, None
         try:
-            noised, new_gauss, event = gauss.get_noised_result(flat[lo:hi], gauss_state)  # this rank's block
-            flat[lo:hi] = noised
+            new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
             if self.is_recorder and check is not None and event is not None:
                 check(event)
         except PrivacyBudgetExceeded as exc:

@@ -1,0 +1,147 @@
+"""StepAccumulator's fast paths give what the general DPQuery path gives.
+
+* a plain Gaussian sum (also under an average or ledger wrapper) takes the clipped sum as the
+  fresh sample state instead of adding it to zeros: same values, same dtypes, and any override of
+  the accumulation (a subclass, a wrapper) turns the shortcut off;
+* a batch without non-finite records skips the masking, one with a NaN record still drops it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytorch_privacy.dp_query.delegating_query import DelegatingQuery
+from pytorch_privacy.dp_query.gaussian_query import GaussianSumQuery
+from pytorch_privacy.dp_query.normalized_query import GaussianAverageQuery
+from pytorch_privacy.dp_query.quantile_adaptive_clip_sum_query import QuantileAdaptiveClipSumQuery
+from pytorch_privacy.optimizer.engines.base import MaterializedGradients, PerExampleGradients
+from pytorch_privacy.optimizer.step_accumulator import StepAccumulator, plain_gaussian_sum
+
+
+def _records(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grads = {"w": torch.randn(5, 3, 2, generator=g, dtype=dtype), "b": torch.randn(5, 3, generator=g, dtype=dtype)}
+    return MaterializedGradients(grads, torch.zeros(5))
+
+
+def _template(dtype=torch.float32):
+    return {"w": torch.zeros(3, 2, dtype=dtype), "b": torch.zeros(3, dtype=dtype)}
+
+
+class _Doubled(GaussianSumQuery):
+    def accumulate_preprocessed_record(self, sample_state, preprocessed_record):
+        return super().accumulate_preprocessed_record(sample_state, {k: 2 * v for k, v in preprocessed_record.items()})
+
+
+class _ShiftedStart(GaussianSumQuery):
+    def initial_sample_state(self, template):
+        return {k: torch.ones_like(v) for k, v in template.items()}
+
+
+class _Rescaling(DelegatingQuery):
+    def accumulate_records_by_norm(self, params, sample_state, norms, weighted_sum):
+        return self._inner.accumulate_records_by_norm(params, sample_state, norms, lambda c: weighted_sum(c / 2))
+
+
+def test_plain_gaussian_sum_sees_through_forwarding_wrappers_only():
+    inner = GaussianSumQuery(1.0, 0.0)
+    assert plain_gaussian_sum(inner) is inner
+    assert plain_gaussian_sum(GaussianAverageQuery(1.0, 0.0, 4.0)).__class__ is GaussianSumQuery
+    assert plain_gaussian_sum(DelegatingQuery(DelegatingQuery(inner))) is inner
+    assert plain_gaussian_sum(_Doubled(1.0, 0.0)) is None
+    assert plain_gaussian_sum(_ShiftedStart(1.0, 0.0)) is None
+    assert plain_gaussian_sum(_Rescaling(inner)) is None
+    assert plain_gaussian_sum(QuantileAdaptiveClipSumQuery(1.0, 0.0, 0.5, 0.0, 1.0, 5.0)) is None
+
+
+def _general_path(query, records, template):
+    """What the DPQuery contract gives: initial state, then accumulate_records_by_norm."""
+    state = query.initial_sample_state(template)
+    params = query.derive_sample_params(query.initial_global_state())
+    return query.accumulate_records_by_norm(params, state, records.norms(), records.weighted_sum)
+
+
+@pytest.mark.parametrize("query", [GaussianSumQuery(0.7, 0.0), GaussianAverageQuery(0.7, 0.0, 4.0),
+                                   _Doubled(0.7, 0.0), _ShiftedStart(0.7, 0.0), _Rescaling(GaussianSumQuery(0.7, 0.0))])
+def test_flush_equals_the_general_path(query):
+    acc = StepAccumulator(query)
+    acc.begin(query.initial_global_state(), _template())
+    acc.add_sensitive(_records())
+    acc.flush()
+    expected = _general_path(query, _records(), _template())
+    assert acc.sample_state.keys() == expected.keys()
+    for k in expected:
+        assert acc.sample_state[k].dtype == expected[k].dtype
+        torch.testing.assert_close(acc.sample_state[k], expected[k], rtol=0, atol=0)
+    # the shifted start really shifts (so the comparison above could fail)
+    if isinstance(query, _ShiftedStart):
+        assert torch.all(acc.sample_state["b"] != _general_path(GaussianSumQuery(0.7, 0.0), _records(), _template())["b"])
+
+
+def test_two_chunks_merge_to_the_sum_of_both():
+    q = GaussianSumQuery(0.7, 0.0)
+    acc = StepAccumulator(q)
+    acc.begin(q.initial_global_state(), _template())
+    for seed in (0, 1):
+        acc.add_sensitive(_records(seed=seed))
+        acc.flush()
+    a, b = (_general_path(q, _records(seed=s), _template()) for s in (0, 1))
+    for k in a:
+        torch.testing.assert_close(acc.sample_state[k], a[k] + b[k], rtol=0, atol=0)
+
+
+def test_dtype_that_would_promote_takes_the_addition():
+    """float32 sums into a float64 template: 0 (float64) + S (float32) is float64, as before."""
+    q = GaussianSumQuery(0.7, 0.0)
+    acc = StepAccumulator(q)
+    acc.begin(q.initial_global_state(), _template(torch.float64))
+    acc.add_sensitive(_records(torch.float32))
+    acc.flush()
+    assert all(t.dtype == torch.float64 for t in acc.sample_state.values())
+    expected = _general_path(q, _records(torch.float32), _template(torch.float64))
+    for k in expected:
+        torch.testing.assert_close(acc.sample_state[k], expected[k], rtol=0, atol=0)
+
+
+class _SharedDict(PerExampleGradients):
+    """Returns the same dict object from every weighted_sum call."""
+
+    def __init__(self):
+        self.names = ("w", "b")
+        self.out = {"w": torch.ones(3, 2), "b": torch.ones(3)}
+
+    losses = torch.zeros(2)
+    num_records = 2
+
+    def norms(self):
+        return torch.tensor([0.1, 0.1])
+
+    def weighted_sum(self, coefficients):
+        return self.out
+
+
+def test_fresh_state_is_a_dict_of_its_own():
+    q = GaussianSumQuery(1.0, 0.0)
+    acc = StepAccumulator(q)
+    acc.begin(q.initial_global_state(), _template())
+    pe = _SharedDict()
+    acc.add_sensitive(pe)
+    acc.flush()
+    assert acc.sample_state is not pe.out
+    pe.out["w"] = torch.zeros(3, 2)  # the engine rebinding its dict does not reach the state
+    assert torch.all(acc.sample_state["w"] == 1)
+
+
+def test_nan_record_is_still_dropped():
+    q = GaussianSumQuery(1e6, 0.0)  # no clipping: the sum is the plain sum of the good records
+    acc = StepAccumulator(q)
+    acc.begin(q.initial_global_state(), _template())
+    rec = _records()
+    rec.materialize()["w"][2, 0, 0] = float("nan")
+    acc.add_sensitive(rec)
+    acc.flush()
+    keep = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    for k, g in _records().materialize().items():
+        torch.testing.assert_close(acc.sample_state[k], torch.tensordot(keep, g, dims=([0], [0])))
+    assert int(acc.dropped) == 1
