@@ -12,9 +12,16 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
 * ``dp-bcast``: the same through a query with its own ``get_noised_result`` (the generic path, and
   the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
   global sum, a control broadcast and a broadcast of the release.
+* with ``--ablations``: ``dp no-prefetch``, the ``dp`` step with
+  ``DistributedStep.prefetch_noise = False`` (the normals drawn in the step instead of during the
+  previous step's all-reduce).
 * with ``--fsdp``: ``fsdp non-private`` (``fully_shard`` on each Linear and the root, plain
   backward) and ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model: unshard once per step,
   one all-reduce of the sums, each rank noises its shard).
+
+Two ratios are printed: ``x non-private`` divides the modes' median step times, ``paired`` is the
+median over steps of each step's time over the non-private step timed just before it (the modes
+run interleaved, so load from other processes on a shared machine mostly cancels in the pair).
 
 Reduction volume per step is what each rank hands to the collectives: for the DP modes
 ``DistributedStep.last_volume_bytes``; for ``non-private`` the gradient bytes DDP all-reduces.
@@ -22,7 +29,7 @@ Reduction volume per step is what each rank hands to the collectives: for the DP
 Usage::
 
     python benchmarks/bench_distributed.py [--worlds 1 2] [--batch-size 256] [--steps 20]
-        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--repeats 1]
+        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--ablations] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -108,6 +115,11 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
         }
         volumes = {}
+        if args["ablations"]:
+            drawn_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+            drawn_opt._dist.prefetch_noise = False
+            modes["dp no-prefetch"] = lambda: drawn_opt.fit_batch(x, y)
+            volumes["dp no-prefetch"] = 0  # filled in below
         if args["fsdp"]:
             from torch.distributed.fsdp import fully_shard
 
@@ -141,6 +153,8 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                     times[name].append(time.perf_counter() - t0)
         volumes["dp"] = dp_opt._dist.last_volume_bytes
         volumes["dp-bcast"] = bcast_opt._dist.last_volume_bytes
+        if args["ablations"]:
+            volumes["dp no-prefetch"] = drawn_opt._dist.last_volume_bytes
         if args["fsdp"]:
             volumes["fsdp dp"] = fsdp_opt._dist.last_volume_bytes
         n_params = sum(p.numel() for p in plain.parameters())
@@ -174,19 +188,23 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
     p.add_argument("--fsdp", action="store_true", help="also time FSDP2 (fully_shard) steps")
     p.add_argument("--repeats", type=int, default=1, help="spawn each world this many times (medians of medians)")
+    p.add_argument("--ablations", action="store_true", help="also time the dp step without the noise prefetch")
     ns = p.parse_args(argv)
-    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp")}
+    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp", "ablations")}
     print(f"MLP 784-{ns.hidden}-{ns.hidden}-10, global batch {ns.batch_size}, engine {ns.engine}, gloo on CPU, "
           f"1 thread per rank, {os.cpu_count()} CPUs visible; median step ms over {ns.steps} interleaved steps "
           f"(median over {ns.repeats} spawn(s))")
-    print(f"{'W':>2} {'mode':>17} {'ms/step':>9} {'x non-private':>14} {'bytes/step/rank':>16}")
+    print(f"{'W':>2} {'mode':>17} {'ms/step':>9} {'x non-private':>14} {'paired':>7} {'bytes/step/rank':>16}")
     for world in ns.worlds:
         runs = [run(world, args) for _ in range(ns.repeats)]
         med = {m: statistics.median(statistics.median(r["times"][m]) for r in runs) * 1e3 for m in runs[0]["times"]}
         for mode, ms in med.items():
-            base = med["fsdp non-private"] if mode.startswith("fsdp") else med["non-private"]
+            ref = "fsdp non-private" if mode.startswith("fsdp") else "non-private"
+            paired = statistics.median(
+                statistics.median(t / b for t, b in zip(r["times"][mode], r["times"][ref])) for r in runs
+            )
             vol = runs[0]["volumes"].get(mode, runs[0]["volumes"]["non-private"] if mode.startswith("fsdp") else 0)
-            print(f"{world:>2} {mode:>17} {ms:>9.2f} {ms / base:>14.2f} {vol:>16,d}")
+            print(f"{world:>2} {mode:>17} {ms:>9.2f} {ms / med[ref]:>14.2f} {paired:>7.2f} {vol:>16,d}")
     print("x non-private: DDP modes against the DDP non-private step, FSDP modes against the FSDP non-private "
           "step. bytes/step/rank: the flat buffers each rank hands to the collectives (DP: all-reduce + broadcasts; "
           "non-private DDP: the gradient; FSDP non-private: shown as the gradient size, FSDP's own all-gathers and "
