@@ -7,6 +7,8 @@ Every method does a full training step on the same batch, timed in one run, inte
 * ``non-private``: forward, ``loss.mean().backward()``, ``SGD.step()``.
 * ``dp ghost`` / ``dp functorch``: ``DPGaussianOptimizer.fit_batch`` with that engine:
   per-example gradients (or ghost norms), clip, sum, Gaussian noise, ``SGD.step()``.
+* ``dp compiled``: the same with :class:`~pytorch_privacy.optimizer.engines.CompiledEngine`
+  (inductor; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA); it compiles during warm-up.
 * ``engine ghost (raw)``: the ghost engine + ``GaussianSumQuery.accumulate_records_by_norm`` +
   noise + step without the optimizer wrapper (shows the wrapper's overhead).
 * ``opacus hooks`` / ``opacus ghost``: ``PrivacyEngine.make_private`` with the same clip and
@@ -31,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.reference_models
-from common import format_table, time_interleaved  # noqa: E402
+from common import compiled_engine, format_table, time_interleaved  # noqa: E402
 from common import raw_engine_step as common_raw_engine_step  # noqa: E402
 
 from tests.reference_models import MnistCNN  # noqa: E402
@@ -144,6 +146,7 @@ def main(argv=None):
         "non-private": lambda: nonprivate_step(device, x, y, act),
         "dp ghost": lambda: dp_optimizer_step(device, x, y, "ghost", act),
         "dp functorch": lambda: dp_optimizer_step(device, x, y, "functorch", act),
+        "dp compiled": lambda: dp_optimizer_step(device, x, y, compiled_engine(device), act),
         "engine ghost (raw)": lambda: raw_engine_step(device, x, y, "ghost", act),
     }
     if not args.no_opacus:

@@ -7,6 +7,8 @@ Timed side by side in one run (interleaved, see :func:`common.time_interleaved`)
 * ``engine ghost (raw)``: ghost engine + ``GaussianSumQuery.accumulate_records_by_norm`` + noise +
   ``.grad`` + step, without the optimizer wrapper.
 * ``dp ghost`` / ``dp functorch``: ``DPGaussianOptimizer.fit_batch`` with that engine.
+* ``dp compiled``: the same with :class:`~pytorch_privacy.optimizer.engines.CompiledEngine`
+  (inductor; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA); it compiles during warm-up.
 
 Usage::
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, time_interleaved  # noqa: E402
+from common import compiled_engine, format_table, time_interleaved  # noqa: E402
 from common import raw_engine_step as common_raw_engine_step  # noqa: E402
 
 
@@ -101,6 +103,7 @@ def main(argv=None):
         "engine ghost (raw)": lambda: raw_engine_step(device, x, y, a),
         "dp ghost": lambda: dp_step(device, x, y, a, "ghost"),
         "dp functorch": lambda: dp_step(device, x, y, a, "functorch"),
+        "dp compiled": lambda: dp_step(device, x, y, a, compiled_engine(device)),
     }
     if a.methods:
         wanted = [m.strip() for m in a.methods.split(",")]

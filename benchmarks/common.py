@@ -196,3 +196,12 @@ def peak_step_memory(fn: Callable[[], None], device: torch.device, *, counter: O
             live += e.nbytes()
             peak = max(peak, live)
     return peak
+
+
+def compiled_engine(device):
+    """The compiled engine: inductor, and CUDA graphs (``mode="reduce-overhead"``) on CUDA."""
+    import functools
+
+    from pytorch_privacy.optimizer.engines import CompiledEngine
+
+    return functools.partial(CompiledEngine, mode="reduce-overhead" if device.type == "cuda" else None)

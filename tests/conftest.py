@@ -43,3 +43,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compiled_engine_backend():
+    """The compiled engine is tested through ``torch.compile`` with the ``aot_eager`` backend: the
+    same graph capture, ``vmap``/``grad`` tracing and AOT autograd as inductor, without the C++
+    code generation (seconds per graph on 2 cores).  Inductor itself is tested explicitly
+    (``tests/optimizer/test_compiled_engine.py``, marked slow)."""
+    from pytorch_privacy.optimizer.engines import CompiledEngine
+
+    old = CompiledEngine.default_backend
+    CompiledEngine.default_backend = "aot_eager"
+    yield
+    CompiledEngine.default_backend = old

@@ -36,15 +36,9 @@ from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sourc
 from .consistency import SamplingMonitor
 from .metrics import step_metrics
 from .wiring import attach_ledger, check_optimizer_covers, check_wrapped_objects, make_budget
-from .engines.base import (
-    GradientEngine,
-    MaterializedGradients,
-    PerExampleGradients,
-    batch_size_of,
-    call_model,
-    empty_gradients,
-    select_engine,
-)
+from .engines.scan import scan_model
+from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, batch_size_of, call_model
+from .engines.base import empty_gradients, select_engine
 from .layer_swap import swap_layers_for_optimizer
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
@@ -105,7 +99,8 @@ class DPOptimizer(torch.optim.Optimizer):
         engine: per-example gradient engine name, or ``"auto"`` (registry; see
             :mod:`pytorch_privacy.optimizer.engines`).  ``"auto"`` first swaps native
             ``nn.LSTM``/``GRU``/``RNN``/``MultiheadAttention`` layers for DP drop-ins computing
-            the same function (announced; see :mod:`pytorch_privacy.optimizer.layer_swap`).
+            the same function (announced; see :mod:`pytorch_privacy.optimizer.layer_swap`).  Or a
+            factory ``(model, loss_fn) -> GradientEngine`` (a ``functools.partial`` of an engine).
         ledger: a :class:`~pytorch_privacy.dp_query.PrivacyLedger`; wraps ``query`` in a
             :class:`~pytorch_privacy.dp_query.QueryWithLedger` (don't pass one if ``query``
             already has a ledger).
@@ -186,7 +181,7 @@ class DPOptimizer(torch.optim.Optimizer):
         num_microbatches: int | None = None,
         microbatch_size: int | None = None,
         max_physical_batch_size: int | None = None,
-        engine: str = "auto",
+        engine: str | Callable[..., GradientEngine] = "auto",
         ledger: PrivacyLedger | None = None,
         pass_clipping: str = JOINT,
         target_epsilon: float | None = None,
@@ -216,7 +211,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self._validate_model(model)
         if engine == "auto":  # fused LSTM/GRU/RNN/attention -> ghost-visible drop-ins (announced)
             swap_layers_for_optimizer(model, optimizer)
-        self._engine_cls: type[GradientEngine] = select_engine(model, engine)
+        self._engine_cls: Callable[..., GradientEngine] = select_engine(model, engine)
         self._engines: dict[Any, GradientEngine] = {}
 
         # ledger: the outermost QueryWithLedger is unwrapped and recorded by the optimizer itself,
@@ -346,7 +341,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # -- internals -----------------------------------------------------------------------
     def _trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return scan_model(self.model).trainable
 
     @staticmethod
     def _validate_model(model: nn.Module) -> None:

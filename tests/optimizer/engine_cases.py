@@ -353,27 +353,27 @@ def build(case: str, rnd, B: int) -> tuple[nn.Module, Any, Any, Callable]:
 
 #: every case, and which engines must support it (the rest must say why not)
 CASES = {
-    "linear": {"ghost", "functorch", "loop"},
-    "linear_seq": {"ghost", "functorch", "loop"},
-    "conv1d": {"ghost", "functorch", "loop"},
-    "conv2d": {"ghost", "functorch", "loop"},
-    "embedding": {"ghost", "functorch", "loop"},
-    "tied": {"ghost", "functorch", "loop"},
-    "tied_functional": {"ghost", "functorch", "loop"},  # ghost falls back (warns)
-    "shared_module": {"ghost", "functorch", "loop"},
-    "lora": {"ghost", "functorch", "loop"},
-    "buffer": {"ghost", "functorch", "loop"},
-    "tuple_input": {"ghost", "functorch", "loop"},
-    "dict_input": {"ghost", "functorch", "loop"},
+    "linear": {"ghost", "functorch", "compiled", "loop"},
+    "linear_seq": {"ghost", "functorch", "compiled", "loop"},
+    "conv1d": {"ghost", "functorch", "compiled", "loop"},
+    "conv2d": {"ghost", "functorch", "compiled", "loop"},
+    "embedding": {"ghost", "functorch", "compiled", "loop"},
+    "tied": {"ghost", "functorch", "compiled", "loop"},
+    "tied_functional": {"ghost", "functorch", "compiled", "loop"},  # ghost falls back (warns)
+    "shared_module": {"ghost", "functorch", "compiled", "loop"},
+    "lora": {"ghost", "functorch", "compiled", "loop"},
+    "buffer": {"ghost", "functorch", "compiled", "loop"},
+    "tuple_input": {"ghost", "functorch", "compiled", "loop"},
+    "dict_input": {"ghost", "functorch", "compiled", "loop"},
     "rnn": {"loop"},
     "gru": {"loop"},
     "lstm": {"loop"},  # float64 LSTM does not vmap; float32 does (tested separately)
-    "dprnn": {"ghost", "functorch", "loop"},
-    "dpgru": {"ghost", "functorch", "loop"},
-    "dplstm": {"ghost", "functorch", "loop"},
-    "mha": {"functorch", "loop"},
-    "dpmha": {"ghost", "functorch", "loop"},
-    "tiny_lm": {"ghost", "functorch", "loop"},  # DP attention, tied embedding / LM head
-    "eval_bn": {"ghost", "functorch", "loop"},
-    "rmsnorm": {"ghost", "functorch", "loop"},
+    "dprnn": {"ghost", "functorch", "compiled", "loop"},
+    "dpgru": {"ghost", "functorch", "compiled", "loop"},
+    "dplstm": {"ghost", "functorch", "compiled", "loop"},
+    "mha": {"functorch", "compiled", "loop"},
+    "dpmha": {"ghost", "functorch", "compiled", "loop"},
+    "tiny_lm": {"ghost", "functorch", "compiled", "loop"},  # DP attention, tied embedding / LM head
+    "eval_bn": {"ghost", "functorch", "compiled", "loop"},
+    "rmsnorm": {"ghost", "functorch", "compiled", "loop"},
 }

@@ -5,6 +5,8 @@ Registered engines, tried in priority order by ``select_engine(model)``:
 * ``"ghost"`` (:class:`GhostEngine`, priority 20): ghost norms + book-keeping, never forms
   per-example gradients where that is cheaper; models built from supported layers only.
 * ``"functorch"`` (:class:`FunctorchEngine`, priority 10): ``vmap(grad)``, any vmappable model.
+* ``"compiled"`` (:class:`CompiledEngine`, priority 5, never picked by ``"auto"``): the
+  functorch computation and the norms as one ``torch.compile`` graph on bucketed batch sizes.
 * ``"loop"`` (:class:`LoopEngine`, priority 0): one ``grad`` call per example, any model (used
   for ``nn.RNN``/``nn.GRU``, which do not vmap).
 """
@@ -24,6 +26,7 @@ from .base import (  # noqa: F401
     select_engine,
 )
 from .functorch_engine import NOT_VMAPPABLE, FunctorchEngine  # noqa: F401
+from .compiled_engine import CompiledEngine, FlatGradients, bucket_size  # noqa: F401
 from .ghost_engine import GhostEngine, GhostGradients  # noqa: F401
 from . import rules  # noqa: F401  (registers the per-layer ghost rules of .rules)
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules, register_ghost_rule  # noqa: F401
@@ -36,5 +39,5 @@ __all__ = [
     "get_engine", "available_engines", "call_model", "FunctorchEngine", "GhostEngine", "GhostGradients",
     "LoopEngine", "LayerRule", "NormPolicy", "ghost_rule_for", "ghost_rules", "register_ghost_rule",
     "DPRNN", "DPGRU", "DPLSTM", "DPMultiheadAttention", "DPRNNBase", "NOT_VMAPPABLE",
-    "swap_to_dp_layers",
+    "swap_to_dp_layers", "CompiledEngine", "FlatGradients", "bucket_size",
 ]

@@ -19,6 +19,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from .scan import scan_model
+
 __all__ = [
     "GradientEngine",
     "PerExampleGradients",
@@ -210,7 +212,7 @@ class GradientEngine(abc.ABC):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable parameters by name (tied parameters appear once)."""
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return scan_model(self.model).trainable
 
     @abc.abstractmethod
     def compute(self, inputs: Any, targets: Any, *, microbatch_size: int | None = None) -> PerExampleGradients:
@@ -242,8 +244,20 @@ def get_engine(name: str) -> type[GradientEngine]:
         raise ValueError(f"unknown gradient engine {name!r}; registered: {sorted(_ENGINES)}") from None
 
 
-def select_engine(model: nn.Module, name: str = "auto") -> type[GradientEngine]:
-    """The engine class for ``model``: by name, or the highest-priority one that supports it."""
+def select_engine(model: nn.Module, name: Any = "auto") -> Callable[..., GradientEngine]:
+    """The engine factory for ``model``: by name, or the highest-priority registered engine that
+    supports it.  ``name`` may also be a factory ``(model, loss_fn) -> GradientEngine``: an engine
+    class, or a ``functools.partial`` of one with its options (checked against the model and
+    returned as is), e.g. ``functools.partial(CompiledEngine, mode="reduce-overhead")``."""
+    if callable(name) and not isinstance(name, str):
+        cls = name if isinstance(name, type) else getattr(name, "func", None)
+        if isinstance(cls, type) and issubclass(cls, GradientEngine):
+            reason = cls.unsupported_reason(model)
+            if reason:
+                raise ValueError(f"engine {cls.name!r} cannot handle this model: {reason}")
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"engine must be a registered engine name or an engine factory, got {name!r}")
     if name != "auto":
         cls = get_engine(name)
         reason = cls.unsupported_reason(model)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .scan import ModelScan
+
 __all__ = ["functional_forward", "check_losses", "split_params"]
 
 
@@ -38,9 +40,9 @@ def check_losses(losses: torch.Tensor, expected: int | None = None) -> None:
         )
 
 
-def split_params(model: nn.Module, trainable: dict[str, nn.Parameter]) -> tuple[dict, dict]:
-    """``(detached trainable params, frozen params and buffers)`` for ``functional_call``."""
-    params = {n: p.detach() for n, p in trainable.items()}
-    consts = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    consts.update(model.named_buffers())
+def split_params(scan: ModelScan) -> tuple[dict, dict]:
+    """``(detached trainable params, frozen params and buffers)`` for ``functional_call``, from
+    one :func:`~.scan.scan_model` of the model."""
+    params = {n: p.detach() for n, p in scan.trainable.items()}
+    consts = {**scan.frozen, **scan.buffers}
     return params, consts

@@ -29,7 +29,8 @@ from .base import (
 )
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .functional import check_losses, functional_forward, split_params
-from .probe import verified_independent
+from .probe import input_signature, verified_independent
+from .scan import ModelScan, scan_model
 
 __all__ = ["FunctorchEngine", "NOT_VMAPPABLE", "check_losses", "functional_forward", "split_params"]
 
@@ -122,8 +123,12 @@ class FunctorchEngine(GradientEngine):
         # examples; such models are refused instead (see .probe)
         try:
             with refuse_reentrant_checkpoint(), dense_embedding_gradients(self.model):
-                verified_independent(self.model, self.loss_fn, inputs, targets)
-                return self._compute(inputs, targets, microbatch_size)
+                scan = scan_model(self.model)
+                verified_independent(
+                    self.model, self.loss_fn, inputs, targets,
+                    signature=(scan.signature, input_signature(inputs, targets)),
+                )
+                return self._compute(inputs, targets, microbatch_size, scan)
         except RuntimeError as err:
             loop = get_engine("loop")(self.model, self.loss_fn)
             result = loop.compute(inputs, targets, microbatch_size=microbatch_size)  # re-raises real errors
@@ -142,13 +147,12 @@ class FunctorchEngine(GradientEngine):
             self.fallback = loop
             return result
 
-    def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
-        trainable = self.trainable_parameters()
+    def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, scan: ModelScan) -> PerExampleGradients:
         batch = batch_size_of(inputs)
         num_records_for(batch, microbatch_size)
         if batch == 0:
-            return empty_gradients(trainable)
-        params, consts = split_params(self.model, trainable)
+            return empty_gradients(scan.trainable)
+        params, consts = split_params(scan)
         model, loss_fn = self.model, self.loss_fn
 
         def group_loss(p, x, y):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -55,18 +55,21 @@ from .ghost_taps import (
     params_used_outside,
     verify_expansion,
 )
-from .probe import input_signature, model_signature, trace_batch_dims, verified_independent
+from .probe import input_signature, trace_batch_dims, verified_independent
+from .scan import ModelScan, scan_model
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules
 
 __all__ = ["GhostEngine", "GhostGradients"]
 
 
-def _hooked_modules(model: nn.Module, trainable: dict[str, nn.Parameter]) -> list[tuple[str, nn.Module, LayerRule | None, dict[str, str]]]:
-    """``(module name, module, rule, {local param name: canonical name})`` for every module that
-    directly owns a trainable parameter."""
+def _hooked_modules(
+    modules: Iterable[tuple[str, nn.Module]], trainable: dict[str, nn.Parameter]
+) -> list[tuple[str, nn.Module, LayerRule | None, dict[str, str]]]:
+    """``(module name, module, rule, {local param name: canonical name})`` for every module (of
+    ``named_modules()``) that directly owns a trainable parameter."""
     canon = {id(p): n for n, p in trainable.items()}
     out = []
-    for mname, m in model.named_modules():
+    for mname, m in modules:
         local = {pn: canon[id(p)] for pn, p in m._parameters.items() if p is not None and id(p) in canon}
         if local:
             out.append((mname, m, ghost_rule_for(m), local))
@@ -116,13 +119,14 @@ class GhostEngine(GradientEngine):
         self._switched = False  # True once the model is handed to the fallback for good
         self._tap: type[Tap] = Tap
         self._layouts: dict[tuple, tuple] = {}  # input signature -> traced batch layout of every call
+        self._hooks_cache: tuple | None = None  # (model signature, hooked modules, raw parameters)
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
         """Why not, naming the first module that holds a trainable parameter without a ghost
         rule (or in an unsupported configuration); ``None`` when every one is covered."""
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        for mname, m, rule, local in _hooked_modules(model, trainable):
+        for mname, m, rule, local in _hooked_modules(model.named_modules(), trainable):
             if is_raw_owner(m, rule):
                 continue  # a user module's raw parameters: elementwise uses are tapped (.raw_params)
             if rule is None:
@@ -225,21 +229,30 @@ class GhostEngine(GradientEngine):
         self._layouts[signature] = (layouts, lead1, raw_dims)
         return self._layouts[signature]
 
+    def _hooks_for(self, scan: ModelScan) -> tuple[list, dict]:
+        """``(hooked modules, raw parameters)`` for the model as scanned: derived from the scan
+        once per model signature (and set of ghost rules), then reused."""
+        key = (scan.signature, len(ghost_rules()))
+        if self._hooks_cache is None or self._hooks_cache[0] != key:
+            hooked = _hooked_modules(scan.modules, scan.trainable)
+            raw = raw_parameters(hooked)
+            raw_owners = {id(owner) for owner, *_ in raw.values()}
+            self._hooks_cache = (key, [h for h in hooked if id(h[1]) not in raw_owners], raw)
+        return self._hooks_cache[1], self._hooks_cache[2]
+
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
         if self._switched:
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
-        trainable = self.trainable_parameters()
+        scan = scan_model(self.model)  # the one walk of the module tree this step
+        trainable = scan.trainable
         batch = batch_size_of(inputs)
         num_records_for(batch, microbatch_size)
         if batch == 0:
             return empty_gradients(trainable)
-        signature = (model_signature(self.model), input_signature(inputs, targets))  # once per step
+        signature = (scan.signature, input_signature(inputs, targets))
         verified_independent(self.model, self.loss_fn, inputs, targets, signature=signature)
         b = microbatch_size or 1
-        hooked = _hooked_modules(self.model, trainable)
-        raw = raw_parameters(hooked)
-        raw_owners = {id(owner) for owner, *_ in raw.values()}
-        hooked = [h for h in hooked if id(h[1]) not in raw_owners]
+        hooked, raw = self._hooks_for(scan)
         for mname, m, rule, local in hooked:  # the model may have changed since selection
             why = "no ghost rule" if rule is None else rule.unsupported_reason(m)
             if why:

@@ -26,7 +26,8 @@ from .base import (
 from .base import call_model
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .functional import check_losses, functional_forward, split_params
-from .probe import verified_independent
+from .probe import input_signature, verified_independent
+from .scan import scan_model
 
 __all__ = ["LoopEngine"]
 
@@ -81,17 +82,20 @@ class LoopEngine(GradientEngine):
         return out, loss.detach()
 
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, autograd: bool = False) -> PerExampleGradients:
-        trainable = self.trainable_parameters()
+        scan = scan_model(self.model)
+        trainable = scan.trainable
         batch = batch_size_of(inputs)
         records = num_records_for(batch, microbatch_size)
         if batch == 0:
             return empty_gradients(trainable)
-        verified_independent(self.model, self.loss_fn, inputs, targets)
+        verified_independent(
+            self.model, self.loss_fn, inputs, targets, signature=(scan.signature, input_signature(inputs, targets))
+        )
         b = microbatch_size or 1
         if autograd:
             names, plist = list(trainable), list(trainable.values())
             gfn = lambda p, x, y: self._autograd_record(x, y, b, names, plist)  # noqa: E731
-        params, consts = split_params(self.model, trainable)
+        params, consts = split_params(scan)
         model, loss_fn = self.model, self.loss_fn
 
         def group_loss(p, x, y):

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .scan import scan_model
+
 __all__ = [
     "IndependenceError",
     "check_independence",
@@ -75,9 +77,7 @@ def input_signature(inputs: Any, targets: Any) -> tuple:
 def model_signature(model: nn.Module) -> tuple:
     """Hashable description of the model's structure and mode: every module (identity and
     training flag) and every parameter (identity and ``requires_grad``)."""
-    mods = tuple((id(m), m.training) for m in model.modules())
-    params = tuple((id(p), p.requires_grad) for p in model.parameters())
-    return mods, params
+    return scan_model(model).signature
 
 
 def map_batched(x: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -1,0 +1,242 @@
+"""The compiled engine: per-example gradients and their norms as one ``torch.compile`` graph.
+
+The eager engines issue a handful of small kernels per layer and per step (hooks, per-layer
+norms, per-layer contractions); on a GPU at moderate batch sizes the step is then bound by
+Python and kernel launches rather than by arithmetic.  This engine hands the whole per-record
+computation -- ``vmap(grad(loss))`` over the records, every parameter's gradient written into
+one flat ``[records, D]`` buffer, and the squared norms (accumulated in float32 for half
+precision) -- to
+``torch.compile`` as a single function, so inductor fuses it into a few kernels, and with
+``mode="reduce-overhead"`` on CUDA replays it as a CUDA graph.  The query's clipped sum is
+then one matrix-vector product over the flat buffer (one kernel for all layers, instead of
+one per parameter).
+
+Static shapes.  A compiled graph (and a CUDA graph above all) is specialised to its input
+shapes, and Poisson sampling gives a different batch size at every step.  Batches are
+therefore padded up to a few *bucketed* sizes (:func:`bucket_size`: at most 25% padding, about
+four sizes per doubling), so a run compiles a handful of graphs, not one per step.
+
+Why the padding contributes nothing (the privacy argument):
+
+* padded records are copies of the batch's first record, so the model sees only valid inputs;
+* each record is evaluated by ``vmap`` on its own (and the model has been verified not to mix
+  examples, :func:`~.probe.verified_independent`), so a padded record cannot change a real
+  record's gradient;
+* after the graph, everything the query can see is *sliced* to the real records: the norms,
+  the losses, the per-record gradients of :meth:`~.base.PerExampleGradients.materialize`, and
+  the rows of the clipped-sum product.  A padded row is never read again, so it contributes
+  exactly zero to the sum, whatever its value (even NaN).
+
+Tests: ``tests/optimizer/test_compiled_engine.py`` (padded results equal unpadded ones, a
+padded row made NaN leaves the sum unchanged, equality with the functorch engine).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+from torch.utils import _pytree as pytree
+
+from .base import PerExampleGradients, accumulation_dtype, batch_size_of, empty_gradients, num_records_for, register_engine
+from .functional import check_losses, functional_forward, split_params
+from .scan import ModelScan
+from .functorch_engine import FunctorchEngine, _in_dims, _split_groups, _unsqueeze_tree
+
+__all__ = ["CompiledEngine", "FlatGradients", "bucket_size"]
+
+
+def bucket_size(n: int) -> int:
+    """The padded size for ``n`` records: ``n`` rounded up to a multiple of ``2**(k-3)`` where
+    ``2**(k-1) <= n < 2**k`` (at most 25% padding; sizes below 8 are padded to 8).
+
+    >>> [bucket_size(n) for n in (1, 8, 9, 100, 256, 257)]
+    [8, 8, 10, 112, 256, 320]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"bucket_size needs a non-negative int, got {n!r}")
+    if n <= 8:
+        return 8
+    step = 2 ** (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _pad_rows(x: Any, n: int, size: int) -> Any:
+    """Every tensor leaf with ``n`` leading rows padded to ``size`` rows with copies of row 0."""
+    if size == n:
+        return x
+
+    def pad(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+            return t
+        return torch.cat([t, t[:1].expand((size - n,) + tuple(t.shape[1:]))])
+
+    return pytree.tree_map(pad, x)
+
+
+class FlatGradients(PerExampleGradients):
+    """Per-record gradients held as one flat ``[padded records, D]`` buffer (squared norms
+    computed in the same graph, in float32 for half precision), of which only the first :attr:`num_records` rows are real.
+
+    Every accessor slices to the real records first, so padded rows are never read."""
+
+    def __init__(self, flat: torch.Tensor, sq_norms: torch.Tensor, losses: torch.Tensor, records: int,
+                 shapes: dict[str, torch.Size]):
+        self._flat = flat
+        self._sq = sq_norms
+        self._losses = losses
+        self._records = records
+        self._shapes = shapes
+        self.names = tuple(shapes)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        return self._losses
+
+    @property
+    def num_records(self) -> int:
+        return self._records
+
+    def norms(self) -> torch.Tensor:
+        return self._sq[: self._records].sqrt()
+
+    def _split(self, flat: torch.Tensor, lead: tuple) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for name, shape in self._shapes.items():
+            k = math.prod(shape)
+            out[name] = flat[..., off : off + k].reshape(lead + tuple(shape))
+            off += k
+        return out
+
+    def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``sum_i c_i g_i`` for every parameter at once: one product over the real rows."""
+        real = self._flat[: self._records]
+        return self._split(coefficients.to(real.dtype) @ real, ())
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return self._split(self._flat[: self._records], (self._records,))
+
+
+@register_engine
+class CompiledEngine(FunctorchEngine):
+    """Per-example gradients by ``vmap(grad(loss))`` compiled with ``torch.compile``, on batches
+    padded to bucketed sizes (see the module docstring for why the padding contributes nothing).
+
+    Same models as :class:`~.functorch_engine.FunctorchEngine` (vmappable, no layer that mixes
+    examples).  The first batch of each bucketed size compiles (seconds to a minute on CPU with
+    inductor, which needs a C++ compiler); later ones reuse the graph.  Not chosen by
+    ``engine="auto"``: ask for it with ``engine="compiled"``, or pass
+    ``functools.partial(CompiledEngine, mode="reduce-overhead")`` as the optimizer's
+    ``engine`` for CUDA graphs.
+
+    Args:
+        model, loss_fn: see :class:`~.base.GradientEngine`.
+        mode: ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` (CUDA graphs on
+            CUDA), ``"max-autotune"``...
+        backend: ``torch.compile`` backend; ``None`` means :attr:`default_backend`.
+        pad: pad batches to :func:`bucket_size` (``True``), or compile each batch size as it
+            comes (``False``; only for fixed-size batches).
+        chunk_size: ``vmap`` chunk size (bounds peak memory), as for the functorch engine.
+    """
+
+    name = "compiled"
+    priority = 5  # below functorch: "auto" (and the ghost engine's fallback) never picks it
+    #: the backend used when none is given (tests set ``"aot_eager"``: the same tracing and
+    #: autograd graph without the C++ code generation).
+    default_backend: str = "inductor"
+
+    def __init__(self, model: nn.Module, loss_fn, *, mode: str | None = None, backend: Any = None,
+                 pad: bool = True, chunk_size: int | None = None):
+        super().__init__(model, loss_fn, chunk_size=chunk_size)
+        self.mode = mode
+        self.backend = backend or self.default_backend
+        self.pad = pad
+        self._compiled: dict[bool, Callable] = {}
+        self._sizes: set[tuple[bool, int]] = set()
+        self._warned_sizes = False
+
+    def _function(self, grouped: bool) -> Callable:
+        fn = self._compiled.get(grouped)
+        if fn is None:
+            fn = torch.compile(self._per_record_fn(grouped), mode=self.mode, backend=self.backend, dynamic=False)
+            self._compiled[grouped] = fn
+        return fn
+
+    def _per_record_fn(self, grouped: bool) -> Callable:
+        model, loss_fn, chunk = self.model, self.loss_fn, self.chunk_size
+
+        def group_loss(p, consts, x, y):
+            out = functional_forward(model, {**p, **consts}, x)
+            losses = loss_fn(out, y)
+            check_losses(losses)
+            return losses.mean(), losses.detach()
+
+        def example_loss(p, consts, x, y):
+            return group_loss(p, consts, _unsqueeze_tree(x), _unsqueeze_tree(y))
+
+        inner = group_loss if grouped else example_loss
+
+        def per_record(p, consts, x, y):
+            g, losses = vmap(
+                grad(inner, has_aux=True), in_dims=(None, None, _in_dims(x), _in_dims(y)),
+                randomness="different", chunk_size=chunk,
+            )(p, consts, x, y)
+            leaves = [g[k] for k in p]
+            rows = leaves[0].shape[0]
+            flat = torch.cat([t.reshape(rows, -1) for t in leaves], 1)
+            sq = sum(t.reshape(rows, -1).to(accumulation_dtype(t.dtype)).square().sum(1) for t in leaves)
+            return flat, sq, losses.reshape(-1)
+
+        # torch._dynamo caches compiled graphs on the code object, and gives up compiling a code
+        # object after ``recompile_limit`` graphs; every engine (model, loss) gets its own copy
+        # so that engines do not use up each other's graphs
+        per_record.__code__ = per_record.__code__.replace()
+        return per_record
+
+    def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, scan: ModelScan) -> PerExampleGradients:
+        batch = batch_size_of(inputs)
+        records = num_records_for(batch, microbatch_size)
+        if batch == 0:
+            return empty_gradients(scan.trainable)
+        params, consts = split_params(scan)
+        if len({p.dtype for p in params.values()}) > 1:
+            raise ValueError(
+                "the compiled engine writes every gradient into one flat buffer and needs one parameter dtype; "
+                f"got {sorted(str(d) for d in {p.dtype for p in params.values()})}: use engine='functorch'"
+            )
+        b = microbatch_size or 1
+        size = bucket_size(records) if self.pad else records
+        self._note_size(b > 1, size)
+        x, y = _pad_rows(inputs, batch, size * b), _pad_rows(targets, batch, size * b)
+        if b > 1:
+            x, y = _split_groups(x, b), _split_groups(y, b)
+        try:
+            flat, sq, losses = self._function(b > 1)(params, consts, x, y)
+        except torch._dynamo.exc.TorchDynamoException as err:  # the compiler failed, not the model
+            warnings.warn(
+                f"compiled engine: torch.compile failed ({str(err).splitlines()[0][:200]}); the eager functorch "
+                "engine is used for this model from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.fallback = FunctorchEngine(self.model, self.loss_fn, chunk_size=self.chunk_size)
+            return self.fallback.compute(inputs, targets, microbatch_size=microbatch_size)
+        shapes = {k: p.shape for k, p in params.items()}
+        return FlatGradients(flat, sq, losses[: batch], records, shapes)
+
+    def _note_size(self, grouped: bool, size: int) -> None:
+        self._sizes.add((grouped, size))
+        limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+        if len(self._sizes) > limit and not self._warned_sizes:
+            self._warned_sizes = True
+            warnings.warn(
+                f"compiled engine: {len(self._sizes)} distinct padded batch shapes so far, above torch._dynamo's "
+                f"recompile_limit ({limit}); later shapes run uncompiled. Use fewer batch sizes (pad=True buckets "
+                "them), or raise torch._dynamo.config.recompile_limit",
+                RuntimeWarning,
+                stacklevel=4,
+            )

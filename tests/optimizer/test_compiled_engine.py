@@ -1,0 +1,197 @@
+"""The compiled engine (``engines/compiled_engine.py``): bucketed padding that contributes nothing,
+equality with the eager functorch engine, few graphs for Poisson batch sizes, and the optimizer
+taking an engine factory.  The engine matrix (``test_engines.py``) covers it on every model case.
+Backend: ``aot_eager`` (set in ``conftest.py``) except where inductor is named."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from pytorch_privacy.optimizer import DPGaussianOptimizer
+from pytorch_privacy.optimizer.engines import CompiledEngine, FlatGradients, FunctorchEngine, bucket_size
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def batch(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that counts the graphs it is handed and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_bucket_sizes_by_hand():
+    # 9 -> step 2 -> 10;  100 (2**6 <= 100 < 2**7) -> step 16 -> 112;  257 -> step 64 -> 320
+    assert [bucket_size(n) for n in (0, 1, 7, 8, 9, 10, 11, 100, 112, 113, 256, 257, 1000)] == [
+        8, 8, 8, 8, 10, 10, 12, 112, 112, 128, 256, 320, 1024,
+    ]
+    with pytest.raises(ValueError, match="non-negative int"):
+        bucket_size(-1)
+
+
+@settings(max_examples=60)
+@given(n=st.integers(9, 10**6))
+def test_bucket_padding_is_bounded_and_sizes_are_few(n):
+    b = bucket_size(n)
+    assert n <= b <= math.ceil(1.25 * n)
+    assert bucket_size(b) == b  # a bucket is its own size
+    # sizes a batch between n and 2n can take: at most five buckets
+    assert len({bucket_size(k) for k in range(n, min(2 * n, n + 4096))}) <= 5 or n > 4096
+
+
+@pytest.mark.parametrize("n,mb", [(5, None), (9, 3)])
+def test_padded_equals_unpadded_and_functorch(n, mb):
+    model = mlp()
+    x, y = batch(n)
+    padded = CompiledEngine(model, ce).compute(x, y, microbatch_size=mb)
+    exact = CompiledEngine(model, ce, pad=False).compute(x, y, microbatch_size=mb)
+    ref = FunctorchEngine(model, ce).compute(x, y, microbatch_size=mb)
+    records = n // (mb or 1)
+    coeff = torch.rand(records, generator=torch.Generator().manual_seed(3))
+    for res in (padded, exact):
+        assert res.num_records == records and res.names == ref.names
+        torch.testing.assert_close(res.losses, ref.losses)
+        torch.testing.assert_close(res.norms(), ref.norms())
+        for k, v in ref.materialize().items():
+            torch.testing.assert_close(res.materialize()[k], v)
+        for k, v in ref.weighted_sum(coeff).items():
+            torch.testing.assert_close(res.weighted_sum(coeff)[k], v)
+    assert padded._flat.shape[0] == bucket_size(records) > records  # it was padded
+    assert exact._flat.shape[0] == records
+
+
+def test_padded_rows_are_never_read_even_when_nan():
+    shapes = {"w": torch.Size([2, 2]), "b": torch.Size([2])}
+    real = torch.arange(18.0).reshape(3, 6)
+    flat = torch.cat([real, torch.full((5, 6), float("nan"))])  # 3 real records, 5 NaN padded rows
+    sq = torch.cat([real.square().sum(1), torch.full((5,), float("nan"))])
+    g = FlatGradients(flat, sq, torch.zeros(3), 3, shapes)
+    c = torch.tensor([0.5, -1.0, 2.0])
+    want = c @ real
+    ws = g.weighted_sum(c)
+    assert torch.equal(ws["w"], want[:4].reshape(2, 2)) and torch.equal(ws["b"], want[4:])
+    assert torch.equal(g.norms(), real.square().sum(1).sqrt())
+    mat = g.materialize()
+    assert mat["w"].shape == (3, 2, 2) and torch.isfinite(mat["w"]).all() and torch.isfinite(mat["b"]).all()
+
+
+def test_poisson_batch_sizes_compile_few_graphs():
+    backend = CountingBackend()
+    model = mlp()
+    eng = CompiledEngine(model, ce, backend=backend)
+    for n in (5, 8, 3, 7, 1):  # all pad to 8
+        eng.compute(*batch(n, seed=n))
+    assert backend.graphs == 1
+    eng.compute(*batch(9))  # 10
+    eng.compute(*batch(10))
+    assert backend.graphs == 2
+    unpadded = CompiledEngine(model, ce, backend=(b2 := CountingBackend()), pad=False)
+    for n in (5, 3):
+        unpadded.compute(*batch(n, seed=n))
+    assert b2.graphs == 2
+
+
+def test_engines_do_not_share_graph_budget():
+    # torch._dynamo caches graphs on the code object: each engine gets its own copy, so one
+    # engine's graphs do not count against another's recompile limit
+    b1, b2 = CountingBackend(), CountingBackend()
+    CompiledEngine(mlp(), ce, backend=b1).compute(*batch(4))
+    CompiledEngine(mlp(seed=1), ce, backend=b2).compute(*batch(4))
+    assert b1.graphs == 1 and b2.graphs == 1
+
+
+class Double(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def test_empty_batch_and_mixed_dtypes():
+    model = mlp()
+    res = CompiledEngine(model, ce).compute(*batch(0))
+    assert res.num_records == 0 and res.weighted_sum(torch.zeros(0))["0.weight"].abs().sum() == 0
+    model = nn.Sequential(model[0], Double(), model[2].to(torch.float64))
+    with pytest.raises(ValueError, match="one parameter dtype"):
+        CompiledEngine(model, ce).compute(*batch(4))
+
+
+def _train(engine, sizes, seed=0):
+    model = mlp(seed)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, ce,
+        l2_norm_clip=0.1, noise_multiplier=0.0, expected_batch_size=6, engine=engine,
+    )
+    for i, n in enumerate(sizes):
+        opt.fit_batch(*batch(n, seed=10 + i))
+    return model
+
+
+def test_optimizer_with_compiled_engine_equals_functorch():
+    sizes = (5, 7, 0, 3, 6)  # Poisson-like sizes, an empty batch included; clip active (C=0.1)
+    ref = _train("functorch", sizes)
+    for engine in ("compiled", functools.partial(CompiledEngine, chunk_size=4)):
+        got = _train(engine, sizes)
+        for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m: f"{engine}: {k}: {m}")
+
+
+def test_engine_factories_are_checked():
+    gru = nn.GRU(3, 4)
+    opt = torch.optim.SGD(gru.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'compiled' cannot handle this model"):
+        DPGaussianOptimizer(opt, gru, ce, l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=4,
+                            engine=functools.partial(CompiledEngine, mode=None))
+    model = mlp()
+    with pytest.raises(TypeError, match="engine must be"):
+        DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, ce, l2_norm_clip=1.0,
+                            noise_multiplier=1.0, expected_batch_size=4, engine=3)
+
+
+def test_compiler_failure_falls_back_to_eager_functorch():
+    def broken(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    model = mlp()
+    eng = CompiledEngine(model, ce, backend=broken)
+    x, y = batch(4)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*eager functorch"):
+        res = eng.compute(x, y)
+    torch.testing.assert_close(res.norms(), FunctorchEngine(model, ce).compute(x, y).norms())
+    assert isinstance(eng.fallback, FunctorchEngine) and not isinstance(eng.fallback, CompiledEngine)
+
+
+@pytest.mark.slow
+def test_inductor_matches_functorch():
+    model = mlp()
+    x, y = batch(13)  # padded to 14
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = CompiledEngine(model, ce, backend="inductor").compute(x, y)
+    ref = FunctorchEngine(model, ce).compute(x, y)
+    torch.testing.assert_close(got.norms(), ref.norms(), rtol=1e-5, atol=1e-6)
+    c = torch.rand(13)
+    for k, v in ref.weighted_sum(c).items():
+        torch.testing.assert_close(got.weighted_sum(c)[k], v, rtol=1e-5, atol=1e-6)
