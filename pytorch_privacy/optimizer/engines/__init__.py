@@ -26,7 +26,7 @@ from .base import (  # noqa: F401
     select_engine,
 )
 from .functorch_engine import NOT_VMAPPABLE, FunctorchEngine  # noqa: F401
-from .compiled_engine import CompiledEngine, FlatGradients, bucket_size  # noqa: F401
+from .compiled_engine import CompiledEngine, PaddedGradients, bucket_size  # noqa: F401
 from .ghost_engine import GhostEngine, GhostGradients  # noqa: F401
 from . import rules  # noqa: F401  (registers the per-layer ghost rules of .rules)
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules, register_ghost_rule  # noqa: F401
@@ -39,5 +39,5 @@ __all__ = [
     "get_engine", "available_engines", "call_model", "FunctorchEngine", "GhostEngine", "GhostGradients",
     "LoopEngine", "LayerRule", "NormPolicy", "ghost_rule_for", "ghost_rules", "register_ghost_rule",
     "DPRNN", "DPGRU", "DPLSTM", "DPMultiheadAttention", "DPRNNBase", "NOT_VMAPPABLE",
-    "swap_to_dp_layers", "CompiledEngine", "FlatGradients", "bucket_size",
+    "swap_to_dp_layers", "CompiledEngine", "PaddedGradients", "bucket_size",
 ]
