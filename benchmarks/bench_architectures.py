@@ -43,7 +43,10 @@ Usage::
 
     python benchmarks/bench_architectures.py [--cases gpt,resnet,lstm,mnist] [--reps 5]
         [--quick] [--device cpu|cuda] [--threads 2] [--clock wall|process] [--no-opacus]
-        [--top-ops N] [--json PATH]
+        [--top-ops N] [--json PATH] [--batch-size B] [--compiled]
+
+On a GPU (issue 14): ``--device cuda --cases mnist,gpt --compiled --batch-size 256`` and again
+with ``--batch-size 1024``.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.reference_models
-from common import OpCounter, peak_step_memory, sync, time_interleaved  # noqa: E402
+from common import OpCounter, compiled_engine, peak_step_memory, sync, time_interleaved  # noqa: E402
 from models import LSTMClassifier, SmallGPT, ce_per_example_loss, lm_per_example_loss  # noqa: E402
 
 from tests.reference_models import MnistCNN, SmallResNet  # noqa: E402
@@ -97,11 +100,12 @@ def _seeded(factory: Callable[[], nn.Module], device: torch.device) -> Callable[
     return build
 
 
-def make_case(key: str, quick: bool, device: torch.device) -> Case:
-    """The case ``key`` at full (issue 12) or ``quick`` (tiny) size."""
+def make_case(key: str, quick: bool, device: torch.device, batch: int | None = None) -> Case:
+    """The case ``key`` at full (issue 12) or ``quick`` (tiny) size; ``batch`` overrides B."""
     g = torch.Generator().manual_seed(1)
     if key == "gpt":
         B, T, V, d, ff = (4, 8, 64, 32, 64) if quick else (32, 64, 512, 128, 2048)
+        B = batch or B
         x = torch.randint(0, V, (B, T), generator=g)
         y = torch.randint(0, V, (B, T), generator=g)
         return Case(
@@ -111,6 +115,7 @@ def make_case(key: str, quick: bool, device: torch.device) -> Case:
         )
     if key == "resnet":
         B, H = (8, 8) if quick else (64, 32)
+        B = batch or B
         x = torch.randn(B, 3, H, H, generator=g)
         y = torch.randint(0, 10, (B,), generator=g)
         return Case(
@@ -120,6 +125,7 @@ def make_case(key: str, quick: bool, device: torch.device) -> Case:
         )
     if key == "lstm":
         B, T, E, Hd = (8, 5, 8, 8) if quick else (64, 50, 64, 128)
+        B = batch or B
         x = torch.randint(0, 1000, (B, T), generator=g)
         y = torch.randint(0, 2, (B,), generator=g)
         return Case(
@@ -128,7 +134,7 @@ def make_case(key: str, quick: bool, device: torch.device) -> Case:
             x.to(device), y.to(device), ce_per_example_loss, swap_variant=True,
         )
     if key == "mnist":
-        B = 16 if quick else 256
+        B = batch or (16 if quick else 256)
         x = torch.randn(B, 1, 28, 28, generator=g)
         y = torch.randint(0, 10, (B,), generator=g)
         return Case(key, f"MnistCNN (tanh), B={B}", _seeded(lambda: MnistCNN("tanh"), device), x.to(device),
@@ -172,14 +178,15 @@ def _engine_description(opt) -> str:
     names = []
     for eng in engines:
         name = getattr(eng, "name", type(eng).__name__)
-        if getattr(eng, "_switched", False):
+        switched = getattr(eng, "_switched", None)  # ghost; functorch/compiled: a fallback set means switched
+        if switched or (switched is None and getattr(eng, "fallback", None) is not None):
             fb = getattr(eng, "fallback", None)
             name += "->" + getattr(fb, "name", "?")
         names.append(name)
     return ",".join(sorted(set(names)))
 
 
-def ours(case: Case, engine: str, swap: bool = False) -> Method:
+def ours(case: Case, engine: Any, swap: bool = False) -> Method:
     from pytorch_privacy.optimizer import DPGaussianOptimizer
 
     model = case.build()
@@ -275,7 +282,7 @@ def _one_line(err: BaseException, limit: int = 160) -> str:
 # ---------------------------------------------------------------------------------- measuring
 
 
-def build_methods(case: Case, use_opacus: bool) -> dict[str, Method]:
+def build_methods(case: Case, use_opacus: bool, compiled: bool = False) -> dict[str, Method]:
     makers: dict[str, Callable[[], Method]] = {
         NP: lambda: nonprivate(case),
         "dp auto": lambda: ours(case, "auto"),
@@ -283,6 +290,8 @@ def build_methods(case: Case, use_opacus: bool) -> dict[str, Method]:
     if case.swap_variant:
         makers["dp auto (swapped)"] = lambda: ours(case, "auto", swap=True)
     makers["dp functorch"] = lambda: ours(case, "functorch")
+    if compiled:
+        makers["dp compiled"] = lambda: ours(case, compiled_engine(case.x.device))
     if use_opacus:
         makers["opacus hooks"] = lambda: opacus_method(case, "hooks")
         makers["opacus ghost"] = lambda: opacus_method(case, "ghost")
@@ -321,7 +330,7 @@ def steps_per_rep(step: Callable[[], None], device: torch.device, rep_seconds: f
 def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
     load = f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg") else ""
     print(f"\n== {case.key}: {case.title}{load}")
-    methods = build_methods(case, not args.no_opacus)
+    methods = build_methods(case, not args.no_opacus, args.compiled)
     runnable = {n: m for n, m in methods.items() if m.step is not None}
     for name, m in methods.items():
         for text in m.warnings:
@@ -437,6 +446,9 @@ def main(argv=None) -> dict[str, dict]:
     ap.add_argument("--clock", default="wall", choices=["wall", "process"],
                     help="wall time, or this process's CPU time (all threads; less sensitive to other load)")
     ap.add_argument("--no-opacus", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=None, help="override every case's batch size B")
+    ap.add_argument("--compiled", action="store_true",
+                    help="add 'dp compiled' (CompiledEngine: inductor, CUDA graphs on CUDA; compiles in its first step)")
     ap.add_argument("--top-ops", type=int, default=0, help="also print the N most frequent ATen ops per method")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args(argv)
@@ -458,7 +470,7 @@ def main(argv=None) -> dict[str, dict]:
     results = {}
     t0 = time.perf_counter()
     for key in cases:
-        results[key] = run_case(make_case(key, args.quick, device), args, device)
+        results[key] = run_case(make_case(key, args.quick, device, args.batch_size), args, device)
     for line in summary(results):
         print(line)
     print(f"   ({time.perf_counter() - t0:.0f} s in all"
