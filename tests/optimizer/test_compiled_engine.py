@@ -219,3 +219,24 @@ def test_bf16_autocast_norms_in_fp32_and_close_to_fp32():
     assert got.norms().dtype == torch.float32
     assert not torch.equal(got.norms(), ref.norms())  # the forward really ran in bf16
     torch.testing.assert_close(got.norms(), ref.norms(), rtol=3e-2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    from .distributed import _fsdp_workers as fw
+    from .distributed import _workers as w
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs gloo")
+    variants = [(functools.partial(CompiledEngine, backend="aot_eager"), {})]
+    refs = []
+    for engine, kw in variants:
+        model = w.make_model()
+        fw.train(model, engine, w.make_batches(), **kw)
+        refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    w.spawn(fw.equivalence, 2, variants, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=False)
+        for ref, res in zip(refs, out):
+            for n in ref:
+                torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0)
