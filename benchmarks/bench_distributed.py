@@ -12,9 +12,6 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
 * ``dp-bcast``: the same through a query with its own ``get_noised_result`` (the generic path, and
   the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
   global sum, a control broadcast and a broadcast of the release.
-* with ``--ablations``: ``dp no-prefetch``, the ``dp`` step with
-  ``DistributedStep.prefetch_noise = False`` (the normals drawn in the step instead of during the
-  previous step's all-reduce).
 * with ``--fsdp``: ``fsdp non-private`` (``fully_shard`` on each Linear and the root, plain
   backward) and ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model: unshard once per step,
   one all-reduce of the sums, each rank noises its shard).
@@ -29,7 +26,7 @@ Reduction volume per step is what each rank hands to the collectives: for the DP
 Usage::
 
     python benchmarks/bench_distributed.py [--worlds 1 2] [--batch-size 256] [--steps 20]
-        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--ablations] [--repeats 1]
+        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -115,11 +112,6 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
         }
         volumes = {}
-        if args["ablations"]:
-            drawn_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
-            drawn_opt._dist.prefetch_noise = False
-            modes["dp no-prefetch"] = lambda: drawn_opt.fit_batch(x, y)
-            volumes["dp no-prefetch"] = 0  # filled in below
         if args["fsdp"]:
             from torch.distributed.fsdp import fully_shard
 
@@ -153,8 +145,6 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                     times[name].append(time.perf_counter() - t0)
         volumes["dp"] = dp_opt._dist.last_volume_bytes
         volumes["dp-bcast"] = bcast_opt._dist.last_volume_bytes
-        if args["ablations"]:
-            volumes["dp no-prefetch"] = drawn_opt._dist.last_volume_bytes
         if args["fsdp"]:
             volumes["fsdp dp"] = fsdp_opt._dist.last_volume_bytes
         n_params = sum(p.numel() for p in plain.parameters())
@@ -188,9 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
     p.add_argument("--fsdp", action="store_true", help="also time FSDP2 (fully_shard) steps")
     p.add_argument("--repeats", type=int, default=1, help="spawn each world this many times (medians of medians)")
-    p.add_argument("--ablations", action="store_true", help="also time the dp step without the noise prefetch")
     ns = p.parse_args(argv)
-    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp", "ablations")}
+    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp")}
     print(f"MLP 784-{ns.hidden}-{ns.hidden}-10, global batch {ns.batch_size}, engine {ns.engine}, gloo on CPU, "
           f"1 thread per rank, {os.cpu_count()} CPUs visible; median step ms over {ns.steps} interleaved steps "
           f"(median over {ns.repeats} spawn(s))")

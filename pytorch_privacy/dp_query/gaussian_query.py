@@ -89,13 +89,7 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     return pytree.unflatten(out, spec)
 
 
-def add_gaussian_noise_(
-    tensor: torch.Tensor,
-    stddev,
-    generator: "torch.Generator | RandomSource | None" = None,
-    *,
-    normals: torch.Tensor | None = None,
-) -> torch.Tensor:
+def add_gaussian_noise_(tensor: torch.Tensor, stddev, generator: "torch.Generator | RandomSource | None" = None) -> torch.Tensor:
     """``tensor += N(0, stddev^2 I)`` in place; returns ``tensor``.
 
     :func:`add_gaussian_noise` for one floating-point tensor without its temporaries: the
@@ -104,24 +98,15 @@ def add_gaussian_noise_(
     computed in that width (one fused multiply-add pass) and cast back into ``tensor``.  The same
     distribution as :func:`add_gaussian_noise`, drawn from the generator in the same order; the
     values agree to rounding (the product is not rounded separately).  ``stddev`` may be a 0-dim
-    tensor.
-
-    ``normals``: standard normals drawn beforehand, used instead of a draw (the caller vouches
-    that they are exactly what ``generator`` would draw now, and has moved it past them;
-    :class:`~pytorch_privacy.optimizer.distributed.DistributedStep` prefetches them this way)."""
+    tensor."""
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise TypeError(f"add_gaussian_noise_ needs a floating-point tensor, got {type(tensor).__name__}")
     if isinstance(stddev, (int, float)) and stddev == 0:
         return tensor
-    if normals is None:
-        z = as_random_source(generator).normal(tensor.shape, device=tensor.device, dtype=tensor.dtype)
-    elif normals.shape != tensor.shape or not normals.is_floating_point():
-        raise ValueError(f"normals of shape {tuple(normals.shape)} for a tensor of shape {tuple(tensor.shape)}")
-    else:
-        z = normals
+    z = as_random_source(generator).normal(tensor.shape, device=tensor.device, dtype=tensor.dtype)
     if isinstance(stddev, (int, float)):
         return tensor.add_(z, alpha=stddev)
-    return tensor.add_(z * stddev.to(z.device, z.dtype))
+    return tensor.add_(z.mul_(stddev.to(z.device, z.dtype)))
 
 
 class GaussianSumQuery(SumAggregationDPQuery):
@@ -203,13 +188,11 @@ class GaussianSumQuery(SumAggregationDPQuery):
         result = add_gaussian_noise(sample_state, global_state.stddev, self.generator)
         return result, global_state, self.event(global_state)
 
-    def noise_in_place(
-        self, flat: torch.Tensor, global_state: GaussianSumGlobalState, *, normals: torch.Tensor | None = None
-    ) -> tuple[GaussianSumGlobalState, DpEvent]:
+    def noise_in_place(self, flat: torch.Tensor, global_state: GaussianSumGlobalState) -> tuple[GaussianSumGlobalState, DpEvent]:
         """:meth:`get_noised_result` of a sample state held as one flat tensor, noised where it
-        lies (:func:`add_gaussian_noise_`, ``normals`` as there): returns ``(new_global_state,
-        event)``.  Data-parallel steps noise their block of the flat all-reduce buffer with it."""
-        add_gaussian_noise_(flat, global_state.stddev, self.generator, normals=normals)
+        lies (:func:`add_gaussian_noise_`): returns ``(new_global_state, event)``.  Data-parallel
+        steps noise their block of the flat all-reduce buffer with it."""
+        add_gaussian_noise_(flat, global_state.stddev, self.generator)
         return global_state, self.event(global_state)
 
     def event(self, global_state: GaussianSumGlobalState) -> DpEvent:

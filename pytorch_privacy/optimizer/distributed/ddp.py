@@ -24,17 +24,6 @@ of its own ``state_dict``: a resume needs every rank's checkpoint, not rank 0's 
 alternative that splits the noise as ``N(0, (sigma C)^2 / W)`` on every coordinate of every rank
 gives the same total, but draws ``W`` times as many normals.)
 
-Prefetched noise.  On the CPU the ranks' normals for the *next* step are drawn while this step's
-all-reduce runs (the rank would otherwise only wait for it), and the generator is put back to the
-state it had before that draw, so a checkpoint, a budget refusal's rewind or anything else that
-reads or moves the generator sees exactly the stream it would see without the prefetch.  The next
-step uses the prefetched normals only if its generator is still in that state (then they are
-exactly what it would draw; the generator is moved past them as a draw would move it), and
-otherwise draws as usual: the released values are bit for bit those of drawing in the step.
-The cost is one block of normals kept between steps (``L / W`` values per rank);
-:attr:`DistributedStep.prefetch_noise` turns it off.  Secure-mode sources (the OS CSPRNG) and
-accelerator generators are never prefetched.
-
 Other queries (adaptive clipping: a global state updated from a noised count; any query with its
 own ``get_noised_result``).  The clipped sums are all-reduced un-noised, rank 0's query draws the
 noise once on the global sum (``acc.finish``), and the released value is broadcast, so every
@@ -71,7 +60,6 @@ from torch import nn
 
 from ...dp_query import pytree
 from ...dp_query.gaussian_query import GaussianSumQuery
-from ...dp_query.randomness import noise_dtype
 from ...dp_query.normalized_query import NormalizedGlobalState, NormalizedQuery
 
 __all__ = ["DistributedStep", "unwrap_ddp"]
@@ -150,9 +138,6 @@ class DistributedStep:
     :attr:`last_global_examples` (the world's number of examples in the step).
     """
 
-    #: draw the next step's normals during the all-reduce (CPU; see "Prefetched noise" above)
-    prefetch_noise: bool = True
-
     def __init__(self, process_group: Any = None):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
@@ -169,8 +154,6 @@ class DistributedStep:
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
         self._last_blob: bytes | None = None
         self._header: Any = None
-        #: the next block's normals drawn while this step's all-reduce ran (see "Prefetched noise")
-        self._prefetched: tuple | None = None
 
     @property
     def is_recorder(self) -> bool:
@@ -257,11 +240,9 @@ class DistributedStep:
         self._check_distinct_sources(query, gauss_state.stddev)
         saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
-        noisy = not (isinstance(gauss_state.stddev, (int, float)) and gauss_state.stddev == 0)
         code, mine, header = _OK, None, None
         try:
-            normals = self._take_prefetched(gauss, hi - lo, flat) if noisy else None
-            new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state, normals=normals)  # own block, in place
+            new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
             if self.is_recorder and check is not None and event is not None:
                 check(event)
         except PrivacyBudgetExceeded as exc:
@@ -272,10 +253,7 @@ class DistributedStep:
         flat[-5:] = torch.tensor(
             [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
         )
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        if noisy and code == _OK:  # the next step's normals, drawn while the collective runs
-            self._prefetch(gauss, hi - lo, flat)
-        work.wait()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         self.last_volume_bytes = flat.numel() * flat.element_size()
         any_sensitive, examples, n_public, n_refused, n_errors = flat[-5:].round().long().tolist()  # one sync
         self.last_global_examples = examples
@@ -308,42 +286,6 @@ class DistributedStep:
             pos += t.numel()
         new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
         return pytree.unflatten(total, spec), new_state, event
-
-    def _prefetch(self, gauss, n: int, like: torch.Tensor) -> None:
-        """Draw the ``n`` standard normals the next step's block will add, then put the generator
-        back where it was: the draw is kept with the generator state before and after it (see
-        "Prefetched noise" in the module docstring).  CPU generators only; never fails a step."""
-        self._prefetched = None
-        src = gauss.generator
-        if not self.prefetch_noise or src.secure_mode or like.device.type != "cpu" or n == 0:
-            return
-        g = src.torch_generator("cpu")
-        if g.device.type != "cpu":
-            return
-        before = g.get_state()
-        try:
-            z = src.normal((n,), device=like.device, dtype=like.dtype)
-            after = g.get_state()
-        except Exception:  # an optimisation only: the next step draws as usual
-            return
-        finally:
-            g.set_state(before)
-        self._prefetched = (g, before, after, z)
-
-    def _take_prefetched(self, gauss, n: int, like: torch.Tensor) -> torch.Tensor | None:
-        """The prefetched normals when they are exactly what the generator would draw now (same
-        generator, in the state it had before drawing them, same size, dtype and device), the
-        generator then moved past them as a draw would; else ``None`` (draw as usual)."""
-        pre, self._prefetched = self._prefetched, None
-        if pre is None or gauss.generator.secure_mode:
-            return None
-        g, before, after, z = pre
-        if gauss.generator.torch_generator("cpu") is not g or z.shape != (n,) or z.device != like.device:
-            return None
-        if z.dtype != noise_dtype(like.dtype) or not torch.equal(g.get_state(), before):
-            return None
-        g.set_state(after)
-        return z
 
     def _check_distinct_sources(self, query, stddev: Any = None) -> None:
         """Refuse identical noise generators across ranks (one ``all_gather_object``, once; not

@@ -243,39 +243,3 @@ def mf_equivalence(rank, world, port, out_dir):
     model = nn.parallel.DistributedDataParallel(make_model())
     params = mf_train(model, make_batches(steps=5), rank=rank, world=world, seed=rank)
     torch.save(params, os.path.join(out_dir, f"mf{rank}.pt"))
-
-
-def prefetch_equivalence(rank, world, port, out_dir):
-    """4 noisy steps with the next step's normals prefetched during the all-reduce, the same 4
-    steps without, and (for scale) without noise; before step 3 a foreign draw moves the generator,
-    so the normals prefetched at step 2 must be dropped.  Saves the parameters, the generator
-    state after every step and whether each step used prefetched normals."""
-    from pytorch_privacy.optimizer import DPGaussianOptimizer
-
-    out = {}
-    for name, prefetch, sigma in (("on", True, 1.0), ("off", False, 1.0), ("noise_free", True, 0.0)):
-        model = nn.parallel.DistributedDataParallel(make_model())
-        gen = torch.Generator().manual_seed(100 + rank)
-        opt = DPGaussianOptimizer(
-            torch.optim.SGD(model.module.parameters(), lr=0.5), model, loss_fn(), l2_norm_clip=0.3,
-            noise_multiplier=sigma, expected_batch_size=8, generator=gen,
-        )
-        opt._dist.prefetch_noise = prefetch
-        took, take = [], opt._dist._take_prefetched
-
-        def spy(*args, take=take, took=took):
-            z = take(*args)
-            took.append(z is not None)
-            return z
-
-        opt._dist._take_prefetched = spy
-        states = []
-        for i, (x, y) in enumerate(make_batches(steps=4)):
-            if i == 2:
-                torch.randn(3, generator=gen)  # someone else draws from the generator between steps
-            share = x.shape[0] // world
-            opt.fit_batch(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
-            states.append(gen.get_state().clone())
-        out[name] = {"params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
-                     "states": states, "took": took}
-    torch.save(out, os.path.join(out_dir, f"prefetch{rank}.pt"))
