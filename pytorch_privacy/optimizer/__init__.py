@@ -38,6 +38,7 @@ _LAZY = {
     "DistributedPoissonSampler": ".distributed.sampler",
     "DistributedDPDataLoader": ".distributed.sampler",
     "DPLossScaler": ".distributed.precision",
+    "DynamicDPLossScaler": ".distributed.precision",
     "DPFTRLOptimizer": ".ftrl_optimizer",
     "ftrl_epsilon": ".ftrl_optimizer",
     "ftrl_noise_multiplier": ".ftrl_optimizer",

@@ -16,7 +16,7 @@
   loads its share of a global Poisson sample.
 * :class:`DPLossScaler`, :class:`UnscaledGradients`, :func:`full_precision` (:mod:`.precision`):
   fp16 with a fixed public loss scale (unscaled before clipping), and the fp32 private arithmetic
-  under autocast.
+  under autocast; :class:`DynamicDPLossScaler`: a scale driven by a noised overflow count.
 
 See docs/distributed.md for launching with ``torchrun`` and the numerics of mixed precision.
 """
@@ -34,6 +34,7 @@ _LAZY = {
     "DistributedPoissonSampler": ".sampler",
     "DistributedDPDataLoader": ".sampler",
     "DPLossScaler": ".precision",
+    "DynamicDPLossScaler": ".precision",
     "UnscaledGradients": ".precision",
     "full_precision": ".precision",
     "setup_distributed": ".setup",

@@ -35,6 +35,15 @@ so one example could change many records' contributions (unbounded sensitivity).
 scale that leaves headroom (e.g. ``2**10``-``2**12`` for losses of order 1; the dropped-record
 count, :attr:`~pytorch_privacy.optimizer.DPOptimizer.dropped_records`, says when it is too high).
 bf16 has fp32's exponent range and needs no scaling.
+
+A dynamic scale (:class:`DynamicDPLossScaler`) is sound when it moves only on a *released*
+quantity: a noised count of the records dropped at each step.  Each record either enters the
+clipped sum (norm at most ``C``) or is dropped and counted (``1``), never both.  Released as
+``(sum + N(0, sigma^2 C^2 I), count + N(0, sigma_o^2))`` and rescaled by the noise, one record
+moves the pair by at most ``max(1/sigma, 1/sigma_o)``, which is ``1/sigma`` when
+``sigma_o >= sigma``: the pair is the same Gaussian mechanism, with the same sampling, as the
+gradient release alone.  The ledger's event is unchanged and the count costs no privacy.  The
+scale is then post-processing of released values, like any public schedule.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import torch
 from ..engines.base import PerExampleGradients
 from ..samplers import split_into_physical_batches
 
-__all__ = ["full_precision", "DPLossScaler", "UnscaledGradients"]
+__all__ = ["full_precision", "DPLossScaler", "DynamicDPLossScaler", "UnscaledGradients"]
 
 
 @contextlib.contextmanager
@@ -131,6 +140,7 @@ class DPLossScaler:
         wrapped = self._losses.get(id(loss_fn))
         if wrapped is None or wrapped.loss_fn is not loss_fn:
             wrapped = self._losses[id(loss_fn)] = _ScaledLoss(loss_fn, self.scale)
+        wrapped.scale = self.scale  # a dynamic scale moves between steps
         return wrapped
 
     def unscale(self, per_example: PerExampleGradients) -> PerExampleGradients:
@@ -155,3 +165,120 @@ class DPLossScaler:
             optimizer.clip_and_accumulate()
         optimizer.step()
         return loss_sum / max(n, 1)
+
+
+class DynamicDPLossScaler(DPLossScaler):
+    """An fp16 loss scale that backs off and grows like ``torch.amp.GradScaler``, driven by a
+    *noised* count of the records dropped at each step (see the module docstring for why that
+    count costs no privacy when its noise ``sigma_o >= sigma``).
+
+    After each :meth:`fit_batch`, the number of records the step dropped (non-finite gradients:
+    overflow) is released as ``count + N(0, sigma_o^2)``, drawn from the query's own random
+    source.  When the released count exceeds ``backoff_threshold`` the scale is multiplied by
+    ``backoff_factor``.  After ``growth_interval`` consecutive steps at or below it, the scale is
+    multiplied by ``growth_factor``.  The scale stays within ``[min_scale, max_scale]``.  The
+    dropped records contribute zero, as with a static scale, and the step is still taken and
+    recorded.
+
+    Args:
+        init_scale: the first scale (a float, or a ``GradScaler`` whose current scale is read).
+        growth_factor, backoff_factor, growth_interval: as for ``GradScaler``.
+        count_noise_multiplier: ``sigma_o``, the stddev of the count's noise; at least the
+            optimizer's ``noise_multiplier`` (default: equal to it).  A smaller one would cost
+            privacy that the ledger does not record, and is refused.
+        backoff_threshold: back off when the noised count exceeds it; default
+            ``max(0.5, 4 sigma_o)``: with no overflow, a spurious backoff about once in 30,000
+            steps.
+        min_scale, max_scale: bounds on the scale.
+
+    Needs a :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer` in one process (its
+    ``noise_multiplier`` fixes ``sigma``).  One host sync per step reads the noised count.
+    Attributes :attr:`scale` and :attr:`last_noised_count` (released values, safe to log).
+    """
+
+    def __init__(
+        self,
+        init_scale: Any = 2.0**16,
+        *,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        count_noise_multiplier: float | None = None,
+        backoff_threshold: float | None = None,
+        min_scale: float = 1.0,
+        max_scale: float = 2.0**24,
+    ):
+        super().__init__(init_scale)
+        if not (growth_factor > 1.0 and 0.0 < backoff_factor < 1.0):
+            raise ValueError(f"need growth_factor > 1 and 0 < backoff_factor < 1, got {growth_factor}, {backoff_factor}")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+        if not (0.0 < min_scale <= self.scale <= max_scale < float("inf")):
+            raise ValueError(f"need 0 < min_scale <= init_scale <= max_scale < inf, got {min_scale}, {self.scale}, {max_scale}")
+        if count_noise_multiplier is not None and not (0.0 <= count_noise_multiplier < float("inf")):
+            raise ValueError(f"count_noise_multiplier must be finite and >= 0, got {count_noise_multiplier!r}")
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.count_noise_multiplier = count_noise_multiplier
+        self.backoff_threshold = backoff_threshold
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        #: the last released (noised) count of dropped records; ``None`` before the first step
+        self.last_noised_count: float | None = None
+        self._good_steps = 0
+
+    def count_stddev(self, optimizer: Any) -> float:
+        """``sigma_o`` for ``optimizer``: checked against its ``noise_multiplier``."""
+        sigma = getattr(optimizer, "noise_multiplier", None)
+        if not isinstance(sigma, (int, float)) or getattr(optimizer, "_dist", None) is not None:
+            raise ValueError(
+                "DynamicDPLossScaler needs a DPGaussianOptimizer in one process (its noise_multiplier fixes the "
+                "count's noise); use DPLossScaler (a static scale) for other optimizers and for DDP/FSDP2"
+            )
+        sigma_o = float(sigma) if self.count_noise_multiplier is None else float(self.count_noise_multiplier)
+        if sigma_o < sigma:
+            raise ValueError(
+                f"count_noise_multiplier={sigma_o} is below the optimizer's noise_multiplier={sigma}: the count would "
+                "cost privacy that the ledger does not record; use at least the noise multiplier"
+            )
+        return sigma_o
+
+    def fit_batch(self, optimizer: Any, inputs: Any, targets: Any) -> torch.Tensor:
+        """:meth:`DPLossScaler.fit_batch` at the current scale, then the noised count of the
+        step's dropped records is released and the scale updated from it."""
+        sigma_o = self.count_stddev(optimizer)
+        before = optimizer._acc.dropped
+        before = None if before is None else before.clone()
+        loss = super().fit_batch(optimizer, inputs, targets)
+        after = optimizer._acc.dropped
+        if after is None:
+            count = 0.0
+        else:
+            count = after - before.to(after.device) if before is not None else after
+        self.update(float(self.noised_count(optimizer, count, sigma_o)), sigma_o)
+        return loss
+
+    def noised_count(self, optimizer: Any, count: Any, sigma_o: float) -> torch.Tensor:
+        """``count + N(0, sigma_o^2)``, the normal drawn from the optimizer's query's first random
+        source (the same source, and so the same secure mode, as the gradient noise)."""
+        count = torch.as_tensor(count, dtype=torch.float64)
+        if sigma_o == 0:
+            return count
+        sources = optimizer._random_sources
+        if not sources:
+            raise ValueError("the optimizer's query has no random source to draw the count's noise from")
+        return count + sigma_o * sources[0].normal((), device="cpu", dtype=torch.float64)
+
+    def update(self, noised_count: float, count_stddev: float) -> None:
+        """Back off or grow from a *released* count whose noise had stddev ``count_stddev``
+        (post-processing only)."""
+        self.last_noised_count = noised_count
+        threshold = self.backoff_threshold
+        if threshold is None:
+            threshold = max(0.5, 4.0 * count_stddev)
+        if noised_count > threshold:
+            self.scale = max(self.min_scale, self.scale * self.backoff_factor)
+            self._good_steps = 0
+            return
+        self._good_steps += 1
+        if self._good_steps >= self.growth_interval:
+            self.scale = min(self.max_scale, self.scale * self.growth_factor)
+            self._good_steps = 0

@@ -119,3 +119,82 @@ def test_fp16_grad_scaler_on_gpu(engine):
     for p, p_ref in zip(model.parameters(), ref_model.parameters()):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=2e-2, atol=2e-3)
+
+
+# -- the dynamic scale, driven by a noised overflow count ------------------------------------------
+def _dyn(**kw):
+    from pytorch_privacy.optimizer.distributed.precision import DynamicDPLossScaler
+
+    return DynamicDPLossScaler(**kw)
+
+
+def test_dynamic_scale_backs_off_until_nothing_overflows_then_grows():
+    x, y = _batch()
+    y[:, 1] = 30.0  # scaled losses ~30 * 2**15: most records overflow fp16 at the first scale
+    opt = _opt(w.make_model(), "ghost", sigma=1.0)
+    scaler = _dyn(init_scale=2.0**15, growth_interval=3)
+    scales, dropped = [], []
+    with torch.autocast("cpu", dtype=torch.float16), pytest.warns(RuntimeWarning, match="non-finite"):
+        for _ in range(14):
+            scales.append(scaler.scale)
+            before = opt.dropped_records
+            scaler.fit_batch(opt, x, y)
+            dropped.append(opt.dropped_records - before)
+    scales.append(scaler.scale)
+    assert dropped[0] >= 8  # the first scale overflows most records
+    # a step with >= 8 drops backs off (noised count > 4 unless the N(0, 1) noise is below -4)
+    assert all(scales[i + 1] == scales[i] / 2 for i in range(14) if dropped[i] >= 8)
+    grew = [i for i in range(14) if scales[i + 1] == 2 * scales[i]]
+    assert grew and all(dropped[i - 2:i + 1] == [0, 0, 0] for i in grew)  # growth after 3 clean steps
+    first_clean = dropped.index(0)
+    # like GradScaler, it then probes upwards: at most one overflowing step per 4
+    assert sum(d > 0 for d in dropped[first_clean:]) <= -(-(14 - first_clean) // 4)
+
+
+def test_dynamic_scale_moves_on_the_noised_count_only():
+    x, y = _batch()
+    y[0, 1] = 1e3  # one record overflows at every step
+    opt = _opt(w.make_model(), "ghost", sigma=1.0)
+    # the true count (1) is always above the threshold (0.5); with count noise 100 the released
+    # count is below it about half the time, and the scale must follow the released count
+    scaler = _dyn(init_scale=2.0**12, count_noise_multiplier=100.0, backoff_threshold=0.5, growth_interval=1000)
+    released, scales = [], [scaler.scale]
+    with torch.autocast("cpu", dtype=torch.float16), pytest.warns(RuntimeWarning):
+        for _ in range(8):
+            scaler.fit_batch(opt, x, y)
+            released.append(scaler.last_noised_count)
+            scales.append(scaler.scale)
+    assert opt.dropped_records == 8
+    assert any(r <= 0.5 for r in released) and any(r > 0.5 for r in released)
+    for i, r in enumerate(released):
+        assert scales[i + 1] == (scales[i] / 2 if r > 0.5 else scales[i])
+
+
+def test_count_noise_has_the_stated_stddev_and_uses_the_query_source():
+    opt = _opt(w.make_model(), "ghost", sigma=2.0)
+    scaler = _dyn()
+    sigma_o = scaler.count_stddev(opt)
+    assert sigma_o == 2.0
+    g = opt._random_sources[0].torch_generator("cpu")
+    state = g.get_state()
+    draws = torch.stack([scaler.noised_count(opt, 3.0, sigma_o) for _ in range(4000)])
+    assert not torch.equal(g.get_state(), state)  # drawn from the query's own source
+    assert abs(float(draws.mean()) - 3.0) < 0.15 and abs(float(draws.std()) / 2.0 - 1) < 0.05
+
+
+def test_dynamic_scale_is_free_in_the_ledger_and_refuses_a_cheaper_count():
+    x, y = _batch()
+    ledgers = []
+    for scaler in (DPLossScaler(2.0**10), _dyn(init_scale=2.0**10, growth_interval=1)):
+        ledger = PrivacyLedger(1200, 0.01)
+        opt = _opt(w.make_model(), "ghost", sigma=1.0, ledger=ledger)
+        with torch.autocast("cpu", dtype=torch.float16):
+            for _ in range(3):
+                scaler.fit_batch(opt, x, y)
+        ledgers.append(ledger.to_json())
+    assert ledgers[0] == ledgers[1]  # the count adds no event: same mechanism (module docstring)
+    opt = _opt(w.make_model(), "ghost", sigma=1.0)
+    with pytest.raises(ValueError, match="below the optimizer's noise_multiplier"):
+        _dyn(count_noise_multiplier=0.5).fit_batch(opt, x, y)
+    with pytest.raises(ValueError, match="growth_interval"):
+        _dyn(growth_interval=0)
