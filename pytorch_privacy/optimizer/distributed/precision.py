@@ -267,6 +267,18 @@ class DynamicDPLossScaler(DPLossScaler):
             raise ValueError("the optimizer's query has no random source to draw the count's noise from")
         return count + sigma_o * sources[0].normal((), device="cpu", dtype=torch.float64)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The scale and its growth counter (plain numbers: save it beside the optimizer's)."""
+        return {"scale": self.scale, "good_steps": self._good_steps, "last_noised_count": self.last_noised_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (checked against the bounds)."""
+        scale = float(state["scale"])
+        if not (self.min_scale <= scale <= self.max_scale):
+            raise ValueError(f"saved scale {scale} is outside [{self.min_scale}, {self.max_scale}]")
+        self.scale, self._good_steps = scale, int(state["good_steps"])
+        self.last_noised_count = state.get("last_noised_count")
+
     def update(self, noised_count: float, count_stddev: float) -> None:
         """Back off or grow from a *released* count whose noise had stddev ``count_stddev``
         (post-processing only)."""

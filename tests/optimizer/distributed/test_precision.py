@@ -198,3 +198,15 @@ def test_dynamic_scale_is_free_in_the_ledger_and_refuses_a_cheaper_count():
         _dyn(count_noise_multiplier=0.5).fit_batch(opt, x, y)
     with pytest.raises(ValueError, match="growth_interval"):
         _dyn(growth_interval=0)
+
+
+def test_dynamic_scale_state_round_trips():
+    a = _dyn(init_scale=2.0**10, growth_interval=5)
+    a.update(0.0, 1.0)
+    a.update(9.0, 1.0)  # backoff
+    a.update(0.0, 1.0)
+    b = _dyn(init_scale=2.0**12, growth_interval=5)
+    b.load_state_dict(a.state_dict())
+    assert (b.scale, b._good_steps, b.last_noised_count) == (512.0, 1, 0.0)
+    with pytest.raises(ValueError, match="outside"):
+        b.load_state_dict({"scale": 2.0**30, "good_steps": 0})
