@@ -97,7 +97,7 @@ def expected_sgd(model, loss_fn, x, y, clip, lr, denominator, group=1):
     return {n: before[n] - lr * s[n] / denominator if n in s else before[n] for n in before}, grads
 
 
-ENGINES = ["auto", "functorch"]
+ENGINES = ["auto", "functorch", "compiled"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

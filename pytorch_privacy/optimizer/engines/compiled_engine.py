@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
 
-from .base import PerExampleGradients, accumulation_dtype, batch_size_of, contract_records, empty_gradients
+from .base import MaterializedGradients, PerExampleGradients, accumulation_dtype, batch_size_of, empty_gradients
 from .base import num_records_for, register_engine
 from .functional import check_losses, functional_forward, split_params
 from .scan import ModelScan
@@ -78,37 +78,20 @@ def _pad_rows(x: Any, n: int, size: int) -> Any:
     return pytree.tree_map(pad, x)
 
 
-class PaddedGradients(PerExampleGradients):
-    """Per-record gradients of a padded batch, ``{name: Tensor[padded records, *shape]}`` with
-    their squared norms (computed in the same graph, in float32 for half precision), of which
-    only the first :attr:`num_records` rows are real.
+class PaddedGradients(MaterializedGradients):
+    """Per-record gradients of a padded batch: the engine's ``{name: Tensor[padded, *shape]}``
+    and squared norms (computed in the same graph, in float32 for half precision) are sliced to
+    the first ``records`` rows here, once, so nothing downstream can read a padded row.
 
-    Every accessor slices to the real records first, so padded rows are never read."""
+    A :class:`~.base.MaterializedGradients` in every other respect (a record with a zero
+    coefficient and non-finite gradients is masked by the optimizer as for any materialised
+    engine)."""
 
     def __init__(self, grads: dict[str, torch.Tensor], sq_norms: torch.Tensor, losses: torch.Tensor, records: int):
-        self._grads = grads
-        self._sq = sq_norms
-        self._losses = losses
-        self._records = records
-        self.names = tuple(grads)
-
-    @property
-    def losses(self) -> torch.Tensor:
-        return self._losses
-
-    @property
-    def num_records(self) -> int:
-        return self._records
-
-    def norms(self) -> torch.Tensor:
-        return self._sq[: self._records].sqrt()
-
-    def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        r = self._records
-        return {n: contract_records(coefficients, g[:r]) for n, g in self._grads.items()}
-
-    def materialize(self) -> dict[str, torch.Tensor]:
-        return {n: g[: self._records] for n, g in self._grads.items()}
+        super().__init__({n: g[:records] for n, g in grads.items()}, losses)
+        self._norms = sq_norms[:records].sqrt()
+        #: the padded size the graph ran at
+        self.padded_records = int(sq_norms.shape[0])
 
 
 @register_engine
