@@ -109,7 +109,8 @@ class CompiledEngine(FunctorchEngine):
     Args:
         model, loss_fn: see :class:`~.base.GradientEngine`.
         mode: ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` (CUDA graphs on
-            CUDA), ``"max-autotune"``...
+            CUDA; the outputs are then copied out of the graph's static memory, because a step
+            may hold several passes' gradients), ``"max-autotune"``...
         backend: ``torch.compile`` backend; ``None`` means :attr:`default_backend`.
         pad: pad batches to :func:`bucket_size` (``True``), or compile each batch size as it
             comes (``False``; only for fixed-size batches).
@@ -190,6 +191,12 @@ class CompiledEngine(FunctorchEngine):
             )
             self.fallback = FunctorchEngine(self.model, self.loss_fn, chunk_size=self.chunk_size)
             return self.fallback.compute(inputs, targets, microbatch_size=microbatch_size)
+        if self.mode is not None and "reduce-overhead" in self.mode:
+            # CUDA-graph outputs live in the graph's static memory and are overwritten by its next
+            # replay; a step can hold several passes' gradients at once (multi-pass steps,
+            # physical chunks), so each call keeps its own copy
+            grads = {k: v.clone() for k, v in grads.items()}
+            sq, losses = sq.clone(), losses.clone()
         return PaddedGradients(grads, sq, losses[:batch], records)
 
     def _note_size(self, grouped: bool, size: int) -> None:
