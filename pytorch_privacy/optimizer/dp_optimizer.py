@@ -539,13 +539,14 @@ class DPOptimizer(torch.optim.Optimizer):
                 examples = self._acc.num_records + max((pe.num_records for pe in self._acc.pending), default=0)
             if self._consistency is not None and examples is not None:
                 self._consistency.check_batch(examples)
-            saved = snapshot_sources(self._random_sources) if enforcing else None
+            saved = snapshot_sources(self._random_sources) if enforcing and self._dist is None else None
             if self._dist is not None:
                 try:  # reduce once, noise once on rank 0, budget decided there and shared
                     check = (lambda ev: self._budget.check(self._ledger, ev)) if enforcing else None
                     result, new_state, event = self._dist.finish(self._acc, old_state, examples or 0, check)
                 except PrivacyBudgetExceeded:
-                    restore_sources(self._random_sources, saved) if enforcing else None
+                    # the generators are NOT rewound: the noised sums already crossed the ranks,
+                    # and the same normals on the next attempt would cancel in a difference
                     self._acc.dropped = self._acc.dropped_at_begin
                     self._acc.reset()
                     raise

@@ -35,8 +35,10 @@ Ledger and budget.  Only rank 0 records the step (with the global ``q``: the led
 :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader`, whose ``q`` and ``N`` are
 global).  The budget is decided on rank 0, before anything is released, and the decision travels
 with the step's collective, so every rank refuses the step together
-(:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks; each rank's query
-rewinds its own generator).
+(:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks).  Unlike one
+process, the generators are *not* rewound after a refusal: the noised sums already crossed the
+ranks in the collective, and the same normals on a later attempt would cancel in the difference
+of the two reduced buffers.
 
 Public passes (no privacy cost) are averaged over the ranks in the same all-reduce, so the replicas
 stay equal; every rank must take them.  Physical batches and several passes are clipped and merged

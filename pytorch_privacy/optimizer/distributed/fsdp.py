@@ -54,7 +54,8 @@ the ranks' generator states (one ``all_gather_object``) and refuses identical on
 Ledger and budget.  Every rank's query releases an event (the same one: the global state of a
 Gaussian sum/average query does not change); rank 0 alone records it with the global ``q`` and
 decides the budget; its decision is broadcast before anything is applied, and a refusal is raised
-on every rank (each rank's query then rewinds its own generator, as in one process).  Queries whose
+on every rank (the generators are not rewound: the noised shards already crossed the ranks, see
+``ddp.py``).  Queries whose
 global state is updated from noised data (adaptive clipping) would diverge across ranks: their
 sample states are not shaped like the parameters, and they are refused (use DDP for them).
 """

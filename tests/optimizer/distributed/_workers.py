@@ -178,19 +178,24 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=Fal
         torch.optim.SGD(inner.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
         noise_multiplier=1.0, data_loader=loader, target_epsilon=target_epsilon, target_delta=1e-5,
     )
-    taken, refused_at, local = 0, None, []
+    taken, refused_at, local, noise_spent = 0, None, [], None
+    gen = opt._random_sources[0].torch_generator("cpu")
     for x, y in loader:
         local.append(x.shape[0])
+        before = gen.get_state().clone()
         try:
             opt.fit_batch(x, y)
             taken += 1
         except PrivacyBudgetExceeded:
             refused_at = taken
+            # the refused step's noised sums were already reduced across the ranks: its normals
+            # must stay spent (a rewound generator would put the same noise on the next attempt)
+            noise_spent = not torch.equal(gen.get_state(), before)
             break
     sharded = all(type(p).__name__ == "DTensor" for p in inner.parameters())  # resharded after a refusal too
     torch.save(
         {"ledger": opt.ledger.to_dict(), "taken": taken, "refused_at": refused_at, "local": local,
-         "denominator": opt.denominator, "sharded": sharded},
+         "denominator": opt.denominator, "sharded": sharded, "noise_spent": noise_spent},
         os.path.join(out_dir, f"ledger{rank}.pt"),
     )
 

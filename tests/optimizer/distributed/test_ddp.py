@@ -132,6 +132,7 @@ def test_ledger_of_two_ranks_equals_one_process_and_budget_refuses_together(tmp_
     led1, _ = _runs(r1["ledger"])
     assert led1.steps == 0  # recorded once, on rank 0
     assert r0["taken"] == r1["taken"] == 2 and r0["refused_at"] == r1["refused_at"] == 2
+    assert r0["noise_spent"] and r1["noise_spent"]  # no noise reused after a refusal
 
 
 def _prefix(ledger, k):

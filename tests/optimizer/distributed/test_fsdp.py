@@ -127,6 +127,7 @@ def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_pat
     assert _runs(r1["ledger"])[0].steps == 0
     assert r0["taken"] == r1["taken"] == 2 and r0["refused_at"] == r1["refused_at"] == 2
     assert r0["sharded"] and r1["sharded"]
+    assert r0["noise_spent"] and r1["noise_spent"]  # no noise reused after a refusal
 
 
 @pytest.mark.slow
