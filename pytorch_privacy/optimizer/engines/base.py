@@ -126,7 +126,10 @@ class PerExampleGradients(abc.ABC):
         """``sum_i coefficients[i] * grad_i`` per parameter.
 
         Engines that do not materialise (ghost) give exact zeros for records whose coefficient
-        is exactly 0, even when those records' gradients are not finite (no ``0 * NaN``)."""
+        is exactly 0, even when those records' gradients are not finite (no ``0 * NaN``).
+        The tensors returned are new ones the caller owns (the step accumulator keeps a first
+        chunk's sums as its sample state): never views of parameters, of ``.grad`` or of data
+        the engine reuses."""
 
     def materialize(self) -> dict[str, torch.Tensor]:
         """Per-record gradients ``{name: Tensor[num_records, *param.shape]}``."""
