@@ -102,14 +102,27 @@ class UnscaledGradients(PerExampleGradients):
 
 class _ScaledLoss:
     """``loss_fn(out, y) * scale`` in fp32 (one object per base loss: the optimizer keeps one
-    engine per loss function)."""
+    engine per loss function).
+
+    The scale is held as a 0-dim tensor updated in place: a compiled engine then sees the same
+    graph input at every scale (a Python float would be a constant of the graph, and each new
+    scale of a dynamic scaler would compile a new graph)."""
 
     def __init__(self, loss_fn: Callable, scale: float):
-        self.loss_fn, self.scale = loss_fn, scale
+        self.loss_fn = loss_fn
+        self._scale = torch.tensor(float(scale), dtype=torch.float32)
+
+    @property
+    def scale(self) -> float:
+        return float(self._scale)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale.fill_(float(value))
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
         losses = self.loss_fn(output, targets)
-        return losses.float() * self.scale if isinstance(losses, torch.Tensor) else losses
+        return losses.float() * self._scale if isinstance(losses, torch.Tensor) else losses
 
 
 class DPLossScaler:

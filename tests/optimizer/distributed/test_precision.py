@@ -3,6 +3,8 @@ sums in fp32, overflowing records dropped while the step is still released and r
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +212,21 @@ def test_dynamic_scale_state_round_trips():
     assert (b.scale, b._good_steps, b.last_noised_count) == (512.0, 1, 0.0)
     with pytest.raises(ValueError, match="outside"):
         b.load_state_dict({"scale": 2.0**30, "good_steps": 0})
+
+
+def test_a_new_scale_compiles_no_new_graph():
+    from pytorch_privacy.optimizer.engines import CompiledEngine
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, y = _batch()
+    opt = _opt(w.make_model(), functools.partial(CompiledEngine, backend=counting), sigma=1.0)
+    scaler = _dyn(init_scale=2.0**10, growth_interval=1)  # the scale doubles after every clean step
+    with torch.autocast("cpu", dtype=torch.float16):
+        for _ in range(3):
+            scaler.fit_batch(opt, x, y)
+    assert scaler.scale == 2.0**13 and len(graphs) == 1
