@@ -31,6 +31,12 @@ replica applies rank 0's release: one noise stream, at the cost of a second coll
 :attr:`DistributedStep.last_volume_bytes`).  It works for every query whose sample states merge
 by addition (all built-in ones).
 
+Dropped-record count.  With a :class:`~.precision.DynamicDPLossScaler` (attribute
+:attr:`DistributedStep.count_stddev` set), the same all-reduce carries one more element: each
+rank's count of records dropped this step plus ``N(0, sigma_o^2 / W)`` from its own generator.
+The sum is the world's count with noise ``N(0, sigma_o^2)``, released once to every rank
+(:attr:`DistributedStep.last_noised_count`); why it costs no privacy is in :mod:`.precision`.
+
 Ledger and budget.  Only rank 0 records the step (with the global ``q``: the ledger is built from a
 :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader`, whose ``q`` and ``N`` are
 global).  The budget is decided on rank 0, before anything is released, and the decision travels
@@ -151,6 +157,12 @@ class DistributedStep:
         self.world_size = dist.get_world_size(process_group)
         self.last_volume_bytes = 0
         self.last_global_examples: int | None = None
+        #: set by :class:`~.precision.DynamicDPLossScaler`: the stddev ``sigma_o`` of the noise on
+        #: the world's count of dropped records, carried in the step's one all-reduce (each rank
+        #: adds ``N(0, sigma_o^2 / W)`` to its own count); ``None``: no count is released
+        self.count_stddev: float | None = None
+        #: the released (noised) world count of the last step's dropped records, or ``None``
+        self.last_noised_count: float | None = None
         self._checked_additive = False
         self._checked_sources = False
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
@@ -208,6 +220,7 @@ class DistributedStep:
         Returns ``(result, new_global_state, event)`` on every rank, the same values everywhere;
         raises the refusal on every rank when rank 0's ``check`` refuses."""
         acc.flush()
+        self.last_noised_count = None
         if self.world_size == 1:  # nothing to reduce: the single-process release
             self.last_global_examples, self.last_volume_bytes = local_examples, 0
             result, new_state, event = acc.finish(global_state)
@@ -236,8 +249,9 @@ class DistributedStep:
 
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
-        # one flat buffer: the sums, the public gradients, then 5 counters
-        flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(5, dtype=wide, device=device)])
+        # one flat buffer: the sums, the public gradients, [the noised dropped count,] then 5 counters
+        k = 5 if self.count_stddev is None else 6
+        flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(k, dtype=wide, device=device)])
         gauss, gauss_state = _gaussian_part(query, global_state)
         self._check_distinct_sources(query, gauss_state.stddev)
         saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
@@ -255,9 +269,15 @@ class DistributedStep:
         flat[-5:] = torch.tensor(
             [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
         )
+        if k == 6:  # split noise: the W ranks' N(0, sigma_o^2 / W) sum to N(0, sigma_o^2) (independent sources)
+            flat[-6] = self._local_dropped(acc) + self.count_stddev / self.world_size**0.5 * float(
+                gauss.generator.normal((), device="cpu", dtype=torch.float64)
+            )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         self.last_volume_bytes = flat.numel() * flat.element_size()
-        any_sensitive, examples, n_public, n_refused, n_errors = flat[-5:].round().long().tolist()  # one sync
+        tail = flat[-k:].tolist()  # one sync
+        self.last_noised_count = tail[0] if k == 6 else None
+        any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)
@@ -288,6 +308,14 @@ class DistributedStep:
             pos += t.numel()
         new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
         return pytree.unflatten(total, spec), new_state, event
+
+    @staticmethod
+    def _local_dropped(acc) -> float:
+        """Records this rank dropped in the current step (non-finite gradients)."""
+        if acc.dropped is None:
+            return 0.0
+        before = 0.0 if acc.dropped_at_begin is None else float(acc.dropped_at_begin)
+        return float(acc.dropped) - before
 
     def _check_distinct_sources(self, query, stddev: Any = None) -> None:
         """Refuse identical noise generators across ranks (one ``all_gather_object``, once; not

@@ -204,8 +204,11 @@ class DynamicDPLossScaler(DPLossScaler):
             steps.
         min_scale, max_scale: bounds on the scale.
 
-    Needs a :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer` in one process (its
-    ``noise_multiplier`` fixes ``sigma``).  One host sync per step reads the noised count.
+    Needs a :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer` (its ``noise_multiplier``
+    fixes ``sigma``), in one process or under DDP.  Under DDP the count travels in the step's one
+    all-reduce: each rank adds its own count plus ``N(0, sigma_o^2 / W)`` from its own source, so
+    the world's count is released once with noise ``N(0, sigma_o^2)`` and every rank moves its
+    scale identically.  Not under FSDP2.  One host sync per step reads the noised count.
     Attributes :attr:`scale` and :attr:`last_noised_count` (released values, safe to log).
     """
 
@@ -240,11 +243,14 @@ class DynamicDPLossScaler(DPLossScaler):
 
     def count_stddev(self, optimizer: Any) -> float:
         """``sigma_o`` for ``optimizer``: checked against its ``noise_multiplier``."""
+        from .ddp import DistributedStep
+
         sigma = getattr(optimizer, "noise_multiplier", None)
-        if not isinstance(sigma, (int, float)) or getattr(optimizer, "_dist", None) is not None:
+        dist_step = getattr(optimizer, "_dist", None)
+        if not isinstance(sigma, (int, float)) or (dist_step is not None and type(dist_step) is not DistributedStep):
             raise ValueError(
-                "DynamicDPLossScaler needs a DPGaussianOptimizer in one process (its noise_multiplier fixes the "
-                "count's noise); use DPLossScaler (a static scale) for other optimizers and for DDP/FSDP2"
+                "DynamicDPLossScaler needs a DPGaussianOptimizer, in one process or under DDP (its noise_multiplier "
+                "fixes the count's noise); use DPLossScaler (a static scale) for other optimizers and for FSDP2"
             )
         sigma_o = float(sigma) if self.count_noise_multiplier is None else float(self.count_noise_multiplier)
         if sigma_o < sigma:
@@ -258,15 +264,23 @@ class DynamicDPLossScaler(DPLossScaler):
         """:meth:`DPLossScaler.fit_batch` at the current scale, then the noised count of the
         step's dropped records is released and the scale updated from it."""
         sigma_o = self.count_stddev(optimizer)
+        dist_step = getattr(optimizer, "_dist", None)
+        if dist_step is not None:  # DDP: the count travels, noised, in the step's one all-reduce
+            dist_step.count_stddev = sigma_o
         before = optimizer._acc.dropped
         before = None if before is None else before.clone()
         loss = super().fit_batch(optimizer, inputs, targets)
-        after = optimizer._acc.dropped
-        if after is None:
-            count = 0.0
-        else:
-            count = after - before.to(after.device) if before is not None else after
-        self.update(float(self.noised_count(optimizer, count, sigma_o)), sigma_o)
+        released = None if dist_step is None else dist_step.last_noised_count
+        if released is None:
+            if dist_step is not None and dist_step.world_size > 1:  # pragma: no cover - Gaussian queries carry it
+                raise ValueError("this DDP step did not carry the dropped-record count (not a Gaussian sum/average)")
+            after = optimizer._acc.dropped
+            if after is None:
+                count: Any = 0.0
+            else:
+                count = after - before.to(after.device) if before is not None else after
+            released = float(self.noised_count(optimizer, count, sigma_o))
+        self.update(float(released), sigma_o)
         return loss
 
     def noised_count(self, optimizer: Any, count: Any, sigma_o: float) -> torch.Tensor:

@@ -248,3 +248,41 @@ def mf_equivalence(rank, world, port, out_dir):
     model = nn.parallel.DistributedDataParallel(make_model())
     params = mf_train(model, make_batches(steps=5), rank=rank, world=world, seed=rank)
     torch.save(params, os.path.join(out_dir, f"mf{rank}.pt"))
+
+
+def dynamic_scale(rank, world, port, out_dir, steps, overflow):
+    """fp16 DDP steps with a DynamicDPLossScaler; ``overflow``: every record of rank 1 overflows
+    at the first scale.  Saves the scales, the released counts and the ledger."""
+    from pytorch_privacy.dp_query import PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from pytorch_privacy.optimizer.distributed.precision import DynamicDPLossScaler
+
+    def weighted_ce(out, y):
+        return nn.functional.cross_entropy(out, y[:, 0].long(), reduction="none") * y[:, 1]
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    ledger = PrivacyLedger(1600, 0.01)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.module.parameters(), lr=0.1), model, weighted_ce, l2_norm_clip=0.3,
+        noise_multiplier=1.0, expected_batch_size=16, ledger=ledger,
+        generator=torch.Generator().manual_seed(100 + rank),
+    )
+    scaler = DynamicDPLossScaler(init_scale=2.0**15 if overflow else 2.0**4, growth_interval=10**6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 6, generator=g)
+    y = torch.stack([torch.randint(0, 3, (8,), generator=g).float(), torch.ones(8)], 1)
+    if overflow and rank == 1:
+        y[:, 1] = 30.0
+    scales, released, dropped = [], [], []
+    import warnings
+
+    with torch.autocast("cpu", dtype=torch.float16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            before = opt.dropped_records
+            scales.append(scaler.scale)
+            scaler.fit_batch(opt, x, y)
+            released.append(scaler.last_noised_count)
+            dropped.append(opt.dropped_records - before)
+    torch.save({"scales": scales + [scaler.scale], "released": released, "dropped": dropped,
+                "ledger": opt.ledger.to_json()}, os.path.join(out_dir, f"dyn{rank}.pt"))

@@ -230,3 +230,26 @@ def test_a_new_scale_compiles_no_new_graph():
         for _ in range(3):
             scaler.fit_batch(opt, x, y)
     assert scaler.scale == 2.0**13 and len(graphs) == 1
+
+
+@pytest.mark.slow
+def test_ddp_dynamic_scale_releases_one_count_with_split_noise(tmp_path):
+    # no overflow: the world's released count is 0 + N(0, sigma_o^2) made of two N(0, sigma_o^2 / 2)
+    w.spawn(w.dynamic_scale, 2, str(tmp_path), 300, False)
+    r0, r1 = (torch.load(tmp_path / f"dyn{r}.pt", weights_only=False) for r in range(2))
+    assert r0["released"] == r1["released"] and r0["scales"] == r1["scales"]  # one release, same scale
+    assert sum(r0["dropped"]) == sum(r1["dropped"]) == 0
+    released = torch.tensor(r0["released"])
+    assert abs(float(released.std()) - 1.0) < 0.12 and abs(float(released.mean())) < 0.2  # not sqrt(2), not 0
+    assert len(set(r0["released"])) == 300
+
+
+@pytest.mark.slow
+def test_ddp_dynamic_scale_backs_off_on_one_ranks_overflow(tmp_path):
+    w.spawn(w.dynamic_scale, 2, str(tmp_path), 6, True)
+    r0, r1 = (torch.load(tmp_path / f"dyn{r}.pt", weights_only=False) for r in range(2))
+    assert r0["scales"] == r1["scales"] and r0["released"] == r1["released"]
+    assert sum(r0["dropped"]) == 0 and r1["dropped"][0] == 8  # only rank 1's records overflow
+    assert r0["scales"][1] == r0["scales"][0] / 2  # rank 0 backs off too: it released the world's count
+    # every step released and recorded once (rank 0), the count adding no event
+    assert PrivacyLedger.from_json(r0["ledger"]).steps == 6 and PrivacyLedger.from_json(r1["ledger"]).steps == 0
