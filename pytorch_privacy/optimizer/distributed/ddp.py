@@ -32,7 +32,8 @@ replica applies rank 0's release: one noise stream, at the cost of a second coll
 by addition (all built-in ones).
 
 Dropped-record count.  With a :class:`~.precision.DynamicDPLossScaler` (attribute
-:attr:`DistributedStep.count_stddev` set), the same all-reduce carries one more element: each
+:attr:`DistributedStep.count_stddev` set), the same all-reduce (FSDP2: reduce-scatter, the
+element repeated in every segment) carries one more element: each
 rank's count of records dropped this step plus ``N(0, sigma_o^2 / W)`` from its own generator.
 The sum is the world's count with noise ``N(0, sigma_o^2)``, released once to every rank
 (:attr:`DistributedStep.last_noised_count`); why it costs no privacy is in :mod:`.precision`.
@@ -269,10 +270,8 @@ class DistributedStep:
         flat[-5:] = torch.tensor(
             [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
         )
-        if k == 6:  # split noise: the W ranks' N(0, sigma_o^2 / W) sum to N(0, sigma_o^2) (independent sources)
-            flat[-6] = self._local_dropped(acc) + self.count_stddev / self.world_size**0.5 * float(
-                gauss.generator.normal((), device="cpu", dtype=torch.float64)
-            )
+        if k == 6:
+            flat[-6] = self._local_noised_count(acc, gauss)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         self.last_volume_bytes = flat.numel() * flat.element_size()
         tail = flat[-k:].tolist()  # one sync
@@ -309,13 +308,16 @@ class DistributedStep:
         new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
         return pytree.unflatten(total, spec), new_state, event
 
-    @staticmethod
-    def _local_dropped(acc) -> float:
-        """Records this rank dropped in the current step (non-finite gradients)."""
-        if acc.dropped is None:
-            return 0.0
-        before = 0.0 if acc.dropped_at_begin is None else float(acc.dropped_at_begin)
-        return float(acc.dropped) - before
+    def _local_noised_count(self, acc, gauss) -> float:
+        """This rank's share of the released dropped-record count: the records it dropped in the
+        current step plus ``N(0, sigma_o^2 / W)`` from its own generator (split noise: the ``W``
+        independent shares sum to ``N(0, sigma_o^2)``)."""
+        dropped = 0.0
+        if acc.dropped is not None:
+            before = 0.0 if acc.dropped_at_begin is None else float(acc.dropped_at_begin)
+            dropped = float(acc.dropped) - before
+        z = float(gauss.generator.normal((), device="cpu", dtype=torch.float64))
+        return dropped + self.count_stddev / self.world_size**0.5 * z
 
     def _check_distinct_sources(self, query, stddev: Any = None) -> None:
         """Refuse identical noise generators across ranks (one ``all_gather_object``, once; not

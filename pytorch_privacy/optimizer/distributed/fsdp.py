@@ -224,6 +224,7 @@ class FSDPStep(DistributedStep):
 
         Returns ``(result, new_global_state, event)`` with ``result`` (and the accumulator's public
         gradients) as ``DTensor`` shards of the sharded parameters."""
+        self.last_noised_count = None
         try:
             acc.flush()
             divisor = linear_release_divisor(acc.query, global_state)
@@ -264,7 +265,8 @@ class FSDPStep(DistributedStep):
             for s in range(world)
         ]
         length = max(sum(t.numel() for t in seg) for seg in pieces)
-        buf = torch.zeros(world, length + 5, dtype=wide, device=device)
+        k = 5 if self.count_stddev is None else 6  # [the noised dropped count,] then 5 counters
+        buf = torch.zeros(world, length + k, dtype=wide, device=device)
         for s, seg in enumerate(pieces):
             if seg:
                 torch.cat(seg, out=buf[s, : sum(t.numel() for t in seg)])
@@ -283,13 +285,16 @@ class FSDPStep(DistributedStep):
             code, mine = _REFUSED, exc
         except Exception as exc:  # the others still join the collective, then stop with this rank
             code, mine = _ERROR, exc
-        buf[:, length:] = torch.tensor(
-            [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
-        )
-        out = torch.empty(length + 5, dtype=wide, device=device)
+        counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
+        if k == 6:  # the same share in every segment: every rank receives the world's noised count
+            counters.insert(0, self._local_noised_count(acc, gauss))
+        buf[:, length:] = torch.tensor(counters)
+        out = torch.empty(length + k, dtype=wide, device=device)
         dist.reduce_scatter_single(out, buf.reshape(-1), op=dist.ReduceOp.SUM, group=self.group)
         self.last_volume_bytes = buf.numel() * buf.element_size()
-        any_sensitive, examples, n_public, n_refused, n_errors = out[length:].round().long().tolist()
+        tail = out[length:].tolist()
+        self.last_noised_count = tail[0] if k == 6 else None
+        any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)

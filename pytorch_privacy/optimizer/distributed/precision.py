@@ -205,10 +205,10 @@ class DynamicDPLossScaler(DPLossScaler):
         min_scale, max_scale: bounds on the scale.
 
     Needs a :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer` (its ``noise_multiplier``
-    fixes ``sigma``), in one process or under DDP.  Under DDP the count travels in the step's one
-    all-reduce: each rank adds its own count plus ``N(0, sigma_o^2 / W)`` from its own source, so
-    the world's count is released once with noise ``N(0, sigma_o^2)`` and every rank moves its
-    scale identically.  Not under FSDP2.  One host sync per step reads the noised count.
+    fixes ``sigma``), in one process, under DDP or under FSDP2.  Distributed, the count travels in
+    the step's one collective: each rank adds its own count plus ``N(0, sigma_o^2 / W)`` from its
+    own source, so the world's count is released once with noise ``N(0, sigma_o^2)`` and every
+    rank moves its scale identically.  One host sync per step reads the noised count.
     Attributes :attr:`scale` and :attr:`last_noised_count` (released values, safe to log).
     """
 
@@ -247,10 +247,10 @@ class DynamicDPLossScaler(DPLossScaler):
 
         sigma = getattr(optimizer, "noise_multiplier", None)
         dist_step = getattr(optimizer, "_dist", None)
-        if not isinstance(sigma, (int, float)) or (dist_step is not None and type(dist_step) is not DistributedStep):
+        if not isinstance(sigma, (int, float)) or (dist_step is not None and not isinstance(dist_step, DistributedStep)):
             raise ValueError(
-                "DynamicDPLossScaler needs a DPGaussianOptimizer, in one process or under DDP (its noise_multiplier "
-                "fixes the count's noise); use DPLossScaler (a static scale) for other optimizers and for FSDP2"
+                "DynamicDPLossScaler needs a DPGaussianOptimizer (its noise_multiplier fixes the count's noise); use "
+                "DPLossScaler (a static scale) for other optimizers"
             )
         sigma_o = float(sigma) if self.count_noise_multiplier is None else float(self.count_noise_multiplier)
         if sigma_o < sigma:

@@ -250,9 +250,9 @@ def mf_equivalence(rank, world, port, out_dir):
     torch.save(params, os.path.join(out_dir, f"mf{rank}.pt"))
 
 
-def dynamic_scale(rank, world, port, out_dir, steps, overflow):
-    """fp16 DDP steps with a DynamicDPLossScaler; ``overflow``: every record of rank 1 overflows
-    at the first scale.  Saves the scales, the released counts and the ledger."""
+def dynamic_scale(rank, world, port, out_dir, steps, overflow, fsdp=False):
+    """fp16 DDP (``fsdp``: FSDP2) steps with a DynamicDPLossScaler; ``overflow``: every record of
+    rank 1 overflows at the first scale.  Saves the scales, the released counts and the ledger."""
     from pytorch_privacy.dp_query import PrivacyLedger
     from pytorch_privacy.optimizer import DPGaussianOptimizer
     from pytorch_privacy.optimizer.distributed.precision import DynamicDPLossScaler
@@ -260,10 +260,16 @@ def dynamic_scale(rank, world, port, out_dir, steps, overflow):
     def weighted_ce(out, y):
         return nn.functional.cross_entropy(out, y[:, 0].long(), reduction="none") * y[:, 1]
 
-    model = nn.parallel.DistributedDataParallel(make_model())
+    if fsdp:
+        from ._fsdp_workers import shard
+
+        model = inner = shard(make_model())
+    else:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        inner = model.module
     ledger = PrivacyLedger(1600, 0.01)
     opt = DPGaussianOptimizer(
-        torch.optim.SGD(model.module.parameters(), lr=0.1), model, weighted_ce, l2_norm_clip=0.3,
+        torch.optim.SGD(inner.parameters(), lr=0.1), model, weighted_ce, l2_norm_clip=0.3,
         noise_multiplier=1.0, expected_batch_size=16, ledger=ledger,
         generator=torch.Generator().manual_seed(100 + rank),
     )

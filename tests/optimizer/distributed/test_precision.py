@@ -233,9 +233,10 @@ def test_a_new_scale_compiles_no_new_graph():
 
 
 @pytest.mark.slow
-def test_ddp_dynamic_scale_releases_one_count_with_split_noise(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_distributed_dynamic_scale_releases_one_count_with_split_noise(tmp_path, fsdp):
     # no overflow: the world's released count is 0 + N(0, sigma_o^2) made of two N(0, sigma_o^2 / 2)
-    w.spawn(w.dynamic_scale, 2, str(tmp_path), 300, False)
+    w.spawn(w.dynamic_scale, 2, str(tmp_path), 300, False, fsdp)
     r0, r1 = (torch.load(tmp_path / f"dyn{r}.pt", weights_only=False) for r in range(2))
     assert r0["released"] == r1["released"] and r0["scales"] == r1["scales"]  # one release, same scale
     assert sum(r0["dropped"]) == sum(r1["dropped"]) == 0
@@ -245,8 +246,9 @@ def test_ddp_dynamic_scale_releases_one_count_with_split_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_dynamic_scale_backs_off_on_one_ranks_overflow(tmp_path):
-    w.spawn(w.dynamic_scale, 2, str(tmp_path), 6, True)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_distributed_dynamic_scale_backs_off_on_one_ranks_overflow(tmp_path, fsdp):
+    w.spawn(w.dynamic_scale, 2, str(tmp_path), 6, True, fsdp)
     r0, r1 = (torch.load(tmp_path / f"dyn{r}.pt", weights_only=False) for r in range(2))
     assert r0["scales"] == r1["scales"] and r0["released"] == r1["released"]
     assert sum(r0["dropped"]) == 0 and r1["dropped"][0] == 8  # only rank 1's records overflow
