@@ -179,7 +179,40 @@ def ghost_bias_no_coef(text: str) -> str:
     return text[:start] + new_body + text[start + len(body):] + _NO_COEF_BIAS
 
 
+def compiled_padding_kept(text: str) -> str:
+    # the compiled engine's padded records (copies of record 0) are not sliced off
+    text = _replace_once(text, r"\{n: g\[:records\] for n, g in grads\.items\(\)\}", "dict(grads)", "the gradient slice")
+    return _replace_once(text, r"sq_norms\[:records\]\.sqrt\(\)", "sq_norms.sqrt()", "the norm slice")
+
+
+def scaler_raw_count(text: str) -> str:
+    # the dynamic loss scale moves on the true (un-noised) dropped-record count
+    return _replace_once(
+        text, r"return count \+ sigma_o \* sources\[0\]\.normal\(.*\)$", "return count", "the count's noise"
+    )
+
+
+def count_noise_not_split(text: str) -> str:
+    # each rank's share of the count noise divided by W instead of sqrt(W): the world's released
+    # count gets sigma_o / sqrt(W), less noise than the privacy argument needs
+    return _replace_once(text, r"self\.count_stddev / self\.world_size\*\*0\.5", "self.count_stddev / self.world_size",
+                         "the split count noise")
+
+
+def rewind_after_distributed_refusal(text: str) -> str:
+    # a refused DDP/FSDP2 step rewinds the generators: its noise is reused on the next attempt
+    text = _replace_once(
+        text, r"snapshot_sources\(self\._random_sources\) if enforcing and self\._dist is None else None",
+        "snapshot_sources(self._random_sources) if enforcing else None", "the snapshot",
+    )
+    return _replace_once(
+        text, r"^(\s*)# the generators are NOT rewound.*$",
+        r"\1restore_sources(self._random_sources, saved) if saved is not None else None", "the no-rewind comment",
+    )
+
+
 OPT = "tests/optimizer"
+DIST = "tests/optimizer/distributed"
 
 
 @dataclass
@@ -228,6 +261,16 @@ BUGS = [
         ghost_bias_no_coef,
         [f"{OPT}/test_engine_matrix.py", f"{OPT}/test_engines.py", f"{OPT}/test_engines_ghost.py"],
         marker="class LinearRule"),
+    Bug("compiled_padding_kept", "compiled engine: padded records (copies of record 0) not sliced off",
+        "pytorch_privacy/optimizer/engines/compiled_engine.py", compiled_padding_kept,
+        [f"{OPT}/test_compiled_engine.py"]),
+    Bug("scaler_raw_count", "dynamic fp16 loss scale driven by the un-noised overflow count",
+        "pytorch_privacy/optimizer/distributed/precision.py", scaler_raw_count, [f"{DIST}/test_precision.py"]),
+    Bug("count_noise_not_split", "distributed overflow count noised with sigma_o / W per rank (too little)",
+        "pytorch_privacy/optimizer/distributed/ddp.py", count_noise_not_split, [f"{DIST}/test_precision.py"]),
+    Bug("rewind_after_distributed_refusal", "a refused DDP/FSDP2 step rewinds the noise generators (noise reuse)",
+        "pytorch_privacy/optimizer/dp_optimizer.py", rewind_after_distributed_refusal,
+        [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
 ]
 
 
