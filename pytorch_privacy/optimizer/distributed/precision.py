@@ -43,7 +43,9 @@ clipped sum (norm at most ``C``) or is dropped and counted (``1``), never both. 
 moves the pair by at most ``max(1/sigma, 1/sigma_o)``, which is ``1/sigma`` when
 ``sigma_o >= sigma``: the pair is the same Gaussian mechanism, with the same sampling, as the
 gradient release alone.  The ledger's event is unchanged and the count costs no privacy.  The
-scale is then post-processing of released values, like any public schedule.
+scale is then post-processing of released values, like any public schedule.  (This needs each
+record in one sensitive pass of the step, which :meth:`DynamicDPLossScaler.fit_batch` ensures: a
+record seen by ``k`` passes could be counted ``k`` times.)
 """
 
 from __future__ import annotations
