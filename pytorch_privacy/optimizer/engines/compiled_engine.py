@@ -49,6 +49,10 @@ from .functorch_engine import FunctorchEngine, _in_dims, _split_groups, _unsquee
 
 __all__ = ["CompiledEngine", "PaddedGradients", "bucket_size"]
 
+#: ``torch.compile`` modes that replay CUDA graphs on CUDA (their outputs live in the graph's
+#: static memory and are overwritten by the next replay)
+_CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
 
 def bucket_size(n: int) -> int:
     """The padded size for ``n`` records: ``n`` rounded up to a multiple of ``2**(k-3)`` where
@@ -108,9 +112,10 @@ class CompiledEngine(FunctorchEngine):
 
     Args:
         model, loss_fn: see :class:`~.base.GradientEngine`.
-        mode: ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` (CUDA graphs on
-            CUDA; the outputs are then copied out of the graph's static memory, because a step
-            may hold several passes' gradients), ``"max-autotune"``...
+        mode: ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` or
+            ``"max-autotune"`` (both replay CUDA graphs on CUDA; the outputs are then copied out
+            of the graph's static memory, because a step may hold several passes' gradients),
+            ``"max-autotune-no-cudagraphs"``.
         backend: ``torch.compile`` backend; ``None`` means :attr:`default_backend`.
         pad: pad batches to :func:`bucket_size` (``True``), or compile each batch size as it
             comes (``False``; only for fixed-size batches).
@@ -191,7 +196,7 @@ class CompiledEngine(FunctorchEngine):
             )
             self.fallback = FunctorchEngine(self.model, self.loss_fn, chunk_size=self.chunk_size)
             return self.fallback.compute(inputs, targets, microbatch_size=microbatch_size)
-        if self.mode is not None and "reduce-overhead" in self.mode:
+        if self.mode in _CUDA_GRAPH_MODES:
             # CUDA-graph outputs live in the graph's static memory and are overwritten by its next
             # replay; a step can hold several passes' gradients at once (multi-pass steps,
             # physical chunks), so each call keeps its own copy
