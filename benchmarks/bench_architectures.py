@@ -34,7 +34,8 @@ Measured per method, in one run:
   by torch's CPU allocator during one warm step (``torch.profiler`` memory events) over what
   was allocated at its start; on CUDA, ``torch.cuda.max_memory_allocated`` over the start.
 * ATen ops per step: :class:`common.OpCounter` (a ``TorchDispatchMode`` counting
-  ``__torch_dispatch__`` calls of ``aten`` ops) over one warm step (the one before the memory
+  ``__torch_dispatch__`` calls of ``aten`` ops; ``n/a`` for ``dp compiled``, whose graphs
+  ``torch.compile`` does not run inside a dispatch mode) over one warm step (the one before the memory
   step).
 
 The targets of issue 12 are checked at the end (``met`` / ``NOT met``).
@@ -351,7 +352,10 @@ def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
             continue
         engine = m.describe_engine() if m.describe_engine else m.engine
         res[name] = {"ms": statistics.median(times[name]) * 1e3, "min": min(times[name]) * 1e3,
-                     "max": max(times[name]) * 1e3, "mem": mem[name], "ops": ops[name].count,
+                     # torch.compile does not run its graphs inside a TorchDispatchMode: under the
+                     # counter the compiled engine runs eagerly, so its count would be the eager one
+                     "max": max(times[name]) * 1e3, "mem": mem[name],
+                     "ops": None if name == "dp compiled" else ops[name].count,
                      "by_op": ops[name].by_op, "engine": engine, "note": m.note}
     print(f"   {args.reps} reps x {n_steps} steps, interleaved, {args.clock} clock; peak mem = {MEM_WHAT[device.type]}")
     print(format_results(res))
@@ -382,7 +386,8 @@ def format_results(res: dict[str, dict]) -> str:
         eng = r["engine"] + (" (fixed)" if r["note"] else "")
         lines.append(
             f"   {name:<{width}}  {eng:<18} {r['ms']:9.2f} {r['min']:7.2f}..{r['max']:8.2f} {r['ms'] / base['ms']:6.2f}"
-            f" {r['mem'] / 2**20:9.2f} {r['mem'] / max(base['mem'], 1):6.2f} {r['ops']:13d} {r['ops'] / base['ops']:6.2f}"
+            f" {r['mem'] / 2**20:9.2f} {r['mem'] / max(base['mem'], 1):6.2f}"
+            + (f" {'n/a':>13} {'':>6}" if r["ops"] is None else f" {r['ops']:13d} {r['ops'] / base['ops']:6.2f}")
         )
     return "\n".join(lines)
 
