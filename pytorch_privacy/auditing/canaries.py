@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ._model import evaluating
+
 __all__ = [
     "GradientCanaries",
     "InputCanaries",
@@ -205,17 +207,11 @@ class InputCanaries:
             torch.cat([y, self.targets[keep].to(y.device, y.dtype)]),
         )
 
-    @torch.no_grad()
     def score(self, model: nn.Module, loss_fn: Callable) -> torch.Tensor:
         """``-loss(model(x_i), y_i)`` per canary (float64, CPU); the model is put in eval mode and
         back."""
-        was = model.training
-        model.eval()
-        try:
-            dev = next(model.parameters()).device
+        with evaluating(model) as dev:
             losses = loss_fn(model(self.inputs.to(dev)), self.targets.to(dev))
-        finally:
-            model.train(was)
         if losses.dim() != 1 or len(losses) != self.m:
             raise ValueError("loss_fn must return per-example losses (reduction='none')")
         return -losses.double().cpu()

@@ -39,6 +39,7 @@ from .mia_attacks import (
     train_attacker,
     true_class_probabilities,
 )
+from ._model import evaluating
 from .mia_results import DEFAULT_FPRS, AttackResults, evaluate_scores
 
 __all__ = ["AttackType", "AttackInputData", "SlicingSpec", "compute_attack_inputs", "run_attacks"]
@@ -349,18 +350,9 @@ def compute_attack_inputs(
     if loss_fn is None:
         def loss_fn(out, y):
             return torch.nn.functional.cross_entropy(out, y, reduction="none")
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            lt, zt, yt = _model_outputs(model, train_loader, loss_fn, device)
-            ls, zs, ys = _model_outputs(model, test_loader, loss_fn, device)
-    finally:
-        model.train(was_training)
+    with evaluating(model) as device:
+        lt, zt, yt = _model_outputs(model, train_loader, loss_fn, device)
+        ls, zs, ys = _model_outputs(model, test_loader, loss_fn, device)
     labels_ok = yt.ndim == 1 and yt.dtype.kind in "iu" and zt.ndim == 2
     return AttackInputData(
         loss_train=lt, loss_test=ls,

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ._model import evaluating
+
 __all__ = [
     "log_softmax_np",
     "confidence_scores",
@@ -276,11 +278,8 @@ def train_shadow_models(
         model = model_fn()
         idx = torch.from_numpy(np.nonzero(mask[i])[0])
         train_fn(model, x[idx], y[idx])
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             logits = torch.cat([model(x[j : j + batch_size]) for j in range(0, n, batch_size)])
-        model.train(was_training)
         out[i] = lira_statistic(logits.detach().double().cpu().numpy(), labels)
         if keep_models:
             models.append(model)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ._model import evaluating
+
 __all__ = [
     "SecretFormat",
     "generate_secrets",
@@ -171,26 +173,17 @@ def log_perplexity(model: torch.nn.Module, sequences, batch_size: int = 256, sta
     if not 1 <= start < x.shape[1]:
         raise ValueError(f"start must be in [1, {x.shape[1] - 1}], got {start}")
     batch_size = _check_n("batch_size", batch_size)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], batch_size):
-                xb = x[i : i + batch_size].to(device)
-                logits = model(xb)
-                logits = getattr(logits, "logits", logits)
-                if logits.ndim != 3 or logits.shape[:2] != xb.shape:
-                    raise ValueError(f"model must return next-token logits (B, T, V); got shape {tuple(logits.shape)}")
-                lp = torch.log_softmax(logits[:, start - 1 : -1].double(), dim=-1)
-                tok = lp.gather(-1, xb[:, start:].unsqueeze(-1)).squeeze(-1)
-                out.append((-tok.sum(dim=1) / math.log(2)).cpu())
-    finally:
-        model.train(was_training)
+    with evaluating(model) as device:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device)
+            logits = model(xb)
+            logits = getattr(logits, "logits", logits)
+            if logits.ndim != 3 or logits.shape[:2] != xb.shape:
+                raise ValueError(f"model must return next-token logits (B, T, V); got shape {tuple(logits.shape)}")
+            lp = torch.log_softmax(logits[:, start - 1 : -1].double(), dim=-1)
+            tok = lp.gather(-1, xb[:, start:].unsqueeze(-1)).squeeze(-1)
+            out.append((-tok.sum(dim=1) / math.log(2)).cpu())
     return torch.cat(out).numpy()
 
 

@@ -22,13 +22,7 @@ from pytorch_privacy.dp_query import PrivacyLedger
 from pytorch_privacy.optimizer import DPGaussianOptimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one intra-op thread on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, d_in=64, d_out=16):

@@ -66,15 +66,6 @@ def test_threshold_is_chosen_on_runs_kept_apart():
     assert best_threshold([2.0, 3.0, 4.0], [0.0, 1.0, 1.5]) == 1.75  # the separating midpoint
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train ~10x faster on one intra-op thread on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 2))

@@ -164,13 +164,7 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train many times faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

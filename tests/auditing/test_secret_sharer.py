@@ -25,12 +25,7 @@ from pytorch_privacy.auditing.secret_sharer import (
 FMT = SecretFormat([10, 11, None, None, None, None], vocab=range(10))  # "ab" + 4 digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_format_space_and_candidates():
