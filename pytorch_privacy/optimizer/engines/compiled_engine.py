@@ -32,7 +32,6 @@ padded row made NaN leaves the sum unchanged, equality with the functorch engine
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 

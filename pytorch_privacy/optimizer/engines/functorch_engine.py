@@ -29,8 +29,8 @@ from .base import (
 )
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .functional import check_losses, functional_forward, split_params
-from .probe import input_signature, verified_independent
-from .scan import ModelScan, scan_model
+from .probe import scan_and_verify
+from .scan import ModelScan
 
 __all__ = ["FunctorchEngine", "NOT_VMAPPABLE", "check_losses", "functional_forward", "split_params"]
 
@@ -123,11 +123,7 @@ class FunctorchEngine(GradientEngine):
         # examples; such models are refused instead (see .probe)
         try:
             with refuse_reentrant_checkpoint(), dense_embedding_gradients(self.model):
-                scan = scan_model(self.model)
-                verified_independent(
-                    self.model, self.loss_fn, inputs, targets,
-                    signature=(scan.signature, input_signature(inputs, targets)),
-                )
+                scan, _ = scan_and_verify(self.model, self.loss_fn, inputs, targets)
                 return self._compute(inputs, targets, microbatch_size, scan)
         except RuntimeError as err:
             loop = get_engine("loop")(self.model, self.loss_fn)

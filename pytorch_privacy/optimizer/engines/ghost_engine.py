@@ -55,8 +55,8 @@ from .ghost_taps import (
     params_used_outside,
     verify_expansion,
 )
-from .probe import input_signature, trace_batch_dims, verified_independent
-from .scan import ModelScan, scan_model
+from .probe import scan_and_verify, trace_batch_dims
+from .scan import ModelScan
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules
 
 __all__ = ["GhostEngine", "GhostGradients"]
@@ -243,14 +243,12 @@ class GhostEngine(GradientEngine):
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None) -> PerExampleGradients:
         if self._switched:
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
-        scan = scan_model(self.model)  # the one walk of the module tree this step
-        trainable = scan.trainable
         batch = batch_size_of(inputs)
         num_records_for(batch, microbatch_size)
         if batch == 0:
-            return empty_gradients(trainable)
-        signature = (scan.signature, input_signature(inputs, targets))
-        verified_independent(self.model, self.loss_fn, inputs, targets, signature=signature)
+            return empty_gradients(self.trainable_parameters())
+        scan, signature = scan_and_verify(self.model, self.loss_fn, inputs, targets)  # the one walk this step
+        trainable = scan.trainable
         b = microbatch_size or 1
         hooked, raw = self._hooks_for(scan)
         for mname, m, rule, local in hooked:  # the model may have changed since selection

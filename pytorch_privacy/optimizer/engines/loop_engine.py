@@ -26,8 +26,7 @@ from .base import (
 from .base import call_model
 from .checkpointing import dense_embedding_gradients, is_saved_tensor_hooks_error, refuse_reentrant_checkpoint
 from .functional import check_losses, functional_forward, split_params
-from .probe import input_signature, verified_independent
-from .scan import scan_model
+from .probe import scan_and_verify
 
 __all__ = ["LoopEngine"]
 
@@ -82,15 +81,12 @@ class LoopEngine(GradientEngine):
         return out, loss.detach()
 
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, autograd: bool = False) -> PerExampleGradients:
-        scan = scan_model(self.model)
-        trainable = scan.trainable
         batch = batch_size_of(inputs)
         records = num_records_for(batch, microbatch_size)
         if batch == 0:
-            return empty_gradients(trainable)
-        verified_independent(
-            self.model, self.loss_fn, inputs, targets, signature=(scan.signature, input_signature(inputs, targets))
-        )
+            return empty_gradients(self.trainable_parameters())
+        scan, _ = scan_and_verify(self.model, self.loss_fn, inputs, targets)
+        trainable = scan.trainable
         b = microbatch_size or 1
         if autograd:
             names, plist = list(trainable), list(trainable.values())

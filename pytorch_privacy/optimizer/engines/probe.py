@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .scan import scan_model
+from .scan import ModelScan, scan_model
 
 __all__ = [
     "IndependenceError",
@@ -46,6 +46,7 @@ __all__ = [
     "CallLayout",
     "trace_batch_dims",
     "verified_independent",
+    "scan_and_verify",
     "isolated",
     "batch_dim_between",
     "map_batched",
@@ -311,6 +312,16 @@ def verified_independent(
         return
     if check_independence(model, loss_fn, inputs, targets, call=call):
         done.add(key)
+
+
+def scan_and_verify(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any) -> tuple[ModelScan, tuple]:
+    """What every engine does first in a step: one walk of the model (:func:`~.scan.scan_model`)
+    and the independence verdict for this model state and batch signature
+    (:func:`verified_independent`).  Returns ``(scan, (model signature, input signature))``."""
+    scan = scan_model(model)
+    signature = (scan.signature, input_signature(inputs, targets))
+    verified_independent(model, loss_fn, inputs, targets, signature=signature)
+    return scan, signature
 
 
 @dataclass(frozen=True)
