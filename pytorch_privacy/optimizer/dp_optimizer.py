@@ -19,6 +19,7 @@ neither differentiated nor noised; their ``.grad`` stays ``None``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
@@ -591,22 +592,25 @@ class DPOptimizer(torch.optim.Optimizer):
         """One private step on a logical batch: zero_grad, per-example gradients (in physical
         chunks of ``max_physical_batch_size``), clip, sum, noise once, ``.grad``, step, ledger.
 
-        ``inputs`` may be a tensor or a tuple/list (positional) or dict (keyword) of tensors;
-        ``targets`` a tensor (or nest of tensors).  An empty batch (Poisson sampling) is a
-        noise-only step.  Returns the mean per-example loss (0 for an empty batch)."""
+        ``inputs``: a tensor, or a tuple/list (positional) or dict (keyword) of tensors; ``targets`` a tensor
+        (or nest).  An empty batch (Poisson) is a noise-only step.  Returns the mean loss (0 if empty)."""
         self._precheck_budget()
-        self.zero_grad()
         n = batch_size_of(inputs, targets)
         if self._consistency is not None:
             self._consistency.check_batch(n)
         b = self._microbatch_size_for(n)
+        chunks = split_into_physical_batches(inputs, targets, self.max_physical_batch_size, multiple_of=b or 1)
+        lockstep = getattr(self._dist, "lockstep", None)  # FSDP2: per-unit or whole-model step (distributed/fsdp.py)
+        chunks = lockstep(list(chunks), self._engine(self.loss_fn), self._ensure_started) if lockstep else chunks
+        self.zero_grad()
         loss_sum = None
-        for cx, cy in split_into_physical_batches(inputs, targets, self.max_physical_batch_size, multiple_of=b or 1):
-            pe = self.per_example_gradients(cx, cy, microbatch_size=b)
-            self.accumulate_pass(pe, sensitive=True)
-            s = pe.losses.detach().sum()
-            loss_sum = s if loss_sum is None else loss_sum + s
-            self.clip_and_accumulate()
+        with contextlib.closing(chunks):
+            for cx, cy in chunks:
+                pe = self.per_example_gradients(cx, cy, microbatch_size=b)
+                self.accumulate_pass(pe, sensitive=True)
+                s = pe.losses.detach().sum()
+                loss_sum = s if loss_sum is None else loss_sum + s
+                self.clip_and_accumulate()
         self._step_examples = n
         try:
             self.step()
