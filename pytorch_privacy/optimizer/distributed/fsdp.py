@@ -62,7 +62,9 @@ sample states are not shaped like the parameters, and they are refused (use DDP 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import math
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,7 @@ from torch import nn
 
 import attrs
 
+from ..engines.base import batch_size_of
 from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, _gaussian_part, _sources, linear_release_divisor
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
@@ -120,7 +123,7 @@ class FSDPStep(DistributedStep):
     step reshards them itself when it ends): a forward of your own between steps (evaluation)
     leaves them unsharded until the next step ends."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, per_unit: bool = True):
         FSDPModule, DTensor, Shard = _fsdp_api()
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self.model = model
@@ -148,15 +151,39 @@ class FSDPStep(DistributedStep):
             raise ValueError("the FSDP2 model has no trainable parameters")
         super().__init__(mesh.get_group())
         self.mesh = mesh
-        for unit in self.units:  # unsharded for the whole step (see the module docstring)
-            unit.set_reshard_after_forward(False)
-            unit.set_reshard_after_backward(False)
+        self.per_unit = bool(per_unit)
+        #: the FSDP parameter groups and their own reshard settings (restored between steps)
+        self._groups = [(unit, g) for unit in self.units for g in unit._get_fsdp_state()._fsdp_param_groups]
+        self._settings = [
+            (unit._get_fsdp_state(), unit._get_fsdp_state()._auto_reshard_after_forward,
+             [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in unit._get_fsdp_state()._fsdp_param_groups])
+            for unit in self.units
+        ]
+        #: the path :meth:`lockstep` chose for the step that ``zero_grad`` begins next
+        self._planned: str | None = None
+        #: the path the last step took: ``"per-unit"`` or ``"whole-model"`` (``None`` before one)
+        self.last_path: str | None = None
+        #: bytes of the step's planning all-reduce (3 int64 entries; every ``fit_batch``)
+        self.last_plan_bytes = 0
+        self._root_forwards = 0
         self._checked_state = False
         self._checked_dtypes = False
 
-    # -- the step's lifecycle (DPOptimizer: zero_grad, _ensure_started, step) ------------
+    # -- the step's lifecycle (DPOptimizer: fit_batch -> lockstep, zero_grad, _ensure_started, step) --
     def begin_step(self) -> None:
-        """All-gather every unit (collective: every rank starts every step with ``zero_grad``)."""
+        """Start a step (``zero_grad``): unshard every unit for the whole step (all-gather, every
+        rank), unless :meth:`lockstep` (``fit_batch``) planned a per-unit step just before."""
+        planned, self._planned = self._planned, None
+        if planned == "per-unit":
+            self.last_path = planned
+            return
+        self._unshard_whole_model()
+
+    def _unshard_whole_model(self) -> None:
+        self.last_path = "whole-model"
+        for unit in self.units:  # kept unsharded until end_step (see the module docstring)
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
         for unit in self.units:
             unit.unshard()
         if self._checked_dtypes:
@@ -171,10 +198,145 @@ class FSDPStep(DistributedStep):
                 )
         self._checked_dtypes = True
 
+    def _restore_settings(self) -> None:
+        """The units' own ``reshard_after_forward`` / ``reshard_after_backward`` (as the user set them)."""
+        for state, auto, groups in self._settings:
+            state._auto_reshard_after_forward = auto
+            for g, post_forward, after_backward in groups:
+                g.post_forward_mesh_info, g.reshard_after_backward = post_forward, after_backward
+
     def end_step(self) -> None:
-        """Reshard every unit (frees the gathered parameters)."""
+        """Reshard every unit (frees the gathered parameters) and restore the units' settings."""
         for unit in self.units:
             unit.reshard()
+        self._restore_settings()
+
+    # -- per-unit steps ------------------------------------------------------------------
+    def _fsdp_params(self) -> list:
+        return [fp for _, g in self._groups for fp in g.fsdp_params]
+
+    def _per_unit_possible(self) -> bool:
+        # FSDP2 creates a unit's unsharded parameter objects at its first all-gather (a whole-model step)
+        return self.per_unit and self._checked_dtypes and all(
+            getattr(fp, "_unsharded_param", None) is not None for fp in self._fsdp_params()
+        )
+
+    @contextlib.contextmanager
+    def _unsharded_objects(self) -> Iterator[None]:
+        """Modules hold FSDP2's unsharded parameter objects (storage freed until their unit's
+        all-gather) instead of the sharded ``DTensor`` s, so that an engine's scan sees the same
+        parameters as in a whole-model step (its cached verdicts, layouts and graph checks are
+        keyed by them); afterwards every unit left sharded shows its shards again."""
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+        params = self._fsdp_params()
+        for fp in params:
+            if fp.sharded_state == ShardedState.SHARDED:
+                full, shard = fp._unsharded_param, fp.sharded_param
+                if full.requires_grad != shard.requires_grad:
+                    full.requires_grad_(shard.requires_grad)
+                fp._setattr_on_modules(full)
+        try:
+            yield
+        finally:
+            for fp in params:
+                if fp.sharded_state == ShardedState.SHARDED:
+                    fp._setattr_on_modules(fp.sharded_param)
+
+    @contextlib.contextmanager
+    def _stand_ins(self) -> Iterator[None]:
+        """Modules hold full-shaped stand-ins (a broadcast zero: one element of storage) while the
+        optimizer starts the step: its record template takes their shapes, dtypes and devices, and
+        nothing is gathered (the finite-weights check was made on the shards, by :meth:`lockstep`)."""
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+        params = [fp for fp in self._fsdp_params() if fp.sharded_state == ShardedState.SHARDED]
+        for fp in params:
+            shard = fp.sharded_param
+            zero = torch.zeros((), dtype=shard.dtype, device=shard.device).expand(shard.shape)
+            fp._setattr_on_modules(nn.Parameter(zero, requires_grad=shard.requires_grad))
+        try:
+            yield
+        finally:
+            for fp in params:
+                fp._setattr_on_modules(fp.sharded_param)
+
+    def _count_root_forward(self, module, args) -> None:
+        self._root_forwards += 1
+        if self._root_forwards > 1:  # before FSDP's own pre-forward hook (prepend): no all-gather issued
+            raise RuntimeError(
+                "FSDP2 per-unit step: the engine ran a second forward of the model for one physical batch (a "
+                "fallback or retry on this rank only), which would desynchronise the ranks' FSDP all-gathers. "
+                "Build the optimizer's FSDP step with per_unit=False (whole-model unsharding) for this model"
+            )
+
+    def _nonfinite_shards(self) -> list[str]:
+        """Names of the parameters whose shard on this rank holds NaN/inf (one sum per shard, one
+        host sync; element-wise only when the total is not finite)."""
+        local = {n: p.to_local().detach() for n, (p, _) in self.sharded.items() if p.is_floating_point()}
+        with torch.no_grad():
+            if not local or math.isfinite(float(torch.stack([t.sum().float() for t in local.values()]).sum())):
+                return []
+            return [n for n, t in local.items() if not bool(torch.isfinite(t).all())]
+
+    def lockstep(self, chunks: list, engine: Any, start: Callable[[], None]) -> Iterator[tuple[Any, Any]]:
+        """Plan a ``fit_batch`` step on every rank (collective: one all-reduce of 3 entries; called
+        before the step's ``zero_grad``) and return the physical chunks to compute.
+
+        The ranks agree on the number of physical chunks (the maximum over ranks), on whether any
+        rank's engine would run a probe, trace or fallback forward for its batch (then the whole
+        world unshards the whole model for this step, as :meth:`begin_step` does), and on whether
+        any shard holds NaN/inf (``ValueError`` on every rank).  Per-unit: ``start()`` (the
+        optimizer's step start) runs with stand-ins, and the returned generator yields this rank's
+        chunks while running a zero-example pass of the engine (its forward and backward, FSDP's
+        all-gathers included) in every slot where this rank has no examples; exactly one forward
+        of the model per slot is enforced."""
+        ok = self._per_unit_possible() and len(chunks) > 0
+        if ok:
+            with self._unsharded_objects():
+                ok = bool(engine.lockstep_ready(*chunks[0]))
+        bad = self._nonfinite_shards()
+        device = next(iter(self.sharded.values()))[0].device
+        plan = torch.tensor([len(chunks), int(not ok), int(bool(bad))], dtype=torch.long, device=device)
+        dist.all_reduce(plan, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_plan_bytes = plan.numel() * plan.element_size()
+        slots, fallback, nonfinite = (int(v) for v in plan.tolist())
+        if nonfinite:
+            where = f"parameters {bad} hold" if bad else "another rank's shard of the parameters holds"
+            raise ValueError(
+                f"{where} NaN or inf values: training cannot continue from them. Restore the weights from a "
+                "checkpoint and look for the cause (learning rate too large, a bad initialisation)"
+            )
+        self._planned = "whole-model" if fallback else "per-unit"
+        if fallback:  # begin_step (zero_grad, next) unshards the whole model
+            return (c for c in chunks)
+        return self._per_unit_slots(chunks, slots, engine, start)
+
+    def _per_unit_slots(self, chunks: list, slots: int, engine: Any, start: Callable[[], None]):
+        self._restore_settings()
+        with self._stand_ins():
+            start()
+        x0, y0 = chunks[0]
+        empty = (_empty_of(x0), _empty_of(y0))
+        handle = self.model.register_forward_pre_hook(self._count_root_forward, prepend=True)
+        try:
+            for slot in range(slots):
+                self._root_forwards = 0
+                cx, cy = chunks[slot] if slot < len(chunks) else empty
+                if slot >= len(chunks) or batch_size_of(cx, cy) == 0:  # no examples here: the passes for the others
+                    with self._unsharded_objects():
+                        engine.lockstep_empty_pass(cx, cy)
+                if slot < len(chunks):
+                    with self._unsharded_objects():  # the engine scans the parameters of a whole-model step
+                        yield cx, cy
+                if self._root_forwards != 1:
+                    raise RuntimeError(
+                        f"FSDP2 per-unit step: {self._root_forwards} forwards of the model in physical slot {slot} "
+                        "instead of one; the ranks' FSDP all-gathers no longer match. Build the optimizer's FSDP "
+                        "step with per_unit=False (whole-model unsharding) for this model"
+                    )
+        finally:
+            handle.remove()
 
     def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         """The sharded parameters (the optimizer's) under the names of ``params``."""
@@ -352,6 +514,11 @@ class FSDPStep(DistributedStep):
                 raise mine
             raise RuntimeError("another rank failed to release its shard of the step; this rank stops with it")
         return self._as_dtensors(result), new_state, event
+
+
+def _empty_of(x: Any) -> Any:
+    """``x`` with zero examples (every tensor leaf sliced to ``[:0]``)."""
+    return torch.utils._pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, x)
 
 
 def setup_fsdp(model: nn.Module) -> FSDPStep | None:

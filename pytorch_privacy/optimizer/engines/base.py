@@ -131,6 +131,11 @@ class PerExampleGradients(abc.ABC):
         chunk's sums as its sample state): never views of parameters, of ``.grad`` or of data
         the engine reuses."""
 
+    def weighted_sum_of_finite(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`weighted_sum` for a caller that has checked every record's norm is finite
+        (an engine may then skip masking records of coefficient 0); by default the same."""
+        return self.weighted_sum(coefficients)
+
     def materialize(self) -> dict[str, torch.Tensor]:
         """Per-record gradients ``{name: Tensor[num_records, *param.shape]}``."""
         raise NotImplementedError(f"{type(self).__name__} does not materialise per-example gradients")
@@ -174,10 +179,10 @@ class MaterializedGradients(PerExampleGradients):
 
 
 def contract_records(coefficients: torch.Tensor, per_record: torch.Tensor) -> torch.Tensor:
-    """``sum_r coefficients[r] * per_record[r]`` as one matrix-vector product (three dispatched
-    ops; ``torch.tensordot`` dispatches about six)."""
+    """``sum_r coefficients[r] * per_record[r]`` as one matrix-vector product (two dispatched
+    kernels; ``coefficients @ flat`` dispatches three, ``torch.tensordot`` about six)."""
     flat = per_record.reshape(per_record.shape[0], math.prod(per_record.shape[1:]))
-    return (coefficients.to(flat.dtype) @ flat).reshape(per_record.shape[1:])
+    return torch.mv(flat.t(), coefficients.to(flat.dtype)).reshape(per_record.shape[1:])
 
 
 def empty_gradients(params: dict[str, torch.Tensor], losses: torch.Tensor | None = None) -> MaterializedGradients:
@@ -216,6 +221,19 @@ class GradientEngine(abc.ABC):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable parameters by name (tied parameters appear once)."""
         return scan_model(self.model).trainable
+
+    def lockstep_ready(self, inputs: Any, targets: Any) -> bool:
+        """Whether :meth:`compute` on a batch of this input signature runs exactly one forward and
+        one backward pass through the model (no independence probe, no batch-layout trace, no
+        fallback engine), and :meth:`lockstep_empty_pass` the same passes on zero examples.  FSDP2's
+        per-unit steps need it: every rank must run the same sequence of forwards
+        (:mod:`~pytorch_privacy.optimizer.distributed.fsdp`).  ``False`` unless an engine knows."""
+        return False
+
+    def lockstep_empty_pass(self, inputs: Any, targets: Any) -> None:
+        """The forward and backward pass of :meth:`compute` on a batch of zero examples (hooks
+        fire, nothing is computed for any record); only where :meth:`lockstep_ready` said so."""
+        raise NotImplementedError(f"the {self.name!r} engine has no lockstep passes")
 
     @abc.abstractmethod
     def compute(self, inputs: Any, targets: Any, *, microbatch_size: int | None = None) -> PerExampleGradients:

@@ -55,8 +55,8 @@ from .ghost_taps import (
     params_used_outside,
     verify_expansion,
 )
-from .probe import scan_and_verify, trace_batch_dims
-from .scan import ModelScan
+from .probe import input_signature, is_verified, scan_and_verify, trace_batch_dims
+from .scan import ModelScan, scan_model
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules
 
 __all__ = ["GhostEngine", "GhostGradients"]
@@ -120,6 +120,7 @@ class GhostEngine(GradientEngine):
         self._tap: type[Tap] = Tap
         self._layouts: dict[tuple, tuple] = {}  # input signature -> traced batch layout of every call
         self._hooks_cache: tuple | None = None  # (model signature, hooked modules, raw parameters)
+        self._empty_pass = False  # lockstep_empty_pass: run the passes on zero examples
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
@@ -167,6 +168,30 @@ class GhostEngine(GradientEngine):
                 raise
             self._tap = CopyTap
             return self._compute(inputs, targets, microbatch_size)
+
+    def lockstep_ready(self, inputs: Any, targets: Any) -> bool:
+        """``True`` once this input signature was verified and traced (see
+        :meth:`~.base.GradientEngine.lockstep_ready`), while the engine has not handed the model to
+        a fallback, met a batch unlike its traced layout, or tapped raw parameters."""
+        if self._switched or self._warned_ambiguous:
+            return False
+        scan = scan_model(self.model)
+        signature = (scan.signature, input_signature(inputs, targets))
+        if not is_verified(self.model, self.loss_fn, signature) or signature not in self._layouts:
+            return False
+        hooked, raw = self._hooks_for(scan)
+        return not raw and all(rule is not None and rule.unsupported_reason(m) is None for _, m, rule, _ in hooked)
+
+    def lockstep_empty_pass(self, inputs: Any, targets: Any) -> None:
+        """One forward and one backward pass on zero examples (see
+        :meth:`~.base.GradientEngine.lockstep_empty_pass`)."""
+        if batch_size_of(inputs, targets) != 0:
+            raise ValueError("lockstep_empty_pass takes a batch of zero examples")
+        self._empty_pass = True
+        try:
+            self._compute(inputs, targets, None)
+        finally:
+            self._empty_pass = False
 
     def _switch(self, why: str) -> None:
         """Hand the model to the exact fallback engine for good, with a warning saying why."""
@@ -245,7 +270,7 @@ class GhostEngine(GradientEngine):
             return self._fallback_engine().compute(inputs, targets, microbatch_size=microbatch_size)
         batch = batch_size_of(inputs)
         num_records_for(batch, microbatch_size)
-        if batch == 0:
+        if batch == 0 and not self._empty_pass:
             return empty_gradients(self.trainable_parameters())
         scan, signature = scan_and_verify(self.model, self.loss_fn, inputs, targets)  # the one walk this step
         trainable = scan.trainable

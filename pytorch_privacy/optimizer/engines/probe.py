@@ -46,6 +46,7 @@ __all__ = [
     "CallLayout",
     "trace_batch_dims",
     "verified_independent",
+    "is_verified",
     "scan_and_verify",
     "isolated",
     "batch_dim_between",
@@ -312,6 +313,12 @@ def verified_independent(
         return
     if check_independence(model, loss_fn, inputs, targets, call=call):
         done.add(key)
+
+
+def is_verified(model: nn.Module, loss_fn: Callable, signature: tuple) -> bool:
+    """Whether :func:`verified_independent` already holds a verdict for ``signature`` (``(model
+    signature, input signature)``), i.e. whether a batch of that signature runs no probe forward."""
+    return (signature[0], id(loss_fn), signature[1]) in _VERIFIED.get(model, ())
 
 
 def scan_and_verify(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any) -> tuple[ModelScan, tuple]:

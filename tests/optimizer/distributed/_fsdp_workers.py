@@ -132,3 +132,76 @@ def resume(rank, world, port, out_dir):
         after = full_params(m)
         updates.append(torch.cat([(after[n] - before[n]).reshape(-1) for n in after]))
     torch.save({"updates": updates, "steps": opt2.steps}, os.path.join(out_dir, f"resume{rank}.pt"))
+
+
+# -- per-unit steps ----------------------------------------------------------------------------
+def deep_model(seed: int = 0) -> nn.Module:
+    """Four Linear units (plus the root): enough units for residency to mean something."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class Residency:
+    """Counts FSDP2 parameter groups unsharded at once (FSDPParamGroup._to_unsharded/_to_sharded
+    patched in this process only): ``peak`` groups and ``peak_elems`` parameter elements."""
+
+    def __init__(self):
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        self.live: dict[int, int] = {}
+        self.peak = self.peak_elems = self.gathers = 0
+        orig_un, orig_sh = FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded
+        res = self
+
+        def to_unsharded(group):
+            if not group.is_unsharded:
+                res.gathers += 1
+                res.live[id(group)] = sum(fp.sharded_param.numel() for fp in group.fsdp_params)
+                res.peak = max(res.peak, len(res.live))
+                res.peak_elems = max(res.peak_elems, sum(res.live.values()))
+            orig_un(group)
+
+        def to_sharded(group):
+            res.live.pop(id(group), None)
+            orig_sh(group)
+
+        FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded = to_unsharded, to_sharded
+
+    def reset(self):
+        self.peak, self.peak_elems, self.gathers = len(self.live), sum(self.live.values()), 0
+
+
+def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **opt_kwargs):
+    """Noise-free DP steps; in step ``t`` rank 0 takes the first ``splits[t]`` examples of the global
+    batch and rank 1 the rest (one process: the whole batch).  Returns the optimizer and per step
+    ``(path, peak groups, peak elements, all-gathers, first Linear sharded during the last one's forward)``."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from torch.distributed.tensor import DTensor
+
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
+        expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank), **opt_kwargs,
+    )
+    seen: list[bool] = []
+    model[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(model[0].weight, DTensor)))
+    trace = []
+    for (x, y), k in zip(batches, splits):
+        xs, ys = (x, y) if world == 1 else ((x[:k], y[:k]) if rank == 0 else (x[k:], y[k:]))
+        seen.clear()
+        if res is not None:
+            res.reset()
+        opt.fit_batch(xs, ys)
+        if world > 1:
+            trace.append((opt._dist.last_path, res.peak, res.peak_elems, res.gathers, all(seen) and bool(seen)))
+    return opt, trace
+
+
+def per_unit(rank, world, port, cases, out_dir):
+    res = Residency()
+    results = []
+    for engine, splits, kw in cases:
+        model = shard(deep_model())
+        elems = sum(p.numel() for p in model.parameters())
+        _, trace = split_train(model, engine, w.make_batches(len(splits)), splits, rank=rank, world=world, res=res, **kw)
+        results.append({"params": full_params(model), "trace": trace, "elems": elems})
+    torch.save(results, os.path.join(out_dir, f"unit{rank}.pt"))

@@ -1,0 +1,58 @@
+"""FSDP2 per-unit private steps (FSDP2's own hooks all-gather each unit for its forward and
+backward, then free it): equal to one process, lockstep across ranks with different local batch
+sizes, empty local batches and different physical chunk counts, the probe step unsharding the
+whole model, and fewer parameters gathered at once than the whole-model path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import _fsdp_workers as fw
+from . import _workers as w
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+# (engine, rank 0's share of each global batch of 8 (rank 1 takes the rest), optimizer options)
+CASES = [
+    ("ghost", [4, 4, 4], {}),
+    ("ghost", [5, 3, 6], {}),  # different local batch sizes
+    ("ghost", [4, 8, 0], {}),  # an empty local batch on rank 1, then on rank 0
+    ("ghost", [4, 6, 1], {"max_physical_batch_size": 2}),  # 3 vs 1 physical chunks, then 1 vs 4
+    ("functorch", [4, 4, 4], {}),  # no lockstep passes: whole-model every step
+]
+
+
+def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path):
+    refs = []
+    for engine, splits, kw in CASES:
+        model = fw.deep_model()
+        fw.split_train(model, engine, w.make_batches(len(splits)), splits, **kw)
+        refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    start = dict(fw.deep_model().named_parameters())
+    for ref in refs:
+        assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
+    w.spawn(fw.per_unit, 2, CASES, str(tmp_path))
+    outs = [torch.load(tmp_path / f"unit{r}.pt", weights_only=False) for r in range(2)]
+    for i, ((engine, splits, kw), ref) in enumerate(zip(CASES, refs)):
+        for rank in range(2):
+            res = outs[rank][i]
+            for n in ref:
+                torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {splits} {kw}: {m}")
+            paths = [t[0] for t in res["trace"]]
+            if engine == "functorch":
+                assert paths == ["whole-model"] * 3
+                continue
+            # the first step verifies and traces the batch signature (probe forwards): whole model
+            assert paths == ["whole-model", "per-unit", "per-unit"], paths
+            whole, per_unit = res["trace"][0], res["trace"][1:]
+            assert whole[1] == 4 and whole[2] == res["elems"] and not whole[4]
+            for path, peak, peak_elems, gathers, sharded_in_forward in per_unit:
+                # one unit's parameters at a time (never the 4 of the whole model) ...
+                assert peak == 1 and peak_elems <= 72, (peak, peak_elems)
+                # ... the first unit is sharded again while the last one runs its forward ...
+                assert sharded_in_forward
+                # ... and each physical slot gathers every unit in its forward, some in backward
+                assert gathers >= 4
