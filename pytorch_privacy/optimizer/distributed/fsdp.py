@@ -4,8 +4,10 @@ reduction of the clipped sums, each rank noising only its own shard.
 With ``W`` ranks and a model whose trainable parameters are all sharded by ``fully_shard``
 (``DTensor`` parameters, ``Shard(d)`` on a 1-D mesh), one logical step is::
 
-    unshard every FSDP unit (all-gather; once, when the step begins: ``zero_grad``)
-    g_i, ||g_i||   per example of the rank's local batch, on the unsharded model (any engine)
+    plan: one all-reduce (MAX) of [physical chunks, needs a whole-model step, NaN/inf in a shard]
+    per unit: FSDP2 all-gathers each unit for its forward (and backward) and frees it after
+      (whole model instead: every unit unsharded once when the step begins, see below)
+    g_i, ||g_i||   per example of the rank's local batch (ghost engine; any engine when whole-model)
     S_r  = sum_{i in B_r} clip_C(g_i)                      full-shaped, local
     S_r[r] += N(0, (sigma C)^2 I)                          rank r noises its own shard's part only
     S[s] = (sum_r S_r)[shard s]                            one reduce-scatter (rank-major buffer)
@@ -19,30 +21,61 @@ noise), and a one-entry all-reduce of the ranks' budget/failure codes.)
 
 What the hooks see (torch 2.13).  Data parallelism puts each example on exactly one rank, and that
 rank runs the example's whole forward and backward with the layer's *unsharded* weight (FSDP2
-all-gathers a unit's shards before its forward and frees them after).  So the activations and
-output gradients the per-example engines capture on rank ``r`` are full-width, and the
-per-example norm they compute there is already the norm of the example's gradient over *all*
-shards: the "global norm over all shards" needs no communication, and clipping is flat across the
-shards by construction.  (Summing per-example squared norms across ranks would be wrong here: rank
-``r``'s record ``j`` and rank ``s``'s record ``j`` are different examples.  The sum of squared
-per-shard norms is what the norm *is*; this module checks it against the unsharded model in the
-tests.)  Under FSDP2's lazy unsharding a forward hook registered after ``fully_shard`` runs after
-FSDP's post-forward hook, i.e. after the unit was resharded: the module then holds its sharded
-``DTensor`` parameter again (shape global, storage local); activations and output gradients are
-plain full-width tensors either way.
+all-gathers a unit's shards before its forward and, when it resharded after the forward, again
+before its backward).  So the activations and output gradients the per-example engines capture
+on rank ``r`` are full-width, and the per-example norm they compute there is already the norm of
+the example's gradient over *all* shards: the "global norm over all shards" needs no
+communication, and clipping is flat across the shards by construction.  (Summing per-example
+squared norms across ranks would be wrong here: rank ``r``'s record ``j`` and rank ``s``'s record
+``j`` are different examples.  The sum of squared per-shard norms is what the norm *is*; the tests
+check it against the unsharded model on both paths.)  A forward hook registered after
+``fully_shard`` runs after FSDP's post-forward hook: a unit that reshards after its forward then
+holds its sharded ``DTensor`` parameter again (shape global, storage local); activations and
+output gradients are plain full-width tensors either way.
 
-Why the model is unsharded for the whole step.  FSDP2's hooks all-gather in every forward and
-backward, so every rank must run exactly the same sequence of forwards.  The DP engines do not: a
-rank with an empty Poisson batch runs none, the independence probe and the batch-layout trace run
-extra forwards on the first batch of an input signature, and a fallback engine may run others.
-Unsharding every unit once when the step begins (``FSDPModule.unshard``, with
-``set_reshard_after_forward(False)`` and ``set_reshard_after_backward(False)``) makes all those
-forwards collective-free; the units are resharded when the step is released.  The cost: the full
-parameters live on every rank during the step (FSDP still shards them between steps, and shards
-the gradients and the optimizer state).  No per-example gradient of the full model is formed by
-the ghost engine (norms by ghost contractions, sums by book-keeping, as in one process); the
-clipped sum ``S_r`` is full-shaped, like the gradient of a plain FSDP backward before its
-reduce-scatter.
+Lockstep.  FSDP2's hooks all-gather in every forward and backward, so every rank must run exactly
+the same sequence of forwards and backwards.  The DP engines do not by themselves: a rank with an
+empty Poisson batch runs none, ranks split their batches into different numbers of physical
+chunks, the independence probe and the batch-layout trace run extra forwards on the first batch
+of an input signature (on the ranks that meet it), and a fallback engine may run others.  So
+``fit_batch`` plans every step (:meth:`FSDPStep.lockstep`, one all-reduce of three integers before
+its ``zero_grad``): the ranks agree on the number of physical slots (the maximum of their chunk
+counts) and on the path.
+
+* **Per-unit** (the default, whenever every rank's engine says
+  :meth:`~pytorch_privacy.optimizer.engines.GradientEngine.lockstep_ready` for its batch: the ghost
+  engine once this input signature was verified and traced on that rank, while it has not handed
+  the model to a fallback engine, and for models without raw parameters).  Each unit keeps its own
+  ``reshard_after_forward`` / ``reshard_after_backward``, so FSDP2 gathers one unit at a time (the
+  tests measure one unit's parameters at once, against all of them on the whole-model path).  Every
+  rank runs one forward and one backward per slot: its own chunk, or a zero-example pass of the
+  engine (:meth:`~pytorch_privacy.optimizer.engines.GradientEngine.lockstep_empty_pass`: the same
+  hooks and all-gathers, no record) where it has no examples left.  Exactly one forward of the
+  model per slot is enforced: a second one raises ``RuntimeError`` before its all-gather.  The
+  engine's backward differentiates with respect to its taps, not the parameters, so FSDP's
+  post-backward finds no gradient to reduce-scatter; the step's own reduce-scatter releases the
+  noised sums as on the other path.  While the engine scans the model, the modules show FSDP2's
+  unsharded parameter objects (their storage is freed until their unit's all-gather): the same
+  objects as in a whole-model step, so the cached verdicts and layouts apply and the ghost
+  engine's check of parameter uses outside their modules still sees every use.  The optimizer
+  starts the step on full-shaped stand-ins (a broadcast zero each), and the NaN/inf check of the
+  weights runs on each rank's shards inside the planning all-reduce (every rank refuses together).
+* **Whole model** (any rank's engine would probe, trace or fall back; the functorch and loop
+  engines, which differentiate through ``functional_call``: FSDP2's pre-forward hook re-registers
+  its own unsharded parameter over the substituted one, and functorch forced onto per-unit steps
+  trained to parameters other than one process's, silently; the multi-pass API, whose pass counts
+  the optimizer cannot know; :class:`~.precision.DPLossScaler` steps): every unit is unsharded once
+  when the step begins (``FSDPModule.unshard`` with ``reshard_after_forward`` and
+  ``reshard_after_backward`` off), every forward is collective-free, and the release reshards and
+  restores the units' own settings.  The full parameters then live on every rank during that step.
+
+A wrong path cannot be taken silently: the plan is one collective decision (any rank needing the
+whole model sends every rank there), and a per-unit slot that does not run exactly one forward
+stops that rank with a ``RuntimeError``.  As for any FSDP2 training, every rank's forward must
+call the same units in the same order (data-dependent control flow that skips a unit on one rank
+would desynchronise FSDP2 itself).  No per-example gradient of the full model is formed by the
+ghost engine (norms by ghost contractions, sums by book-keeping); the clipped sum ``S_r`` is
+full-shaped on either path, like the gradient of a plain FSDP backward before its reduce-scatter.
 
 Noise exactly once.  The shards are disjoint and cover every parameter element, so each rank adding
 ``N(0, (sigma C)^2)`` to each element of its own shard adds it to every element exactly once.  The
@@ -113,15 +146,19 @@ class FSDPStep(DistributedStep):
     Args:
         model: the root module; every trainable parameter must be a ``DTensor`` sharded by
             ``fully_shard`` (``Shard(d)`` on one 1-D device mesh).
+        per_unit: let ``fit_batch`` steps gather one unit at a time (FSDP2's own hooks) whenever
+            every rank's engine can run in lockstep (see the module docstring); ``False``: every
+            step unshards the whole model (more memory, no lockstep passes).  Settable later as the
+            attribute of the same name, with the same value on every rank.
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
     reduce-scattered buffer (``W`` segments of one shard each plus 5 counters), or for the
     general path the all-reduced flat buffer and the 1-entry control all-reduce (no release is
-    broadcast: each rank keeps its shard).
+    broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
+    ``fit_batch`` (3 int64); :attr:`last_path` which path the last step took.
 
-    The units are set to ``reshard_after_forward=False`` and ``reshard_after_backward=False`` (the
-    step reshards them itself when it ends): a forward of your own between steps (evaluation)
-    leaves them unsharded until the next step ends."""
+    Between steps the units keep the ``reshard_after_forward`` / ``reshard_after_backward`` they
+    were built with; a whole-model step switches both off for its duration and restores them."""
 
     def __init__(self, model: nn.Module, per_unit: bool = True):
         FSDPModule, DTensor, Shard = _fsdp_api()
@@ -267,7 +304,7 @@ class FSDPStep(DistributedStep):
             raise RuntimeError(
                 "FSDP2 per-unit step: the engine ran a second forward of the model for one physical batch (a "
                 "fallback or retry on this rank only), which would desynchronise the ranks' FSDP all-gathers. "
-                "Build the optimizer's FSDP step with per_unit=False (whole-model unsharding) for this model"
+                "Train this model with whole-model unsharding: set per_unit=False on the optimizer's FSDPStep"
             )
 
     def _nonfinite_shards(self) -> list[str]:
@@ -293,8 +330,11 @@ class FSDPStep(DistributedStep):
         of the model per slot is enforced."""
         ok = self._per_unit_possible() and len(chunks) > 0
         if ok:
-            with self._unsharded_objects():
-                ok = bool(engine.lockstep_ready(*chunks[0]))
+            try:  # a failure here must not leave this rank out of the all-reduce below
+                with self._unsharded_objects():
+                    ok = bool(engine.lockstep_ready(*chunks[0]))
+            except Exception:  # noqa: BLE001 - the whole-model step computes the batch (and raises there)
+                ok = False
         bad = self._nonfinite_shards()
         device = next(iter(self.sharded.values()))[0].device
         plan = torch.tensor([len(chunks), int(not ok), int(bool(bad))], dtype=torch.long, device=device)
@@ -332,8 +372,8 @@ class FSDPStep(DistributedStep):
                 if self._root_forwards != 1:
                     raise RuntimeError(
                         f"FSDP2 per-unit step: {self._root_forwards} forwards of the model in physical slot {slot} "
-                        "instead of one; the ranks' FSDP all-gathers no longer match. Build the optimizer's FSDP "
-                        "step with per_unit=False (whole-model unsharding) for this model"
+                        "instead of one; the ranks' FSDP all-gathers no longer match. Train this model with "
+                        "whole-model unsharding: set per_unit=False on the optimizer's FSDPStep"
                     )
         finally:
             handle.remove()

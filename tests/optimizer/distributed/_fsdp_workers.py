@@ -11,12 +11,14 @@ from torch import nn
 from . import _workers as w
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, skip_last: bool = False) -> nn.Module:
+    """``fully_shard`` on each Linear (``skip_last``: not the last one, whose parameters then
+    belong to the root's unit), then on the root."""
     from torch.distributed.fsdp import fully_shard
 
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            fully_shard(m)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in linears[:-1] if skip_last else linears:
+        fully_shard(m)
     fully_shard(model)
     return model
 
@@ -200,8 +202,79 @@ def per_unit(rank, world, port, cases, out_dir):
     res = Residency()
     results = []
     for engine, splits, kw in cases:
-        model = shard(deep_model())
+        kw = dict(kw)
+        model = shard(deep_model(), skip_last=kw.pop("root_owns_last", False))
         elems = sum(p.numel() for p in model.parameters())
         _, trace = split_train(model, engine, w.make_batches(len(splits)), splits, rank=rank, world=world, res=res, **kw)
         results.append({"params": full_params(model), "trace": trace, "elems": elems})
     torch.save(results, os.path.join(out_dir, f"unit{rank}.pt"))
+
+
+def per_unit_norms(rank, world, port, out_dir):
+    """The per-example norms the ghost engine computes in a per-unit step (step 2; step 1 probes),
+    with the full parameters before that step."""
+    from pytorch_privacy.optimizer.engines.ghost_gradients import GhostGradients
+
+    captured = []
+    orig = GhostGradients.norms
+
+    def norms(self):
+        out = orig(self)
+        captured.append(out.detach().clone())
+        return out
+
+    GhostGradients.norms = norms
+    model = shard(deep_model())
+    (x1, y1), (x2, y2) = w.make_batches(2, batch=12, seed=3 + rank)
+    opt, _ = split_train(model, "ghost", [(x1, y1)], [6], rank=0, world=1)  # every rank its own 12 examples
+    before = full_params(model)
+    captured.clear()
+    opt.fit_batch(x2, y2)
+    torch.save({"norms": captured, "path": opt._dist.last_path, "before": before, "x": x2, "y": y2},
+               os.path.join(out_dir, f"unorms{rank}.pt"))
+
+
+def new_signature(rank, world, port, out_dir):
+    """Sequences of T positions: a signature new to one rank only sends both to whole-model."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
+
+    def loss(out, y):
+        return nn.functional.cross_entropy(out.mean(1), y, reduction="none")
+
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, loss, l2_norm_clip=0.3, noise_multiplier=1.0,
+        expected_batch_size=8, engine="ghost", generator=torch.Generator().manual_seed(10 + rank),
+    )
+    g = torch.Generator().manual_seed(rank)
+    paths = []
+    for t in ([3, 3], [3, 3], [3, 5], [3, 5], [4, 4]):
+        x = torch.randn(4, t[rank], 6, generator=g)
+        opt.fit_batch(x, torch.randint(0, 3, (4,), generator=g))
+        paths.append(opt._dist.last_path)
+    torch.save({"paths": paths, "params": full_params(model), "steps": opt.ledger.steps if opt.ledger else None},
+               os.path.join(out_dir, f"sig{rank}.pt"))
+
+
+def double_forward(rank, world, port, out_dir):
+    """An engine that runs a second forward in a per-unit step is stopped before its all-gather."""
+    from pytorch_privacy.optimizer.engines.ghost_engine import GhostEngine
+
+    model = shard(deep_model())
+    opt, _ = split_train(model, "ghost", w.make_batches(1), [4], rank=rank, world=world, res=Residency())
+    orig = GhostEngine.compute
+
+    def twice(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        return orig(self, *args, **kwargs)
+
+    GhostEngine.compute = twice
+    x, y = w.make_batches(1, seed=5)[0]
+    try:
+        opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        out = {"error": None}
+    except RuntimeError as exc:
+        out = {"error": str(exc)}
+    torch.save(out, os.path.join(out_dir, f"twice{rank}.pt"))

@@ -21,14 +21,18 @@ CASES = [
     ("ghost", [5, 3, 6], {}),  # different local batch sizes
     ("ghost", [4, 8, 0], {}),  # an empty local batch on rank 1, then on rank 0
     ("ghost", [4, 6, 1], {"max_physical_batch_size": 2}),  # 3 vs 1 physical chunks, then 1 vs 4
+    ("ghost", [4, 4, 4], {"num_microbatches": 4}),  # global count: 2 microbatches of 2 per rank
+    ("ghost", [4, 2, 4], {"root_owns_last": True}),  # the root's unit holds the last Linear
     ("functorch", [4, 4, 4], {}),  # no lockstep passes: whole-model every step
 ]
 
 
+@pytest.mark.slow
 def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path):
     refs = []
     for engine, splits, kw in CASES:
         model = fw.deep_model()
+        kw = {k: v for k, v in kw.items() if k != "root_owns_last"}
         fw.split_train(model, engine, w.make_batches(len(splits)), splits, **kw)
         refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
     start = dict(fw.deep_model().named_parameters())
@@ -49,10 +53,52 @@ def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path
             assert paths == ["whole-model", "per-unit", "per-unit"], paths
             whole, per_unit = res["trace"][0], res["trace"][1:]
             assert whole[1] == 4 and whole[2] == res["elems"] and not whole[4]
+            # the root's unit stays gathered through its own forward: its 27 elements beside one other unit
+            root = "root_owns_last" in kw
             for path, peak, peak_elems, gathers, sharded_in_forward in per_unit:
                 # one unit's parameters at a time (never the 4 of the whole model) ...
-                assert peak == 1 and peak_elems <= 72, (peak, peak_elems)
+                assert (peak, peak_elems <= 72 + 27 * root) == (1 + root, True), (peak, peak_elems)
                 # ... the first unit is sharded again while the last one runs its forward ...
                 assert sharded_in_forward
                 # ... and each physical slot gathers every unit in its forward, some in backward
                 assert gathers >= 4
+
+
+@pytest.mark.slow
+def test_per_unit_norms_are_the_unsharded_models(tmp_path):
+    w.spawn(fw.per_unit_norms, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"unorms{rank}.pt", weights_only=False)
+        assert out["path"] == "per-unit" and len(out["norms"]) == 1
+        model = fw.deep_model()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(out["before"][n])
+        expected, own_shard = [], []
+        for i in range(out["x"].shape[0]):
+            loss = w.loss_fn()(model(out["x"][i:i + 1]), out["y"][i:i + 1]).sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            expected.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+            own_shard.append(torch.sqrt(sum((torch.chunk(g, 2, 0)[rank] ** 2).sum() for g in grads)))
+        torch.testing.assert_close(out["norms"][0], torch.stack(expected), atol=1e-5, rtol=1e-5)
+        assert (torch.stack(own_shard) < torch.stack(expected) - 1e-3).all()  # all shards, not this rank's
+
+
+@pytest.mark.slow
+def test_a_signature_new_to_one_rank_unshards_the_whole_model_on_every_rank(tmp_path):
+    w.spawn(fw.new_signature, 2, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"sig{r}.pt", weights_only=False) for r in range(2))
+    # T=5 is new to rank 1 in step 3 (T=3 is known to rank 0): both ranks take the whole-model path;
+    # T=4 is new to both in step 5
+    expected = ["whole-model", "per-unit", "whole-model", "per-unit", "whole-model"]
+    assert r0["paths"] == r1["paths"] == expected
+    for n in r0["params"]:  # noise on: the ranks still hold the same (released) parameters
+        torch.testing.assert_close(r0["params"][n], r1["params"][n], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_second_forward_in_a_per_unit_slot_fails_loudly(tmp_path):
+    w.spawn(fw.double_forward, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"twice{rank}.pt", weights_only=False)
+        assert out["error"] and "second forward" in out["error"], out
