@@ -13,8 +13,12 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
   the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
   global sum, a control broadcast and a broadcast of the release.
 * with ``--fsdp``: ``fsdp non-private`` (``fully_shard`` on each Linear and the root, plain
-  backward) and ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model: unshard once per step,
-  one all-reduce of the sums, each rank noises its shard).
+  backward), ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model, per-unit steps: FSDP2
+  gathers one unit at a time, a planning all-reduce, one reduce-scatter of the noised sums) and
+  ``fsdp dp whole`` (the same with ``per_unit=False``: every unit unsharded once per step).  For
+  these the peak number of parameter elements gathered at once on a rank (FSDP2 parameter groups
+  unsharded at the same time, counted by wrapping FSDP2's ``_to_unsharded`` / ``_to_sharded``)
+  and the path of the last step are printed too.
 
 Two ratios are printed: ``x non-private`` divides the modes' median step times, ``paired`` is the
 median over steps of each step's time over the non-private step timed just before it (the modes
@@ -64,6 +68,39 @@ class OwnReleaseQuery(GaussianAverageQuery):
 
     def get_noised_result(self, sample_state, global_state):
         return super().get_noised_result(sample_state, global_state)
+
+
+class _count_gathered:
+    """Peak parameter elements gathered at once on this rank in a mode's latest step (FSDP2 groups between
+    their ``_to_unsharded`` and ``_to_sharded``; wraps those two methods in this process)."""
+
+    def __init__(self):
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        self.live, self.peak, self.mode = {}, {}, None
+        to_un, to_sh = FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded
+
+        def unsharded(group):
+            if not group.is_unsharded and self.mode is not None:
+                self.live[id(group)] = sum(fp.sharded_param.numel() for fp in group.fsdp_params)
+                self.peak[self.mode] = max(self.peak.get(self.mode, 0), sum(self.live.values()))
+            to_un(group)
+
+        def sharded(group):
+            self.live.pop(id(group), None)
+            to_sh(group)
+
+        FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded = unsharded, sharded
+
+    def measure(self, mode, fn):
+        def run():  # the peak of the latest call (the first step of a signature is whole-model)
+            self.mode, self.peak[mode] = mode, sum(self.live.values())
+            try:
+                fn()
+            finally:
+                self.mode = None
+
+        return run
 
 
 def _free_port() -> int:
@@ -131,8 +168,12 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 fsdp_plain_opt.step()
 
             fsdp_opt = dp_optimizer(sharded())
+            fsdp_whole = dp_optimizer(sharded())
+            fsdp_whole._dist.per_unit = False
+            gathered = _count_gathered()
             modes["fsdp non-private"] = fsdp_plain_step
-            modes["fsdp dp"] = lambda: fsdp_opt.fit_batch(x, y)
+            modes["fsdp dp"] = gathered.measure("fsdp dp", lambda: fsdp_opt.fit_batch(x, y))
+            modes["fsdp dp whole"] = gathered.measure("fsdp dp whole", lambda: fsdp_whole.fit_batch(x, y))
 
         times = {name: [] for name in modes}
         for i in range(args["warmup"] + args["steps"]):
@@ -145,13 +186,16 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                     times[name].append(time.perf_counter() - t0)
         volumes["dp"] = dp_opt._dist.last_volume_bytes
         volumes["dp-bcast"] = bcast_opt._dist.last_volume_bytes
+        extra = {}
         if args["fsdp"]:
-            volumes["fsdp dp"] = fsdp_opt._dist.last_volume_bytes
+            for name, o in (("fsdp dp", fsdp_opt), ("fsdp dp whole", fsdp_whole)):
+                volumes[name] = o._dist.last_volume_bytes + o._dist.last_plan_bytes
+                extra[name] = (o._dist.last_path, gathered.peak[name])
         n_params = sum(p.numel() for p in plain.parameters())
         volumes["non-private"] = n_params * 4 if world > 1 else 0
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({"times": times, "volumes": volumes, "params": n_params}, f)
+                json.dump({"times": times, "volumes": volumes, "params": n_params, "fsdp": extra}, f)
         # both ranks leave their last collective before either tears gloo down (tearing down while
         # the peer still talks to it aborts a rank now and then with SIGABRT)
         dist.barrier()
@@ -194,6 +238,9 @@ def main(argv=None) -> int:
             )
             vol = runs[0]["volumes"].get(mode, runs[0]["volumes"]["non-private"] if mode.startswith("fsdp") else 0)
             print(f"{world:>2} {mode:>17} {ms:>9.2f} {ms / med[ref]:>14.2f} {paired:>7.2f} {vol:>16,d}")
+        for mode, (path, peak) in runs[0].get("fsdp", {}).items():
+            print(f"{world:>2} {mode:>17}: last step {path}, peak {peak:,d} of {runs[0]['params']:,d} parameter "
+                  "elements gathered at once on a rank")
     print("x non-private: DDP modes against the DDP non-private step, FSDP modes against the FSDP non-private "
           "step. bytes/step/rank: the flat buffers each rank hands to the collectives (DP: all-reduce + broadcasts; "
           "non-private DDP: the gradient; FSDP non-private: shown as the gradient size, FSDP's own all-gathers and "
