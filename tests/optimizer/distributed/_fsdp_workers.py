@@ -278,3 +278,32 @@ def double_forward(rank, world, port, out_dir):
     except RuntimeError as exc:
         out = {"error": str(exc)}
     torch.save(out, os.path.join(out_dir, f"twice{rank}.pt"))
+
+
+def per_unit_noise(rank, world, port, out_dir, sigma, clip, denominator):
+    """Two twins of one sharded Linear(100, 50), noise-free and noisy, take a first step at lr 0
+    (it verifies and traces the batch: whole-model) and a second, per-unit, at lr 1 on the same
+    examples: the difference of their updates is the noise / D alone."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    twins = []
+    for s in (0.0, sigma):
+        torch.manual_seed(0)
+        model = shard(nn.Sequential(nn.Linear(100, 50)))
+        opt = DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, w.loss_fn(), l2_norm_clip=clip,
+                                  noise_multiplier=s, expected_batch_size=denominator,
+                                  generator=torch.Generator().manual_seed(50 + rank))
+        twins.append((model, opt))
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(3 + rank, 100, generator=g), torch.randint(0, 50, (3 + rank,), generator=g)) for _ in range(2)]
+    updates, paths = [], []
+    for model, opt in twins:
+        opt.fit_batch(*batches[0])
+        opt.param_groups[0]["lr"] = 1.0
+        before = full_params(model)
+        opt.fit_batch(*batches[1])
+        paths.append(opt._dist.last_path)
+        after = full_params(model)
+        updates.append(torch.cat([(after[n] - before[n]).reshape(-1) for n in after]))
+    torch.save({"noise": updates[1] - updates[0], "clean": updates[0], "paths": paths},
+               os.path.join(out_dir, f"unoise{rank}.pt"))

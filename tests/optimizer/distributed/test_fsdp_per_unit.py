@@ -102,3 +102,21 @@ def test_a_second_forward_in_a_per_unit_slot_fails_loudly(tmp_path):
     for rank in range(2):
         out = torch.load(tmp_path / f"twice{rank}.pt", weights_only=False)
         assert out["error"] and "second forward" in out["error"], out
+
+
+@pytest.mark.slow
+def test_per_unit_step_noises_every_element_once(tmp_path):
+    import math
+
+    sigma, clip, denominator = 2.0, 1.0, 10
+    w.spawn(fw.per_unit_noise, 2, str(tmp_path), sigma, clip, denominator)
+    u0, u1 = (torch.load(tmp_path / f"unoise{r}.pt", weights_only=False) for r in range(2))
+    assert u0["paths"] == u1["paths"] == ["per-unit", "per-unit"]
+    torch.testing.assert_close(u0["noise"], u1["noise"], atol=0, rtol=0)  # the same release on both ranks
+    assert float(u0["clean"].abs().max()) > 1e-4  # the examples moved the noise-free twin
+    noise = u0["noise"]
+    expected = sigma * clip / denominator
+    assert abs(float(noise.std()) / expected - 1) < 0.05, (float(noise.std()), expected)
+    assert abs(float(noise.std()) / (expected * math.sqrt(2)) - 1) > 0.25  # not noised on both ranks
+    corr = float(torch.corrcoef(torch.stack([noise[:2500], noise[2500:5000]]))[0, 1])
+    assert abs(corr) < 0.1, corr  # the two shards' noise streams are independent
