@@ -45,7 +45,10 @@ counts) and on the path.
 * **Per-unit** (the default, whenever every rank's engine says
   :meth:`~pytorch_privacy.optimizer.engines.GradientEngine.lockstep_ready` for its batch: the ghost
   engine once this input signature was verified and traced on that rank, while it has not handed
-  the model to a fallback engine, and for models without raw parameters).  Each unit keeps its own
+  the model to a fallback engine, and for models without raw parameters; and a zero-example pass
+  that worked once, tried collective-free at the end of a whole-model step: a forward such as
+  ``x.view(B, -1)`` fails on zero examples, and that signature then stays on whole-model steps,
+  with a warning).  Each unit keeps its own
   ``reshard_after_forward`` / ``reshard_after_backward``, so FSDP2 gathers one unit at a time (the
   tests measure one unit's parameters at once, against all of them on the whole-model path).  Every
   rank runs one forward and one backward per slot: its own chunk, or a zero-example pass of the
@@ -97,6 +100,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -203,6 +207,8 @@ class FSDPStep(DistributedStep):
         #: bytes of the step's planning all-reduce (3 int64 entries; every ``fit_batch``)
         self.last_plan_bytes = 0
         self._root_forwards = 0
+        #: per (model, input) signature: did a zero-example pass work (tried on a whole-model step)
+        self._empty_ok: dict[tuple, bool] = {}
         self._checked_state = False
         self._checked_dtypes = False
 
@@ -332,7 +338,7 @@ class FSDPStep(DistributedStep):
         if ok:
             try:  # a failure here must not leave this rank out of the all-reduce below
                 with self._unsharded_objects():
-                    ok = bool(engine.lockstep_ready(*chunks[0]))
+                    ok = bool(engine.lockstep_ready(*chunks[0])) and self._empty_ok.get(self._key(*chunks[0])) is True
             except Exception:  # noqa: BLE001 - the whole-model step computes the batch (and raises there)
                 ok = False
         bad = self._nonfinite_shards()
@@ -349,8 +355,41 @@ class FSDPStep(DistributedStep):
             )
         self._planned = "whole-model" if fallback else "per-unit"
         if fallback:  # begin_step (zero_grad, next) unshards the whole model
-            return (c for c in chunks)
+            return self._whole_model_chunks(chunks, engine)
         return self._per_unit_slots(chunks, slots, engine, start)
+
+    def _key(self, inputs: Any, targets: Any) -> tuple:
+        from ..engines.probe import input_signature
+        from ..engines.scan import scan_model
+
+        return scan_model(self.model).signature, input_signature(inputs, targets)
+
+    def _whole_model_chunks(self, chunks: list, engine: Any):
+        """This rank's chunks; then, once per input signature the engine is ready for, a trial
+        zero-example pass while every unit is unsharded (no collective): per-unit steps for that
+        signature need it to work on every rank (``x.view(B, -1)`` fails on zero examples)."""
+        yield from chunks
+        key = self._key(*chunks[0])
+        if not self.per_unit or key in self._empty_ok or not engine.lockstep_ready(*chunks[0]):
+            return
+        self._root_forwards = 0
+        handle = self.model.register_forward_pre_hook(self._count_root_forward, prepend=True)
+        try:
+            engine.lockstep_empty_pass(*(_empty_of(t) for t in chunks[0]))
+            self._empty_ok[key] = self._root_forwards == 1
+        except Exception as exc:  # noqa: BLE001 - any failure: this signature stays on whole-model steps
+            self._empty_ok[key] = False
+            warnings.warn(
+                f"FSDP2: the model fails on a batch of zero examples ({type(exc).__name__}: {str(exc)[:160]}), which "
+                "per-unit steps run on ranks without examples; steps with this input signature unshard the whole "
+                "model instead (make the forward work for zero examples, e.g. x.flatten(1) for x.view(B, -1))",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        finally:
+            handle.remove()
+        if len(self._empty_ok) > 256:  # many signatures (variable lengths): keep the newest
+            self._empty_ok.pop(next(iter(self._empty_ok)))
 
     def _per_unit_slots(self, chunks: list, slots: int, engine: Any, start: Callable[[], None]):
         self._restore_settings()

@@ -185,7 +185,8 @@ def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **
         expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank), **opt_kwargs,
     )
     seen: list[bool] = []
-    model[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(model[0].weight, DTensor)))
+    first = next(m for m in model if isinstance(m, nn.Linear))
+    model[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(first.weight, DTensor)))
     trace = []
     for (x, y), k in zip(batches, splits):
         xs, ys = (x, y) if world == 1 else ((x[:k], y[:k]) if rank == 0 else (x[k:], y[k:]))
@@ -307,3 +308,24 @@ def per_unit_noise(rank, world, port, out_dir, sigma, clip, denominator):
         updates.append(torch.cat([(after[n] - before[n]).reshape(-1) for n in after]))
     torch.save({"noise": updates[1] - updates[0], "clean": updates[0], "paths": paths},
                os.path.join(out_dir, f"unoise{rank}.pt"))
+
+
+class ViewFlatten(nn.Module):
+    """``x.view(B, -1)``: fails on zero examples (the -1 is ambiguous)."""
+
+    def forward(self, x):
+        return x.view(x.shape[0], -1)
+
+
+def zero_examples_fail(rank, world, port, out_dir):
+    """A model whose forward fails on zero examples keeps the whole-model path (with a warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(ViewFlatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, trace = split_train(model, "ghost", [(x.view(8, 2, 3), y) for x, y in w.make_batches(3)], [4, 8, 4],
+                               rank=rank, world=world, res=Residency())
+    msgs = [str(c.message) for c in caught if "zero examples" in str(c.message)]
+    torch.save({"paths": [t[0] for t in trace], "warnings": msgs}, os.path.join(out_dir, f"zero{rank}.pt"))

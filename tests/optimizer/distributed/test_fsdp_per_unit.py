@@ -120,3 +120,12 @@ def test_per_unit_step_noises_every_element_once(tmp_path):
     assert abs(float(noise.std()) / (expected * math.sqrt(2)) - 1) > 0.25  # not noised on both ranks
     corr = float(torch.corrcoef(torch.stack([noise[:2500], noise[2500:5000]]))[0, 1])
     assert abs(corr) < 0.1, corr  # the two shards' noise streams are independent
+
+
+@pytest.mark.slow
+def test_a_model_failing_on_zero_examples_keeps_whole_model_steps(tmp_path):
+    w.spawn(fw.zero_examples_fail, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"zero{rank}.pt", weights_only=False)
+        assert out["paths"] == ["whole-model"] * 3  # step 2 leaves rank 1 without examples: no deadlock
+        assert len(out["warnings"]) == 1 and "view" in out["warnings"][0]
