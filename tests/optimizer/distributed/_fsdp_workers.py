@@ -329,3 +329,27 @@ def zero_examples_fail(rank, world, port, out_dir):
                                rank=rank, world=world, res=Residency())
     msgs = [str(c.message) for c in caught if "zero examples" in str(c.message)]
     torch.save({"paths": [t[0] for t in trace], "warnings": msgs}, os.path.join(out_dir, f"zero{rank}.pt"))
+
+
+def poisson_per_unit(rank, world, port, out_dir, n, q, steps):
+    """Noise-free steps on a DistributedDPDataLoader (seeded per rank): each rank's batches, the
+    step paths and the final parameters."""
+    from torch.utils.data import TensorDataset
+
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    loader = DistributedDPDataLoader(data, q, steps=steps, generator=torch.Generator().manual_seed(11 + rank))
+    model = shard(deep_model())
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
+        data_loader=loader, engine="ghost", generator=torch.Generator().manual_seed(rank),
+    )
+    batches, paths = [], []
+    for x, y in loader:
+        opt.fit_batch(x, y)
+        batches.append((x, y))
+        paths.append(opt._dist.last_path)
+    torch.save({"batches": batches, "paths": paths, "params": full_params(model)}, os.path.join(out_dir, f"pois{rank}.pt"))

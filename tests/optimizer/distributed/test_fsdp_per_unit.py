@@ -129,3 +129,26 @@ def test_a_model_failing_on_zero_examples_keeps_whole_model_steps(tmp_path):
         out = torch.load(tmp_path / f"zero{rank}.pt", weights_only=False)
         assert out["paths"] == ["whole-model"] * 3  # step 2 leaves rank 1 without examples: no deadlock
         assert len(out["warnings"]) == 1 and "view" in out["warnings"][0]
+
+
+@pytest.mark.slow
+def test_per_unit_steps_on_a_distributed_poisson_loader_equal_one_process(tmp_path):
+    n, q, steps = 40, 0.1, 12
+    w.spawn(fw.poisson_per_unit, 2, str(tmp_path), n, q, steps)
+    r0, r1 = (torch.load(tmp_path / f"pois{r}.pt", weights_only=False) for r in range(2))
+    assert r0["paths"] == r1["paths"]
+    sizes = [(a[0].shape[0], b[0].shape[0]) for a, b in zip(r0["batches"], r1["batches"])]
+    per_unit = [s for s, p in zip(sizes, r0["paths"]) if p == "per-unit"]
+    assert per_unit and any(0 in s for s in per_unit), (sizes, r0["paths"])  # an empty rank took part per unit
+    # one process on the union of the ranks' batches, step by step (noise 0: order within a step is immaterial)
+    model = fw.deep_model()
+    union = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(r0["batches"], r1["batches"])]
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    opt = DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3,
+                              noise_multiplier=0.0, expected_batch_size=q * n, engine="ghost")
+    for x, y in union:
+        opt.fit_batch(x, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(r0["params"][name], p.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(r1["params"][name], p.detach(), atol=1e-5, rtol=0)
