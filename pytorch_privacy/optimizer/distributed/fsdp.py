@@ -57,10 +57,12 @@ counts) and on the path.
   model per slot is enforced: a second one raises ``RuntimeError`` before its all-gather.  The
   engine's backward differentiates with respect to its taps, not the parameters, so FSDP's
   post-backward finds no gradient to reduce-scatter; the step's own reduce-scatter releases the
-  noised sums as on the other path.  While the engine scans the model, the modules show FSDP2's
-  unsharded parameter objects (their storage is freed until their unit's all-gather): the same
-  objects as in a whole-model step, so the cached verdicts and layouts apply and the ghost
-  engine's check of parameter uses outside their modules still sees every use.  The optimizer
+  noised sums as on the other path.  While the engine scans the model (until the model's forward
+  begins), the modules show FSDP2's unsharded parameter objects (their storage is freed until
+  their unit's all-gather): the same objects as in a whole-model step, so the cached verdicts and
+  layouts apply and the ghost engine's check of parameter uses outside their modules still sees
+  every use; from the forward on, a unit not gathered shows its ``DTensor`` shards, so a use
+  outside its forward fails as in plain FSDP2 instead of reading freed storage.  The optimizer
   starts the step on full-shaped stand-ins (a broadcast zero each), and the NaN/inf check of the
   weights runs on each rank's shards inside the planning all-reduce (every rank refuses together).
 * **Whole model** (any rank's engine would probe, trace or fall back; the functorch and loop
@@ -282,9 +284,15 @@ class FSDPStep(DistributedStep):
         try:
             yield
         finally:
-            for fp in params:
-                if fp.sharded_state == ShardedState.SHARDED:
-                    fp._setattr_on_modules(fp.sharded_param)
+            self._show_shards()
+
+    def _show_shards(self) -> None:
+        """Every unit that is sharded now holds its sharded ``DTensor`` parameters on its modules."""
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+        for fp in self._fsdp_params():
+            if fp.sharded_state == ShardedState.SHARDED:
+                fp._setattr_on_modules(fp.sharded_param)
 
     @contextlib.contextmanager
     def _stand_ins(self) -> Iterator[None]:
@@ -305,6 +313,11 @@ class FSDPStep(DistributedStep):
                 fp._setattr_on_modules(fp.sharded_param)
 
     def _count_root_forward(self, module, args) -> None:
+        """Root forward pre-hook (before FSDP's own): the units not gathered show their shards
+        again (the unsharded objects of :meth:`_unsharded_objects` have no storage: a use outside
+        the unit's forward then fails on a ``DTensor``, as in plain FSDP2, instead of reading freed
+        memory); a second forward in one slot is refused."""
+        self._show_shards()
         self._root_forwards += 1
         if self._root_forwards > 1:  # before FSDP's own pre-forward hook (prepend): no all-gather issued
             raise RuntimeError(

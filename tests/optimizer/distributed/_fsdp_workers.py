@@ -185,8 +185,8 @@ def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **
         expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank), **opt_kwargs,
     )
     seen: list[bool] = []
-    first = next(m for m in model if isinstance(m, nn.Linear))
-    model[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(first.weight, DTensor)))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(linears[0].weight, DTensor)))
     trace = []
     for (x, y), k in zip(batches, splits):
         xs, ys = (x, y) if world == 1 else ((x[:k], y[:k]) if rank == 0 else (x[k:], y[k:]))
@@ -353,3 +353,28 @@ def poisson_per_unit(rank, world, port, out_dir, n, q, steps):
         batches.append((x, y))
         paths.append(opt._dist.last_path)
     torch.save({"batches": batches, "paths": paths, "params": full_params(model)}, os.path.join(out_dir, f"pois{rank}.pt"))
+
+
+class EarlyUse(nn.Module):
+    """Uses the second Linear's weight before that unit's forward, for batches of 3 only (a
+    data-dependent use outside the owning module that no earlier batch revealed)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        extra = nn.functional.linear(h, self.b.weight) if x.shape[0] == 3 else 0
+        return self.b(h) + extra
+
+
+def early_use(rank, world, port):
+    """Step 1 (4 examples each) probes; step 2 gives rank 0 three examples: its per-unit forward
+    meets the second unit's parameter before that unit's forward and must raise."""
+    model = shard(EarlyUse())
+    x, y = w.make_batches(1, batch=8)[0]
+    opt, _ = split_train(model, "ghost", [(x, y)], [4], rank=rank, world=world, res=Residency())
+    x2, y2 = w.make_batches(1, batch=8, seed=2)[0]
+    opt.fit_batch(x2[:3], y2[:3]) if rank == 0 else opt.fit_batch(x2[3:], y2[3:])

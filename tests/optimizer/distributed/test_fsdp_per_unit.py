@@ -152,3 +152,11 @@ def test_per_unit_steps_on_a_distributed_poisson_loader_equal_one_process(tmp_pa
     for name, p in model.named_parameters():
         torch.testing.assert_close(r0["params"][name], p.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(r1["params"][name], p.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_parameter_used_outside_its_unit_in_a_per_unit_step_fails_loudly():
+    # the unit's parameter is its sharded DTensor there, as in plain FSDP2 (not an object whose storage
+    # is freed until the unit's all-gather: reading it would crash the process or return garbage)
+    with pytest.raises(Exception, match="DTensor"):
+        w.spawn(fw.early_use, 2)
