@@ -572,14 +572,14 @@ class DPOptimizer(torch.optim.Optimizer):
                 self._global_state = new_state
                 self._last_event = event
             grads = combine_gradients(result, self._acc.public) if self._acc.public else (result or {})
-            # the trainable parameters of this step (collected when it began; every name in
-            # ``grads`` is one of them); one frozen since then gets no gradient
+            # this step's trainable parameters (one frozen since gets none); DDP may have cleaned them
+            clean = not self._acc.public and self._dist is not None and self._dist.last_release_sanitized
             for name, p in self._step_params.items():
-                g = grads.get(name)
-                if g is None or not p.requires_grad:
+                if (g := grads.get(name)) is None or not p.requires_grad:
                     continue
-                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # released under no_grad
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                if g.dtype != p.dtype or not clean:  # after the cast: a cast can overflow (float16)
+                    g = torch.nan_to_num(g.to(p.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # under no_grad
+                p.grad = g
             if self._acc.dropped is not None and self._acc.dropped.device.type == "cpu":
                 self._warn_dropped(int(self._acc.dropped))
         self.original_optimizer.step()

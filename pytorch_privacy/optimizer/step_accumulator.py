@@ -98,17 +98,16 @@ class _FiniteRecords(PerExampleGradients):
         self._inner = inner
         self.names = tuple(inner.names)
         raw = inner.norms()
-        finite = torch.isfinite(raw)
+        finite = (raw - raw) == 0  # isfinite in two dispatched ops (x - x is 0 unless x is inf or NaN)
         self.good = finite if good is None else (good & finite)
-        self._norms = torch.where(self.good, raw, float("inf"))
         self._mat: dict[str, torch.Tensor] | None = None
-        #: CPU only (no device sync there): whether every record is finite (None: not known yet)
-        self._all_good: bool | None = None
+        #: whether the mask lives on the CPU and no record was dropped (there the check costs no
+        #: device sync; on accelerators: ``False``, records are masked without looking)
+        self._all_good = self.good.device.type == "cpu" and bool(self.good.all())
+        self._norms = raw if self._all_good else torch.where(self.good, raw, float("inf"))
 
     def all_good_on_cpu(self) -> bool:
-        """``True`` when the mask lives on the CPU and no record was dropped (checked once)."""
-        if self._all_good is None:
-            self._all_good = self.good.device.type == "cpu" and bool(self.good.all())
+        """``True`` when the mask lives on the CPU and no record was dropped."""
         return self._all_good
 
     @property
@@ -123,8 +122,8 @@ class _FiniteRecords(PerExampleGradients):
         return self._norms
 
     def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.all_good_on_cpu():  # nothing dropped: the coefficients as they are
-            return self._inner.weighted_sum(coefficients)
+        if self._all_good:  # nothing dropped: the coefficients as they are, no masking
+            return self._inner.weighted_sum_of_finite(coefficients)
         c = torch.where(self.good, coefficients, 0.0)
         if isinstance(self._inner, MaterializedGradients):
             return {
@@ -295,8 +294,10 @@ class StepAccumulator:
         self.num_public_passes += 1
 
     # -- clipping and accumulation -------------------------------------------------------
-    def _count_dropped(self, good: torch.Tensor) -> None:
-        bad = (~good).sum()
+    def _count_dropped(self, records: _FiniteRecords) -> None:
+        if records.all_good_on_cpu() and self.dropped is not None:  # nothing to add
+            return
+        bad = (~records.good).sum()
         self.dropped = bad if self.dropped is None else self.dropped + bad.to(self.dropped.device)
 
     def _is_fresh_state(self, total: Any) -> bool:
@@ -357,10 +358,10 @@ class StepAccumulator:
                 good = f if good is None else good & f
         recs = [_FiniteRecords(pe, good) for pe in passes]
         if aligned:
-            self._count_dropped(recs[0].good)
+            self._count_dropped(recs[0])
         else:
             for r in recs:
-                self._count_dropped(r.good)
+                self._count_dropped(r)
 
         if self.pass_clipping == PER_PASS:
             if self.passes_per_flush is None:

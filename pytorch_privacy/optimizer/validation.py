@@ -223,27 +223,29 @@ def check_inputs_match(params: dict[str, torch.Tensor], inputs, targets=None) ->
                     )
 
 
-def nonfinite_weights(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A 0-dim bool tensor (no host sync): ``True`` if any parameter *may* hold a NaN or an inf.
+def weights_total(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A 0-dim tensor (no host sync), the sum of every floating-point parameter's elements: it
+    is NaN or infinite if any parameter holds a NaN or an inf.
 
-    One plain sum per parameter (a NaN or an inf anywhere makes its sum NaN or infinite: IEEE
-    arithmetic propagates them; on one CPU core about half the cost of an L2 norm, the max-abs
-    norm is some 20 times slower).  A sum can also overflow for large finite weights (float32:
-    ~1e38 in total); :func:`check_finite_weights` confirms element-wise before refusing."""
+    One plain sum per parameter, then one over the sums (a NaN or an inf anywhere makes the
+    total NaN or infinite: IEEE arithmetic propagates them; on one CPU core a sum costs about
+    half an L2 norm, the max-abs norm some 20 times more).  The total can also overflow for
+    large finite weights (float32: ~1e38 in all); :func:`check_finite_weights` confirms
+    element-wise before refusing."""
     tensors = [p for p in params.values() if p.is_floating_point()]
     if not tensors:
-        return torch.tensor(False)
+        return torch.zeros(())
     dev, dtype = tensors[0].device, tensors[0].dtype
     with torch.no_grad():  # no graph, so no per-tensor detach (one dispatched op fewer each)
         sums = [p.sum() for p in tensors]
         if any(p.device != dev or p.dtype != dtype for p in tensors):  # model parallel / mixed dtypes
             sums = [s.to(dev, torch.float32) for s in sums]
-        return ~torch.isfinite(torch.stack(sums)).all()
+        return torch.stack(sums).sum()
 
 
 def check_finite_weights(params: dict[str, torch.Tensor]) -> None:
     """``ValueError`` naming the parameters that hold NaN or inf (one host sync)."""
-    if not bool(nonfinite_weights(params)):
+    if math.isfinite(float(weights_total(params))):
         return
     bad = [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
     if bad:

@@ -457,6 +457,22 @@ def test_all_nan_batch_never_produces_a_nan_model(make_opt):
     assert len(ledger) == 1  # the step still counts (it released noise)
 
 
+def test_a_release_that_overflows_the_parameter_dtype_reaches_grad_as_zero():
+    """A float16 model: each record's gradient (4e4, 1) is within the clip and float16's range,
+    but their sum (1.6e5) is not: the float32 release overflows when cast to the parameter's
+    dtype, and that coordinate must reach ``.grad`` as 0 (the guard runs after the cast)."""
+    model = nn.Linear(2, 1, bias=False).half()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), model, lambda out, y: out.reshape(-1).float(),
+        l2_norm_clip=1e5, noise_multiplier=0.0, expected_batch_size=1,
+    )
+    opt.fit_batch(torch.tensor([[4e4, 1.0]] * 4, dtype=torch.float16), torch.zeros(4))
+    assert torch.equal(model.weight.grad, torch.tensor([[0.0, 4.0]], dtype=torch.float16))
+    assert torch.equal(model.weight.detach(), torch.tensor([[1.0, -3.0]], dtype=torch.float16))
+
+
 def test_nan_with_a_query_that_ignores_norms_is_dropped_too():
     """NoPrivacy queries give every record coefficient 1: the dropped record must still be 0."""
     from pytorch_privacy.dp_query import NormalizedQuery, NoPrivacySumQuery

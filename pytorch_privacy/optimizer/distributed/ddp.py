@@ -164,6 +164,9 @@ class DistributedStep:
         self.count_stddev: float | None = None
         #: the released (noised) world count of the last step's dropped records, or ``None``
         self.last_noised_count: float | None = None
+        #: whether the last release was already cleaned of non-finite values (NaN/inf set to 0,
+        #: in place on the flat buffer) so the optimizer need not make its own pass
+        self.last_release_sanitized = False
         self._checked_additive = False
         self._checked_sources = False
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
@@ -222,6 +225,7 @@ class DistributedStep:
         raises the refusal on every rank when rank 0's ``check`` refuses."""
         acc.flush()
         self.last_noised_count = None
+        self.last_release_sanitized = False
         if self.world_size == 1:  # nothing to reduce: the single-process release
             self.last_global_examples, self.last_volume_bytes = local_examples, 0
             result, new_state, event = acc.finish(global_state)
@@ -300,6 +304,12 @@ class DistributedStep:
             released.div_(divisor)
         if acc.noise_scale != 1:  # the per-pass factor (mode B)
             released.mul_(acc.noise_scale)
+        # the optimizer's NaN/inf guard, here one in-place pass over the flat buffer instead of
+        # one new tensor per parameter (not when a sum is cast back to a narrower dtype: the
+        # cast itself can overflow, e.g. float16's 65504)
+        if all(t.dtype == wide for t in leaves):
+            torch.nan_to_num_(released, nan=0.0, posinf=0.0, neginf=0.0)
+            self.last_release_sanitized = True
         pos, total = 0, []
         for t in leaves:
             view = released[pos : pos + t.numel()].view(t.shape)

@@ -88,13 +88,20 @@ class GhostGradients(PerExampleGradients):
         """``sum_r c_r grad_r`` per parameter, by book-keeping (one matmul per layer use) or from
         per-layer gradients materialised by :meth:`norms`.  Records with ``c_r == 0`` contribute
         exact zeros even when their activations or gradients are not finite."""
-        if coefficients.shape != (self._records,):
-            raise ValueError(f"coefficients must have shape [{self._records}], got {tuple(coefficients.shape)}")
         # masking costs a pass over the data; skip it when every record is known finite, which
         # is free to check on the CPU (on accelerators it would be a host sync: always mask)
         mask = True
         if self._norms is not None and self._norms.device.type == "cpu":
             mask = not bool(torch.isfinite(self._norms).all())
+        return self._weighted_sum(coefficients, mask)
+
+    def weighted_sum_of_finite(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`weighted_sum` without masking: the caller checked that every norm is finite."""
+        return self._weighted_sum(coefficients, False)
+
+    def _weighted_sum(self, coefficients: torch.Tensor, mask: bool) -> dict[str, torch.Tensor]:
+        if coefficients.shape != (self._records,):
+            raise ValueError(f"coefficients must have shape [{self._records}], got {tuple(coefficients.shape)}")
         out = {}
         for name, cs in self._contributions().items():
             if name in self._materialized:

@@ -308,7 +308,8 @@ class OuterContribution(Contribution):
         d = self.a.shape[3]
         acc = self._acc()
         if N == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2, always the cheapest
-            return (_lastsq(self.g, acc) * _lastsq(self.a, acc)).sum((1, 2)), None
+            sq = _lastsq(self.g, acc) * _lastsq(self.a, acc)  # [R, G, 1]
+            return (sq.reshape(R) if G == 1 else sq.sum((1, 2))), None
         if policy.use_ghost(R, G, N, p, d, self.g.element_size()):
             ga = torch.matmul(self.a, self.a.transpose(2, 3))  # [R, G, N, N]
             gg = torch.matmul(self.g, self.g.transpose(2, 3))

@@ -292,3 +292,22 @@ def dynamic_scale(rank, world, port, out_dir, steps, overflow, fsdp=False):
             dropped.append(opt.dropped_records - before)
     torch.save({"scales": scales + [scaler.scale], "released": released, "dropped": dropped,
                 "ledger": opt.ledger.to_json()}, os.path.join(out_dir, f"dyn{rank}.pt"))
+
+
+def overflowing_release(rank, world, port, out_dir):
+    """A float16 model: two records per rank whose gradients (norm 4e4, within the clip and the
+    float16 range) sum to 1.6e5 in the float32 release, past float16's 65504 once cast back to
+    the parameter's dtype: that coordinate must reach ``.grad`` as 0, not inf."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    model = nn.Linear(2, 1, bias=False).half()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), ddp, lambda out, y: out.reshape(-1).float(), l2_norm_clip=1e5,
+        noise_multiplier=0.0, expected_batch_size=1,
+    )
+    x = torch.tensor([[4e4, 1.0], [4e4, 1.0]], dtype=torch.float16)  # d loss / d w = x
+    opt.fit_batch(x, torch.zeros(2))
+    torch.save({"weight": model.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))

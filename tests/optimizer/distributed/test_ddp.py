@@ -258,3 +258,13 @@ def test_matrix_factorisation_on_two_ranks_equals_one_process_with_rank_zeros_no
         params = _load(tmp_path / f"mf{r}.pt")
         for n in ref:
             torch.testing.assert_close(params[n], ref[n], atol=1e-5, rtol=0)
+
+
+def test_an_overflowing_release_reaches_grad_as_zero_on_every_rank(tmp_path):
+    # the optimizer's NaN/inf guard: under DDP it runs in place on the reduced flat buffer
+    w.spawn(w.overflowing_release, 2, str(tmp_path))
+    for rank in range(2):
+        weight = _load(tmp_path / f"rank{rank}.pt")["weight"]
+        assert torch.isfinite(weight).all()
+        # coordinate 0 overflowed (gradient 0: unchanged); coordinate 1 moved by lr * (4 records * 1) / 1
+        assert torch.equal(weight, torch.tensor([[1.0, -3.0]], dtype=torch.float16))

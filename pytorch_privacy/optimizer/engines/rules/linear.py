@@ -20,14 +20,14 @@ class LinearRule(LayerRule):
     def contributions(self, module, saved, grad_output, batch, microbatch, names):
         B = batch
         R = B // microbatch
-        to_records(grad_output, B, microbatch)
         a = to_records(saved, B, microbatch).reshape(R, 1, -1, saved.shape[-1])
         g = to_records(grad_output, B, microbatch).reshape(R, 1, -1, grad_output.shape[-1])
         out: dict[str, Contribution] = {}
         if "weight" in names:
             out["weight"] = OuterContribution(g, a, module.weight.shape)
-        if "bias" in names:
-            out["bias"] = DirectContribution(g.sum((1, 2)), module.bias.shape)
+        if "bias" in names:  # one position per record ([B, d] inputs): the output gradient itself
+            bias = g.reshape(R, g.shape[-1]) if g.shape[2] == 1 else g.sum((1, 2))
+            out["bias"] = DirectContribution(bias, module.bias.shape)
         return out
 
 
