@@ -169,7 +169,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
             fsdp_opt = dp_optimizer(sharded())
             fsdp_whole = dp_optimizer(sharded())
-            fsdp_whole._dist.per_unit = False
+            fsdp_whole.distributed_step.per_unit = False
             gathered = _count_gathered()
             modes["fsdp non-private"] = fsdp_plain_step
             modes["fsdp dp"] = gathered.measure("fsdp dp", lambda: fsdp_opt.fit_batch(x, y))
@@ -184,13 +184,13 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 dist.barrier()
                 if i >= args["warmup"]:
                     times[name].append(time.perf_counter() - t0)
-        volumes["dp"] = dp_opt._dist.last_volume_bytes
-        volumes["dp-bcast"] = bcast_opt._dist.last_volume_bytes
+        volumes["dp"] = dp_opt.distributed_step.last_volume_bytes
+        volumes["dp-bcast"] = bcast_opt.distributed_step.last_volume_bytes
         extra = {}
         if args["fsdp"]:
             for name, o in (("fsdp dp", fsdp_opt), ("fsdp dp whole", fsdp_whole)):
-                volumes[name] = o._dist.last_volume_bytes + o._dist.last_plan_bytes
-                extra[name] = (o._dist.last_path, gathered.peak[name])
+                volumes[name] = o.distributed_step.last_volume_bytes + o.distributed_step.last_plan_bytes
+                extra[name] = (o.distributed_step.last_path, gathered.peak[name])
         n_params = sum(p.numel() for p in plain.parameters())
         volumes["non-private"] = n_params * 4 if world > 1 else 0
         if rank == 0:

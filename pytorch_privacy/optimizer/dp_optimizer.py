@@ -322,6 +322,12 @@ class DPOptimizer(torch.optim.Optimizer):
         return self._steps
 
     @property
+    def distributed_step(self) -> Any:
+        """The collective part of each step for a DDP or FSDP2 model (a :class:`~.distributed.DistributedStep`
+        or :class:`~.distributed.FSDPStep`: e.g. ``opt.distributed_step.per_unit = False``); ``None`` in one process."""
+        return self._dist
+
+    @property
     def budget(self) -> PrivacyBudget | None:
         """The :class:`PrivacyBudget` enforced before each step (``None`` without one)."""
         return self._budget
@@ -639,12 +645,3 @@ class DPOptimizer(torch.optim.Optimizer):
         owned generators from OS entropy: use it when branching a second run from a checkpoint
         whose continuation was already released."""
         checkpoint.load_state_dict(self, state_dict, fresh_randomness=fresh_randomness)
-
-
-def __getattr__(name: str):
-    """``DPGaussianOptimizer`` moved to :mod:`.gaussian_optimizer` (imported lazily: no cycle)."""
-    if name == "DPGaussianOptimizer":
-        from .gaussian_optimizer import DPGaussianOptimizer
-
-        return DPGaussianOptimizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

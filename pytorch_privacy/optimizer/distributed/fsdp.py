@@ -195,13 +195,18 @@ class FSDPStep(DistributedStep):
         super().__init__(mesh.get_group())
         self.mesh = mesh
         self.per_unit = bool(per_unit)
-        #: the FSDP parameter groups and their own reshard settings (restored between steps)
-        self._groups = [(unit, g) for unit in self.units for g in unit._get_fsdp_state()._fsdp_param_groups]
-        self._settings = [
-            (unit._get_fsdp_state(), unit._get_fsdp_state()._auto_reshard_after_forward,
-             [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in unit._get_fsdp_state()._fsdp_param_groups])
-            for unit in self.units
-        ]
+        #: the FSDP parameter groups and their own reshard settings (restored between steps);
+        #: read from FSDP2's internals as of torch 2.13: where they differ, every step is whole-model
+        try:
+            self._groups = [(unit, g) for unit in self.units for g in unit._get_fsdp_state()._fsdp_param_groups]
+            self._settings = [
+                (unit._get_fsdp_state(), unit._get_fsdp_state()._auto_reshard_after_forward,
+                 [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in unit._get_fsdp_state()._fsdp_param_groups])
+                for unit in self.units
+            ]
+            self._internals = True
+        except AttributeError:  # pragma: no cover - another torch's FSDP2
+            self._groups, self._settings, self._internals = [], [], False
         #: the path :meth:`lockstep` chose for the step that ``zero_grad`` begins next
         self._planned: str | None = None
         #: the path the last step took: ``"per-unit"`` or ``"whole-model"`` (``None`` before one)
@@ -262,7 +267,7 @@ class FSDPStep(DistributedStep):
 
     def _per_unit_possible(self) -> bool:
         # FSDP2 creates a unit's unsharded parameter objects at its first all-gather (a whole-model step)
-        return self.per_unit and self._checked_dtypes and all(
+        return self.per_unit and self._internals and self._checked_dtypes and all(
             getattr(fp, "_unsharded_param", None) is not None for fp in self._fsdp_params()
         )
 
@@ -323,7 +328,7 @@ class FSDPStep(DistributedStep):
             raise RuntimeError(
                 "FSDP2 per-unit step: the engine ran a second forward of the model for one physical batch (a "
                 "fallback or retry on this rank only), which would desynchronise the ranks' FSDP all-gathers. "
-                "Train this model with whole-model unsharding: set per_unit=False on the optimizer's FSDPStep"
+                "Train this model with whole-model unsharding: set optimizer.distributed_step.per_unit = False on every rank"
             )
 
     def _nonfinite_shards(self) -> list[str]:
@@ -425,7 +430,7 @@ class FSDPStep(DistributedStep):
                     raise RuntimeError(
                         f"FSDP2 per-unit step: {self._root_forwards} forwards of the model in physical slot {slot} "
                         "instead of one; the ranks' FSDP all-gathers no longer match. Train this model with "
-                        "whole-model unsharding: set per_unit=False on the optimizer's FSDPStep"
+                        "whole-model unsharding: set optimizer.distributed_step.per_unit = False on every rank"
                     )
         finally:
             handle.remove()

@@ -54,7 +54,7 @@ def equivalence(rank, world, port, variants, out_dir):
         opt = train(model, engine, w.make_batches(), rank=rank, world=world, **dict(kw))
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         results.append({"params": full_params(model), "ledger": opt.ledger.to_dict() if opt.ledger else None,
-                        "volume": opt._dist.last_volume_bytes})
+                        "volume": opt.distributed_step.last_volume_bytes})
     torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
 
 
@@ -108,7 +108,7 @@ def noise(rank, world, port, out_dir, sigma, clip, denominator, same_seed, gener
         return
     after = full_params(model)
     update = torch.cat([(after[n] - before[n]).reshape(-1) for n in after])
-    torch.save({"update": update, "volume": opt._dist.last_volume_bytes, "steps": opt.ledger.steps,
+    torch.save({"update": update, "volume": opt.distributed_step.last_volume_bytes, "steps": opt.ledger.steps,
                 "ledger": opt.ledger.to_dict()},
                os.path.join(out_dir, f"noise{rank}.pt"))
 
@@ -180,10 +180,13 @@ def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **
     from pytorch_privacy.optimizer import DPGaussianOptimizer
     from torch.distributed.tensor import DTensor
 
+    per_unit = opt_kwargs.pop("per_unit", True)
     opt = DPGaussianOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
         expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank), **opt_kwargs,
     )
+    if world > 1:
+        opt.distributed_step.per_unit = per_unit
     seen: list[bool] = []
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     linears[-1].register_forward_pre_hook(lambda m, a: seen.append(isinstance(linears[0].weight, DTensor)))
@@ -195,7 +198,7 @@ def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **
             res.reset()
         opt.fit_batch(xs, ys)
         if world > 1:
-            trace.append((opt._dist.last_path, res.peak, res.peak_elems, res.gathers, all(seen) and bool(seen)))
+            trace.append((opt.distributed_step.last_path, res.peak, res.peak_elems, res.gathers, all(seen) and bool(seen)))
     return opt, trace
 
 
@@ -231,7 +234,7 @@ def per_unit_norms(rank, world, port, out_dir):
     before = full_params(model)
     captured.clear()
     opt.fit_batch(x2, y2)
-    torch.save({"norms": captured, "path": opt._dist.last_path, "before": before, "x": x2, "y": y2},
+    torch.save({"norms": captured, "path": opt.distributed_step.last_path, "before": before, "x": x2, "y": y2},
                os.path.join(out_dir, f"unorms{rank}.pt"))
 
 
@@ -254,7 +257,7 @@ def new_signature(rank, world, port, out_dir):
     for t in ([3, 3], [3, 3], [3, 5], [3, 5], [4, 4]):
         x = torch.randn(4, t[rank], 6, generator=g)
         opt.fit_batch(x, torch.randint(0, 3, (4,), generator=g))
-        paths.append(opt._dist.last_path)
+        paths.append(opt.distributed_step.last_path)
     torch.save({"paths": paths, "params": full_params(model), "steps": opt.ledger.steps if opt.ledger else None},
                os.path.join(out_dir, f"sig{rank}.pt"))
 
@@ -303,7 +306,7 @@ def per_unit_noise(rank, world, port, out_dir, sigma, clip, denominator):
         opt.param_groups[0]["lr"] = 1.0
         before = full_params(model)
         opt.fit_batch(*batches[1])
-        paths.append(opt._dist.last_path)
+        paths.append(opt.distributed_step.last_path)
         after = full_params(model)
         updates.append(torch.cat([(after[n] - before[n]).reshape(-1) for n in after]))
     torch.save({"noise": updates[1] - updates[0], "clean": updates[0], "paths": paths},
@@ -351,7 +354,7 @@ def poisson_per_unit(rank, world, port, out_dir, n, q, steps):
     for x, y in loader:
         opt.fit_batch(x, y)
         batches.append((x, y))
-        paths.append(opt._dist.last_path)
+        paths.append(opt.distributed_step.last_path)
     torch.save({"batches": batches, "paths": paths, "params": full_params(model)}, os.path.join(out_dir, f"pois{rank}.pt"))
 
 

@@ -152,7 +152,7 @@ def noise_std(rank, world, port, out_dir, sigma, clip, denominator, mode="block"
         torch.save({"error": str(exc)}, os.path.join(out_dir, f"update{rank}.pt"))
         return
     update = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.module.named_parameters()])
-    torch.save({"update": update, "volume": opt._dist.last_volume_bytes}, os.path.join(out_dir, f"update{rank}.pt"))
+    torch.save({"update": update, "volume": opt.distributed_step.last_volume_bytes}, os.path.join(out_dir, f"update{rank}.pt"))
 
 
 def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=False):

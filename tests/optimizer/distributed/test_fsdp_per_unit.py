@@ -24,6 +24,7 @@ CASES = [
     ("ghost", [4, 4, 4], {"num_microbatches": 4}),  # global count: 2 microbatches of 2 per rank
     ("ghost", [4, 2, 4], {"root_owns_last": True}),  # the root's unit holds the last Linear
     ("functorch", [4, 4, 4], {}),  # no lockstep passes: whole-model every step
+    ("ghost", [4, 4, 4], {"per_unit": False}),  # optimizer.distributed_step.per_unit = False: whole-model
 ]
 
 
@@ -32,7 +33,7 @@ def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path
     refs = []
     for engine, splits, kw in CASES:
         model = fw.deep_model()
-        kw = {k: v for k, v in kw.items() if k != "root_owns_last"}
+        kw = {k: v for k, v in kw.items() if k not in ("root_owns_last", "per_unit")}
         fw.split_train(model, engine, w.make_batches(len(splits)), splits, **kw)
         refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
     start = dict(fw.deep_model().named_parameters())
@@ -46,7 +47,7 @@ def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {splits} {kw}: {m}")
             paths = [t[0] for t in res["trace"]]
-            if engine == "functorch":
+            if engine == "functorch" or kw.get("per_unit") is False:
                 assert paths == ["whole-model"] * 3
                 continue
             # the first step verifies and traces the batch signature (probe forwards): whole model
