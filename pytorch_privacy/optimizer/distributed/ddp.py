@@ -45,7 +45,8 @@ with the step's collective, so every rank refuses the step together
 (:class:`~pytorch_privacy.optimizer.budget.PrivacyBudgetExceeded` on all ranks).  Unlike one
 process, the generators are *not* rewound after a refusal: the noised sums already crossed the
 ranks in the collective, and the same normals on a later attempt would cancel in the difference
-of the two reduced buffers.
+of the two reduced buffers.  Nor after a step in which no rank took a sensitive pass (public
+passes only): its buffer carried every rank's block noise to every rank just the same.
 
 Public passes (no privacy cost) are averaged over the ranks in the same all-reduce, so the replicas
 stay equal; every rank must take them.  Physical batches and several passes are clipped and merged
@@ -259,7 +260,6 @@ class DistributedStep:
         flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(k, dtype=wide, device=device)])
         gauss, gauss_state = _gaussian_part(query, global_state)
         self._check_distinct_sources(query, gauss_state.stddev)
-        saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
         code, mine, header = _OK, None, None
         try:
@@ -295,9 +295,7 @@ class DistributedStep:
                 t = acc.template[n]
                 acc.public[n] = (flat[pos : pos + t.numel()].reshape(t.shape) / self.world_size).to(t.dtype)
                 pos += t.numel()
-        if not any_sensitive:  # nothing released: undo this rank's draw
-            for src_, st in zip(_sources(query), saved or []):
-                src_.load_state_dict(st)
+        if not any_sensitive:  # no data released; the draws stay spent: the reduced buffer showed them to every rank
             return None, global_state, None
         released = flat[:n_sum]  # in place, then views (no extra pass over the parameters)
         if divisor != 1.0:  # the query's "/ D" (as NormalizedQuery: a true division)

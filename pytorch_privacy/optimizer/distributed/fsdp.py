@@ -112,7 +112,7 @@ from torch import nn
 import attrs
 
 from ..engines.base import batch_size_of
-from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, _gaussian_part, _sources, linear_release_divisor
+from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, _gaussian_part, linear_release_divisor
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -532,7 +532,6 @@ class FSDPStep(DistributedStep):
         own = sum(t.numel() for t in pieces[self.rank][: len(names)])  # this rank's sum elements
         gauss, gauss_state = _gaussian_part(query, global_state)
         self._check_distinct_sources(query, gauss_state.stddev)
-        saved = None if has_sensitive else [s.state_dict() for s in _sources(query)]
         code, mine, header = _OK, None, None
         try:
             noised, new_gauss, event = gauss.get_noised_result(buf[self.rank, :own], gauss_state)
@@ -567,9 +566,7 @@ class FSDPStep(DistributedStep):
             pos += shape.numel()
         if public:
             acc.public = self._as_dtensors({n: shards[n] / world for n in pub})
-        if not any_sensitive:  # nothing released: undo this rank's draw
-            for src_, st in zip(_sources(query), saved or []):
-                src_.load_state_dict(st)
+        if not any_sensitive:  # no data released; the draws stay spent: the reduced buffer showed them to every rank
             return None, global_state, None
         result = {}
         for n in names:

@@ -311,3 +311,30 @@ def overflowing_release(rank, world, port, out_dir):
     x = torch.tensor([[4e4, 1.0], [4e4, 1.0]], dtype=torch.float16)  # d loss / d w = x
     opt.fit_batch(x, torch.zeros(2))
     torch.save({"weight": model.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def public_only_step(rank, world, port, out_dir, fsdp=False):
+    """A step with a public pass only (no rank takes a sensitive pass): every rank still noises its
+    block (or shard) before the collective, so the reduced buffer carried that noise to every rank.
+    Saves whether each rank's generator moved on (the noise must stay spent)."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    if fsdp:
+        from ._fsdp_workers import shard
+
+        model = inner = shard(make_model())
+    else:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        inner = model.module
+    gen = torch.Generator().manual_seed(10 + rank)
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD(inner.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0, noise_multiplier=1.0,
+        expected_batch_size=8, generator=gen,
+    )
+    x, y = make_batches(1)[0]
+    before = gen.get_state().clone()
+    opt.zero_grad()
+    opt.backward_pass(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4], sensitive=False)
+    opt.step()
+    torch.save({"noise_spent": not torch.equal(gen.get_state(), before)},
+               os.path.join(out_dir, f"public{rank}.pt"))

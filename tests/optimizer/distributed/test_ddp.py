@@ -268,3 +268,13 @@ def test_an_overflowing_release_reaches_grad_as_zero_on_every_rank(tmp_path):
         assert torch.isfinite(weight).all()
         # coordinate 0 overflowed (gradient 0: unchanged); coordinate 1 moved by lr * (4 records * 1) / 1
         assert torch.equal(weight, torch.tensor([[1.0, -3.0]], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_a_public_only_step_keeps_its_noise_spent(tmp_path, fsdp):
+    # every rank noised its block (shard) before the collective, so the reduced buffer showed that
+    # noise to every rank; a rewound generator would put the same normals on the next step's sums,
+    # whose noise-free value on the other blocks the ranks could then read off by subtraction
+    w.spawn(w.public_only_step, 2, str(tmp_path), fsdp)
+    for rank in range(2):
+        assert _load(tmp_path / f"public{rank}.pt")["noise_spent"]
