@@ -8,7 +8,10 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
   (DDP all-reduces the gradients in buckets during the backward), ``SGD.step()``.
 * ``dp``: ``DPGaussianOptimizer(ddp_model, ...).fit_batch`` with the chosen engine: per-example
   gradients of the local share, clip and sum locally, each rank noises its own block of the flat
-  sums, one all-reduce, ``SGD.step()`` (the one-collective step, see ``distributed/ddp.py``).
+  sums, one all-reduce, ``SGD.step()`` (the one-collective step, see ``distributed/ddp.py``);
+  the next step's block noise is drawn while the all-reduce is in flight.
+* ``dp no-prefetch``: the same with ``distributed_step.prefetch_noise = False`` (each step draws
+  its block noise before its all-reduce).
 * ``dp-bcast``: the same through a query with its own ``get_noised_result`` (the generic path, and
   the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
   global sum, a control broadcast and a broadcast of the release.
@@ -143,9 +146,13 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
         dp_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
         bcast_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])), own_release=True)
+        eager_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+        if world > 1:
+            eager_opt.distributed_step.prefetch_noise = False
         modes = {
             "non-private": plain_step,
             "dp": lambda: dp_opt.fit_batch(x, y),
+            "dp no-prefetch": lambda: eager_opt.fit_batch(x, y),
             "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
         }
         volumes = {}
@@ -185,6 +192,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 if i >= args["warmup"]:
                     times[name].append(time.perf_counter() - t0)
         volumes["dp"] = dp_opt.distributed_step.last_volume_bytes
+        volumes["dp no-prefetch"] = eager_opt.distributed_step.last_volume_bytes if world > 1 else 0
         volumes["dp-bcast"] = bcast_opt.distributed_step.last_volume_bytes
         extra = {}
         if args["fsdp"]:

@@ -149,6 +149,9 @@ class RandomSource:
         self._user = generator
         self._secure = secure_mode
         self._owned: dict[str, torch.Generator] = {}
+        #: a held prefetch (:meth:`prefetch_normal`): ``(key, normals, generator, state before,
+        #: state after)``, or ``None``
+        self._prefetched: tuple | None = None
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -168,6 +171,7 @@ class RandomSource:
 
     def torch_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """The ``torch.Generator`` draws for ``device`` use (the user's on its own device)."""
+        self._settle()
         if self._secure:
             raise ValueError("a secure_mode source has no torch.Generator; it draws from os.urandom")
         if self._user is not None:
@@ -186,6 +190,10 @@ class RandomSource:
         in secure mode) and returned in that dtype (float32 or wider)."""
         wide = noise_dtype(dtype)
         shape = tuple(shape)
+        if self._prefetched is not None:
+            z = self._take((shape, _device_key(device), wide))
+            if z is not None:
+                return z
         if self._secure:
             n = math.prod(shape)
             z = torch.from_numpy(secure_standard_normal(n)).reshape(shape)
@@ -194,8 +202,48 @@ class RandomSource:
         z = torch.randn(shape, generator=g, device=g.device, dtype=wide)
         return z if z.device == torch.device(device) else z.to(device)
 
+    # -- prefetching (draws made early, e.g. while a collective is in flight) --------------
+    def prefetch_normal(self, shape, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        """Draw now the standard normals that the next :meth:`normal` of this shape, device and
+        dtype will return.  Invisible in the stream: they are the values that call would draw,
+        :meth:`state_dict` describes the position before them, and any other draw (or a
+        ``load_state_dict``) first rewinds the generator to that position, as if they had never
+        been drawn.  If something else drew from the generator meanwhile (a user's generator
+        shared with other code), they are discarded instead: never returned twice, never
+        rewound over someone else's draws."""
+        self._settle()
+        shape = tuple(shape)
+        key = (shape, _device_key(device), noise_dtype(dtype))
+        g = None if self._secure else self.torch_generator(device)
+        before = None if g is None else g.get_state()
+        z = self.normal(shape, device=device, dtype=dtype)
+        self._prefetched = (key, z, g, before, None if g is None else g.get_state())
+
+    def _untouched(self) -> bool:
+        """Whether the held prefetch's generator is where the prefetch left it."""
+        _, _, g, _, after = self._prefetched  # type: ignore[misc]
+        return g is None or torch.equal(g.get_state(), after)
+
+    def _take(self, key: tuple | None) -> torch.Tensor | None:
+        """The held prefetch if ``key`` matches it (and its generator is untouched); else drop it,
+        rewinding its generator when untouched.  ``None`` when nothing was taken."""
+        pkey, z, g, before, _ = self._prefetched  # type: ignore[misc]
+        untouched = self._untouched()
+        self._prefetched = None
+        if untouched and pkey == key:
+            return z
+        if untouched and g is not None:
+            g.set_state(before)
+        return None
+
+    def _settle(self) -> None:
+        """Before any other draw: give back a held prefetch (see :meth:`prefetch_normal`)."""
+        if self._prefetched is not None:
+            self._take(None)
+
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """A CPU bool tensor of ``n`` independent Bernoulli(``p``) draws."""
+        self._settle()
         if self._secure:
             return secure_bernoulli(n, p)
         g = self.torch_generator("cpu")
@@ -214,7 +262,12 @@ class RandomSource:
     def state_dict(self) -> dict[str, Any]:
         """``{"kind": ..., "states": {device: generator state}}`` (plain tensors; safe for
         ``torch.load(weights_only=True)``)."""
-        return {"kind": self.kind, "states": {k: g.get_state() for k, g in self._generators().items()}}
+        gens = self._generators()
+        states = {k: g.get_state() for k, g in gens.items()}
+        if self._prefetched is not None and self._prefetched[2] is not None and self._untouched():
+            g, before = self._prefetched[2], self._prefetched[3]  # the position before the prefetch
+            states.update({k: before.clone() for k, s in gens.items() if s is g})
+        return {"kind": self.kind, "states": states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore generator states saved by :meth:`state_dict` (of any kind of source).
@@ -225,6 +278,7 @@ class RandomSource:
         """
         if not isinstance(state, dict) or not isinstance(state.get("states"), dict):
             raise ValueError("not a RandomSource state dict (expected {'kind': ..., 'states': {device: tensor}})")
+        self._prefetched = None  # drawn from a position this restore replaces
         if self._secure:
             return
         for key, st in state["states"].items():
@@ -243,6 +297,7 @@ class RandomSource:
         """Reseed the owned generators from OS entropy (a user's generator is left alone: its
         seeding is the user's choice).  Use it to branch several runs from one checkpoint: an
         exact restore would give every branch the same noise."""
+        self._prefetched = None
         for g in self._owned.values():
             g.manual_seed(os_seed())
 
@@ -251,6 +306,7 @@ class RandomSource:
         query); it applies to the user's generator or the CPU generator."""
         if self._secure:
             return
+        self._prefetched = None
         g = self._user if self._user is not None else self.torch_generator("cpu")
         g.set_state(st)
 

@@ -303,3 +303,68 @@ def test_a_second_branch_from_one_checkpoint_can_take_fresh_noise():
     (a,), (b,), (c,) = _noise_steps(m1, o1, 1), _noise_steps(m2, o2, 1), _noise_steps(m3, o3, 1)
     assert _cos(a, b) > 0.999  # exact restore: both branches continue the same stream
     assert abs(_cos(a, c)) < 0.5
+
+
+# -- prefetching: draws made early are invisible in the stream ----------------------------------
+def _twins(seed=5):
+    return RandomSource(torch.Generator().manual_seed(seed)), RandomSource(torch.Generator().manual_seed(seed))
+
+
+def test_a_prefetch_returns_what_the_next_draw_would_and_the_stream_goes_on_alike():
+    a, b = _twins()
+    a.prefetch_normal((7,))
+    assert torch.equal(a.normal((7,)), b.normal((7,)))
+    assert torch.equal(a.normal((3,)), b.normal((3,)))
+    # taken once: the next draw of the same shape is new
+    a.prefetch_normal((7,))
+    first = a.normal((7,))
+    assert not torch.equal(first, a.normal((7,)))
+
+
+@pytest.mark.parametrize("other", ["shape", "dtype", "bernoulli", "generator"])
+def test_any_other_draw_first_rewinds_a_prefetch(other):
+    a, b = _twins()
+    a.prefetch_normal((7,))
+    if other == "shape":
+        assert torch.equal(a.normal((4,)), b.normal((4,)))
+    elif other == "dtype":
+        assert torch.equal(a.normal((7,), dtype=torch.float64), b.normal((7,), dtype=torch.float64))
+    elif other == "bernoulli":
+        assert torch.equal(a.bernoulli_mask(9, 0.5), b.bernoulli_mask(9, 0.5))
+    else:  # code drawing from the source's generator itself
+        assert torch.equal(torch.randn(4, generator=a.torch_generator()), torch.randn(4, generator=b.torch_generator()))
+    assert torch.equal(a.normal((7,)), b.normal((7,)))
+
+
+def test_a_checkpoint_taken_during_a_prefetch_resumes_before_it():
+    a, b = _twins()
+    a.prefetch_normal((7,))
+    state = a.state_dict()
+    assert torch.equal(state["states"]["cpu"], b.state_dict()["states"]["cpu"])
+    held = a.normal((7,))
+    c = RandomSource(torch.Generator())
+    c.load_state_dict(state)
+    assert torch.equal(c.normal((7,)), held)  # the same stream as a run that never prefetched
+    # a restore drops a held prefetch (it was drawn from a position the restore replaces)
+    a.prefetch_normal((7,))
+    a.load_state_dict(state)
+    assert torch.equal(a.normal((7,)), held)
+
+
+def test_a_prefetch_is_discarded_not_reused_when_the_shared_generator_moved_on():
+    g = torch.Generator().manual_seed(5)
+    a = RandomSource(g)
+    a.prefetch_normal((7,))
+    held = RandomSource(torch.Generator().manual_seed(5)).normal((7,))  # what the prefetch drew
+    torch.randn(3, generator=g)  # other code draws from the user's generator meanwhile
+    after = g.get_state()
+    z = a.normal((7,))
+    assert not torch.equal(z, held)  # fresh normals, drawn after the other code's ...
+    assert torch.equal(z, torch.randn(7, generator=torch.Generator().set_state(after)))  # ... not rewound over them
+
+
+def test_a_secure_prefetch_is_used_once():
+    s = RandomSource(secure_mode=True)
+    s.prefetch_normal((1000,))
+    z1, z2 = s.normal((1000,)), s.normal((1000,))
+    assert z1.shape == (1000,) and not torch.equal(z1, z2)

@@ -165,6 +165,10 @@ class DistributedStep:
         self.count_stddev: float | None = None
         #: the released (noised) world count of the last step's dropped records, or ``None``
         self.last_noised_count: float | None = None
+        #: block noise: draw the next step's normals for this rank's block while the step's
+        #: all-reduce is in flight (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.prefetch_normal`:
+        #: the same values, in the same stream order, as drawing them next step)
+        self.prefetch_noise = True
         #: whether the last release was already cleaned of non-finite values (NaN/inf set to 0,
         #: in place on the flat buffer) so the optimizer need not make its own pass
         self.last_release_sanitized = False
@@ -276,7 +280,11 @@ class DistributedStep:
         )
         if k == 6:
             flat[-6] = self._local_noised_count(acc, gauss)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        stddev = gauss_state.stddev
+        if self.prefetch_noise and hi > lo and code == _OK and not (isinstance(stddev, (int, float)) and stddev == 0):
+            gauss.generator.prefetch_normal((hi - lo,), device=flat.device, dtype=flat.dtype)  # while it is in flight
+        work.wait()
         self.last_volume_bytes = flat.numel() * flat.element_size()
         tail = flat[-k:].tolist()  # one sync
         self.last_noised_count = tail[0] if k == 6 else None

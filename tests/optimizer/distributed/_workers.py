@@ -179,10 +179,15 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=Fal
         noise_multiplier=1.0, data_loader=loader, target_epsilon=target_epsilon, target_delta=1e-5,
     )
     taken, refused_at, local, noise_spent = 0, None, [], None
-    gen = opt._random_sources[0].torch_generator("cpu")
+    source = opt._random_sources[0]
+
+    def position():  # where the noise stream stands (a held prefetch counts as not yet drawn)
+        st = source.state_dict()["states"].get("cpu")  # None before the generator's first draw
+        return torch.zeros(0, dtype=torch.uint8) if st is None else st.clone()
+
     for x, y in loader:
         local.append(x.shape[0])
-        before = gen.get_state().clone()
+        before = position()
         try:
             opt.fit_batch(x, y)
             taken += 1
@@ -190,7 +195,7 @@ def ledger_run(rank, world, port, out_dir, n, q, steps, target_epsilon, fsdp=Fal
             refused_at = taken
             # the refused step's noised sums were already reduced across the ranks: its normals
             # must stay spent (a rewound generator would put the same noise on the next attempt)
-            noise_spent = not torch.equal(gen.get_state(), before)
+            noise_spent = not torch.equal(position(), before)
             break
     sharded = all(type(p).__name__ == "DTensor" for p in inner.parameters())  # resharded after a refusal too
     torch.save(
@@ -338,3 +343,28 @@ def public_only_step(rank, world, port, out_dir, fsdp=False):
     opt.step()
     torch.save({"noise_spent": not torch.equal(gen.get_state(), before)},
                os.path.join(out_dir, f"public{rank}.pt"))
+
+
+def prefetch_twins(rank, world, port, out_dir):
+    """Three noisy DDP steps twice from the same seeds: the block noise drawn the usual way, and
+    prefetched while each step's all-reduce is in flight.  Saves both runs' parameters and the
+    generator states."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    out = {}
+    for prefetch in (False, True):
+        model = nn.parallel.DistributedDataParallel(make_model())
+        gen = torch.Generator().manual_seed(20 + rank)
+        opt = DPGaussianOptimizer(
+            torch.optim.SGD(model.module.parameters(), lr=0.5), model, loss_fn(), l2_norm_clip=0.3,
+            noise_multiplier=1.0, expected_batch_size=8, generator=gen,
+        )
+        opt.distributed_step.prefetch_noise = prefetch
+        for x, y in make_batches():
+            opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        out[prefetch] = {
+            "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+            "saved": opt.state_dict(),
+            "held": opt._random_sources[0]._prefetched is not None,  # the prefetch path ran
+        }
+    torch.save(out, os.path.join(out_dir, f"prefetch{rank}.pt"))

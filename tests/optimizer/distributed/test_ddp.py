@@ -278,3 +278,21 @@ def test_a_public_only_step_keeps_its_noise_spent(tmp_path, fsdp):
     w.spawn(w.public_only_step, 2, str(tmp_path), fsdp)
     for rank in range(2):
         assert _load(tmp_path / f"public{rank}.pt")["noise_spent"]
+
+
+def test_prefetched_block_noise_is_the_noise_drawn_the_usual_way(tmp_path):
+    # the next step's normals are drawn while the all-reduce is in flight: the same values in the
+    # same stream order, so the runs agree bit for bit, and a checkpoint (taken while a prefetch
+    # is held) holds the generator where the usual run's is
+    w.spawn(w.prefetch_twins, 2, str(tmp_path))
+    for rank in range(2):
+        out = _load(tmp_path / f"prefetch{rank}.pt")
+        plain, early = out[False], out[True]
+        assert early["held"] and not plain["held"]
+        for n, p in plain["params"].items():
+            assert torch.equal(p, early["params"][n]), n
+        start = dict(w.make_model().named_parameters())
+        assert any(not torch.equal(p, start[n].detach()) for n, p in plain["params"].items())
+        s_plain, s_early = plain["saved"]["random_sources"], early["saved"]["random_sources"]
+        assert len(s_plain) == len(s_early) == 1
+        assert torch.equal(s_plain[0]["states"]["cpu"], s_early[0]["states"]["cpu"])
