@@ -211,6 +211,28 @@ def rewind_after_distributed_refusal(text: str) -> str:
     )
 
 
+def rewind_after_public_only_step(text: str) -> str:
+    # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
+    # every rank saw in the reduced buffer goes onto the next step's sums
+    text = _replace_once(
+        text, r"^(\s*)code, mine, header = _OK, None, None$",
+        r"\1saved_ = [s.state_dict() for s in _sources(query)]\n\1code, mine, header = _OK, None, None", "the snapshot",
+    )
+    return _replace_once(
+        text, r"^(\s*)if not any_sensitive:  # no data released.*$",
+        r"\1if not any_sensitive:\n\1    [s.load_state_dict(st) for s, st in zip(_sources(query), saved_)]", "the no-rewind branch",
+    )
+
+
+def prefetch_reused(text: str) -> str:
+    # a prefetched draw is handed out and kept: the next draw of that shape returns it again
+    return _replace_once(
+        text, r"^(\s*)self\._prefetched = None\n(\s*)if untouched and pkey == key:",
+        r"\1if not (untouched and pkey == key):\n\1    self._prefetched = None\n\2if untouched and pkey == key:",
+        "the prefetch hand-out", flags=re.M,
+    )
+
+
 OPT = "tests/optimizer"
 DIST = "tests/optimizer/distributed"
 
@@ -271,6 +293,11 @@ BUGS = [
     Bug("rewind_after_distributed_refusal", "a refused DDP/FSDP2 step rewinds the noise generators (noise reuse)",
         "pytorch_privacy/optimizer/dp_optimizer.py", rewind_after_distributed_refusal,
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
+    Bug("rewind_after_public_only_step", "a DDP step with public passes only rewinds the noise generators (noise reuse)",
+        "pytorch_privacy/optimizer/distributed/ddp.py", rewind_after_public_only_step, [f"{DIST}/test_ddp.py"]),
+    Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
+        "pytorch_privacy/dp_query/randomness.py", prefetch_reused,
+        [f"{OPT}/test_randomness.py", f"{DIST}/test_ddp.py"]),
 ]
 
 
