@@ -294,7 +294,11 @@ class GhostEngine(GradientEngine):
                 handles.append(m.register_forward_hook(rec.module_hook(mname, rule, local), with_kwargs=True))
             with torch.enable_grad(), refuse_reentrant_checkpoint(), (
                 RawUseMode(raw, rec.on_raw_use) if raw else contextlib.nullcontext()
-            ):
+            ), warnings.catch_warnings():
+                # FSDP2 warns when a unit returns a view (a tap's output) that an in-place op could
+                # detach from its pre-backward hook; autograd refuses in-place ops on a tap's view
+                # (the engine then switches to copying taps), so that cannot happen here
+                warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
                 output = call_model(self.model, inputs)
                 losses = self.loss_fn(output, targets)
                 check_losses(losses, batch)
