@@ -381,3 +381,15 @@ def early_use(rank, world, port):
     opt, _ = split_train(model, "ghost", [(x, y)], [4], rank=rank, world=world, res=Residency())
     x2, y2 = w.make_batches(1, batch=8, seed=2)[0]
     opt.fit_batch(x2[:3], y2[:3]) if rank == 0 else opt.fit_batch(x2[3:], y2[3:])
+
+
+def naive_norms(model, x, y, rank: int):
+    """Per-example gradient norms of ``model`` computed one example at a time (the reference), and
+    the norms over rank ``rank``'s half of every gradient alone (what a per-shard norm would be)."""
+    expected, own_shard = [], []
+    for i in range(x.shape[0]):
+        loss = w.loss_fn()(model(x[i:i + 1]), y[i:i + 1]).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        expected.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        own_shard.append(torch.sqrt(sum((torch.chunk(g, 2, 0)[rank] ** 2).sum() for g in grads)))
+    return torch.stack(expected), torch.stack(own_shard)
