@@ -393,3 +393,25 @@ def naive_norms(model, x, y, rank: int):
         expected.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
         own_shard.append(torch.sqrt(sum((torch.chunk(g, 2, 0)[rank] ** 2).sum() for g in grads)))
     return torch.stack(expected), torch.stack(own_shard)
+
+
+def autocast_paths(rank, world, port, out_dir):
+    """Three bf16-autocast steps on rank ``rank``'s half of each batch, once with per-unit steps and
+    once whole-model (noise off): saves both runs' parameters and the paths taken."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    out = {}
+    for per_unit in (True, False):
+        model = shard(deep_model())
+        opt = DPGaussianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
+            expected_batch_size=8, generator=torch.Generator().manual_seed(rank),
+        )
+        opt.distributed_step.per_unit = per_unit
+        paths = []
+        for x, y in w.make_batches(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+            paths.append(opt.distributed_step.last_path)
+        out[per_unit] = {"params": full_params(model), "paths": paths}
+    torch.save(out, os.path.join(out_dir, f"autocast{rank}.pt"))

@@ -156,3 +156,16 @@ def test_a_parameter_used_outside_its_unit_in_a_per_unit_step_fails_loudly():
     # is freed until the unit's all-gather: reading it would crash the process or return garbage)
     with pytest.raises(Exception, match="DTensor"):
         w.spawn(fw.early_use, 2)
+
+
+@pytest.mark.slow
+def test_per_unit_steps_under_bf16_autocast_equal_whole_model_steps(tmp_path):
+    w.spawn(fw.autocast_paths, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"autocast{rank}.pt", weights_only=False)
+        assert out[True]["paths"] == ["whole-model", "per-unit", "per-unit"]
+        assert out[False]["paths"] == ["whole-model"] * 3
+        start = dict(fw.deep_model().named_parameters())
+        assert any((p - start[n]).abs().max() > 1e-3 for n, p in out[True]["params"].items())  # it trained
+        for n, p in out[False]["params"].items():
+            torch.testing.assert_close(out[True]["params"][n], p, atol=1e-6, rtol=0)
