@@ -57,7 +57,9 @@ def clip_records(batch: Any, l2_norm_clip) -> tuple[Any, torch.Tensor]:
     return pytree.unflatten([pytree.scale_rows(l, coef) for l in leaves], spec), norms
 
 
-def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None) -> Any:
+def add_gaussian_noise(
+    record: Any, stddev, generator: "torch.Generator | RandomSource | None" = None, *, in_place: bool = False
+) -> Any:
     """``record + N(0, stddev^2 I)`` leaf-wise.
 
     ``generator``: a :class:`~pytorch_privacy.dp_query.randomness.RandomSource` (what queries
@@ -67,6 +69,11 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     (:func:`~pytorch_privacy.dp_query.randomness.noise_dtype`), then cast to the leaf's dtype;
     leaves are drawn one after the other, in leaf order.  ``stddev`` may be a 0-dim tensor (no
     host sync).
+
+    ``in_place=True``: the caller owns ``record``'s tensors and gives them up; leaves already in
+    the noise dtype are noised where they lie (``torch._foreach_add_``), the others as above.  The
+    same draws in the same order and the same arithmetic, so the same values bit for bit; it saves
+    one allocation and one written copy per leaf.
     """
     if isinstance(stddev, (int, float)) and stddev == 0:
         return pytree.tree_map(lambda leaf: leaf, record)
@@ -81,6 +88,9 @@ def add_gaussian_noise(record: Any, stddev, generator: "torch.Generator | Random
     else:
         zs = [(z * stddev).to(z.dtype) for z in zs]
     out_dtypes = [leaf.dtype if leaf.is_floating_point() else torch.get_default_dtype() for leaf in leaves]
+    if in_place and all(leaf.dtype == z.dtype for leaf, z in zip(leaves, zs)):  # floating, nothing to cast
+        torch._foreach_add_(leaves, zs)
+        return dict(zip(keys, leaves)) if spec is None else pytree.unflatten(leaves, spec)
     wide = [leaf if leaf.dtype == z.dtype else leaf.to(z.dtype) for leaf, z in zip(leaves, zs)]
     summed = torch._foreach_add(wide, zs)
     out = [s if s.dtype == d else s.to(d) for s, d in zip(summed, out_dtypes)]
@@ -186,6 +196,13 @@ class GaussianSumQuery(SumAggregationDPQuery):
 
     def get_noised_result(self, sample_state, global_state: GaussianSumGlobalState):
         result = add_gaussian_noise(sample_state, global_state.stddev, self.generator)
+        return result, global_state, self.event(global_state)
+
+    def get_noised_result_in_place(self, sample_state, global_state: GaussianSumGlobalState):
+        """:meth:`get_noised_result` for a caller that owns ``sample_state``'s tensors and gives them
+        up (:func:`add_gaussian_noise` with ``in_place=True``): the same draws and values, with the
+        noise added where the sums lie.  The result's tensors are then the caller's."""
+        result = add_gaussian_noise(sample_state, global_state.stddev, self.generator, in_place=True)
         return result, global_state, self.event(global_state)
 
     def noise_in_place(self, flat: torch.Tensor, global_state: GaussianSumGlobalState) -> tuple[GaussianSumGlobalState, DpEvent]:

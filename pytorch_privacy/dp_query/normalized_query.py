@@ -33,12 +33,21 @@ def check_denominator(denominator) -> float:
     return float(denominator)
 
 
-def divide(tree_: Any, d: float) -> Any:
+def divide(tree_: Any, d: float, *, in_place: bool = False) -> Any:
     """``t / d`` for every leaf.  A flat dict of CPU tensors of one dtype (the optimizer's
-    records) takes one foreach call (the same true division, bit for bit)."""
+    records) takes one foreach call (the same true division, bit for bit).  ``in_place=True``
+    (the caller owns the floating-point leaves and gives them up) divides them where they lie:
+    the same values, without new tensors."""
     if pytree.is_flat_dict(tree_) and tree_:
         leaves = list(tree_.values())
         t0 = leaves[0]
+        if in_place and all(t.is_floating_point() for t in leaves):
+            if t0.device.type == "cpu" and all(t.device == t0.device and t.dtype == t0.dtype for t in leaves):
+                torch._foreach_div_(leaves, d)
+            else:
+                for t in leaves:
+                    t.div_(d)
+            return dict(tree_)
         if t0.device.type == "cpu" and all(t.device == t0.device and t.dtype == t0.dtype for t in leaves):
             return dict(zip(tree_, torch._foreach_div(leaves, d)))
     return pytree.tree_map(lambda t: t / d, tree_)
@@ -78,6 +87,16 @@ class NormalizedQuery(DelegatingQuery):
     def get_noised_result(self, sample_state, global_state: NormalizedGlobalState):
         num, new_num_state, event = self._inner.get_noised_result(sample_state, global_state.numerator_state)
         result = divide(num, global_state.denominator)
+        return result, attrs.evolve(global_state, numerator_state=new_num_state), event
+
+    def get_noised_result_in_place(self, sample_state, global_state: NormalizedGlobalState):
+        """:meth:`get_noised_result` for a caller that owns ``sample_state``'s tensors and gives them
+        up, over a numerator query whose ``get_noised_result_in_place`` returns tensors the caller
+        owns (:meth:`GaussianSumQuery.get_noised_result_in_place
+        <pytorch_privacy.dp_query.GaussianSumQuery.get_noised_result_in_place>`): its result is
+        divided where it lies.  The same values as :meth:`get_noised_result`."""
+        num, new_num_state, event = self._inner.get_noised_result_in_place(sample_state, global_state.numerator_state)
+        result = divide(num, global_state.denominator, in_place=True)
         return result, attrs.evolve(global_state, numerator_state=new_num_state), event
 
 

@@ -559,8 +559,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     raise
                 examples = None if examples is None else self._dist.last_global_examples
                 self._step_params = self._dist.release_params(self._step_params)
-            else:
-                result, new_state, event = self._acc.finish(old_state)
+            else:  # the sums are discarded after the release: noise and divide them in place
+                result, new_state, event = self._acc.finish(old_state, in_place=True)
             if event is not None:
                 if enforcing and self._dist is None:
                     try:
@@ -580,11 +580,13 @@ class DPOptimizer(torch.optim.Optimizer):
             grads = combine_gradients(result, self._acc.public) if self._acc.public else (result or {})
             # this step's trainable parameters (one frozen since gets none); DDP may have cleaned them
             clean = not self._acc.public and self._dist is not None and self._dist.last_release_sanitized
+            owned = self._dist is None and self._acc.result_owned  # fresh tensors of this step: fix in place
             for name, p in self._step_params.items():
                 if (g := grads.get(name)) is None or not p.requires_grad:
                     continue
                 if g.dtype != p.dtype or not clean:  # after the cast: a cast can overflow (float16)
-                    g = torch.nan_to_num(g.to(p.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # under no_grad
+                    fix = torch.nan_to_num_ if owned or g.dtype != p.dtype else torch.nan_to_num
+                    g = fix(g.to(p.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # under no_grad
                 p.grad = g
             if self._acc.dropped is not None and self._acc.dropped.device.type == "cpu":
                 self._warn_dropped(int(self._acc.dropped))

@@ -71,6 +71,7 @@ from ..dp_query import pytree
 from ..dp_query.delegating_query import DelegatingQuery
 from ..dp_query.dp_query import DPQuery, SumAggregationDPQuery
 from ..dp_query.gaussian_query import GaussianSumQuery
+from ..dp_query.normalized_query import NormalizedQuery
 from .engines.base import MaterializedGradients, PerExampleGradients, empty_gradients
 
 __all__ = ["JOINT", "PER_PASS", "PASS_CLIPPING_MODES", "StepAccumulator", "EmptyGradients", "combine_gradients"]
@@ -173,6 +174,24 @@ def plain_gaussian_sum(query: DPQuery) -> GaussianSumQuery | None:
     return query
 
 
+def in_place_release(query: DPQuery) -> bool:
+    """Whether ``query`` is the built-in :class:`~pytorch_privacy.dp_query.GaussianSumQuery`, or a
+    :class:`~pytorch_privacy.dp_query.NormalizedQuery` of one, releasing and merging with their
+    own methods (no subclass overrides them): then ``get_noised_result_in_place`` gives exactly
+    ``get_noised_result``'s values in tensors the caller owns (:meth:`StepAccumulator.finish`)."""
+    if isinstance(query, NormalizedQuery):
+        for m in ("get_noised_result", "get_noised_result_in_place"):
+            if getattr(type(query), m) is not getattr(NormalizedQuery, m):
+                return False
+        if type(query).merge_sample_states is not DelegatingQuery.merge_sample_states:
+            return False
+        query = query.numerator_query
+    if not isinstance(query, GaussianSumQuery):
+        return False
+    own = ("get_noised_result", "get_noised_result_in_place", "merge_sample_states", "accumulate_preprocessed_record")
+    return all(getattr(type(query), m) is getattr(GaussianSumQuery, m) for m in own)
+
+
 def EmptyGradients(params: dict[str, torch.Tensor]) -> PerExampleGradients:  # noqa: N802 - old class name
     """Per-example gradients of an empty batch: :func:`~.engines.base.empty_gradients` (kept under
     its old name)."""
@@ -233,6 +252,10 @@ class StepAccumulator:
         self.norms: list[torch.Tensor] = []
         self.loss_sum: torch.Tensor | None = None
         self.loss_count = 0
+        #: whether every chunk's sums are fresh tensors of ours (the plain Gaussian route)
+        self._state_owned = True
+        #: whether the last :meth:`finish` returned tensors the caller owns
+        self.result_owned = False
 
     @property
     def started(self) -> bool:
@@ -331,6 +354,7 @@ class StepAccumulator:
             if self._is_fresh_state(total):  # the engine's fresh tensors, in a dict of our own
                 return dict(total)
             return gauss.accumulate_preprocessed_record(gauss.initial_sample_state(self.template), total)
+        self._state_owned = False
         state = q.initial_sample_state(self.template)
         if self.by_norm is not False:
             try:
@@ -390,6 +414,7 @@ class StepAccumulator:
             self._note(joint)
         else:  # PER_PASS, k > 1
             q = self.query
+            self._state_owned = False
             chunk_state = q.initial_sample_state(self.template)
             for r in recs:
                 mat = _materialize(r, "pass_clipping='per_pass' with several sensitive passes")
@@ -422,16 +447,26 @@ class StepAccumulator:
             return self.passes_per_flush
         return 1
 
-    def finish(self, global_state: Any) -> tuple[dict[str, torch.Tensor] | None, Any, Any]:
+    def finish(self, global_state: Any, *, in_place: bool = False) -> tuple[dict[str, torch.Tensor] | None, Any, Any]:
         """Flush, then ``query.get_noised_result`` once: ``(result, new_global_state, event)``.
 
         ``result`` is ``None`` (and ``event`` ``None``, global state unchanged) when the step had
         no sensitive pass.  Public gradients are *not* included (see :attr:`public`).  Nothing is
         committed here: the caller decides whether to release.
+
+        ``in_place=True`` (the caller discards the sample state after this call): when the sums
+        are fresh tensors of this step (the plain Gaussian route) and the query is one of
+        :func:`in_place_release`, the noise and the division are applied where the sums lie (the
+        same values) and :attr:`result_owned` is set: the result's tensors are the caller's.
         """
         self.flush()
+        self.result_owned = False
         if self.sample_state is None:
             return None, global_state, None
+        if in_place and self._state_owned and self.noise_scale == 1 and in_place_release(self.query):
+            result, new_global_state, event = self.query.get_noised_result_in_place(self.sample_state, global_state)
+            self.sample_state, self.result_owned = None, True  # given up to the result
+            return result, new_global_state, event
         result, new_global_state, event = self.query.get_noised_result(self.sample_state, global_state)
         k = self.noise_scale
         if k != 1:

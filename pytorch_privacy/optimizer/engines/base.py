@@ -181,6 +181,8 @@ class MaterializedGradients(PerExampleGradients):
 def contract_records(coefficients: torch.Tensor, per_record: torch.Tensor) -> torch.Tensor:
     """``sum_r coefficients[r] * per_record[r]`` as one matrix-vector product (two dispatched
     kernels; ``coefficients @ flat`` dispatches three, ``torch.tensordot`` about six)."""
+    if per_record.dim() == 2:  # already [R, n] (a bias): no reshape either way
+        return torch.mv(per_record.t(), coefficients.to(per_record.dtype))
     flat = per_record.reshape(per_record.shape[0], math.prod(per_record.shape[1:]))
     return torch.mv(flat.t(), coefficients.to(flat.dtype)).reshape(per_record.shape[1:])
 

@@ -298,6 +298,9 @@ class OuterContribution(Contribution):
             gs, a = scale_rows(g, coefficients), keep_rows(a, coefficients)
         else:
             gs = g * coefficients.to(g.dtype).reshape(R, 1, 1, 1)
+        if G == 1:  # one group: the same product as one matrix multiply, two dispatched views fewer
+            out = torch.mm(gs.reshape(R * N, p).t(), a.reshape(R * N, d))
+            return out if out.shape == self.shape else out.reshape(self.shape)
         # [G, p, R*N] @ [G, R*N, d]
         left = gs.permute(1, 3, 0, 2).reshape(G, p, R * N)
         right = a.permute(1, 0, 2, 3).reshape(G, R * N, d)
