@@ -52,11 +52,15 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 def check_pos_int(name: str, v) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     return v
+
+
+def _fp32() -> contextlib.AbstractContextManager:
+    """:func:`full_precision` when autocast is on; otherwise there is nothing to disable."""
+    on = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    return full_precision() if on else contextlib.nullcontext()
 
 
 def _check_secure_mode(secure_mode: Any, sources: list[RandomSource]) -> bool:
@@ -245,12 +249,9 @@ class DPOptimizer(torch.optim.Optimizer):
     def _init_optimizer_plumbing(self) -> None:
         """Hooks and profiling plumbing of ``torch.optim.Optimizer`` (its ``__init__`` is not
         called: param_groups/state/defaults are the wrapped optimizer's)."""
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for kind in ("step", "state_dict", "load_state_dict"):  # _optimizer_{kind}_{pre,post}_hooks
+            setattr(self, f"_optimizer_{kind}_pre_hooks", OrderedDict())
+            setattr(self, f"_optimizer_{kind}_post_hooks", OrderedDict())
         self._patch_step_function()
 
     def _set_batching(self, num_microbatches, microbatch_size, max_physical_batch_size, pass_clipping) -> None:
@@ -515,7 +516,7 @@ class DPOptimizer(torch.optim.Optimizer):
            *different* records.
         """
         self._ensure_started()
-        with torch.no_grad(), full_precision():  # fp32 sums under autocast
+        with torch.no_grad(), _fp32():  # fp32 sums under autocast
             self._acc.flush()
 
     def _precheck_budget(self) -> None:
@@ -536,7 +537,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "before step(). Gradients from a plain loss.backward() are not private and are ignored"
             )
         self._ensure_started()
-        with torch.no_grad(), full_precision():
+        with torch.no_grad(), _fp32():
             old_state = self._global_state
             qmetrics_before = self._release_query.derive_metrics(old_state) if self._metrics else None
             enforcing = self._budget is not None and self._budget.target_epsilon is not None

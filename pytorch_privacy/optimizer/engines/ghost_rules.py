@@ -191,7 +191,8 @@ class PerRecord:
             _, inner, perm = self.layout
             k = len(lead)
             t = t.reshape(lead + tuple(inner)).permute(tuple(range(k)) + tuple(k + i for i in perm))
-        return t.reshape(lead + tuple(self.shape))
+        shape = lead + tuple(self.shape)
+        return t if t.shape == shape else t.reshape(shape)
 
     def weighted_sum(self, coefficients: torch.Tensor, mask: bool = True) -> torch.Tensor:
         """``sum_r c_r grad_r`` (accumulated in float32 for half-precision data)."""
@@ -212,14 +213,20 @@ class PerRecord:
 
 class DirectContribution(Contribution):
     """A contribution small enough to hold per record: ``values`` is ``[R, *shape]`` (biases,
-    normalisation scales and shifts)."""
+    normalisation scales and shifts).
 
-    def __init__(self, values: torch.Tensor, shape: torch.Size):
+    ``rows_of``: an :class:`OuterContribution` with one group and one position whose ``g`` holds
+    exactly these values (a linear layer's bias on ``[B, d]`` inputs): its squared row norms,
+    which the weight's norm computes anyway, are then reused (the same reduction of the same
+    numbers)."""
+
+    def __init__(self, values: torch.Tensor, shape: torch.Size, rows_of: OuterContribution | None = None):
         if values.shape[1:] != shape:
             values = values.reshape((values.shape[0],) + tuple(shape))
         self.values = values
         self.shape = torch.Size(shape)
         self._dtype = values.dtype
+        self._rows_of = rows_of if rows_of is not None and rows_of.holds_rows(values) else None
 
     @property
     def num_records(self) -> int:
@@ -235,7 +242,8 @@ class DirectContribution(Contribution):
         return scale_rows(values, coefficients).sum(0)
 
     def sq_norms(self, policy: NormPolicy) -> tuple[torch.Tensor, PerRecord | None]:
-        return _rowsq(self.values, self._acc()), PerRecord(self.values, self.shape)
+        sq = self._rows_of.g_sq().reshape(-1) if self._rows_of is not None else _rowsq(self.values, self._acc())
+        return sq, PerRecord(self.values, self.shape)
 
     @staticmethod
     def merge(items: list[DirectContribution]) -> DirectContribution:
@@ -259,6 +267,22 @@ class OuterContribution(Contribution):
         self.g, self.a = g, a
         self.shape = torch.Size(shape)
         self._dtype = g.dtype
+        self._g_sq: torch.Tensor | None = None
+
+    def holds_rows(self, values: torch.Tensor) -> bool:
+        """Whether ``values`` (``[R, p]``) is ``g`` itself (one group, one position), viewed."""
+        g = self.g
+        return (
+            g.shape[1:3] == (1, 1) and values.dim() == 2 and values.shape == (g.shape[0], g.shape[3])
+            and values.dtype == g.dtype and values.data_ptr() == g.data_ptr()
+            and values.stride() == (g.stride(0), g.stride(3))
+        )
+
+    def g_sq(self) -> torch.Tensor:
+        """``||g[r, k, n]||^2`` over the output features, ``[R, G, N]`` (computed once)."""
+        if self._g_sq is None:
+            self._g_sq = _lastsq(self.g, self._acc())
+        return self._g_sq
 
     @property
     def num_records(self) -> int:
@@ -311,7 +335,7 @@ class OuterContribution(Contribution):
         d = self.a.shape[3]
         acc = self._acc()
         if N == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2, always the cheapest
-            sq = _lastsq(self.g, acc) * _lastsq(self.a, acc)  # [R, G, 1]
+            sq = self.g_sq() * _lastsq(self.a, acc)  # [R, G, 1]
             return (sq.reshape(R) if G == 1 else sq.sum((1, 2))), None
         if policy.use_ghost(R, G, N, p, d, self.g.element_size()):
             ga = torch.matmul(self.a, self.a.transpose(2, 3))  # [R, G, N, N]

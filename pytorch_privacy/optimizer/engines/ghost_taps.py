@@ -76,12 +76,11 @@ def is_inplace_view_error(err: RuntimeError) -> bool:
 def consistent_with(lay: CallLayout, x: torch.Tensor, y: torch.Tensor, batch: int) -> bool:
     """Whether a call's input/output shapes agree with its traced layout for this batch."""
     for t, d, shape in ((x, lay.in_dim, lay.in_shape), (y, lay.out_dim, lay.out_shape)):
+        s = tuple(t.shape)
         if d is None:
-            if tuple(t.shape) != tuple(shape):
+            if s != tuple(shape):
                 return False
-        elif t.dim() != len(shape) or t.shape[d] != batch or any(
-            t.shape[i] != shape[i] for i in range(t.dim()) if i != d
-        ):
+        elif len(s) != len(shape) or s[d] != batch or s[:d] != tuple(shape[:d]) or s[d + 1 :] != tuple(shape[d + 1 :]):
             return False
     return True
 

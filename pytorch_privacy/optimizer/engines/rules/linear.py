@@ -25,9 +25,9 @@ class LinearRule(LayerRule):
         out: dict[str, Contribution] = {}
         if "weight" in names:
             out["weight"] = OuterContribution(g, a, module.weight.shape)
-        if "bias" in names:  # one position per record ([B, d] inputs): the output gradient itself
-            bias = g.reshape(R, g.shape[-1]) if g.shape[2] == 1 else g.sum((1, 2))
-            out["bias"] = DirectContribution(bias, module.bias.shape)
+        if "bias" in names:  # one position per record ([B, d] inputs): the output gradient itself,
+            bias = g.reshape(R, g.shape[-1]) if g.shape[2] == 1 else g.sum((1, 2))  # whose norms the weight has
+            out["bias"] = DirectContribution(bias, module.bias.shape, rows_of=out.get("weight"))
         return out
 
 
