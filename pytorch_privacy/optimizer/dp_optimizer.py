@@ -617,7 +617,7 @@ class DPOptimizer(torch.optim.Optimizer):
             for cx, cy in chunks:
                 pe = self.per_example_gradients(cx, cy, microbatch_size=b)
                 self.accumulate_pass(pe, sensitive=True)
-                s = pe.losses.detach().sum()
+                s = (pe.losses.detach() if pe.losses.requires_grad else pe.losses).sum()  # no op for detached losses
                 loss_sum = s if loss_sum is None else loss_sum + s
                 self.clip_and_accumulate()
         self._step_examples = n

@@ -293,7 +293,7 @@ class StepAccumulator:
         self.num_sensitive_passes += 1
         losses = per_example.losses
         if losses is not None and losses.numel():
-            s = losses.detach().sum()
+            s = (losses.detach() if losses.requires_grad else losses).sum()
             self.loss_sum = s if self.loss_sum is None else self.loss_sum + s.to(self.loss_sum.device)
             self.loss_count += losses.numel()
 

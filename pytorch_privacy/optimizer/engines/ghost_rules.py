@@ -280,9 +280,10 @@ class OuterContribution(Contribution):
 
     def g_sq(self) -> torch.Tensor:
         """``||g[r, k, n]||^2`` over the output features, ``[R, G, N]`` (computed once)."""
-        if self._g_sq is None:
-            self._g_sq = _lastsq(self.g, self._acc())
-        return self._g_sq
+        cached = getattr(self, "_g_sq", None)  # subclasses (convolutions) may not run __init__
+        if cached is None:
+            cached = self._g_sq = _lastsq(self.g, self._acc())
+        return cached
 
     @property
     def num_records(self) -> int:
