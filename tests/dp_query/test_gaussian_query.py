@@ -279,3 +279,24 @@ def test_event_and_metrics():
     _, _, event = q.get_noised_result(q.initial_sample_state(torch.zeros(2)), gs)
     assert isinstance(event, GaussianEvent) and event.noise_multiplier == pytest.approx(1.5)
     assert q.derive_metrics(gs) == {"l2_norm_clip": 2.0, "stddev": 3.0}
+
+
+# -- the in-place release (the optimizer's step on sums it owns) -----------------------------
+def _state(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(7, 5, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("stddev", [0.0, 0.9, torch.tensor(0.9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_in_place_noise_is_the_out_of_place_noise_bit_for_bit(stddev, dtype):
+    s = _state(dtype)
+    ref = add_gaussian_noise(s, stddev, torch.Generator().manual_seed(3))
+    mine = {k: v.clone() for k, v in s.items()}
+    out = add_gaussian_noise(mine, stddev, torch.Generator().manual_seed(3), in_place=True)
+    for k in s:
+        assert torch.equal(out[k], ref[k]) and out[k].dtype == dtype
+        if dtype != torch.bfloat16:  # drawn in float32: a bfloat16 leaf is cast into a new tensor
+            assert out[k] is mine[k]
+    if not (isinstance(stddev, float) and stddev == 0):
+        assert not torch.equal(ref["w"], s["w"])  # noise was added

@@ -14,6 +14,8 @@ from pytorch_privacy.dp_query import (
     QuantileAdaptiveClipSumQuery,
 )
 
+from pytorch_privacy.dp_query.normalized_query import divide
+
 from ._records import STRUCTURES, clipped_sum64, flat64, leaves, random_record, rows64, weighted_sum_fn
 
 
@@ -88,3 +90,31 @@ def test_adaptive_numerator_state_evolves():
     assert float(new_gs.numerator_state.sum_state.l2_norm_clip) > 1.0
     assert new_gs.denominator == 4.0
     assert event.events[0] == GaussianEvent(0.0)
+
+
+# -- the in-place release (the optimizer's step on sums it owns) -----------------------------
+def _state(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(7, 5, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("stddev", [0.0, 1.3])
+def test_normalized_in_place_release_equals_get_noised_result(stddev):
+    q1 = GaussianAverageQuery(1.0, stddev, 8.0, generator=torch.Generator().manual_seed(4))
+    q2 = GaussianAverageQuery(1.0, stddev, 8.0, generator=torch.Generator().manual_seed(4))
+    s = _state()
+    ref, st1, ev1 = q1.get_noised_result({k: v.clone() for k, v in s.items()}, q1.initial_global_state())
+    mine = {k: v.clone() for k, v in s.items()}
+    out, st2, ev2 = q2.get_noised_result_in_place(mine, q2.initial_global_state())
+    assert ev1 == ev2 and st1 == st2
+    for k in s:
+        assert torch.equal(out[k], ref[k]) and out[k] is mine[k]
+
+
+def test_divide_in_place_matches_division_and_keeps_the_tensors():
+    s = _state()
+    ref = divide(s, 3.0)
+    mine = {k: v.clone() for k, v in s.items()}
+    out = divide(mine, 3.0, in_place=True)
+    assert all(torch.equal(out[k], ref[k]) and out[k] is mine[k] for k in s)
+    assert all(torch.equal(s[k] / 3.0, ref[k]) for k in s)

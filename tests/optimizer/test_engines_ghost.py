@@ -446,3 +446,33 @@ def test_dp_multihead_attention_matches_torch(batch_first):
     torch.testing.assert_close(new8(x, x, x, is_causal=True)[0], new8(x, x, x, attn_mask=causal)[0])
     with pytest.raises(ValueError):
         DPMultiheadAttention(8, 2, add_bias_kv=True)
+
+
+# -- book-keeping contractions and shared row norms -------------------------------------------
+@pytest.mark.parametrize("positions", [1, 3])
+def test_one_group_contraction_equals_the_per_record_sum(positions):
+    g0 = torch.Generator().manual_seed(2)
+    R, N, p, d = 5, positions, 4, 3
+    g, a = torch.randn(R, 1, N, p, generator=g0), torch.randn(R, 1, N, d, generator=g0)
+    c = torch.rand(R, generator=g0)
+    contrib = OuterContribution(g, a, torch.Size([p, d]))
+    ref = sum(c[r] * g[r, 0].t().double() @ a[r, 0].double() for r in range(R))
+    for mask in (False, True):
+        torch.testing.assert_close(contrib.weighted_sum(c, mask).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_bias_norms_reuse_the_weights_row_norms_only_for_the_same_data():
+    from pytorch_privacy.optimizer.engines.ghost_rules import DirectContribution, NormPolicy
+
+    g0 = torch.Generator().manual_seed(6)
+    R, p, d = 9, 5, 4
+    g, a = torch.randn(R, 1, 1, p, generator=g0), torch.randn(R, 1, 1, d, generator=g0)
+    w = OuterContribution(g, a, torch.Size([p, d]))
+    linked = DirectContribution(g.reshape(R, p), torch.Size([p]), rows_of=w)
+    other = DirectContribution(g.reshape(R, p).clone() * 2, torch.Size([p]), rows_of=w)  # not g: not linked
+    ref = (g.reshape(R, p).double() ** 2).sum(1)
+    torch.testing.assert_close(linked.sq_norms(NormPolicy())[0].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(other.sq_norms(NormPolicy())[0].double(), 4 * ref, rtol=1e-5, atol=1e-6)
+    assert linked.sq_norms(NormPolicy())[0].shape == (R,)
+    wsq = w.sq_norms(NormPolicy())[0].double()
+    torch.testing.assert_close(wsq, ref * (a.reshape(R, d).double() ** 2).sum(1), rtol=1e-5, atol=1e-6)

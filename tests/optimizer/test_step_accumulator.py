@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pytorch_privacy.dp_query.delegating_query import DelegatingQuery
 from pytorch_privacy.dp_query.gaussian_query import GaussianSumQuery
-from pytorch_privacy.dp_query.normalized_query import GaussianAverageQuery
+from pytorch_privacy.dp_query.normalized_query import GaussianAverageQuery, NormalizedQuery
 from pytorch_privacy.dp_query.quantile_adaptive_clip_sum_query import QuantileAdaptiveClipSumQuery
 from pytorch_privacy.optimizer.engines.base import MaterializedGradients, PerExampleGradients
-from pytorch_privacy.optimizer.step_accumulator import StepAccumulator, plain_gaussian_sum
+from pytorch_privacy.optimizer.dp_optimizer import DPOptimizer
+from pytorch_privacy.optimizer.step_accumulator import StepAccumulator, in_place_release, plain_gaussian_sum
 
 
 def _records(dtype=torch.float32, seed=0):
@@ -145,3 +147,61 @@ def test_nan_record_is_still_dropped():
     for k, g in _records().materialize().items():
         torch.testing.assert_close(acc.sample_state[k], torch.tensordot(keep, g, dims=([0], [0])))
     assert int(acc.dropped) == 1
+
+
+# -- the in-place release (the optimizer's step on sums it owns) -----------------------------
+class _KeepsItsResult(GaussianSumQuery):
+    """A query whose release is a tensor it keeps (as a tree-aggregation query keeps its sums)."""
+
+    def __init__(self):
+        super().__init__(1.0, 0.0)
+        self.kept: dict[str, torch.Tensor] | None = None
+
+    def get_noised_result(self, sample_state, global_state):
+        self.kept = {k: torch.full_like(v, float("nan")) for k, v in sample_state.items()}
+        return self.kept, global_state, self.event(global_state)
+
+
+def test_in_place_release_only_for_the_builtin_queries():
+    assert in_place_release(GaussianSumQuery(1.0, 1.0))
+    assert in_place_release(GaussianAverageQuery(1.0, 1.0, 4.0))
+    assert not in_place_release(_KeepsItsResult())
+    assert not in_place_release(NormalizedQuery(_KeepsItsResult(), 4.0))
+
+    class Div(NormalizedQuery):
+        def get_noised_result(self, sample_state, global_state):
+            return super().get_noised_result(sample_state, global_state)
+
+    assert not in_place_release(Div(GaussianSumQuery(1.0, 1.0), 4.0))
+
+
+
+def _accumulate(query, in_place):
+    acc = StepAccumulator(query)
+    tmpl = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    acc.begin(query.initial_global_state(), tmpl)
+    g = torch.Generator().manual_seed(1)
+    grads = {"w": torch.randn(6, 3, 2, generator=g), "b": torch.randn(6, 2, generator=g)}
+    acc.add_sensitive(MaterializedGradients(grads, torch.zeros(6)))
+    return acc, acc.finish(query.initial_global_state(), in_place=in_place)
+
+
+def test_accumulator_in_place_finish_equals_the_plain_finish():
+    q = lambda: GaussianAverageQuery(0.5, 0.7, 6.0, generator=torch.Generator().manual_seed(9))  # noqa: E731
+    acc1, (r1, _, e1) = _accumulate(q(), False)
+    acc2, (r2, _, e2) = _accumulate(q(), True)
+    assert not acc1.result_owned and acc2.result_owned and e1 == e2
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+    acc3, (r3, _, _) = _accumulate(_KeepsItsResult(), True)
+    assert not acc3.result_owned and r3 is acc3.query.kept
+
+
+def test_step_never_mutates_a_tensor_the_query_keeps():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    q = _KeepsItsResult()
+    loss = lambda out, y: ((out - y) ** 2).sum(1)  # noqa: E731
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, loss, q)
+    opt.fit_batch(torch.randn(5, 4), torch.randn(5, 2))  # a NaN release: zeroed as a last resort
+    assert all(bool(t.isnan().all()) for t in q.kept.values())  # the query's own tensors are untouched
+    assert all(p.grad is not None and bool((p.grad == 0).all()) for p in model.parameters())
