@@ -51,7 +51,7 @@ def _replace_once(text: str, pattern: str, repl: str, what: str, flags: int = re
 _NOISE_WRAPPER = '''
 
 # --- seeded bug ({name}) -------------------------------------------------------------------
-def add_gaussian_noise(record, stddev, generator=None):
+def add_gaussian_noise(record, stddev, generator=None, **kwargs):
 {body}
 '''
 
@@ -70,7 +70,7 @@ def noise_low_dict(text: str) -> str:
     return _wrap_add_gaussian_noise(text, "noise 5% low on dict records", (
         "    if isinstance(record, dict):\n"
         "        stddev = stddev * 0.95\n"
-        "    return _seeded_original_add_gaussian_noise(record, stddev, generator)"
+        "    return _seeded_original_add_gaussian_noise(record, stddev, generator, **kwargs)"
     ))
 
 
@@ -79,7 +79,7 @@ def noise_low_list(text: str) -> str:
     return _wrap_add_gaussian_noise(text, "noise 5% low on tensor/list records", (
         "    if not isinstance(record, dict):\n"
         "        stddev = stddev * 0.95\n"
-        "    return _seeded_original_add_gaussian_noise(record, stddev, generator)"
+        "    return _seeded_original_add_gaussian_noise(record, stddev, generator, **kwargs)"
     ))
 
 
@@ -89,7 +89,7 @@ def noise_low_tensor_stddev(text: str) -> str:
         "    import torch as _torch\n"
         "    if isinstance(stddev, _torch.Tensor):\n"
         "        stddev = stddev * 0.95\n"
-        "    return _seeded_original_add_gaussian_noise(record, stddev, generator)"
+        "    return _seeded_original_add_gaussian_noise(record, stddev, generator, **kwargs)"
     ))
 
 
@@ -99,7 +99,7 @@ def bias_unnoised(text: str) -> str:
         "        rest = {k: v for k, v in record.items() if not str(k).endswith('bias')}\n"
         "        noised = _seeded_original_add_gaussian_noise(rest, stddev, generator) if rest else {}\n"
         "        return {k: (noised[k] if k in noised else v) for k, v in record.items()}\n"
-        "    return _seeded_original_add_gaussian_noise(record, stddev, generator)"
+        "    return _seeded_original_add_gaussian_noise(record, stddev, generator, **kwargs)"
     ))
 
 
