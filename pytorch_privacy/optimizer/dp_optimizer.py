@@ -579,16 +579,14 @@ class DPOptimizer(torch.optim.Optimizer):
                 self._global_state = new_state
                 self._last_event = event
             grads = combine_gradients(result, self._acc.public) if self._acc.public else (result or {})
-            # this step's trainable parameters (one frozen since gets none); DDP may have cleaned them
-            clean = not self._acc.public and self._dist is not None and self._dist.last_release_sanitized
-            owned = self._dist is None and self._acc.result_owned  # fresh tensors of this step: fix in place
+            # this step's trainable parameters (one frozen since gets none); the release's tensors,
+            # when they are this step's own, are cleaned in place
+            owned = self._acc.result_owned if self._dist is None else self._dist.last_result_owned
             for name, p in self._step_params.items():
                 if (g := grads.get(name)) is None or not p.requires_grad:
                     continue
-                if g.dtype != p.dtype or not clean:  # after the cast: a cast can overflow (float16)
-                    fix = torch.nan_to_num_ if owned or g.dtype != p.dtype else torch.nan_to_num
-                    g = fix(g.to(p.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # under no_grad
-                p.grad = g
+                fix = torch.nan_to_num_ if owned or g.dtype != p.dtype else torch.nan_to_num
+                p.grad = fix(g.to(p.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # after the cast: a cast can overflow
             if self._acc.dropped is not None and self._acc.dropped.device.type == "cpu":
                 self._warn_dropped(int(self._acc.dropped))
         self.original_optimizer.step()

@@ -169,9 +169,9 @@ class DistributedStep:
         #: all-reduce is in flight (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.prefetch_normal`:
         #: the same values, in the same stream order, as drawing them next step)
         self.prefetch_noise = True
-        #: whether the last release was already cleaned of non-finite values (NaN/inf set to 0,
-        #: in place on the flat buffer) so the optimizer need not make its own pass
-        self.last_release_sanitized = False
+        #: whether the last release's tensors are this step's own (views of its flat buffer), so
+        #: the optimizer may clean them in place (as :attr:`.StepAccumulator.result_owned`)
+        self.last_result_owned = False
         self._checked_additive = False
         self._checked_sources = False
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
@@ -230,7 +230,7 @@ class DistributedStep:
         raises the refusal on every rank when rank 0's ``check`` refuses."""
         acc.flush()
         self.last_noised_count = None
-        self.last_release_sanitized = False
+        self.last_result_owned = False
         if self.world_size == 1:  # nothing to reduce: the single-process release
             self.last_global_examples, self.last_volume_bytes = local_examples, 0
             result, new_state, event = acc.finish(global_state)
@@ -310,12 +310,7 @@ class DistributedStep:
             released.div_(divisor)
         if acc.noise_scale != 1:  # the per-pass factor (mode B)
             released.mul_(acc.noise_scale)
-        # the optimizer's NaN/inf guard, here one in-place pass over the flat buffer instead of
-        # one new tensor per parameter (not when a sum is cast back to a narrower dtype: the
-        # cast itself can overflow, e.g. float16's 65504)
-        if all(t.dtype == wide for t in leaves):
-            torch.nan_to_num_(released, nan=0.0, posinf=0.0, neginf=0.0)
-            self.last_release_sanitized = True
+        self.last_result_owned = True  # views of this step's flat buffer (or casts of them)
         pos, total = 0, []
         for t in leaves:
             view = released[pos : pos + t.numel()].view(t.shape)
