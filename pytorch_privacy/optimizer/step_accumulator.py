@@ -63,6 +63,7 @@ materialised route instead (same value, so the branch reveals nothing).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -74,7 +75,9 @@ from ..dp_query.gaussian_query import GaussianSumQuery
 from ..dp_query.normalized_query import NormalizedQuery
 from .engines.base import MaterializedGradients, PerExampleGradients, empty_gradients
 
-__all__ = ["JOINT", "PER_PASS", "PASS_CLIPPING_MODES", "StepAccumulator", "EmptyGradients", "combine_gradients"]
+__all__ = [
+    "JOINT", "PER_PASS", "PASS_CLIPPING_MODES", "StepAccumulator", "DeferredSums", "EmptyGradients", "combine_gradients",
+]
 
 #: Mode A: sum each record's gradients over the sensitive passes, then clip once.
 JOINT = "joint"
@@ -141,6 +144,15 @@ class _FiniteRecords(PerExampleGradients):
         # with a zero coefficient (documented engine contract); checking would need a host sync
         return self._inner.weighted_sum(c)
 
+    @property
+    def streams_by_name(self) -> bool:  # type: ignore[override]
+        return self._all_good and self._inner.streams_by_name
+
+    def weighted_sum_of(self, coefficients: torch.Tensor, names, *, finite: bool = False) -> dict[str, torch.Tensor]:
+        if self._all_good:  # nothing dropped: one parameter at a time, as the engine can
+            return self._inner.weighted_sum_of(coefficients, names, finite=True)
+        return super().weighted_sum_of(coefficients, names)  # masked: every sum, the others dropped
+
     def materialize(self) -> dict[str, torch.Tensor]:
         if self._mat is None:
             self._mat = {
@@ -190,6 +202,57 @@ def in_place_release(query: DPQuery) -> bool:
         return False
     own = ("get_noised_result", "get_noised_result_in_place", "merge_sample_states", "accumulate_preprocessed_record")
     return all(getattr(type(query), m) is getattr(GaussianSumQuery, m) for m in own)
+
+
+class DeferredSums(Mapping):
+    """A step's clipped sums, each formed when read: the sample state that
+    :class:`StepAccumulator` keeps with ``begin(..., defer_sums=True)`` (FSDP2's sharded release,
+    which reads, reduces and frees one parameter's sum at a time, so that the clipped sum of the
+    whole model never lies in memory at once).
+
+    ``state[name]`` is ``base[name] + sum_r c_r g_r`` for that parameter: the last chunk's sum
+    (``records.weighted_sum_of``) plus the earlier chunks' sums (``base``, a plain state, or
+    ``None``), in the dtype ``0 + S`` would have on the template; read each name once (each
+    read forms it again).  Records that cannot form one parameter alone
+    (``streams_by_name`` false: a batch with a dropped record, a wrapper engine) form every sum
+    at the first read, kept until read.  :meth:`evaluate` forms the plain state at once."""
+
+    def __init__(self, records: PerExampleGradients, coefficients: torch.Tensor, template: dict, base: dict | None):
+        self._records, self._c, self._template, self._base = records, coefficients, template, base
+        self._formed: dict[str, torch.Tensor] | None = None
+
+    def _settle(self, name: str, s: torch.Tensor) -> torch.Tensor:
+        t = self._template[name]
+        if s.dtype != t.dtype:  # as 0 (of the template's dtype) + S
+            s = s.to(torch.promote_types(s.dtype, t.dtype))
+        return s if self._base is None else self._base[name] + s
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._template:
+            raise KeyError(name)
+        if not self._records.streams_by_name:
+            if self._formed is None:
+                self._formed = self._records.weighted_sum(self._c)
+            return self._settle(name, self._formed.pop(name))
+        return self._settle(name, self._records.weighted_sum_of(self._c, (name,))[name])
+
+    def take(self, name: str) -> torch.Tensor:
+        """``self[name]``, after which the earlier chunks' sum of ``name`` is no longer held here."""
+        s = self[name]
+        if self._base is not None:  # the base is this object's own (the state it replaced)
+            self._base.pop(name)
+        return s
+
+    def __iter__(self):
+        return iter(self._template)
+
+    def __len__(self) -> int:
+        return len(self._template)
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Every parameter's sum: the plain sample state."""
+        full = self._records.weighted_sum(self._c)
+        return {n: self._settle(n, full[n]) for n in self._template}
 
 
 def EmptyGradients(params: dict[str, torch.Tensor]) -> PerExampleGradients:  # noqa: N802 - old class name
@@ -245,6 +308,7 @@ class StepAccumulator:
         self.sample_state: Any = None
         self.pending: list[PerExampleGradients] = []
         self.public: dict[str, torch.Tensor] = {}
+        self.defer_sums = False
         self.num_public_passes = 0
         self.num_sensitive_passes = 0
         self.num_records = 0
@@ -267,11 +331,16 @@ class StepAccumulator:
         """Whether any pass (sensitive or public) was added since :meth:`reset`."""
         return bool(self.pending) or self.sample_state is not None or self.num_public_passes > 0
 
-    def begin(self, global_state: Any, template: dict[str, torch.Tensor]) -> None:
+    def begin(self, global_state: Any, template: dict[str, torch.Tensor], *, defer_sums: bool = False) -> None:
         """Start a step: ``params = query.derive_sample_params(global_state)``; ``template`` is
-        one zero-able tensor per trainable parameter (the record structure)."""
+        one zero-able tensor per trainable parameter (the record structure).
+
+        ``defer_sums=True``: for the built-in Gaussian sum/average queries, the last chunk's
+        clipped sums stay unformed (:class:`DeferredSums`) until the release reads them one
+        parameter at a time (FSDP2's sharded release); :meth:`settle` or :meth:`finish` forms them."""
         self.params = self.query.derive_sample_params(global_state)
         self.template = dict(template)
+        self.defer_sums = defer_sums
         #: :attr:`dropped` when the step began (a refused step restores it)
         self.dropped_at_begin = self.dropped
 
@@ -348,6 +417,11 @@ class StepAccumulator:
         if self._plain is None or self._plain[0] is not q:
             self._plain = (q, plain_gaussian_sum(q))
         gauss = self._plain[1]
+        if gauss is not None and self.defer_sums and in_place_release(q):  # formed when the release reads them
+            base = self.settle()
+            return gauss.sum_records_by_norm(
+                self.params, records.norms(), lambda c: DeferredSums(records, c, self.template, base)
+            )
         if gauss is not None:
             total = gauss.sum_records_by_norm(self.params, records.norms(), records.weighted_sum)
             self.by_norm = True
@@ -431,9 +505,16 @@ class StepAccumulator:
                 chunk_state = q.accumulate_preprocessed_records(chunk_state, pre)
                 self._note(r)
         self.num_records += max(sizes) if aligned else sum(sizes)
-        self.sample_state = (
-            chunk_state if self.sample_state is None else self.query.merge_sample_states(self.sample_state, chunk_state)
-        )
+        if isinstance(chunk_state, DeferredSums) or self.sample_state is None:  # (deferred: the earlier sums are its base)
+            self.sample_state = chunk_state
+        else:
+            self.sample_state = self.query.merge_sample_states(self.settle(), chunk_state)
+
+    def settle(self) -> Any:
+        """The sample state with deferred sums (:class:`DeferredSums`) formed: a plain state."""
+        if isinstance(self.sample_state, DeferredSums):
+            self.sample_state = self.sample_state.evaluate()
+        return self.sample_state
 
     def _note(self, records: _FiniteRecords) -> None:
         if self.collect_norms:
@@ -460,6 +541,7 @@ class StepAccumulator:
         same values) and :attr:`result_owned` is set: the result's tensors are the caller's.
         """
         self.flush()
+        self.settle()
         self.result_owned = False
         if self.sample_state is None:
             return None, global_state, None

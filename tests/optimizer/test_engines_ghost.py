@@ -43,6 +43,11 @@ def _assert_same(a, b):
     assert set(wa) == set(wb)
     for n in wa:
         torch.testing.assert_close(wa[n], wb[n], **TOL)
+        for pe in (a, b):  # one parameter's sum formed alone (FSDP2's bucketed release), as in the whole
+            assert pe.streams_by_name
+            only = pe.weighted_sum_of(c, (n,))
+            assert list(only) == [n]
+            torch.testing.assert_close(only[n], wb[n], **TOL)
     ma, mb = a.materialize(), b.materialize()
     for n in ma:
         torch.testing.assert_close(ma[n], mb[n], **TOL)

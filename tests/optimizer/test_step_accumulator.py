@@ -205,3 +205,54 @@ def test_step_never_mutates_a_tensor_the_query_keeps():
     opt.fit_batch(torch.randn(5, 4), torch.randn(5, 2))  # a NaN release: zeroed as a last resort
     assert all(bool(t.isnan().all()) for t in q.kept.values())  # the query's own tensors are untouched
     assert all(p.grad is not None and bool((p.grad == 0).all()) for p in model.parameters())
+
+
+# -- deferred sums (FSDP2's bucketed release reads them one parameter at a time) -------------
+def _flushed(defer, chunks, template_dtype=torch.float32, nan=False, query=None):
+    q = query or GaussianSumQuery(0.7, 0.0)
+    acc = StepAccumulator(q)
+    acc.begin(q.initial_global_state(), _template(template_dtype), defer_sums=defer)
+    for seed in range(chunks):
+        rec = _records(seed=seed)
+        if nan and seed == chunks - 1:
+            rec.materialize()["b"][1, 0] = float("nan")
+        acc.add_sensitive(rec)
+        acc.flush()
+    return acc
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("nan", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deferred_sums_read_one_at_a_time_equal_the_formed_state(chunks, nan, dtype):
+    from pytorch_privacy.optimizer.step_accumulator import DeferredSums
+
+    plain = _flushed(False, chunks, dtype, nan).sample_state
+    deferred = _flushed(True, chunks, dtype, nan)
+    state = deferred.sample_state
+    assert isinstance(state, DeferredSums) and set(state) == set(plain) and len(state) == 2
+    for name in ("b", "w"):  # in any order, each formed when read
+        s = state.take(name)
+        assert s.dtype == plain[name].dtype
+        torch.testing.assert_close(s, plain[name], rtol=1e-6, atol=1e-6)
+    if chunks > 1:  # the earlier chunks' sums were given up as they were read
+        assert state._base == {}
+    settled = _flushed(True, chunks, dtype, nan).settle()
+    assert isinstance(settled, dict)
+    for name in plain:
+        torch.testing.assert_close(settled[name], plain[name], rtol=1e-6, atol=1e-6)
+
+
+def test_deferred_sums_only_for_the_builtin_gaussian_release():
+    assert isinstance(_flushed(True, 1, query=_KeepsItsResult()).sample_state, dict)  # its own release
+    state = _flushed(True, 1, query=GaussianAverageQuery(0.7, 0.0, 4.0)).sample_state
+    assert type(state).__name__ == "DeferredSums"
+    assert isinstance(_flushed(True, 1, query=_Doubled(0.7, 0.0)).sample_state, dict)  # its own accumulation
+
+
+def test_finish_forms_deferred_sums():
+    q = GaussianSumQuery(0.7, 0.0)
+    plain = _flushed(False, 2, query=q).finish(q.initial_global_state())[0]
+    got = _flushed(True, 2, query=q).finish(q.initial_global_state())[0]
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-6, atol=1e-6)

@@ -148,6 +148,10 @@ class DistributedStep:
     :attr:`last_global_examples` (the world's number of examples in the step).
     """
 
+    #: whether the optimizer defers forming the clipped sums until the release (FSDP2 only: DDP
+    #: all-reduces them as one flat buffer)
+    sharded_sums = False
+
     def __init__(self, process_group: Any = None):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(

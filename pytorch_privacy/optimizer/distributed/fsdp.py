@@ -109,10 +109,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import attrs
-
 from ..engines.base import batch_size_of
-from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, _gaussian_part, linear_release_divisor
+from ..step_accumulator import DeferredSums
+from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
+from .sharded_release import DEFAULT_BUCKET_BYTES, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -195,6 +195,13 @@ class FSDPStep(DistributedStep):
         super().__init__(mesh.get_group())
         self.mesh = mesh
         self.per_unit = bool(per_unit)
+        #: bytes of clipped sums (and public gradients) per reduce-scatter of the release, in the
+        #: widest dtype (one parameter at least): the release holds one bucket at a time (see
+        #: :mod:`.sharded_release`); the same on every rank
+        self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        #: the optimizer defers forming the clipped sums until the release reads them, one
+        #: parameter at a time (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`)
+        self.sharded_sums = True
         #: the FSDP parameter groups and their own reshard settings (restored between steps);
         #: read from FSDP2's internals as of torch 2.13: where they differ, every step is whole-model
         try:
@@ -444,6 +451,8 @@ class FSDPStep(DistributedStep):
         if self._checked_state:
             return
         state, template = acc.sample_state if state is None else state, acc.template
+        if isinstance(state, DeferredSums):  # the built-in Gaussian route: one sum per parameter by construction
+            return
         if not (
             isinstance(state, dict)
             and set(state) == set(template)
@@ -488,7 +497,8 @@ class FSDPStep(DistributedStep):
             acc.flush()
             divisor = linear_release_divisor(acc.query, global_state)
             if divisor is not None:  # Gaussian sum/average: noise before one reduce-scatter
-                return self._scatter_release(acc, global_state, local_examples, check, divisor)
+                return scatter_release(self, acc, global_state, local_examples, check, divisor)
+            acc.settle()  # the general path reduces the whole sums at once
             self._check_distinct_sources(acc.query)
             reduced = self._reduce(acc, local_examples)
             if acc.public:
@@ -501,79 +511,6 @@ class FSDPStep(DistributedStep):
             return self._release_shards(acc, global_state, check)
         finally:
             self.end_step()
-
-    def _scatter_release(self, acc, global_state, local_examples: int, check, divisor: float):
-        """One collective for the Gaussian sum/average queries: every rank lays its local sums out
-        rank-major (segment ``s`` = the parts of every parameter in rank ``s``'s shard, padded to
-        a common length, then 5 counters), noises *its own* segment with its query, and one
-        reduce-scatter hands every rank the world's noised sum of its own shard (each element
-        noised once, by the rank that owns it) and the summed counters."""
-        from ..budget import PrivacyBudgetExceeded
-
-        query, names, world = acc.query, list(acc.template), self.world_size
-        has_sensitive = acc.sample_state is not None
-        state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
-        self._check_state(acc, state)
-        public = acc.num_public_passes > 0
-        pub = {n: acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names} if public else {}
-        wide = torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
-        device = state[names[0]].device
-        pieces = [
-            [c.reshape(-1).to(wide) for n in names for c in [_chunks(state[n], world, self.sharded[n][1])[s]]]
-            + [c.reshape(-1).to(wide) for n in pub for c in [_chunks(pub[n], world, self.sharded[n][1])[s]]]
-            for s in range(world)
-        ]
-        length = max(sum(t.numel() for t in seg) for seg in pieces)
-        k = 5 if self.count_stddev is None else 6  # [the noised dropped count,] then 5 counters
-        buf = torch.zeros(world, length + k, dtype=wide, device=device)
-        for s, seg in enumerate(pieces):
-            if seg:
-                torch.cat(seg, out=buf[s, : sum(t.numel() for t in seg)])
-        own = sum(t.numel() for t in pieces[self.rank][: len(names)])  # this rank's sum elements
-        gauss, gauss_state = _gaussian_part(query, global_state)
-        self._check_distinct_sources(query, gauss_state.stddev)
-        code, mine, header = _OK, None, None
-        try:
-            noised, new_gauss, event = gauss.get_noised_result(buf[self.rank, :own], gauss_state)
-            buf[self.rank, :own] = noised
-            if self.is_recorder and check is not None and event is not None:
-                check(event)
-        except PrivacyBudgetExceeded as exc:
-            header = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
-            code, mine = _REFUSED, exc
-        except Exception as exc:  # the others still join the collective, then stop with this rank
-            code, mine = _ERROR, exc
-        counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
-        if k == 6:  # the same share in every segment: every rank receives the world's noised count
-            counters.insert(0, self._local_noised_count(acc, gauss))
-        buf[:, length:] = torch.tensor(counters)
-        out = torch.empty(length + k, dtype=wide, device=device)
-        dist.reduce_scatter_single(out, buf.reshape(-1), op=dist.ReduceOp.SUM, group=self.group)
-        self.last_volume_bytes = buf.numel() * buf.element_size()
-        tail = out[length:].tolist()
-        self.last_noised_count = tail[0] if k == 6 else None
-        any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
-        self.last_global_examples = examples
-        if n_refused or n_errors:
-            return self._stop(header, mine, bool(n_refused) and not n_errors)
-        if public and n_public != world:
-            raise ValueError("a public pass was taken on some ranks only; take public passes on every rank")
-        shards, pos = {}, 0
-        for n in names + list(pub):
-            p, d = self.sharded[n]
-            shape = _chunks(acc.template[n], world, d)[self.rank].shape
-            shards[n] = out[pos : pos + shape.numel()].view(shape)
-            pos += shape.numel()
-        if public:
-            acc.public = self._as_dtensors({n: shards[n] / world for n in pub})
-        if not any_sensitive:  # no data released; the draws stay spent: the reduced buffer showed them to every rank
-            return None, global_state, None
-        result = {}
-        for n in names:
-            r = shards[n] / divisor if divisor != 1.0 else shards[n]
-            result[n] = r * acc.noise_scale if acc.noise_scale != 1 else r
-        new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
-        return self._as_dtensors(result), new_state, event
 
     def _release_shards(self, acc, global_state, check):
         from ..budget import PrivacyBudgetExceeded

@@ -106,6 +106,9 @@ class PerExampleGradients(abc.ABC):
     """
 
     names: tuple[str, ...]
+    #: whether :meth:`weighted_sum_of` forms only the parameters asked for (a caller streaming
+    #: the parameters may then ask one at a time; otherwise it asks once for all of them)
+    streams_by_name: bool = False
 
     @property
     @abc.abstractmethod
@@ -135,6 +138,15 @@ class PerExampleGradients(abc.ABC):
         """:meth:`weighted_sum` for a caller that has checked every record's norm is finite
         (an engine may then skip masking records of coefficient 0); by default the same."""
         return self.weighted_sum(coefficients)
+
+    def weighted_sum_of(self, coefficients: torch.Tensor, names, *, finite: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`weighted_sum` (:meth:`weighted_sum_of_finite` with ``finite=True``) for the
+        parameters ``names`` only.  A caller that streams the parameters (FSDP2's sharded
+        release: one parameter's sum at a time, reduced and freed before the next) asks for one
+        name per call; an engine that can form one parameter's sum alone overrides this (the
+        ghost engine does).  By default every sum is formed and the others are dropped."""
+        full = (self.weighted_sum_of_finite if finite else self.weighted_sum)(coefficients)
+        return {n: full[n] for n in names}
 
     def materialize(self) -> dict[str, torch.Tensor]:
         """Per-record gradients ``{name: Tensor[num_records, *param.shape]}``."""
@@ -169,10 +181,15 @@ class MaterializedGradients(PerExampleGradients):
             self._norms = sq.sqrt()
         return self._norms
 
+    streams_by_name = True
+
     def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             n: contract_records(coefficients, g) for n, g in self._grads.items()
         }
+
+    def weighted_sum_of(self, coefficients: torch.Tensor, names, *, finite: bool = False) -> dict[str, torch.Tensor]:
+        return {n: contract_records(coefficients, self._grads[n]) for n in names}
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return self._grads

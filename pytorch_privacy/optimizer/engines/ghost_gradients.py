@@ -19,6 +19,8 @@ class GhostGradients(PerExampleGradients):
     the ghost route is cheaper; :meth:`materialize` does (for convenience and tests).
     """
 
+    streams_by_name = True
+
     def __init__(self, trainable: dict[str, nn.Parameter], calls: list[Call], losses: torch.Tensor, microbatch: int, policy: NormPolicy):
         self.names = tuple(trainable)
         self._params = {n: (p.shape, p.dtype, p.device) for n, p in trainable.items()}
@@ -88,22 +90,30 @@ class GhostGradients(PerExampleGradients):
         """``sum_r c_r grad_r`` per parameter, by book-keeping (one matmul per layer use) or from
         per-layer gradients materialised by :meth:`norms`.  Records with ``c_r == 0`` contribute
         exact zeros even when their activations or gradients are not finite."""
-        # masking costs a pass over the data; skip it when every record is known finite, which
-        # is free to check on the CPU (on accelerators it would be a host sync: always mask)
-        mask = True
-        if self._norms is not None and self._norms.device.type == "cpu":
-            mask = not bool(torch.isfinite(self._norms).all())
-        return self._weighted_sum(coefficients, mask)
+        return self._weighted_sum(coefficients, self._mask_needed(), self.names)
 
     def weighted_sum_of_finite(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`weighted_sum` without masking: the caller checked that every norm is finite."""
-        return self._weighted_sum(coefficients, False)
+        return self._weighted_sum(coefficients, False, self.names)
 
-    def _weighted_sum(self, coefficients: torch.Tensor, mask: bool) -> dict[str, torch.Tensor]:
+    def weighted_sum_of(self, coefficients: torch.Tensor, names, *, finite: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`weighted_sum` for ``names`` only, forming no other parameter's sum."""
+        return self._weighted_sum(coefficients, False if finite else self._mask_needed(), names)
+
+    def _mask_needed(self) -> bool:
+        # masking costs a pass over the data; skip it when every record is known finite, which
+        # is free to check on the CPU (on accelerators it would be a host sync: always mask)
+        if self._norms is not None and self._norms.device.type == "cpu":
+            return not bool(torch.isfinite(self._norms).all())
+        return True
+
+    def _weighted_sum(self, coefficients: torch.Tensor, mask: bool, names) -> dict[str, torch.Tensor]:
         if coefficients.shape != (self._records,):
             raise ValueError(f"coefficients must have shape [{self._records}], got {tuple(coefficients.shape)}")
+        contribs = self._contributions()
         out = {}
-        for name, cs in self._contributions().items():
+        for name in names:
+            cs = contribs[name]
             if name in self._materialized:
                 out[name] = self._materialized[name].weighted_sum(coefficients, mask)
             elif not cs:

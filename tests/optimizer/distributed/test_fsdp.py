@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from . import _fsdp_workers as fw
+from . import _release_workers as rw
 from . import _workers as w
 
 pytestmark = pytest.mark.skipif(
@@ -67,10 +68,14 @@ def test_fsdp_per_example_norms_are_the_unsharded_models(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("general", [False, True])
-def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path, general):
+@pytest.mark.parametrize("general,buckets", [(False, None), (True, None), (False, 1)], ids=["gaussian", "general", "bucketed"])
+def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path, general, buckets):
     sigma, clip, denominator = 2.0, 1.0, 10.0
-    w.spawn(fw.noise, 2, str(tmp_path), sigma, clip, denominator, False, general)
+    args = (str(tmp_path), sigma, clip, denominator, False, general)
+    if buckets is None:
+        w.spawn(fw.noise, 2, *args)
+    else:  # one reduce-scatter per parameter (distributed/sharded_release.py)
+        w.spawn(rw.with_buckets, 2, buckets, "noise", *args)
     u0, u1 = (_load(tmp_path / f"noise{r}.pt") for r in range(2))
     # both ranks see the same (all-gathered) update
     torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
@@ -104,7 +109,8 @@ def test_fsdp_refuses_identical_noise_generators(tmp_path, general):
 
 
 @pytest.mark.slow
-def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_path):
+@pytest.mark.parametrize("buckets", [None, 1], ids=["one-bucket", "bucketed"])
+def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_path, buckets):
     from .test_ddp import _budget_refusing_step_3, _runs, _single_process_ledger
 
     n, q, steps = 40, 0.25, 4
@@ -112,7 +118,10 @@ def test_fsdp_ledger_equals_one_process_and_budget_refuses_on_every_rank(tmp_pat
     budget = _budget_refusing_step_3(ref)
     ref_b, taken_b, refused_b = _single_process_ledger(n, q, steps, target_epsilon=budget)
     assert (taken_b, refused_b) == (2, 2)
-    w.spawn(w.ledger_run, 2, str(tmp_path), n, q, steps, budget, True)
+    if buckets is None:
+        w.spawn(w.ledger_run, 2, str(tmp_path), n, q, steps, budget, True)
+    else:  # rank 0 refuses after the first bucket; the later ones carry zeros from it
+        w.spawn(rw.with_buckets, 2, buckets, "ledger_run", str(tmp_path), n, q, steps, budget, True)
     r0, r1 = (_load(tmp_path / f"ledger{r}.pt") for r in range(2))
     led0, runs0 = _runs(r0["ledger"])
     _, runs_ref = _runs(ref_b.to_dict())

@@ -1,0 +1,92 @@
+"""Process bodies for the tests of FSDP2's bucketed release (``distributed/sharded_release.py``):
+training with small buckets, and a trace of when each clipped sum is formed against the
+reduce-scatters (module level: ``torch.multiprocessing.spawn`` pickles them by name)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _fsdp_workers as fw
+from . import _workers as w
+
+
+def set_bucket_bytes(n: int) -> None:
+    """Every ``FSDPStep`` built from now on in this process starts with ``bucket_bytes = n``."""
+    from pytorch_privacy.optimizer.distributed import fsdp
+
+    fsdp.DEFAULT_BUCKET_BYTES = n
+
+
+class Trace:
+    """Logs, in order, the clipped sums formed (``("sums", names)``: ``weighted_sum`` or
+    ``weighted_sum_of_finite`` of every parameter, ``weighted_sum_of`` of some) and the release's reduce-scatters (``("rs", elements)``)."""
+
+    def __init__(self):
+        import pytorch_privacy.optimizer.distributed.sharded_release as sr
+        from pytorch_privacy.optimizer.engines.base import MaterializedGradients
+        from pytorch_privacy.optimizer.engines.ghost_gradients import GhostGradients
+
+        self.events: list[tuple] = []
+        ev = self.events
+        for cls in (GhostGradients, MaterializedGradients):
+            ws, wsf, wso = cls.weighted_sum, cls.weighted_sum_of_finite, cls.weighted_sum_of
+
+            def weighted_sum(pe, c, _ws=ws):
+                ev.append(("sums", tuple(pe.names)))
+                return _ws(pe, c)
+
+            def weighted_sum_of_finite(pe, c, _wsf=wsf):
+                ev.append(("sums", tuple(pe.names)))
+                return _wsf(pe, c)
+
+            def weighted_sum_of(pe, c, names, *, finite=False, _wso=wso):
+                ev.append(("sums", tuple(names)))
+                return _wso(pe, c, names, finite=finite)
+
+            cls.weighted_sum, cls.weighted_sum_of_finite, cls.weighted_sum_of = weighted_sum, weighted_sum_of_finite, weighted_sum_of
+        rs = sr.dist.reduce_scatter_single
+
+        def reduce_scatter_single(out, inp, *a, **k):
+            ev.append(("rs", inp.numel()))
+            return rs(out, inp, *a, **k)
+
+        sr.dist = _Dist(sr.dist, reduce_scatter_single)
+
+
+class _Dist:
+    """``torch.distributed`` with one function replaced (for the module under test only)."""
+
+    def __init__(self, base, reduce_scatter_single):
+        self._base, self.reduce_scatter_single = base, reduce_scatter_single
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def bucketed(rank, world, port, out_dir, bucket_bytes, cases):
+    """Noise-free training of the four-unit model, 3 steps per case (``(engine, splits, kw)`` as
+    ``split_train``); per case the parameters and the events of the last step."""
+    set_bucket_bytes(bucket_bytes)
+    trace = Trace()
+    results = []
+    for engine, splits, kw in cases:
+        model = fw.shard(fw.deep_model())
+        opt, _ = fw.split_train(model, engine, w.make_batches(len(splits)), splits, rank=rank, world=world,
+                                res=fw.Residency(), **dict(kw))
+        trace.events.clear()
+        x, y = w.make_batches(1, seed=9)[0]
+        k = splits[-1]
+        opt.fit_batch(x[:k], y[:k]) if rank == 0 else opt.fit_batch(x[k:], y[k:])
+        results.append({"params": fw.full_params(model), "events": list(trace.events),
+                        "path": opt.distributed_step.last_path, "volume": opt.distributed_step.last_volume_bytes,
+                        "sizes": {n: p.numel() for n, p in model.named_parameters()}})
+    torch.save(results, os.path.join(out_dir, f"bucketed{rank}.pt"))
+
+
+def with_buckets(rank, world, port, bucket_bytes, fn_name, *args):
+    """``fn_name`` of ``_fsdp_workers`` / ``_workers`` (in that order) with small buckets."""
+    set_bucket_bytes(bucket_bytes)
+    fn = getattr(fw, fn_name, None) or getattr(w, fn_name)
+    fn(rank, world, port, *args)
