@@ -8,9 +8,10 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
     per unit: FSDP2 all-gathers each unit for its forward (and backward) and frees it after
       (whole model instead: every unit unsharded once when the step begins, see below)
     g_i, ||g_i||   per example of the rank's local batch (ghost engine; any engine when whole-model)
-    S_r  = sum_{i in B_r} clip_C(g_i)                      full-shaped, local
-    S_r[r] += N(0, (sigma C)^2 I)                          rank r noises its own shard's part only
-    S[s] = (sum_r S_r)[shard s]                            one reduce-scatter (rank-major buffer)
+    per bucket of parameters (sharded_release.py), the sums formed only now:
+      S_r  = sum_{i in B_r} clip_C(g_i)                    the bucket's parameters, local
+      S_r[r] += N(0, (sigma C)^2 I)                        rank r noises its own shard's part only
+      S[s] = (sum_r S_r)[shard s]                          one reduce-scatter (rank-major buffer)
     released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
 
@@ -79,8 +80,9 @@ whole model sends every rank there), and a per-unit slot that does not run exact
 stops that rank with a ``RuntimeError``.  As for any FSDP2 training, every rank's forward must
 call the same units in the same order (data-dependent control flow that skips a unit on one rank
 would desynchronise FSDP2 itself).  No per-example gradient of the full model is formed by the
-ghost engine (norms by ghost contractions, sums by book-keeping); the clipped sum ``S_r`` is
-full-shaped on either path, like the gradient of a plain FSDP backward before its reduce-scatter.
+ghost engine (norms by ghost contractions, sums by book-keeping), and the clipped sum ``S_r`` of
+the whole model is never formed at once: the release forms, reduces and frees one bucket of
+parameters at a time (:mod:`.sharded_release`).
 
 Noise exactly once.  The shards are disjoint and cover every parameter element, so each rank adding
 ``N(0, (sigma C)^2)`` to each element of its own shard adds it to every element exactly once.  The
@@ -112,7 +114,7 @@ from torch import nn
 from ..engines.base import batch_size_of
 from ..step_accumulator import DeferredSums
 from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
-from .sharded_release import DEFAULT_BUCKET_BYTES, scatter_release
+from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -136,15 +138,6 @@ def is_fsdp_model(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _chunks(t: torch.Tensor, world: int, dim: int) -> list[torch.Tensor]:
-    """FSDP2's split of a full tensor: ``torch.chunk`` along ``dim``, padded with empty chunks."""
-    parts = list(torch.chunk(t, world, dim=dim))
-    empty_shape = list(t.shape)
-    empty_shape[dim] = 0
-    parts += [t.new_empty(empty_shape)] * (world - len(parts))
-    return parts
-
-
 class FSDPStep(DistributedStep):
     """The collective part of a private step on an FSDP2 model (used by
     :class:`~pytorch_privacy.optimizer.DPOptimizer` when its model holds ``fully_shard`` units).
@@ -158,7 +151,7 @@ class FSDPStep(DistributedStep):
             attribute of the same name, with the same value on every rank.
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    reduce-scattered buffer (``W`` segments of one shard each plus 5 counters), or for the
+    reduce-scattered buffers (per bucket ``W`` rows of one shard each; 5 counters in the last), or for the
     general path the all-reduced flat buffer and the 1-entry control all-reduce (no release is
     broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
     ``fit_batch`` (3 int64); :attr:`last_path` which path the last step took.

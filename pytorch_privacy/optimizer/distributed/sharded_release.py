@@ -47,6 +47,15 @@ __all__ = ["scatter_release", "plan_buckets"]
 DEFAULT_BUCKET_BYTES = 32 * 2**20
 
 
+def _chunks(t: torch.Tensor, world: int, dim: int) -> list[torch.Tensor]:
+    """FSDP2's split of a full tensor: ``torch.chunk`` along ``dim``, padded with empty chunks."""
+    parts = list(torch.chunk(t, world, dim=dim))
+    empty_shape = list(t.shape)
+    empty_shape[dim] = 0
+    parts += [t.new_empty(empty_shape)] * (world - len(parts))
+    return parts
+
+
 def plan_buckets(template: dict[str, torch.Tensor], element_bytes: int, public: bool, bucket_bytes: int) -> list[list[str]]:
     """The parameter names of each bucket, in template order: a bucket closes before the
     parameter that would take it past ``bucket_bytes`` (its sums, and public gradients when
@@ -76,7 +85,6 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     event)`` with ``result`` as ``DTensor`` shards (``None`` when no rank took a sensitive pass),
     and leaves the public gradients in ``acc.public`` as ``DTensor`` shards."""
     from ..budget import PrivacyBudgetExceeded
-    from .fsdp import _chunks
 
     query, template, world, rank = acc.query, acc.template, step.world_size, step.rank
     names = list(template)
