@@ -10,8 +10,11 @@ rank, the modes interleaved in the same processes:
   parameter's clipped sum is formed when its bucket (``FSDPStep.bucket_bytes``, ``--bucket-mib``)
   is reduce-scattered (``distributed/sharded_release.py``).
 * ``dp full sums``: the same with ``sharded_sums = False`` and one bucket for the whole model: the
-  whole clipped sum is formed at the flush and reduce-scattered at once (the release before the
-  bucketed one).
+  whole clipped sum is formed at each flush, accumulated over the physical chunks and
+  reduce-scattered at once at the release (the release before the bucketed one).
+
+``--physical k`` splits each rank's batch into physical chunks of ``k`` (``max_physical_batch_size``):
+the ``dp`` mode then reduce-scatters after every chunk.
 
 Reported per mode (rank 0, median over the steps after the first two): the step time, and the
 peak resident memory above the memory at the step's start (``VmHWM`` after resetting it through
@@ -22,7 +25,7 @@ model's parameters in fp32 (full, unsharded) are printed too.
 Usage::
 
     python benchmarks/bench_fsdp_memory.py [--width 1536] [--layers 4] [--batch-size 16]
-        [--steps 6] [--bucket-mib 8]
+        [--steps 6] [--bucket-mib 8] [--physical K]
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             opt = DPGaussianOptimizer(
                 torch.optim.SGD(model.parameters(), lr=0.01), model, loss_fn, l2_norm_clip=1.0,
                 noise_multiplier=1.0, expected_batch_size=b * world, engine="ghost",
-                generator=torch.Generator().manual_seed(1000 + rank),
+                generator=torch.Generator().manual_seed(1000 + rank), max_physical_batch_size=args["physical"],
             )
             step = opt.distributed_step
             step.sharded_sums = sharded
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="examples per rank and step")
     p.add_argument("--steps", type=int, default=6, help="steps per mode (the first two are not counted)")
     p.add_argument("--bucket-mib", type=float, default=8.0, help="FSDPStep.bucket_bytes of the dp mode, in MiB")
+    p.add_argument("--physical", type=int, default=None, help="max_physical_batch_size of the DP modes (chunks per step)")
     args = vars(p.parse_args(argv))
     if args["steps"] < 3:
         p.error("--steps must be at least 3 (the first two are warm-up)")
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     full_mib = res["params"] * 4 / 2**20
     print(f"FSDP2 on 2 CPU ranks (gloo): {args['layers']} x Linear({args['width']}, {args['width']}), "
           f"{res['params']:,} parameters ({full_mib:.1f} MiB in fp32, {full_mib / 2:.1f} MiB per shard); "
-          f"{args['batch_size']} examples per rank; bucket {args['bucket_mib']:g} MiB; "
+          f"{args['batch_size']} examples per rank (physical chunks of {args['physical'] or args['batch_size']}); bucket {args['bucket_mib']:g} MiB; "
           f"paths of the last dp steps: {res['paths']}")
     print(f"{'mode':>14}  {'ms/step':>8}  {'peak MiB above start':>21}")
     for mode in res["times"]:

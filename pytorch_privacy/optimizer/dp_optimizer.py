@@ -609,7 +609,7 @@ class DPOptimizer(torch.optim.Optimizer):
         b = self._microbatch_size_for(n)
         chunks = split_into_physical_batches(inputs, targets, self.max_physical_batch_size, multiple_of=b or 1)
         lockstep = getattr(self._dist, "lockstep", None)  # FSDP2: per-unit or whole-model step (distributed/fsdp.py)
-        chunks = lockstep(list(chunks), self._engine(self.loss_fn), self._ensure_started) if lockstep else chunks
+        chunks = lockstep(list(chunks), self._engine(self.loss_fn), self._ensure_started, self._acc) if lockstep else chunks
         self.zero_grad()
         loss_sum = None
         with contextlib.closing(chunks):

@@ -328,8 +328,9 @@ class StepAccumulator:
 
     @property
     def has_passes(self) -> bool:
-        """Whether any pass (sensitive or public) was added since :meth:`reset`."""
-        return bool(self.pending) or self.sample_state is not None or self.num_public_passes > 0
+        """Whether any pass (sensitive or public) was added since :meth:`reset` (its sums may have
+        been handed on since: FSDP2 reduce-scatters them after each physical slot)."""
+        return bool(self.pending) or self.sample_state is not None or self.num_public_passes > 0 or self.num_sensitive_passes > 0
 
     def begin(self, global_state: Any, template: dict[str, torch.Tensor], *, defer_sums: bool = False) -> None:
         """Start a step: ``params = query.derive_sample_params(global_state)``; ``template`` is

@@ -211,6 +211,19 @@ def rewind_after_distributed_refusal(text: str) -> str:
     )
 
 
+def fsdp_last_param_unnoised(text: str) -> str:
+    # FSDP2's release noises every parameter's shard but the last one (the bias of a one-layer model)
+    return _replace_once(text, r"^(\s*)for n in names:\n(\s*)new_gauss, event = gauss\.noise_in_place",
+                         r"\1for n in names[:-1]:\n\2new_gauss, event = gauss.noise_in_place", "the shard noise loop")
+
+
+def fsdp_slot_sums_kept(text: str) -> str:
+    # FSDP2: a slot's clipped sums stay in the accumulator after they were reduce-scattered, so the
+    # next slot adds them again (a record of an earlier chunk counts twice: sensitivity 2C, noise for C)
+    return _replace_once(text, r"state, acc\.sample_state = acc\.sample_state, None",
+                         "state = acc.sample_state", "the slot hand-over")
+
+
 def rewind_after_public_only_step(text: str) -> str:
     # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
     # every rank saw in the reduced buffer goes onto the next step's sums
@@ -295,6 +308,12 @@ BUGS = [
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
     Bug("rewind_after_public_only_step", "a DDP step with public passes only rewinds the noise generators (noise reuse)",
         "pytorch_privacy/optimizer/distributed/ddp.py", rewind_after_public_only_step, [f"{DIST}/test_ddp.py"]),
+    Bug("fsdp_last_param_unnoised", "FSDP2 release: the last parameter's shard is not noised",
+        "pytorch_privacy/optimizer/distributed/sharded_release.py", fsdp_last_param_unnoised,
+        [f"{DIST}/test_fsdp.py", f"{DIST}/test_fsdp_per_unit.py"]),
+    Bug("fsdp_slot_sums_kept", "FSDP2: a slot's clipped sums are kept after their reduce-scatter (counted twice)",
+        "pytorch_privacy/optimizer/distributed/fsdp.py", fsdp_slot_sums_kept,
+        [f"{DIST}/test_fsdp.py", f"{DIST}/test_fsdp_sharded_release.py"]),
     Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
         "pytorch_privacy/dp_query/randomness.py", prefetch_reused,
         [f"{OPT}/test_randomness.py", f"{DIST}/test_ddp.py"]),

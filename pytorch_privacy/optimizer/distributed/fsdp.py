@@ -8,10 +8,11 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
     per unit: FSDP2 all-gathers each unit for its forward (and backward) and frees it after
       (whole model instead: every unit unsharded once when the step begins, see below)
     g_i, ||g_i||   per example of the rank's local batch (ghost engine; any engine when whole-model)
-    per bucket of parameters (sharded_release.py), the sums formed only now:
-      S_r  = sum_{i in B_r} clip_C(g_i)                    the bucket's parameters, local
-      S_r[r] += N(0, (sigma C)^2 I)                        rank r noises its own shard's part only
-      S[s] = (sum_r S_r)[shard s]                          one reduce-scatter (rank-major buffer)
+    after each physical slot, per bucket of parameters (sharded_release.py), the sums formed only now:
+      S_r  = sum_{i in slot} clip_C(g_i)                   the bucket's parameters, local
+      S[s] += (sum_r S_r)[shard s]                         one reduce-scatter (rank-major buffer)
+    S[s] += N(0, (sigma C)^2 I)                            rank s noises its own shard only
+    one all-reduce of 5 counters (sensitive, examples, public passes, refusal, failure)
     released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
 
@@ -93,9 +94,9 @@ the ranks' generator states (one ``all_gather_object``) and refuses identical on
 
 Ledger and budget.  Every rank's query releases an event (the same one: the global state of a
 Gaussian sum/average query does not change); rank 0 alone records it with the global ``q`` and
-decides the budget; its decision is broadcast before anything is applied, and a refusal is raised
-on every rank (the generators are not rewound: the noised shards already crossed the ranks, see
-``ddp.py``).  Queries whose
+decides the budget; its decision reaches every rank (the counters' all-reduce) before anything is
+applied, and a refusal is raised on every rank (the refused step's draws stay spent; no noised
+shard has left its rank).  Queries whose
 global state is updated from noised data (adaptive clipping) would diverge across ranks: their
 sample states are not shaped like the parameters, and they are refused (use DDP for them).
 """
@@ -112,9 +113,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..engines.base import batch_size_of
-from ..step_accumulator import DeferredSums
+from ..step_accumulator import DeferredSums, in_place_release
 from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
-from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, scatter_release
+from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, reduce_scatter_sums, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -218,12 +219,15 @@ class FSDPStep(DistributedStep):
         self._empty_ok: dict[tuple, bool] = {}
         self._checked_state = False
         self._checked_dtypes = False
+        #: the shards reduced slot by slot in the current step: [shards, sensitive, bytes]
+        self._reduced: list | None = None
 
     # -- the step's lifecycle (DPOptimizer: fit_batch -> lockstep, zero_grad, _ensure_started, step) --
     def begin_step(self) -> None:
         """Start a step (``zero_grad``): unshard every unit for the whole step (all-gather, every
         rank), unless :meth:`lockstep` (``fit_batch``) planned a per-unit step just before."""
         planned, self._planned = self._planned, None
+        self._reduced = None
         if planned == "per-unit":
             self.last_path = planned
             return
@@ -340,14 +344,17 @@ class FSDPStep(DistributedStep):
                 return []
             return [n for n, t in local.items() if not bool(torch.isfinite(t).all())]
 
-    def lockstep(self, chunks: list, engine: Any, start: Callable[[], None]) -> Iterator[tuple[Any, Any]]:
+    def lockstep(self, chunks: list, engine: Any, start: Callable[[], None], acc: Any = None) -> Iterator[tuple[Any, Any]]:
         """Plan a ``fit_batch`` step on every rank (collective: one all-reduce of 3 entries; called
         before the step's ``zero_grad``) and return the physical chunks to compute.
 
         The ranks agree on the number of physical chunks (the maximum over ranks), on whether any
         rank's engine would run a probe, trace or fallback forward for its batch (then the whole
         world unshards the whole model for this step, as :meth:`begin_step` does), and on whether
-        any shard holds NaN/inf (``ValueError`` on every rank).  Per-unit: ``start()`` (the
+        any shard holds NaN/inf (``ValueError`` on every rank).  With ``acc`` (the optimizer's
+        :class:`~pytorch_privacy.optimizer.StepAccumulator`) and the built-in Gaussian queries,
+        every rank reduce-scatters the slot's clipped sums after each slot (:meth:`scatter_chunk`).
+        Per-unit: ``start()`` (the
         optimizer's step start) runs with stand-ins, and the returned generator yields this rank's
         chunks while running a zero-example pass of the engine (its forward and backward, FSDP's
         all-gathers included) in every slot where this rank has no examples; exactly one forward
@@ -372,9 +379,10 @@ class FSDPStep(DistributedStep):
                 "checkpoint and look for the cause (learning rate too large, a bad initialisation)"
             )
         self._planned = "whole-model" if fallback else "per-unit"
+        scatter = (lambda: self.scatter_chunk(acc, start)) if self._scatters(acc) else (lambda: None)
         if fallback:  # begin_step (zero_grad, next) unshards the whole model
-            return self._whole_model_chunks(chunks, engine)
-        return self._per_unit_slots(chunks, slots, engine, start)
+            return self._whole_model_chunks(chunks, slots, engine, scatter)
+        return self._per_unit_slots(chunks, slots, engine, start, scatter)
 
     def _key(self, inputs: Any, targets: Any) -> tuple:
         from ..engines.probe import input_signature
@@ -382,11 +390,17 @@ class FSDPStep(DistributedStep):
 
         return scan_model(self.model).signature, input_signature(inputs, targets)
 
-    def _whole_model_chunks(self, chunks: list, engine: Any):
-        """This rank's chunks; then, once per input signature the engine is ready for, a trial
+    def _whole_model_chunks(self, chunks: list, slots: int, engine: Any, scatter: Callable[[], None]):
+        """This rank's chunks, and ``scatter()`` after each of the ``slots`` (also those where this
+        rank has no chunk); then, once per input signature the engine is ready for, a trial
         zero-example pass while every unit is unsharded (no collective): per-unit steps for that
         signature need it to work on every rank (``x.view(B, -1)`` fails on zero examples)."""
-        yield from chunks
+        for slot in range(slots):
+            if slot < len(chunks):
+                yield chunks[slot]
+            scatter()
+        if not chunks:
+            return
         key = self._key(*chunks[0])
         if not self.per_unit or key in self._empty_ok or not engine.lockstep_ready(*chunks[0]):
             return
@@ -409,7 +423,7 @@ class FSDPStep(DistributedStep):
         if len(self._empty_ok) > 256:  # many signatures (variable lengths): keep the newest
             self._empty_ok.pop(next(iter(self._empty_ok)))
 
-    def _per_unit_slots(self, chunks: list, slots: int, engine: Any, start: Callable[[], None]):
+    def _per_unit_slots(self, chunks: list, slots: int, engine: Any, start: Callable[[], None], scatter: Callable[[], None]):
         self._restore_settings()
         with self._stand_ins():
             start()
@@ -432,8 +446,39 @@ class FSDPStep(DistributedStep):
                         "instead of one; the ranks' FSDP all-gathers no longer match. Train this model with "
                         "whole-model unsharding: set optimizer.distributed_step.per_unit = False on every rank"
                     )
+                scatter()
         finally:
             handle.remove()
+
+    # -- the clipped sums, reduced slot by slot (sharded_release.py) ---------------------------
+    def _scatters(self, acc: Any) -> bool:
+        """Whether ``fit_batch`` reduce-scatters after each slot: the optimizer defers the sums
+        (``sharded_sums``) of a built-in Gaussian sum/average query (the same on every rank)."""
+        return acc is not None and self.sharded_sums and in_place_release(acc.query)
+
+    def scatter_chunk(self, acc: Any, start: Callable[[], None]) -> None:
+        """After a physical slot (every rank, collective): reduce-scatter the clipped sums
+        accumulated since the last call (zeros where this rank had no examples), one bucket at a
+        time, and add this rank's shards to the step's; the accumulator's sums are consumed."""
+        if not acc.started:  # no chunk on this rank yet: the step's template all the same
+            start()
+        acc.flush()
+        state, acc.sample_state = acc.sample_state, None
+        shards, _, volume = reduce_scatter_sums(self, acc.template, state, None)
+        if self._reduced is None:
+            self._reduced = [shards, state is not None, volume]
+            return
+        for n, t in shards.items():
+            self._reduced[0][n].add_(t)
+        self._reduced[1] = self._reduced[1] or state is not None
+        self._reduced[2] += volume
+
+    def take_reduced(self) -> tuple[dict[str, torch.Tensor], bool, int] | None:
+        """``(shards, sensitive, bytes)`` reduced by :meth:`scatter_chunk` in the current step (the
+        world's sums of this rank's shard, whether this rank had a sensitive pass, the bytes it
+        handed to the collectives), or ``None``; forgotten here."""
+        reduced, self._reduced = self._reduced, None
+        return None if reduced is None else (reduced[0], reduced[1], reduced[2])
 
     def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         """The sharded parameters (the optimizer's) under the names of ``params``."""

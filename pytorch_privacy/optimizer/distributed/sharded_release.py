@@ -1,33 +1,36 @@
-"""The release of a Gaussian sum/average step under FSDP2, one bucket of parameters at a time.
+"""The release of a Gaussian sum/average step under FSDP2: the clipped sums reduce-scattered one
+bucket of parameters at a time, then each rank noises its own shard.
 
-Rank ``r`` holds its local clipped sums ``S_r`` (and public gradients); for each bucket of
+Rank ``r`` holds its local clipped sums ``S_r`` (and public gradients).  For each bucket of
 parameters, in the order of the step's template (up to :attr:`FSDPStep.bucket_bytes` of sums and
 public gradients per bucket, at least one parameter)::
 
     buf[s] = [the parts of the bucket's sums in rank s's shard, then of its public gradients]
-    buf[r, :own] += N(0, (sigma C)^2 I)       rank r noises its own row's sums, and only those
-    out = reduce_scatter(buf)                 rank s receives sum_r buf_r[s]: its shard of S + N
+    out = reduce_scatter(buf)                 rank s receives sum_r buf_r[s]: its shard of S
     the bucket's sums and buffer are freed before the next bucket is formed
 
-The last bucket carries the step's counters (``[noised dropped count,] sensitive, examples,
-public, refused, failed``) at the end of every row, so every rank receives their world sums.
-Each element of every shard is noised exactly once, by the rank that owns it, with that rank's
-own generator (the shards are disjoint and cover every parameter).
+then, on rank ``s``, ``S[s] += N(0, (sigma C)^2 I)`` with its own generator (rank 0 decides the
+budget on the event), and one all-reduce of the step's counters (``[noised dropped count,]
+sensitive, examples, public, refused, failed``) tells every rank whether to apply.  Each element
+of every shard is noised exactly once, by the rank that owns it (the shards are disjoint and cover
+every parameter), and the noise never crosses the ranks before the step is applied.
+
+In a ``fit_batch`` step the buckets are reduce-scattered after every physical slot
+(:meth:`~.fsdp.FSDPStep.scatter_chunk`: the ranks agreed on the number of slots; a rank without
+examples in a slot sends zeros), and each rank adds the slot's shards to its own: the release then
+only noises them.  Other steps (the multi-pass API) reduce-scatter once, at the release.
 
 Memory.  With deferred sums (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`,
 which ``DPOptimizer`` asks for under FSDP2), a parameter's clipped sum is formed when its bucket
 is, from the activations and output gradients the ghost engine kept: a step holds one bucket's
-sums and buffer at a time, and the shards of the release; never the clipped sum of the whole
-model.  (Several physical chunks in one step: the earlier chunks' sums are full-shaped, like the
-unsharded gradients of a plain FSDP backward accumulating without reduce-scatter; a batch with
-a dropped (NaN/inf) record, or an engine that forms all sums at once, forms them at the first
-bucket.)
+sums and buffer at a time, and its shards; never the clipped sum of the whole model, with one or
+several physical chunks per step.  (A chunk with a dropped (NaN/inf) record, or an engine that
+forms all sums at once, forms them at the first bucket; a multi-pass step with several flushes
+keeps the earlier flushes' sums full-shaped until the release.)
 
-Lockstep and failures.  Every rank runs the same collectives whatever happens: the buckets
-depend only on the template (the same on every rank).  A rank whose release fails, or rank 0
-when it refuses the step (budget), sends zeros in its later buckets (never an un-noised sum in
-place of a noised one), and every rank learns it from the last bucket's counters; the
-generators are not rewound (the first bucket's noised sums already crossed the ranks).
+Trust.  As in plain FSDP2 (and the DDP step), rank ``s`` receives the sum of the ranks' un-noised
+shard ``s``: the ranks of one job are inside the privacy boundary; what leaves it is the noised
+release (the trained parameters) and the ledger.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch.distributed as dist
 from ..step_accumulator import DeferredSums
 from .ddp import _ERROR, _OK, _REFUSED, _gaussian_part
 
-__all__ = ["scatter_release", "plan_buckets"]
+__all__ = ["scatter_release", "reduce_scatter_sums", "plan_buckets"]
 
 #: default :attr:`FSDPStep.bucket_bytes`: sums and public gradients per reduce-scatter
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -79,81 +82,52 @@ def _take(state: Any, name: str) -> torch.Tensor:
     return state.take(name) if isinstance(state, DeferredSums) else state.pop(name)
 
 
-def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int, check, divisor: float):
-    """Release the step of a Gaussian sum/average query on an FSDP2 model (see the module
-    docstring); ``step`` is the :class:`~.fsdp.FSDPStep`.  Returns ``(result, new_global_state,
-    event)`` with ``result`` as ``DTensor`` shards (``None`` when no rank took a sensitive pass),
-    and leaves the public gradients in ``acc.public`` as ``DTensor`` shards."""
-    from ..budget import PrivacyBudgetExceeded
+def wide_dtype(template: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the reduced sums: float64 when a parameter is, else float32 (the same on every
+    rank: it depends on the template only)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in template.values()) else torch.float32
 
-    query, template, world, rank = acc.query, acc.template, step.world_size, step.rank
-    names = list(template)
-    has_sensitive = acc.sample_state is not None
-    state = acc.sample_state
-    if has_sensitive:
-        step._check_state(acc, state)
-    else:
-        step._check_state(acc, query.initial_sample_state(template))
-    public = acc.num_public_passes > 0
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in template.values()) else torch.float32
+
+def reduce_scatter_sums(
+    step: Any, template: dict[str, torch.Tensor], state: Any, public: dict[str, torch.Tensor] | None, *, sums: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Reduce-scatter full-shaped local sums, one bucket at a time (collective: every rank calls it
+    with the same template, ``public is None`` and ``sums``).
+
+    ``state``: the local clipped sums (:class:`DeferredSums` or a dict, consumed: each sum is
+    dropped from it once its bucket is formed; ``None``: zeros, nothing formed); ``public``: the
+    local public gradients (missing names are zeros) or ``None``; ``sums=False``: the public
+    gradients only.  Returns this rank's shards ``{name: tensor}`` of the world's sums and of its
+    public gradients (views of one buffer per bucket, in :func:`wide_dtype`), and the bytes this
+    rank handed to the collectives."""
+    world, rank = step.world_size, step.rank
+    wide = wide_dtype(template)
     device = next(iter(template.values())).device
-    k = 5 if step.count_stddev is None else 6  # [the noised dropped count,] then 5 counters
-    buckets = plan_buckets(template, torch.empty((), dtype=wide).element_size(), public, step.bucket_bytes)
-    gauss, gauss_state = _gaussian_part(query, global_state)
-    step._check_distinct_sources(query, gauss_state.stddev)
-    code, mine, header, event, new_gauss = _OK, None, None, None, None
+    kinds = (("sum",) if sums else ()) + (("pub",) if public is not None else ())
+    per = torch.empty((), dtype=wide).element_size()
     shards: dict[str, torch.Tensor] = {}
     pub_shards: dict[str, torch.Tensor] = {}
     volume = 0
-
-    def zeros(n: str) -> torch.Tensor:
-        t = template[n]
-        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
-
-    kinds = ("sum", "pub") if public else ("sum",)
-    for b, bucket in enumerate(buckets):
-        last = b == len(buckets) - 1
-        sent = code == _OK  # after a failure or refusal: zeros only
+    if not kinds:
+        return shards, pub_shards, volume
+    for bucket in plan_buckets(template, per * len(kinds), False, step.bucket_bytes):
         layout = [(kind, n, _chunks(template[n], world, step.sharded[n][1])) for kind in kinds for n in bucket]
         lengths = [sum(parts[s].numel() for _, _, parts in layout) for s in range(world)]
-        length = max(lengths)
-        buf = torch.zeros(world, length + (k if last else 0), dtype=wide, device=device)
-        if sent:
-            rows: list[list[torch.Tensor]] = [[] for _ in range(world)]
-            for kind, n, _ in layout:
-                if kind == "sum":
-                    full = _take(state, n) if has_sensitive else zeros(n)
-                else:
-                    full = acc.public.get(n)
-                    full = zeros(n) if full is None else full
-                for s, part in enumerate(_chunks(full, world, step.sharded[n][1])):
-                    rows[s].append(part.reshape(-1).to(wide))
-                del full
-            for s, row in enumerate(rows):
-                if lengths[s]:
-                    torch.cat(row, out=buf[s, : lengths[s]])
-            del rows
-        own = sum(parts[rank].numel() for kind, _, parts in layout if kind == "sum")
-        if sent:
-            try:
-                noised, new_gauss, ev = gauss.get_noised_result(buf[rank, :own], gauss_state)
-                buf[rank, :own] = noised
-                del noised
-                if event is None:
-                    event = ev
-                    if step.is_recorder and check is not None and event is not None:
-                        check(event)
-            except PrivacyBudgetExceeded as exc:
-                header = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
-                code, mine = _REFUSED, exc
-            except Exception as exc:  # noqa: BLE001 - the others still join the collectives, then stop with this rank
-                code, mine = _ERROR, exc
-                buf.zero_()  # this bucket's noise may be missing: send nothing of it
-        if last:
-            counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
-            if k == 6:  # the same share in every row: every rank receives the world's noised count
-                counters.insert(0, step._local_noised_count(acc, gauss))
-            buf[:, length:] = torch.tensor(counters, dtype=wide)
+        buf = torch.zeros(world, max(lengths), dtype=wide, device=device)
+        rows: list[list[torch.Tensor]] = [[] for _ in range(world)]
+        for kind, n, parts in layout:
+            full = (_take(state, n) if state is not None else None) if kind == "sum" else public.get(n)
+            for s, part in enumerate(_chunks(full, world, step.sharded[n][1]) if full is not None else parts):
+                rows[s].append(part.reshape(-1).to(wide) if full is not None else None)
+            del full
+        for s, row in enumerate(rows):
+            pos = 0
+            for t, (_, _, parts) in zip(row, layout):
+                m = parts[s].numel()
+                if t is not None:
+                    buf[s, pos : pos + m] = t
+                pos += m
+        del rows
         out = torch.empty(buf.shape[1], dtype=wide, device=device)
         dist.reduce_scatter_single(out, buf.reshape(-1), op=dist.ReduceOp.SUM, group=step.group)
         volume += buf.numel() * buf.element_size()
@@ -163,10 +137,55 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
             shape = parts[rank].shape
             (shards if kind == "sum" else pub_shards)[n] = out[pos : pos + shape.numel()].view(shape)
             pos += shape.numel()
-        if last:
-            tail = out[length:].tolist()
-    step.last_volume_bytes = volume
-    step.last_noised_count = tail[0] if k == 6 else None
+    return shards, pub_shards, volume
+
+
+def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int, check, divisor: float):
+    """Release the step of a Gaussian sum/average query on an FSDP2 model (see the module
+    docstring); ``step`` is the :class:`~.fsdp.FSDPStep`, holding the shards its slots already
+    reduced (if any).  Returns ``(result, new_global_state, event)`` with ``result`` as ``DTensor``
+    shards (``None`` when no rank took a sensitive pass), and leaves the public gradients in
+    ``acc.public`` as ``DTensor`` shards."""
+    from ..budget import PrivacyBudgetExceeded
+
+    query, template, world = acc.query, acc.template, step.world_size
+    names = list(template)
+    state = acc.sample_state
+    reduced = step.take_reduced()  # (shards, sensitive, bytes) of the slots, or None
+    has_sensitive = state is not None or (reduced is not None and reduced[1])
+    if state is not None:
+        step._check_state(acc, state)
+    elif reduced is None:  # (slots reduce only the sums of the built-in Gaussian queries)
+        step._check_state(acc, query.initial_sample_state(template))
+    public = acc.num_public_passes > 0
+    pub = dict(acc.public) if public else None
+    shards, pub_shards, volume = reduce_scatter_sums(step, template, state, pub, sums=reduced is None)
+    if reduced is not None:
+        shards, volume = reduced[0], volume + reduced[2]
+    gauss, gauss_state = _gaussian_part(query, global_state)
+    step._check_distinct_sources(query, gauss_state.stddev)
+    code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
+    try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
+        for n in names:
+            new_gauss, event = gauss.noise_in_place(shards[n].reshape(-1), gauss_state)
+        if event is None:  # no parameter: the event all the same
+            event = gauss.event(gauss_state)
+        if step.is_recorder and check is not None and event is not None:
+            check(event)
+    except PrivacyBudgetExceeded as exc:
+        header = (str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)
+        code, mine = _REFUSED, exc
+    except Exception as exc:  # noqa: BLE001 - the others still join the all-reduce, then stop with this rank
+        code, mine = _ERROR, exc
+    counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
+    if step.count_stddev is not None:  # each rank's share: the world's noised count once summed
+        counters.insert(0, step._local_noised_count(acc, gauss))
+    wide = wide_dtype(template)
+    tail_t = torch.tensor(counters, dtype=wide, device=next(iter(template.values())).device)
+    dist.all_reduce(tail_t, op=dist.ReduceOp.SUM, group=step.group)
+    step.last_volume_bytes = volume + tail_t.numel() * tail_t.element_size()
+    tail = tail_t.tolist()
+    step.last_noised_count = tail[0] if step.count_stddev is not None else None
     any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
     step.last_global_examples = examples
     if n_refused or n_errors:
@@ -175,7 +194,7 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
         raise ValueError("a public pass was taken on some ranks only; take public passes on every rank")
     if public:
         acc.public = step._as_dtensors({n: pub_shards[n] / world for n in names})
-    if not any_sensitive:  # no data released; the draws stay spent: the reduced buffers showed them to every rank
+    if not any_sensitive:  # no data released; the draws stay spent
         return None, global_state, None
     result = {}
     for n in names:

@@ -90,3 +90,12 @@ def with_buckets(rank, world, port, bucket_bytes, fn_name, *args):
     set_bucket_bytes(bucket_bytes)
     fn = getattr(fw, fn_name, None) or getattr(w, fn_name)
     fn(rank, world, port, *args)
+
+
+def multipass(rank, world, port, out_dir, bucket_bytes):
+    """The multi-pass API (two sensitive passes with a flush between, a public pass) on the sharded
+    two-layer model: no slots, the sums and public gradients are reduced at the release."""
+    set_bucket_bytes(bucket_bytes)
+    model = fw.shard(w.make_model())
+    w.train(model, "ghost", w.make_batches(), rank=rank, world=world, passes=True)
+    torch.save(fw.full_params(model), os.path.join(out_dir, f"multipass{rank}.pt"))

@@ -46,11 +46,12 @@ def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
         for (engine, kw), ref, res in zip(VARIANTS, refs, out):
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
-            # one reduce-scatter of a rank-major buffer: 2 segments (each rank's shard of every
-            # parameter, padded to the longer one) of sums + 5 counters, fp32
+            # one reduce-scatter of a rank-major buffer per physical slot: 2 rows (each rank's shard of
+            # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 5 counters
             seg = [sum(torch.chunk(t, 2, 0)[s].numel() for t in ref.values()) for s in range(2)]
             assert seg == [33, 20]
-            assert res["volume"] == 4 * 2 * (max(seg) + 5)
+            slots = 4 if kw.get("max_physical_batch_size") == 1 else 1  # 4 examples per rank, one per chunk
+            assert res["volume"] == 4 * (2 * max(seg) * slots + 5)
 
 
 @pytest.mark.slow
@@ -81,6 +82,7 @@ def test_fsdp_noise_once_per_element_independent_across_shards(tmp_path, general
     torch.testing.assert_close(u0["update"], u1["update"], atol=0, rtol=0)
     update = u0["update"]
     assert update.numel() == 5050
+    assert bool((update != 0).all())  # every element noised (an empty batch: the update is the noise)
     expected = sigma * clip / denominator
     std = float(update.std())
     assert abs(std / expected - 1) < 0.05, (std, expected)

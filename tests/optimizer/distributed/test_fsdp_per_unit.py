@@ -111,6 +111,7 @@ def test_per_unit_step_noises_every_element_once(tmp_path):
     torch.testing.assert_close(u0["noise"], u1["noise"], atol=0, rtol=0)  # the same release on both ranks
     assert float(u0["clean"].abs().max()) > 1e-4  # the examples moved the noise-free twin
     noise = u0["noise"]
+    assert bool((noise != 0).all())  # every element noised
     expected = sigma * clip / denominator
     assert abs(float(noise.std()) / expected - 1) < 0.05, (float(noise.std()), expected)
     assert abs(float(noise.std()) / (expected * math.sqrt(2)) - 1) > 0.25  # not noised on both ranks

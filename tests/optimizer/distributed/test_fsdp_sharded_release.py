@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 CASES = [
     ("ghost", [4, 4, 4], {}),  # per-unit steps after the first
-    ("ghost", [4, 4, 4], {"max_physical_batch_size": 2}),  # two chunks per rank: the first one's sums are a base
+    ("ghost", [4, 4, 4], {"max_physical_batch_size": 2}),  # two chunks per rank: reduced after each
     ("ghost", [8, 0, 8], {}),  # rank 1 has no examples in the last step (its sums: of an empty batch)
     ("functorch", [4, 4, 4], {}),  # whole-model steps, materialised per-example gradients
     ("ghost", [4, 4, 4], {"per_unit": False}),
@@ -37,6 +37,8 @@ def test_plan_buckets_closes_a_bucket_before_it_would_overflow():
 
 @pytest.mark.slow
 def test_one_parameter_per_bucket_equals_one_process_and_forms_each_sum_at_its_bucket(tmp_path):
+    """Every case reduces its sums slot by slot, one parameter per bucket: the parameters equal one
+    process's, and the whole model's clipped sum is never formed at once (even with two chunks)."""
     refs = []
     batches = w.make_batches(3)
     extra = w.make_batches(1, seed=9)[0]
@@ -57,12 +59,23 @@ def test_one_parameter_per_bucket_equals_one_process_and_forms_each_sum_at_its_b
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{what}: {m}")
             assert res["path"] == ("whole-model" if engine == "functorch" or kw.get("per_unit") is False else "per-unit")
             ev = res["events"]
-            # one reduce-scatter per parameter, each of 2 rows of the larger shard (+ 5 counters in the last)
+            # per physical slot, one reduce-scatter per parameter of 2 rows of the larger shard; the
+            # release then noises the shards and all-reduces 5 counters (no reduce-scatter of its own)
             rows = [max(c.numel() for c in torch.chunk(torch.zeros(shapes[n]), 2, 0)) for n in names]
-            assert [e[1] for e in ev if e[0] == "rs"] == [2 * r for r in rows[:-1]] + [2 * (rows[-1] + 5)], what
-            assert res["volume"] == 4 * 2 * (sum(rows) + 5), what
-            if kw.get("max_physical_batch_size"):  # the first chunk's sums are formed when the second is flushed
-                assert ev[0] == ("sums", tuple(names)), what
-                ev = ev[1:]
+            slots = 2 if kw.get("max_physical_batch_size") else 1
+            assert [e[1] for e in ev if e[0] == "rs"] == [2 * r for r in rows] * slots, what
+            assert res["volume"] == 4 * (2 * sum(rows) * slots + 5), what
             # each parameter's sum is formed alone, just before the reduce-scatter of its bucket
-            assert ev == [e for n, r in zip(names, rows) for e in (("sums", (n,)), ("rs", ev[2 * names.index(n) + 1][1]))], what
+            assert ev == [e for _ in range(slots) for n, r in zip(names, rows) for e in (("sums", (n,)), ("rs", 2 * r))], what
+
+
+@pytest.mark.slow
+def test_multi_pass_steps_with_public_passes_reduce_at_the_release_and_equal_one_process(tmp_path):
+    ref = w.train(w.make_model(), "ghost", w.make_batches(), passes=True)
+    start = dict(w.make_model().named_parameters())
+    assert any((ref[n] - start[n]).abs().max() > 1e-3 for n in ref), "the reference did not train"
+    w.spawn(rw.multipass, 2, str(tmp_path), 1)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"multipass{rank}.pt", weights_only=False)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0)
