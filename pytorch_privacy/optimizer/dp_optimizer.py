@@ -608,8 +608,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self._consistency.check_batch(n)
         b = self._microbatch_size_for(n)
         chunks = split_into_physical_batches(inputs, targets, self.max_physical_batch_size, multiple_of=b or 1)
-        lockstep = getattr(self._dist, "lockstep", None)  # FSDP2: per-unit or whole-model step (distributed/fsdp.py)
-        chunks = lockstep(list(chunks), self._engine(self.loss_fn), self._ensure_started, self._acc) if lockstep else chunks
+        if self._dist is not None:  # FSDP2: the ranks agree on the step's slots and path (distributed/fsdp.py)
+            chunks = self._dist.lockstep(list(chunks), self._engine(self.loss_fn), self._ensure_started, self._acc)
         self.zero_grad()
         loss_sum = None
         with contextlib.closing(chunks):

@@ -61,7 +61,7 @@ import hashlib
 import io
 import os
 import pickle
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import attrs
 import torch
@@ -189,6 +189,12 @@ class DistributedStep:
 
     def begin_step(self) -> None:
         """Called when a step begins (``zero_grad``); nothing to do for replicated models."""
+
+    def lockstep(self, chunks: list, engine: Any, start: Callable[[], None], acc: Any = None) -> Iterator[tuple[Any, Any]]:
+        """The physical chunks of a ``fit_batch`` step, as they are: replicated models need no
+        agreement between the ranks before the step's one collective (FSDP2 does, see
+        :meth:`.fsdp.FSDPStep.lockstep`)."""
+        yield from chunks
 
     def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         """The parameters the released gradients are written to (the step's own, for DDP)."""

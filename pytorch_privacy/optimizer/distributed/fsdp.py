@@ -189,9 +189,6 @@ class FSDPStep(DistributedStep):
         super().__init__(mesh.get_group())
         self.mesh = mesh
         self.per_unit = bool(per_unit)
-        #: bytes of clipped sums (and public gradients) per reduce-scatter of the release, in the
-        #: widest dtype (one parameter at least): the release holds one bucket at a time (see
-        #: :mod:`.sharded_release`); the same on every rank
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
         #: the optimizer defers forming the clipped sums until the release reads them, one
         #: parameter at a time (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`)
@@ -221,6 +218,19 @@ class FSDPStep(DistributedStep):
         self._checked_dtypes = False
         #: the shards reduced slot by slot in the current step: [shards, sensitive, bytes]
         self._reduced: list | None = None
+
+    @property
+    def bucket_bytes(self) -> int:
+        """Bytes of clipped sums (and public gradients) per reduce-scatter, in the reduction's dtype
+        (one parameter at least): a step holds one bucket's sums at a time (see
+        :mod:`.sharded_release`).  32 MiB by default; set the same value on every rank."""
+        return self._bucket_bytes
+
+    @bucket_bytes.setter
+    def bucket_bytes(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bucket_bytes must be a positive int (bytes per reduce-scatter), got {value!r}")
+        self._bucket_bytes = value
 
     # -- the step's lifecycle (DPOptimizer: fit_batch -> lockstep, zero_grad, _ensure_started, step) --
     def begin_step(self) -> None:

@@ -79,7 +79,14 @@ def bucketed(rank, world, port, out_dir, bucket_bytes, cases):
         x, y = w.make_batches(1, seed=9)[0]
         k = splits[-1]
         opt.fit_batch(x[:k], y[:k]) if rank == 0 else opt.fit_batch(x[k:], y[k:])
-        results.append({"params": fw.full_params(model), "events": list(trace.events),
+        refused = []
+        for bad in (0, -1, 1.5, True, "8MiB"):
+            try:
+                opt.distributed_step.bucket_bytes = bad
+            except ValueError:
+                refused.append(bad)
+        results.append({"params": fw.full_params(model), "events": list(trace.events), "refused": refused,
+                        "bucket_bytes": opt.distributed_step.bucket_bytes,
                         "path": opt.distributed_step.last_path, "volume": opt.distributed_step.last_volume_bytes,
                         "sizes": {n: p.numel() for n, p in model.named_parameters()}})
     torch.save(results, os.path.join(out_dir, f"bucketed{rank}.pt"))

@@ -58,6 +58,7 @@ def test_one_parameter_per_bucket_equals_one_process_and_forms_each_sum_at_its_b
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{what}: {m}")
             assert res["path"] == ("whole-model" if engine == "functorch" or kw.get("per_unit") is False else "per-unit")
+            assert res["refused"] == [0, -1, 1.5, True, "8MiB"] and res["bucket_bytes"] == 1, what  # bad sizes refused
             ev = res["events"]
             # per physical slot, one reduce-scatter per parameter of 2 rows of the larger shard; the
             # release then noises the shards and all-reduces 5 counters (no reduce-scatter of its own)
