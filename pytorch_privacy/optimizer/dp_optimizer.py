@@ -372,7 +372,7 @@ class DPOptimizer(torch.optim.Optimizer):
             validation.check_no_new_parameters(shown, opt_ids, self._known_missing)
             self._check_finite_weights(params)
             self._step_params = params
-            defer = self._dist is not None and self._dist.sharded_sums  # FSDP2: sums formed per parameter at release
+            defer = self._dist is not None and self._dist.defers_sums  # sums formed per parameter at the release
             self._acc.begin(self._global_state, {n: p.detach() for n, p in params.items()}, defer_sums=defer)
 
     def _check_finite_weights(self, params: dict[str, nn.Parameter]) -> None:

@@ -71,6 +71,7 @@ from torch import nn
 from ...dp_query import pytree
 from ...dp_query.gaussian_query import GaussianSumQuery
 from ...dp_query.normalized_query import NormalizedGlobalState, NormalizedQuery
+from ..step_accumulator import DeferredSums
 
 __all__ = ["DistributedStep", "unwrap_ddp"]
 
@@ -148,9 +149,10 @@ class DistributedStep:
     :attr:`last_global_examples` (the world's number of examples in the step).
     """
 
-    #: whether the optimizer defers forming the clipped sums until the release (FSDP2 only: DDP
-    #: all-reduces them as one flat buffer)
-    sharded_sums = False
+    #: the optimizer defers forming the clipped sums of the built-in Gaussian queries to the release
+    #: (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`), which writes them into
+    #: its flat buffer one parameter at a time (no second model-sized copy of the sums)
+    defers_sums = True
 
     def __init__(self, process_group: Any = None):
         if not dist.is_available() or not dist.is_initialized():
@@ -250,6 +252,7 @@ class DistributedStep:
         divisor = linear_release_divisor(acc.query, global_state)
         if divisor is not None:  # Gaussian sum/average: noise before the one all-reduce
             return self._noise_then_reduce(acc, global_state, local_examples, check, divisor)
+        acc.settle()  # the general path reduces the sums as the query holds them
         reduced = self._reduce(acc, local_examples)
         if reduced is None:  # no rank took a sensitive pass: nothing is released
             return None, global_state, None
@@ -267,11 +270,35 @@ class DistributedStep:
         per-pass factor), as the query would."""
         from ..budget import PrivacyBudgetExceeded
 
-        query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
+        deferred = isinstance(acc.sample_state, DeferredSums)
+        if deferred:  # formed one parameter at a time into the flat buffer (built-in Gaussian route: additive)
+            query, has_sensitive, names = acc.query, True, list(acc.template)
+            leaves, spec = [acc.template[n] for n in names], None
+            wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+            device, public = leaves[0].device, acc.num_public_passes > 0
+            pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
+        else:
+            query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
         # one flat buffer: the sums, the public gradients, [the noised dropped count,] then 5 counters
         k = 5 if self.count_stddev is None else 6
-        flat = torch.cat([t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(k, dtype=wide, device=device)])
+        if deferred:
+            flat = torch.empty(n_sum + sum(t.numel() for t in pub) + k, dtype=wide, device=device)
+            pos, dtypes = 0, []
+            for n, t in zip(names, leaves):
+                s = acc.sample_state.take(n)
+                dtypes.append(s.dtype)
+                flat[pos : pos + t.numel()] = s.reshape(-1)
+                pos += t.numel()
+            for t in pub:
+                flat[pos : pos + t.numel()] = t.reshape(-1)
+                pos += t.numel()
+            flat[pos:] = 0
+        else:
+            flat = torch.cat(
+                [t.detach().reshape(-1).to(wide) for t in leaves + pub] + [torch.zeros(k, dtype=wide, device=device)]
+            )
+            dtypes = [t.dtype for t in leaves]
         gauss, gauss_state = _gaussian_part(query, global_state)
         self._check_distinct_sources(query, gauss_state.stddev)
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
@@ -322,12 +349,13 @@ class DistributedStep:
             released.mul_(acc.noise_scale)
         self.last_result_owned = True  # views of this step's flat buffer (or casts of them)
         pos, total = 0, []
-        for t in leaves:
+        for t, dtype in zip(leaves, dtypes):
             view = released[pos : pos + t.numel()].view(t.shape)
-            total.append(view if view.dtype == t.dtype else view.to(t.dtype))
+            total.append(view if view.dtype == dtype else view.to(dtype))
             pos += t.numel()
         new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
-        return pytree.unflatten(total, spec), new_state, event
+        result = dict(zip(names, total)) if deferred else pytree.unflatten(total, spec)
+        return result, new_state, event
 
     def _local_noised_count(self, acc, gauss) -> float:
         """This rank's share of the released dropped-record count: the records it dropped in the

@@ -191,7 +191,10 @@ class FSDPStep(DistributedStep):
         self.per_unit = bool(per_unit)
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
         #: the optimizer defers forming the clipped sums until the release reads them, one
-        #: parameter at a time (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`)
+        #: parameter at a time (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`),
+        #: and ``fit_batch`` reduce-scatters them after each physical slot; ``False``: the whole
+        #: clipped sum is formed at each flush and reduce-scattered at the release (fewer
+        #: collectives with several chunks, a model-sized buffer more); the same on every rank
         self.sharded_sums = True
         #: the FSDP parameter groups and their own reshard settings (restored between steps);
         #: read from FSDP2's internals as of torch 2.13: where they differ, every step is whole-model
@@ -218,6 +221,11 @@ class FSDPStep(DistributedStep):
         self._checked_dtypes = False
         #: the shards reduced slot by slot in the current step: [shards, sensitive, bytes]
         self._reduced: list | None = None
+
+    @property
+    def defers_sums(self) -> bool:  # type: ignore[override]
+        """Whether the optimizer defers forming the clipped sums (:attr:`sharded_sums`)."""
+        return self.sharded_sums
 
     @property
     def bucket_bytes(self) -> int:

@@ -106,3 +106,23 @@ def multipass(rank, world, port, out_dir, bucket_bytes):
     model = fw.shard(w.make_model())
     w.train(model, "ghost", w.make_batches(), rank=rank, world=world, passes=True)
     torch.save(fw.full_params(model), os.path.join(out_dir, f"multipass{rank}.pt"))
+
+
+def ddp_sums(rank, world, port, out_dir):
+    """Two DDP steps (ghost engine, then functorch); the sums formed in each step's release."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from torch import nn
+
+    trace = Trace()
+    out = {}
+    for engine in ("ghost", "functorch"):
+        model = nn.parallel.DistributedDataParallel(w.make_model())
+        opt = DPGaussianOptimizer(
+            torch.optim.SGD(model.module.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3,
+            noise_multiplier=1.0, expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank),
+        )
+        for x, y in w.make_batches(2):
+            trace.events.clear()
+            opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        out[engine] = {"events": list(trace.events), "names": [n for n, _ in model.module.named_parameters()]}
+    torch.save(out, os.path.join(out_dir, f"ddpsums{rank}.pt"))

@@ -296,3 +296,16 @@ def test_prefetched_block_noise_is_the_noise_drawn_the_usual_way(tmp_path):
         s_plain, s_early = plain["saved"]["random_sources"], early["saved"]["random_sources"]
         assert len(s_plain) == len(s_early) == 1
         assert torch.equal(s_plain[0]["states"]["cpu"], s_early[0]["states"]["cpu"])
+
+
+@pytest.mark.slow
+def test_the_release_forms_each_sum_into_the_flat_buffer_one_at_a_time(tmp_path):
+    """The clipped sums are deferred to the release, which writes them into its flat all-reduce
+    buffer one parameter at a time: never a dict of every sum next to the buffer."""
+    from . import _release_workers as rw
+
+    w.spawn(rw.ddp_sums, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"ddpsums{rank}.pt", weights_only=False)
+        for engine, res in out.items():
+            assert res["events"] == [("sums", (n,)) for n in res["names"]], (rank, engine, res["events"])
