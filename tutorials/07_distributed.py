@@ -213,10 +213,13 @@ if __name__ == "__main__":
 # ## FSDP2: `fully_shard`
 #
 # The same loop on a model sharded with `torch.distributed.fsdp.fully_shard`.  The optimizer is
-# built over the sharded (`DTensor`) parameters.  Every step unshards the units once, each rank
-# computes the per-example gradients of its own examples on the full-width layers (so each norm is
-# already the norm over all shards), the clipped sums are all-reduced once, and each rank noises
-# **its own shard** before writing it into `.grad` (see `docs/distributed.md`).
+# built over the sharded (`DTensor`) parameters.  Each rank computes the per-example gradients of
+# its own examples on the full-width layers (so each norm is already the norm over all shards);
+# after the first step of an input shape, FSDP2 gathers one unit at a time, as in non-private
+# training (`distributed_step.last_path == "per-unit"`).  The clipped sums are formed and
+# reduce-scattered one bucket of parameters at a time (`distributed_step.bucket_bytes`, 32 MiB by
+# default), so the whole model's clipped sum never lies in memory, and each rank noises **its own
+# shard** before writing it into `.grad` (see `docs/distributed.md`).
 
 
 # %%
@@ -243,7 +246,7 @@ def train_fsdp(rank: int, world: int) -> dict:
         h = torch.tanh(x @ full["0.weight"].T + full["0.bias"])
         acc = ((h @ full["2.weight"].T + full["2.bias"]).argmax(1) == y).float().mean().item()
     return {"steps": opt.steps, "ledger_steps": opt.ledger.steps, "accuracy": acc,
-            "local_rows": model[0].weight.to_local().shape[0]}
+            "local_rows": model[0].weight.to_local().shape[0], "path": opt.distributed_step.last_path}
 
 
 def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
@@ -269,3 +272,4 @@ if __name__ == "__main__" and not ("RANK" in os.environ and "WORLD_SIZE" in os.e
     assert f0["local_rows"] == f1["local_rows"] == 16  # each rank holds half of the 32 rows
     assert f0["steps"] == f1["steps"] == f0["ledger_steps"] == round(1 / Q) and f1["ledger_steps"] == 0
     assert f0["accuracy"] == f1["accuracy"] > 0.8
+    assert f0["path"] == f1["path"] == "per-unit"  # the last step gathered one unit at a time
