@@ -482,12 +482,11 @@ class FSDPStep(DistributedStep):
             start()
         acc.flush()
         state, acc.sample_state = acc.sample_state, None
-        shards, _, volume = reduce_scatter_sums(self, acc.template, state, None)
+        into = None if self._reduced is None else self._reduced[0]  # added bucket by bucket as they arrive
+        shards, _, volume = reduce_scatter_sums(self, acc.template, state, None, into=into)
         if self._reduced is None:
             self._reduced = [shards, state is not None, volume]
             return
-        for n, t in shards.items():
-            self._reduced[0][n].add_(t)
         self._reduced[1] = self._reduced[1] or state is not None
         self._reduced[2] += volume
 
@@ -549,10 +548,11 @@ class FSDPStep(DistributedStep):
         Returns ``(result, new_global_state, event)`` with ``result`` (and the accumulator's public
         gradients) as ``DTensor`` shards of the sharded parameters."""
         self.last_noised_count = None
+        self.last_result_owned = False
         try:
             acc.flush()
             divisor = linear_release_divisor(acc.query, global_state)
-            if divisor is not None:  # Gaussian sum/average: noise before one reduce-scatter
+            if divisor is not None:  # Gaussian sum/average: the bucketed reduce-scatter, then noise
                 return scatter_release(self, acc, global_state, local_examples, check, divisor)
             acc.settle()  # the general path reduces the whole sums at once
             self._check_distinct_sources(acc.query)

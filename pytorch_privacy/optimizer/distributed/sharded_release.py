@@ -89,7 +89,8 @@ def wide_dtype(template: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def reduce_scatter_sums(
-    step: Any, template: dict[str, torch.Tensor], state: Any, public: dict[str, torch.Tensor] | None, *, sums: bool = True
+    step: Any, template: dict[str, torch.Tensor], state: Any, public: dict[str, torch.Tensor] | None, *,
+    sums: bool = True, into: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """Reduce-scatter full-shaped local sums, one bucket at a time (collective: every rank calls it
     with the same template, ``public is None`` and ``sums``).
@@ -99,7 +100,8 @@ def reduce_scatter_sums(
     local public gradients (missing names are zeros) or ``None``; ``sums=False``: the public
     gradients only.  Returns this rank's shards ``{name: tensor}`` of the world's sums and of its
     public gradients (views of one buffer per bucket, in :func:`wide_dtype`), and the bytes this
-    rank handed to the collectives."""
+    rank handed to the collectives.  ``into``: shards of an earlier call, to which each bucket's
+    sums are added as it arrives (returned as the sums' shards; the bucket's buffer is freed)."""
     world, rank = step.world_size, step.rank
     wide = wide_dtype(template)
     device = next(iter(template.values())).device
@@ -113,30 +115,39 @@ def reduce_scatter_sums(
     for bucket in plan_buckets(template, per * len(kinds), False, step.bucket_bytes):
         layout = [(kind, n, _chunks(template[n], world, step.sharded[n][1])) for kind in kinds for n in bucket]
         lengths = [sum(parts[s].numel() for _, _, parts in layout) for s in range(world)]
-        buf = torch.zeros(world, max(lengths), dtype=wide, device=device)
-        rows: list[list[torch.Tensor]] = [[] for _ in range(world)]
-        for kind, n, parts in layout:
-            full = (_take(state, n) if state is not None else None) if kind == "sum" else public.get(n)
-            for s, part in enumerate(_chunks(full, world, step.sharded[n][1]) if full is not None else parts):
-                rows[s].append(part.reshape(-1).to(wide) if full is not None else None)
-            del full
-        for s, row in enumerate(rows):
-            pos = 0
-            for t, (_, _, parts) in zip(row, layout):
-                m = parts[s].numel()
-                if t is not None:
-                    buf[s, pos : pos + m] = t
-                pos += m
-        del rows
-        out = torch.empty(buf.shape[1], dtype=wide, device=device)
-        dist.reduce_scatter_single(out, buf.reshape(-1), op=dist.ReduceOp.SUM, group=step.group)
-        volume += buf.numel() * buf.element_size()
-        del buf
-        pos = 0
+        fulls = [(_take(state, n) if state is not None else None) if kind == "sum" else public.get(n) for kind, n, _ in layout]
+        n0 = layout[0][1]
+        if (
+            len(layout) == 1 and fulls[0] is not None and fulls[0].dtype == wide and fulls[0].is_contiguous()
+            and step.sharded[n0][1] == 0 and template[n0].dim() > 0 and template[n0].shape[0] % world == 0
+        ):  # one tensor split evenly along dim 0: already rank-major, reduced where it lies (no copy)
+            flat = fulls[0].reshape(-1)
+        else:
+            buf = torch.zeros(world, max(lengths), dtype=wide, device=device)
+            pos = [0] * world
+            for (kind, n, parts), full in zip(layout, fulls):
+                pieces = _chunks(full, world, step.sharded[n][1]) if full is not None else parts
+                for s, part in enumerate(pieces):
+                    if full is not None:
+                        buf[s, pos[s] : pos[s] + part.numel()] = part.reshape(-1)
+                    pos[s] += part.numel()
+            flat = buf.reshape(-1)
+            del buf
+        del fulls
+        out = torch.empty(max(lengths), dtype=wide, device=device)
+        dist.reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=step.group)
+        volume += flat.numel() * flat.element_size()
+        del flat
+        pos_out = 0
         for kind, n, parts in layout:
             shape = parts[rank].shape
-            (shards if kind == "sum" else pub_shards)[n] = out[pos : pos + shape.numel()].view(shape)
-            pos += shape.numel()
+            view = out[pos_out : pos_out + shape.numel()].view(shape)
+            if kind == "sum" and into is not None:  # added as the bucket arrives; its buffer is freed
+                shards[n] = into[n].add_(view)
+            else:
+                (shards if kind == "sum" else pub_shards)[n] = view
+            pos_out += shape.numel()
+        del out
     return shards, pub_shards, volume
 
 
@@ -197,8 +208,9 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     if not any_sensitive:  # no data released; the draws stay spent
         return None, global_state, None
     result = {}
-    for n in names:
-        r = shards[n] / divisor if divisor != 1.0 else shards[n]
-        result[n] = r * acc.noise_scale if acc.noise_scale != 1 else r
+    for n in names:  # in place: the shards are this step's own buffers (no second copy of the release)
+        r = shards[n].div_(divisor) if divisor != 1.0 else shards[n]
+        result[n] = r.mul_(acc.noise_scale) if acc.noise_scale != 1 else r
+    step.last_result_owned = True  # the optimizer may clean them in place (NaN/inf guard)
     new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
     return step._as_dtensors(result), new_state, event

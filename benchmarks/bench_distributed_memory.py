@@ -1,5 +1,6 @@
-"""Memory of an FSDP2 DP step on CPU (gloo, 2 processes): the release's clipped sums formed and
-reduce-scattered one bucket at a time, against forming the whole model's clipped sum first.
+"""Memory of an FSDP2 (or DDP) DP step on CPU (gloo, 2 processes): the release's clipped sums
+formed and reduced one bucket (DDP: one parameter) at a time, against forming the whole model's
+clipped sum first.
 
 Every rank shards an MLP of ``--layers`` square Linear layers of width ``--width`` (each Linear a
 ``fully_shard`` unit, then the root) and trains ``--steps`` steps of ``--batch-size`` examples per
@@ -16,16 +17,20 @@ rank, the modes interleaved in the same processes:
 ``--physical k`` splits each rank's batch into physical chunks of ``k`` (``max_physical_batch_size``):
 the ``dp`` mode then reduce-scatters after every chunk.
 
-Reported per mode (rank 0, median over the steps after the first two): the step time, and the
-peak resident memory above the memory at the step's start (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``; the processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
-tensors return to the system and the resident size follows the live tensors).  For scale: the
-model's parameters in fp32 (full, unsharded) are printed too.
+``--wrap ddp``: the model is a ``DistributedDataParallel`` replica instead (non-private: DDP's own
+backward and all-reduce); ``dp`` forms each parameter's clipped sum into the step's flat
+all-reduce buffer at the release, ``dp full sums`` (``defers_sums = False`` on the step) forms the
+whole clipped sum at the flush and copies it into the buffer.
+
+Reported per mode, on rank 0: the step time (median over the steps after the first two), and the
+peak bytes torch's CPU allocator held during one step above what it held when the step began
+(:func:`common.peak_step_memory`: the allocator's events recorded by ``torch.profiler``).  For
+scale: the model's parameters in fp32 (full, unsharded) are printed too.
 
 Usage::
 
-    python benchmarks/bench_fsdp_memory.py [--width 1536] [--layers 4] [--batch-size 16]
-        [--steps 6] [--bucket-mib 8] [--physical K]
+    python benchmarks/bench_distributed_memory.py [--width 1536] [--layers 4] [--batch-size 16]
+        [--steps 6] [--bucket-mib 8] [--physical K] [--wrap fsdp|ddp]
 """
 
 from __future__ import annotations
@@ -44,18 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import peak_step_memory  # noqa: E402
 
 
 def _make_model(width: int, layers: int) -> nn.Module:
@@ -90,7 +85,12 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
         def loss_fn(out, target):
             return F.cross_entropy(out, target, reduction="none")
 
-        plain = _shard(_make_model(width, layers))
+        ddp = args["wrap"] == "ddp"
+
+        def wrap(m):
+            return nn.parallel.DistributedDataParallel(m) if ddp else _shard(m)
+
+        plain = wrap(_make_model(width, layers))
         plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
 
         def plain_step():
@@ -99,39 +99,41 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             plain_opt.step()
 
         def dp(sharded: bool):
-            model = _shard(_make_model(width, layers))
+            model = wrap(_make_model(width, layers))
+            params = (model.module if ddp else model).parameters()
             opt = DPGaussianOptimizer(
-                torch.optim.SGD(model.parameters(), lr=0.01), model, loss_fn, l2_norm_clip=1.0,
+                torch.optim.SGD(params, lr=0.01), model, loss_fn, l2_norm_clip=1.0,
                 noise_multiplier=1.0, expected_batch_size=b * world, engine="ghost",
                 generator=torch.Generator().manual_seed(1000 + rank), max_physical_batch_size=args["physical"],
             )
             step = opt.distributed_step
-            step.sharded_sums = sharded
-            step.bucket_bytes = int(args["bucket_mib"] * 2**20) if sharded else 2**62
+            if ddp:
+                step.defers_sums = sharded  # an instance setting over the class default
+            else:
+                step.sharded_sums = sharded
+                step.bucket_bytes = int(args["bucket_mib"] * 2**20) if sharded else 2**62
             return lambda: opt.fit_batch(x, y), step
 
         dp_step, dp_state = dp(True)
         full_step, full_state = dp(False)
         modes = {"non-private": plain_step, "dp": dp_step, "dp full sums": full_step}
         times: dict[str, list[float]] = {m: [] for m in modes}
-        peaks: dict[str, list[float]] = {m: [] for m in modes}
         for i in range(args["steps"]):
             for mode, fn in modes.items():
                 dist.barrier()
-                _reset_peak()
-                start = _rss_kib("VmRSS")
                 t0 = time.perf_counter()
                 fn()
-                dt = time.perf_counter() - t0
-                peak = _rss_kib("VmHWM") - start
                 if i >= 2:
-                    times[mode].append(dt)
-                    peaks[mode].append(peak / 1024)
+                    times[mode].append(time.perf_counter() - t0)
+        peaks = {}
+        for mode, fn in modes.items():  # two steps each (the profiler's warm-up and the measured one)
+            dist.barrier()
+            peaks[mode] = peak_step_memory(fn, torch.device("cpu")) / 2**20
         if rank == 0:
             params = sum(p.numel() for p in _make_model(width, layers).parameters())
             with open(out, "w") as f:
                 json.dump({"times": times, "peaks": peaks, "params": params,
-                           "paths": [dp_state.last_path, full_state.last_path]}, f)
+                           "paths": [getattr(dp_state, "last_path", None), getattr(full_state, "last_path", None)]}, f)
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -153,30 +155,28 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="steps per mode (the first two are not counted)")
     p.add_argument("--bucket-mib", type=float, default=8.0, help="FSDPStep.bucket_bytes of the dp mode, in MiB")
     p.add_argument("--physical", type=int, default=None, help="max_physical_batch_size of the DP modes (chunks per step)")
+    p.add_argument("--wrap", choices=["fsdp", "ddp"], default="fsdp", help="FSDP2 shards or DDP replicas")
     args = vars(p.parse_args(argv))
     if args["steps"] < 3:
         p.error("--steps must be at least 3 (the first two are warm-up)")
-    if not sys.platform.startswith("linux"):
-        print("needs Linux (/proc/self/status, /proc/self/clear_refs)", file=sys.stderr)
-        return 2
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), args, out), nprocs=2, join=True)
         with open(out) as f:
             res = json.load(f)
     full_mib = res["params"] * 4 / 2**20
-    print(f"FSDP2 on 2 CPU ranks (gloo): {args['layers']} x Linear({args['width']}, {args['width']}), "
-          f"{res['params']:,} parameters ({full_mib:.1f} MiB in fp32, {full_mib / 2:.1f} MiB per shard); "
-          f"{args['batch_size']} examples per rank (physical chunks of {args['physical'] or args['batch_size']}); bucket {args['bucket_mib']:g} MiB; "
-          f"paths of the last dp steps: {res['paths']}")
+    fsdp = args["wrap"] == "fsdp"
+    print(f"{'FSDP2' if fsdp else 'DDP'} on 2 CPU ranks (gloo): {args['layers']} x Linear({args['width']}, {args['width']}), "
+          f"{res['params']:,} parameters ({full_mib:.1f} MiB in fp32"
+          + (f", {full_mib / 2:.1f} MiB per shard" if fsdp else "") + f"); {args['batch_size']} examples per rank "
+          f"(physical chunks of {args['physical'] or args['batch_size']})"
+          + (f"; bucket {args['bucket_mib']:g} MiB; paths of the last dp steps: {res['paths']}" if fsdp else ""))
     print(f"{'mode':>14}  {'ms/step':>8}  {'peak MiB above start':>21}")
     for mode in res["times"]:
         ms = statistics.median(res["times"][mode]) * 1e3
-        peak = statistics.median(res["peaks"][mode])
-        print(f"{mode:>14}  {ms:8.1f}  {peak:21.1f}")
-    d, f = (statistics.median(res["peaks"][m]) for m in ("dp", "dp full sums"))
-    print(f"dp / dp full sums peak: {d / f:.2f}  (rank 0, median over {len(res['peaks']['dp'])} steps)")
+        print(f"{mode:>14}  {ms:8.1f}  {res['peaks'][mode]:21.1f}")
+    d, f = res["peaks"]["dp"], res["peaks"]["dp full sums"]
+    print(f"dp / dp full sums peak: {d / f:.2f}  (rank 0; times: median over {len(res['times']['dp'])} steps)")
     return 0
 
 
