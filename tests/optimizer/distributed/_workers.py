@@ -299,29 +299,36 @@ def dynamic_scale(rank, world, port, out_dir, steps, overflow, fsdp=False):
                 "ledger": opt.ledger.to_json()}, os.path.join(out_dir, f"dyn{rank}.pt"))
 
 
-def overflowing_release(rank, world, port, out_dir):
+def overflowing_release(rank, world, port, out_dir, fsdp=False):
     """A float16 model: two records per rank whose gradients (norm 4e4, within the clip and the
     float16 range) sum to 1.6e5 in the float32 release, past float16's 65504 once cast back to
-    the parameter's dtype: that coordinate must reach ``.grad`` as 0, not inf."""
+    the parameter's dtype: that coordinate must reach ``.grad`` as 0, not inf (``fsdp``: the
+    weight's columns sharded by ``fully_shard`` along dim 1 instead of a DDP replica)."""
     from pytorch_privacy.optimizer import DPGaussianOptimizer
 
     model = nn.Linear(2, 1, bias=False).half()
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 1.0]]))
-    ddp = nn.parallel.DistributedDataParallel(model)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        wrapped = fully_shard(model, shard_placement_fn=lambda p: torch.distributed.tensor.Shard(1))
+    else:
+        wrapped = nn.parallel.DistributedDataParallel(model)
     opt = DPGaussianOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), ddp, lambda out, y: out.reshape(-1).float(), l2_norm_clip=1e5,
-        noise_multiplier=0.0, expected_batch_size=1,
+        torch.optim.SGD(model.parameters(), lr=1.0), wrapped, lambda out, y: out.reshape(-1).float(),
+        l2_norm_clip=1e5, noise_multiplier=0.0, expected_batch_size=1,
     )
     x = torch.tensor([[4e4, 1.0], [4e4, 1.0]], dtype=torch.float16)  # d loss / d w = x
     opt.fit_batch(x, torch.zeros(2))
-    torch.save({"weight": model.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    weight = model.weight.full_tensor() if fsdp else model.weight
+    torch.save({"weight": weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def public_only_step(rank, world, port, out_dir, fsdp=False):
     """A step with a public pass only (no rank takes a sensitive pass): every rank still noises its
-    block (or shard) before the collective, so the reduced buffer carried that noise to every rank.
-    Saves whether each rank's generator moved on (the noise must stay spent)."""
+    block before the collective (DDP: the reduced buffer carried that noise to every rank) or its
+    shard after it (FSDP2).  Saves whether each rank's generator moved on (the draws stay spent)."""
     from pytorch_privacy.optimizer import DPGaussianOptimizer
 
     if fsdp:

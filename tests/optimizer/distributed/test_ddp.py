@@ -260,9 +260,11 @@ def test_matrix_factorisation_on_two_ranks_equals_one_process_with_rank_zeros_no
             torch.testing.assert_close(params[n], ref[n], atol=1e-5, rtol=0)
 
 
-def test_an_overflowing_release_reaches_grad_as_zero_on_every_rank(tmp_path):
-    # the optimizer's NaN/inf guard: under DDP it runs in place on the reduced flat buffer
-    w.spawn(w.overflowing_release, 2, str(tmp_path))
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_an_overflowing_release_reaches_grad_as_zero_on_every_rank(tmp_path, fsdp):
+    # the optimizer's NaN/inf guard runs in place on the release (DDP: the reduced flat buffer;
+    # FSDP2: each rank's reduced shard, one column of the weight per rank)
+    w.spawn(w.overflowing_release, 2, str(tmp_path), fsdp)
     for rank in range(2):
         weight = _load(tmp_path / f"rank{rank}.pt")["weight"]
         assert torch.isfinite(weight).all()
