@@ -9,9 +9,11 @@ public gradients per bucket, at least one parameter)::
     out = reduce_scatter(buf)                 rank s receives sum_r buf_r[s]: its shard of S
     the bucket's sums and buffer are freed before the next bucket is formed
 
-then, on rank ``s``, ``S[s] += N(0, (sigma C)^2 I)`` with its own generator (rank 0 decides the
-budget on the event), and one all-reduce of the step's counters (``[noised dropped count,]
-sensitive, examples, public, refused, failed``) tells every rank whether to apply.  Each element
+(a bucket of one parameter split evenly along dim 0 is already rank-major: it is reduce-scattered
+where its sum lies, without a copy), then, on rank ``s``, ``S[s] += N(0, (sigma C)^2 I)`` in place
+with its own generator (rank 0 decides the budget on the event), and one all-reduce of the step's
+counters (``[noised dropped count,] sensitive, examples, public, refused, failed``) tells every
+rank whether to apply.  Each element
 of every shard is noised exactly once, by the rank that owns it (the shards are disjoint and cover
 every parameter), and the noise never crosses the ranks before the step is applied.
 
@@ -163,6 +165,8 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     names = list(template)
     state = acc.sample_state
     reduced = step.take_reduced()  # (shards, sensitive, bytes) of the slots, or None
+    if reduced is not None and state is not None:  # (every slot ends with its reduce-scatter)
+        raise RuntimeError("FSDP2 release: clipped sums were added after the step's last slot; they would be lost")
     has_sensitive = state is not None or (reduced is not None and reduced[1])
     if state is not None:
         step._check_state(acc, state)
