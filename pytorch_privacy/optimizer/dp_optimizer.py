@@ -44,7 +44,7 @@ from .layer_swap import swap_layers_for_optimizer
 from .step_accumulator import JOINT, PASS_CLIPPING_MODES, StepAccumulator, combine_gradients
 from .samplers import split_into_physical_batches
 from .distributed.setup import setup_distributed
-from .distributed.precision import full_precision
+from .distributed.precision import fp32_under_autocast
 
 __all__ = ["DPOptimizer", "STATE_DICT_FORMAT", "STATE_DICT_VERSION"]
 
@@ -55,12 +55,6 @@ def check_pos_int(name: str, v) -> int | None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     return v
-
-
-def _fp32() -> contextlib.AbstractContextManager:
-    """:func:`full_precision` when autocast is on; otherwise there is nothing to disable."""
-    on = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-    return full_precision() if on else contextlib.nullcontext()
 
 
 def _check_secure_mode(secure_mode: Any, sources: list[RandomSource]) -> bool:
@@ -517,7 +511,7 @@ class DPOptimizer(torch.optim.Optimizer):
            *different* records.
         """
         self._ensure_started()
-        with torch.no_grad(), _fp32():  # fp32 sums under autocast
+        with torch.no_grad(), fp32_under_autocast():  # fp32 sums under autocast
             self._acc.flush()
 
     def _precheck_budget(self) -> None:
@@ -538,7 +532,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "before step(). Gradients from a plain loss.backward() are not private and are ignored"
             )
         self._ensure_started()
-        with torch.no_grad(), _fp32():
+        with torch.no_grad(), fp32_under_autocast():
             old_state = self._global_state
             qmetrics_before = self._release_query.derive_metrics(old_state) if self._metrics else None
             enforcing = self._budget is not None and self._budget.target_epsilon is not None

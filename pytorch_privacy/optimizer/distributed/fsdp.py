@@ -115,6 +115,7 @@ from torch import nn
 from ..engines.base import batch_size_of
 from ..step_accumulator import DeferredSums, in_place_release
 from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
+from .precision import fp32_under_autocast
 from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, reduce_scatter_sums, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
@@ -480,10 +481,11 @@ class FSDPStep(DistributedStep):
         time, and add this rank's shards to the step's; the accumulator's sums are consumed."""
         if not acc.started:  # no chunk on this rank yet: the step's template all the same
             start()
-        acc.flush()
-        state, acc.sample_state = acc.sample_state, None
-        into = None if self._reduced is None else self._reduced[0]  # added bucket by bucket as they arrive
-        shards, _, volume = reduce_scatter_sums(self, acc.template, state, None, into=into)
+        with torch.no_grad(), fp32_under_autocast():  # the sums in fp32 (this runs inside the user's autocast)
+            acc.flush()
+            state, acc.sample_state = acc.sample_state, None
+            into = None if self._reduced is None else self._reduced[0]  # added bucket by bucket as they arrive
+            shards, _, volume = reduce_scatter_sums(self, acc.template, state, None, into=into)
         if self._reduced is None:
             self._reduced = [shards, state is not None, volume]
             return

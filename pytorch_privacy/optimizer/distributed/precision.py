@@ -71,6 +71,13 @@ def full_precision() -> Iterator[None]:
         yield
 
 
+def fp32_under_autocast() -> contextlib.AbstractContextManager:
+    """:func:`full_precision` when autocast is on (where the optimizer clips, sums and noises);
+    otherwise a no-op context (nothing to disable, and entering autocast contexts costs time)."""
+    on = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    return full_precision() if on else contextlib.nullcontext()
+
+
 class UnscaledGradients(PerExampleGradients):
     """The per-example view of gradients computed from losses scaled by ``scale``: every value the
     query sees (norms, weighted sums, materialised rows, losses) is divided by ``scale`` first,

@@ -397,9 +397,20 @@ def naive_norms(model, x, y, rank: int):
 
 def autocast_paths(rank, world, port, out_dir):
     """Three bf16-autocast steps on rank ``rank``'s half of each batch, once with per-unit steps and
-    once whole-model (noise off): saves both runs' parameters and the paths taken."""
+    once whole-model (noise off): saves both runs' parameters, the paths taken and the dtypes of
+    the clipped sums the ghost engine formed."""
     from pytorch_privacy.optimizer import DPGaussianOptimizer
+    from pytorch_privacy.optimizer.engines.ghost_gradients import GhostGradients
 
+    dtypes = set()
+    formed = GhostGradients._weighted_sum
+
+    def weighted_sum(pe, *args):
+        sums = formed(pe, *args)
+        dtypes.update(str(t.dtype) for t in sums.values())
+        return sums
+
+    GhostGradients._weighted_sum = weighted_sum
     out = {}
     for per_unit in (True, False):
         model = shard(deep_model())
@@ -414,4 +425,5 @@ def autocast_paths(rank, world, port, out_dir):
                 opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
             paths.append(opt.distributed_step.last_path)
         out[per_unit] = {"params": full_params(model), "paths": paths}
+    out["sum_dtypes"] = sorted(dtypes)
     torch.save(out, os.path.join(out_dir, f"autocast{rank}.pt"))

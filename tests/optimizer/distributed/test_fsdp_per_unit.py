@@ -164,6 +164,7 @@ def test_per_unit_steps_under_bf16_autocast_equal_whole_model_steps(tmp_path):
     w.spawn(fw.autocast_paths, 2, str(tmp_path))
     for rank in range(2):
         out = torch.load(tmp_path / f"autocast{rank}.pt", weights_only=False)
+        assert out["sum_dtypes"] == ["torch.float32"]  # clipped sums in fp32, also those formed after a slot
         assert out[True]["paths"] == ["whole-model", "per-unit", "per-unit"]
         assert out[False]["paths"] == ["whole-model"] * 3
         start = dict(fw.deep_model().named_parameters())
