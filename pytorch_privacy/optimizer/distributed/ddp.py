@@ -14,8 +14,10 @@ by its own query (same stddev, its own generator).  The blocks partition the buf
 all-reduce every coordinate carries exactly one Gaussian draw of stddev ``sigma C``, made by
 exactly one rank: the world releases what one process holding the global batch would release,
 ``S + N(0, (sigma C)^2 I)``, for sensitivity ``C`` (one example lives on one rank).  This costs
-one collective per step (as a non-private DDP step) and ``1/W`` of the noise draws per rank; the
-ranks never see the un-noised global sum.  It needs the ranks' draws to be independent: identical
+one collective per step (as a non-private DDP step) and ``1/W`` of the noise draws per rank.  (A
+rank knows the noise it drew, so it could recover the un-noised global sum of its own block: as
+in any data-parallel training, the ranks of one job are inside the privacy boundary; what leaves
+it is the noised release and the ledger.)  It needs the ranks' draws to be independent: identical
 generator states would put the same noise vector in every block, a correlated Gaussian whose
 privacy loss is unbounded along the difference of two blocks; the first noisy step compares
 digests of the ranks' generator states (one ``all_gather_object``) and refuses identical ones
