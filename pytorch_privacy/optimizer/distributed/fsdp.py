@@ -4,7 +4,8 @@ reduction of the clipped sums, each rank noising only its own shard.
 With ``W`` ranks and a model whose trainable parameters are all sharded by ``fully_shard``
 (``DTensor`` parameters, ``Shard(d)`` on a 1-D mesh), one logical step is::
 
-    plan: one all-reduce (MAX) of [physical chunks, needs a whole-model step, NaN/inf in a shard]
+    plan: one all-reduce (MAX) of [physical chunks, needs a whole-model step, NaN/inf in a shard,
+          bucket_bytes and sharded_sums as (x, -x): the same on every rank]
     per unit: FSDP2 all-gathers each unit for its forward (and backward) and frees it after
       (whole model instead: every unit unsharded once when the step begins, see below)
     g_i, ||g_i||   per example of the rank's local batch (ghost engine; any engine when whole-model)
@@ -40,7 +41,7 @@ the same sequence of forwards and backwards.  The DP engines do not by themselve
 empty Poisson batch runs none, ranks split their batches into different numbers of physical
 chunks, the independence probe and the batch-layout trace run extra forwards on the first batch
 of an input signature (on the ranks that meet it), and a fallback engine may run others.  So
-``fit_batch`` plans every step (:meth:`FSDPStep.lockstep`, one all-reduce of three integers before
+``fit_batch`` plans every step (:meth:`FSDPStep.lockstep`, one all-reduce of seven integers before
 its ``zero_grad``): the ranks agree on the number of physical slots (the maximum of their chunk
 counts) and on the path.
 
@@ -156,7 +157,7 @@ class FSDPStep(DistributedStep):
     reduce-scattered buffers (per bucket ``W`` rows of one shard each; 5 counters in the last), or for the
     general path the all-reduced flat buffer and the 1-entry control all-reduce (no release is
     broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
-    ``fit_batch`` (3 int64); :attr:`last_path` which path the last step took.
+    ``fit_batch`` (7 int64); :attr:`last_path` which path the last step took.
 
     Between steps the units keep the ``reshard_after_forward`` / ``reshard_after_backward`` they
     were built with; a whole-model step switches both off for its duration and restores them."""
@@ -213,7 +214,7 @@ class FSDPStep(DistributedStep):
         self._planned: str | None = None
         #: the path the last step took: ``"per-unit"`` or ``"whole-model"`` (``None`` before one)
         self.last_path: str | None = None
-        #: bytes of the step's planning all-reduce (3 int64 entries; every ``fit_batch``)
+        #: bytes of the step's planning all-reduce (7 int64 entries; every ``fit_batch``)
         self.last_plan_bytes = 0
         self._root_forwards = 0
         #: per (model, input) signature: did a zero-example pass work (tried on a whole-model step)
@@ -364,13 +365,14 @@ class FSDPStep(DistributedStep):
             return [n for n, t in local.items() if not bool(torch.isfinite(t).all())]
 
     def lockstep(self, chunks: list, engine: Any, start: Callable[[], None], acc: Any = None) -> Iterator[tuple[Any, Any]]:
-        """Plan a ``fit_batch`` step on every rank (collective: one all-reduce of 3 entries; called
+        """Plan a ``fit_batch`` step on every rank (collective: one all-reduce of 7 entries; called
         before the step's ``zero_grad``) and return the physical chunks to compute.
 
         The ranks agree on the number of physical chunks (the maximum over ranks), on whether any
         rank's engine would run a probe, trace or fallback forward for its batch (then the whole
         world unshards the whole model for this step, as :meth:`begin_step` does), and on whether
-        any shard holds NaN/inf (``ValueError`` on every rank).  With ``acc`` (the optimizer's
+        any shard holds NaN/inf (``ValueError`` on every rank), and checks that :attr:`bucket_bytes`
+        and :attr:`sharded_sums` are the same on every rank (``ValueError`` on every rank).  With ``acc`` (the optimizer's
         :class:`~pytorch_privacy.optimizer.StepAccumulator`) and the built-in Gaussian queries,
         every rank reduce-scatters the slot's clipped sums after each slot (:meth:`scatter_chunk`).
         Per-unit: ``start()`` (the
@@ -387,10 +389,24 @@ class FSDPStep(DistributedStep):
                 ok = False
         bad = self._nonfinite_shards()
         device = next(iter(self.sharded.values()))[0].device
-        plan = torch.tensor([len(chunks), int(not ok), int(bool(bad))], dtype=torch.long, device=device)
+        # the settings every rank must share ride along as (x, -x): after MAX they differ somewhere
+        # unless max(x) == min(x)
+        settings = {"bucket_bytes": self.bucket_bytes, "sharded_sums": int(self.sharded_sums)}
+        plan = torch.tensor(
+            [len(chunks), int(not ok), int(bool(bad))] + [v for x in settings.values() for v in (x, -x)],
+            dtype=torch.long, device=device,
+        )
         dist.all_reduce(plan, op=dist.ReduceOp.MAX, group=self.group)
         self.last_plan_bytes = plan.numel() * plan.element_size()
-        slots, fallback, nonfinite = (int(v) for v in plan.tolist())
+        values = [int(v) for v in plan.tolist()]
+        slots, fallback, nonfinite = values[:3]
+        differ = [k for i, k in enumerate(settings) if values[3 + 2 * i] != -values[4 + 2 * i]]
+        if differ:
+            raise ValueError(
+                f"FSDP2: the ranks' distributed_step settings {differ} differ (this rank: "
+                f"{ {k: settings[k] for k in differ} }); their collectives would not match. Set them to the same "
+                "value on every rank"
+            )
         if nonfinite:
             where = f"parameters {bad} hold" if bad else "another rank's shard of the parameters holds"
             raise ValueError(

@@ -126,3 +126,26 @@ def ddp_sums(rank, world, port, out_dir):
             opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
         out[engine] = {"events": list(trace.events), "names": [n for n, _ in model.module.named_parameters()]}
     torch.save(out, os.path.join(out_dir, f"ddpsums{rank}.pt"))
+
+
+def mismatched_settings(rank, world, port, out_dir):
+    """``bucket_bytes``, then ``sharded_sums``, set differently on rank 1: each ``fit_batch`` must
+    refuse on every rank (before any collective of the step beyond the plan), then train on once
+    the settings agree again."""
+    model = fw.shard(fw.deep_model())
+    opt, _ = fw.split_train(model, "ghost", w.make_batches(1), [4], rank=rank, world=world, res=fw.Residency())
+    step = opt.distributed_step
+    x, y = w.make_batches(1, seed=5)[0]
+    errors = {}
+    for name, other in (("bucket_bytes", 1), ("sharded_sums", False)):
+        default = getattr(step, name)
+        if rank == 1:
+            setattr(step, name, other)
+        try:
+            opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+        setattr(step, name, default)
+    opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])  # agreed again: a step
+    torch.save({"errors": errors, "path": step.last_path}, os.path.join(out_dir, f"mismatch{rank}.pt"))

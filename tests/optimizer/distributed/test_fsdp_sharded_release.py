@@ -80,3 +80,15 @@ def test_multi_pass_steps_with_public_passes_reduce_at_the_release_and_equal_one
         got = torch.load(tmp_path / f"multipass{rank}.pt", weights_only=False)
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_settings_that_differ_across_ranks_are_refused_on_every_rank(tmp_path):
+    # different buckets (or one rank reducing after each slot, the other not) would pair unlike
+    # collectives: the planning all-reduce checks the settings first
+    w.spawn(rw.mismatched_settings, 2, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"mismatch{rank}.pt", weights_only=False)
+        for name in ("bucket_bytes", "sharded_sums"):
+            assert out["errors"][name] is not None and name in out["errors"][name], (rank, out["errors"])
+        assert out["path"] == "per-unit"
