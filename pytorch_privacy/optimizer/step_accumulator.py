@@ -206,9 +206,10 @@ def in_place_release(query: DPQuery) -> bool:
 
 class DeferredSums(Mapping):
     """A step's clipped sums, each formed when read: the sample state that
-    :class:`StepAccumulator` keeps with ``begin(..., defer_sums=True)`` (FSDP2's sharded release,
-    which reads, reduces and frees one parameter's sum at a time, so that the clipped sum of the
-    whole model never lies in memory at once).
+    :class:`StepAccumulator` keeps with ``begin(..., defer_sums=True)`` (the distributed steps:
+    DDP forms each sum straight into its flat all-reduce buffer, FSDP2 reduce-scatters and frees
+    one bucket of sums at a time, so that the clipped sum of the whole model never lies in memory
+    beside the buffer, or at all).
 
     ``state[name]`` is ``base[name] + sum_r c_r g_r`` for that parameter: the last chunk's sum
     (``records.weighted_sum_of``) plus the earlier chunks' sums (``base``, a plain state, or
@@ -338,7 +339,8 @@ class StepAccumulator:
 
         ``defer_sums=True``: for the built-in Gaussian sum/average queries, the last chunk's
         clipped sums stay unformed (:class:`DeferredSums`) until the release reads them one
-        parameter at a time (FSDP2's sharded release); :meth:`settle` or :meth:`finish` forms them."""
+        parameter at a time (DDP's and FSDP2's releases); :meth:`settle` or :meth:`finish` forms
+        them all."""
         self.params = self.query.derive_sample_params(global_state)
         self.template = dict(template)
         self.defer_sums = defer_sums

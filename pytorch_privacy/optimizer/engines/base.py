@@ -141,10 +141,11 @@ class PerExampleGradients(abc.ABC):
 
     def weighted_sum_of(self, coefficients: torch.Tensor, names, *, finite: bool = False) -> dict[str, torch.Tensor]:
         """:meth:`weighted_sum` (:meth:`weighted_sum_of_finite` with ``finite=True``) for the
-        parameters ``names`` only.  A caller that streams the parameters (FSDP2's sharded
-        release: one parameter's sum at a time, reduced and freed before the next) asks for one
-        name per call; an engine that can form one parameter's sum alone overrides this (the
-        ghost engine does).  By default every sum is formed and the others are dropped."""
+        parameters ``names`` only.  A caller that streams the parameters (the DDP and FSDP2
+        releases: one parameter's sum at a time, written into a buffer or reduced, and freed
+        before the next) asks for one name per call; an engine that can form one parameter's sum
+        alone overrides this and sets :attr:`streams_by_name` (the ghost engine and materialised
+        gradients do).  By default every sum is formed and the others are dropped."""
         full = (self.weighted_sum_of_finite if finite else self.weighted_sum)(coefficients)
         return {n: full[n] for n in names}
 
@@ -155,6 +156,8 @@ class PerExampleGradients(abc.ABC):
 
 class MaterializedGradients(PerExampleGradients):
     """Per-record gradients held in memory (the general case)."""
+
+    streams_by_name = True
 
     def __init__(self, grads: dict[str, torch.Tensor], losses: torch.Tensor):
         self._grads = grads
@@ -180,8 +183,6 @@ class MaterializedGradients(PerExampleGradients):
                 sq = self._losses.new_zeros(self.num_records, dtype=torch.float32)
             self._norms = sq.sqrt()
         return self._norms
-
-    streams_by_name = True
 
     def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
