@@ -23,6 +23,8 @@ CASES = [
     ("ghost", [8, 0, 8], {}),  # rank 1 has no examples in the last step (its sums: of an empty batch)
     ("functorch", [4, 4, 4], {}),  # whole-model steps, materialised per-example gradients
     ("ghost", [4, 4, 4], {"per_unit": False}),
+    # whole-model steps, 3 chunks on rank 0 and 1 on rank 1: rank 1 sends zeros in the last 2 slots
+    ("functorch", [6, 6, 6], {"max_physical_batch_size": 2}),
 ]
 
 
@@ -63,11 +65,18 @@ def test_one_parameter_per_bucket_equals_one_process_and_forms_each_sum_at_its_b
             # per physical slot, one reduce-scatter per parameter of 2 rows of the larger shard; the
             # release then noises the shards and all-reduces 5 counters (no reduce-scatter of its own)
             rows = [max(c.numel() for c in torch.chunk(torch.zeros(shapes[n]), 2, 0)) for n in names]
-            slots = 2 if kw.get("max_physical_batch_size") else 1
+            mpb = kw.get("max_physical_batch_size")
+            chunks = [max(1, -(-m // mpb)) if mpb else 1 for m in (splits[-1], 8 - splits[-1])]
+            slots = max(chunks)  # the ranks agree on the most chunks
             assert [e[1] for e in ev if e[0] == "rs"] == [2 * r for r in rows] * slots, what
             assert res["volume"] == 4 * (2 * sum(rows) * slots + 5), what
-            # each parameter's sum is formed alone, just before the reduce-scatter of its bucket
-            assert ev == [e for _ in range(slots) for n, r in zip(names, rows) for e in (("sums", (n,)), ("rs", 2 * r))], what
+            # each parameter's sum is formed alone, just before the reduce-scatter of its bucket;
+            # in a slot without a chunk of this rank, nothing is formed (zeros are sent)
+            expected = []
+            for slot in range(slots):
+                for n, r in zip(names, rows):
+                    expected += ([("sums", (n,))] if slot < chunks[rank] else []) + [("rs", 2 * r)]
+            assert ev == expected, what
 
 
 @pytest.mark.slow
