@@ -213,10 +213,10 @@ class DeferredSums(Mapping):
 
     ``state[name]`` is ``base[name] + sum_r c_r g_r`` for that parameter: the last chunk's sum
     (``records.weighted_sum_of``) plus the earlier chunks' sums (``base``, a plain state, or
-    ``None``), in the dtype ``0 + S`` would have on the template; read each name once (each
-    read forms it again).  Records that cannot form one parameter alone
+    ``None``), in the dtype ``0 + S`` would have on the template; each read forms it again, and
+    :meth:`take` reads it and lets go of it.  Records that cannot form one parameter alone
     (``streams_by_name`` false: a batch with a dropped record, a wrapper engine) form every sum
-    at the first read, kept until read.  :meth:`evaluate` forms the plain state at once."""
+    at the first read, each kept until taken.  :meth:`evaluate` forms the plain state at once."""
 
     def __init__(self, records: PerExampleGradients, coefficients: torch.Tensor, template: dict, base: dict | None):
         self._records, self._c, self._template, self._base = records, coefficients, template, base
@@ -234,14 +234,17 @@ class DeferredSums(Mapping):
         if not self._records.streams_by_name:
             if self._formed is None:
                 self._formed = self._records.weighted_sum(self._c)
-            return self._settle(name, self._formed.pop(name))
+            return self._settle(name, self._formed[name])
         return self._settle(name, self._records.weighted_sum_of(self._c, (name,))[name])
 
     def take(self, name: str) -> torch.Tensor:
-        """``self[name]``, after which the earlier chunks' sum of ``name`` is no longer held here."""
+        """``self[name]``, after which nothing of ``name`` is held here any more (the earlier
+        chunks' sum, or the sum formed with every other one)."""
         s = self[name]
         if self._base is not None:  # the base is this object's own (the state it replaced)
             self._base.pop(name)
+        if self._formed is not None:
+            self._formed.pop(name)
         return s
 
     def __iter__(self):

@@ -243,11 +243,17 @@ def weights_total(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(sums).sum()
 
 
+def nonfinite_weights(params: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the parameters that hold NaN or inf: one screen of the total (one host sync),
+    element-wise only when the total is not finite."""
+    if math.isfinite(float(weights_total(params))):
+        return []
+    return [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+
+
 def check_finite_weights(params: dict[str, torch.Tensor]) -> None:
     """``ValueError`` naming the parameters that hold NaN or inf (one host sync)."""
-    if math.isfinite(float(weights_total(params))):
-        return
-    bad = [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    bad = nonfinite_weights(params)
     if bad:
         raise ValueError(
             f"parameters {bad} hold NaN or inf values: training cannot continue from them (every update "

@@ -93,6 +93,11 @@ def _load_spec(dumped: Any) -> Any:
     return torch.utils._pytree.treespec_loads(value) if kind == "json" else value
 
 
+def wide_dtype(tensors) -> torch.dtype:
+    """The dtype in which the steps reduce sums: float64 when one of ``tensors`` is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, bool]:
     """``(model.module, True)`` for a ``DistributedDataParallel`` model, else ``(model, False)``.
 
@@ -272,15 +277,8 @@ class DistributedStep:
         per-pass factor), as the query would."""
         from ..budget import PrivacyBudgetExceeded
 
-        deferred = isinstance(acc.sample_state, DeferredSums)
-        if deferred:  # formed one parameter at a time into the flat buffer (built-in Gaussian route: additive)
-            query, has_sensitive, names = acc.query, True, list(acc.template)
-            leaves, spec = [acc.template[n] for n in names], None
-            wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
-            device, public = leaves[0].device, acc.num_public_passes > 0
-            pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
-        else:
-            query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
+        deferred = isinstance(acc.sample_state, DeferredSums)  # formed below, one parameter at a time
+        query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
         # one flat buffer: the sums, the public gradients, [the noised dropped count,] then 5 counters
         k = 5 if self.count_stddev is None else 6
@@ -413,13 +411,19 @@ class DistributedStep:
         """What a rank contributes to a step's collective: ``(query, has a sensitive pass, the
         local sum's leaves and spec, the wide dtype (fp32, fp64 for fp64 sums), device, has a
         public pass, parameter names, the public gradients)``.  Public passes (unclipped,
-        unnoised) are averaged over the ranks, so the replicas stay equal."""
+        unnoised) are averaged over the ranks, so the replicas stay equal.  Deferred sums
+        (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`, the built-in Gaussian
+        route: additive) are not formed here: their leaves are the template's, and ``spec`` is
+        ``None``."""
         query = acc.query
         has_sensitive = acc.sample_state is not None
-        state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
-        self._check_additive(query, state)
-        leaves, spec = pytree.flatten(state)
-        wide = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+        if isinstance(acc.sample_state, DeferredSums):
+            leaves, spec = list(acc.template.values()), None
+        else:
+            state = acc.sample_state if has_sensitive else query.initial_sample_state(acc.template)
+            self._check_additive(query, state)
+            leaves, spec = pytree.flatten(state)
+        wide = wide_dtype(leaves)
         device = leaves[0].device if leaves else torch.device("cpu")
         public = acc.num_public_passes > 0
         names = list(acc.template)

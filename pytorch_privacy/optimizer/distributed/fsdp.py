@@ -105,8 +105,8 @@ sample states are not shaped like the parameters, and they are refused (use DDP 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -114,12 +114,25 @@ import torch.distributed as dist
 from torch import nn
 
 from ..engines.base import batch_size_of
+from ..validation import nonfinite_weights
 from ..step_accumulator import DeferredSums, in_place_release
 from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
 from .precision import fp32_under_autocast
 from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, reduce_scatter_sums, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
+
+
+@dataclass
+class _Reduced:
+    """What the slots of the current step reduce-scattered (see :meth:`FSDPStep.scatter_chunk`)."""
+
+    #: the world's sums of this rank's shard, ``{name: tensor}``
+    shards: dict
+    #: whether this rank had a sensitive pass in any slot
+    sensitive: bool
+    #: bytes this rank handed to the collectives
+    volume: int
 
 
 def _fsdp_api():
@@ -221,8 +234,8 @@ class FSDPStep(DistributedStep):
         self._empty_ok: dict[tuple, bool] = {}
         self._checked_state = False
         self._checked_dtypes = False
-        #: the shards reduced slot by slot in the current step: [shards, sensitive, bytes]
-        self._reduced: list | None = None
+        #: what the slots of the current step reduced (``None`` before the first)
+        self._reduced: _Reduced | None = None
 
     @property
     def defers_sums(self) -> bool:  # type: ignore[override]
@@ -356,13 +369,9 @@ class FSDPStep(DistributedStep):
             )
 
     def _nonfinite_shards(self) -> list[str]:
-        """Names of the parameters whose shard on this rank holds NaN/inf (one sum per shard, one
-        host sync; element-wise only when the total is not finite)."""
-        local = {n: p.to_local().detach() for n, (p, _) in self.sharded.items() if p.is_floating_point()}
-        with torch.no_grad():
-            if not local or math.isfinite(float(torch.stack([t.sum().float() for t in local.values()]).sum())):
-                return []
-            return [n for n, t in local.items() if not bool(torch.isfinite(t).all())]
+        """Names of the parameters whose shard on this rank holds NaN/inf (the optimizer's screen,
+        :func:`~pytorch_privacy.optimizer.validation.nonfinite_weights`, on the local shards)."""
+        return nonfinite_weights({n: p.to_local() for n, (p, _) in self.sharded.items()})
 
     def lockstep(self, chunks: list, engine: Any, start: Callable[[], None], acc: Any = None) -> Iterator[tuple[Any, Any]]:
         """Plan a ``fit_batch`` step on every rank (collective: one all-reduce of 7 entries; called
@@ -381,10 +390,12 @@ class FSDPStep(DistributedStep):
         all-gathers included) in every slot where this rank has no examples; exactly one forward
         of the model per slot is enforced."""
         ok = self._per_unit_possible() and len(chunks) > 0
+        key = None
         if ok:
             try:  # a failure here must not leave this rank out of the all-reduce below
                 with self._unsharded_objects():
-                    ok = bool(engine.lockstep_ready(*chunks[0])) and self._empty_ok.get(self._key(*chunks[0])) is True
+                    key = self._key(*chunks[0])
+                    ok = bool(engine.lockstep_ready(*chunks[0])) and self._empty_ok.get(key) is True
             except Exception:  # noqa: BLE001 - the whole-model step computes the batch (and raises there)
                 ok = False
         bad = self._nonfinite_shards()
@@ -416,7 +427,7 @@ class FSDPStep(DistributedStep):
         self._planned = "whole-model" if fallback else "per-unit"
         scatter = (lambda: self.scatter_chunk(acc, start)) if self._scatters(acc) else (lambda: None)
         if fallback:  # begin_step (zero_grad, next) unshards the whole model
-            return self._whole_model_chunks(chunks, slots, engine, scatter)
+            return self._whole_model_chunks(chunks, slots, engine, scatter, key)
         return self._per_unit_slots(chunks, slots, engine, start, scatter)
 
     def _key(self, inputs: Any, targets: Any) -> tuple:
@@ -425,18 +436,19 @@ class FSDPStep(DistributedStep):
 
         return scan_model(self.model).signature, input_signature(inputs, targets)
 
-    def _whole_model_chunks(self, chunks: list, slots: int, engine: Any, scatter: Callable[[], None]):
+    def _whole_model_chunks(self, chunks: list, slots: int, engine: Any, scatter: Callable[[], None], key: tuple | None):
         """This rank's chunks, and ``scatter()`` after each of the ``slots`` (also those where this
         rank has no chunk); then, once per input signature the engine is ready for, a trial
         zero-example pass while every unit is unsharded (no collective): per-unit steps for that
-        signature need it to work on every rank (``x.view(B, -1)`` fails on zero examples)."""
+        signature need it to work on every rank (``x.view(B, -1)`` fails on zero examples).
+        ``key``: the signature :meth:`lockstep` computed for the first chunk, if it did."""
         for slot in range(slots):
             if slot < len(chunks):
                 yield chunks[slot]
             scatter()
         if not chunks:
             return
-        key = self._key(*chunks[0])
+        key = self._key(*chunks[0]) if key is None else key
         if not self.per_unit or key in self._empty_ok or not engine.lockstep_ready(*chunks[0]):
             return
         self._root_forwards = 0
@@ -500,20 +512,18 @@ class FSDPStep(DistributedStep):
         with torch.no_grad(), fp32_under_autocast():  # the sums in fp32 (this runs inside the user's autocast)
             acc.flush()
             state, acc.sample_state = acc.sample_state, None
-            into = None if self._reduced is None else self._reduced[0]  # added bucket by bucket as they arrive
+            into = None if self._reduced is None else self._reduced.shards  # added bucket by bucket as they arrive
             shards, _, volume = reduce_scatter_sums(self, acc.template, state, None, into=into)
         if self._reduced is None:
-            self._reduced = [shards, state is not None, volume]
+            self._reduced = _Reduced(shards, state is not None, volume)
             return
-        self._reduced[1] = self._reduced[1] or state is not None
-        self._reduced[2] += volume
+        self._reduced.sensitive = self._reduced.sensitive or state is not None
+        self._reduced.volume += volume
 
-    def take_reduced(self) -> tuple[dict[str, torch.Tensor], bool, int] | None:
-        """``(shards, sensitive, bytes)`` reduced by :meth:`scatter_chunk` in the current step (the
-        world's sums of this rank's shard, whether this rank had a sensitive pass, the bytes it
-        handed to the collectives), or ``None``; forgotten here."""
+    def take_reduced(self) -> _Reduced | None:
+        """What :meth:`scatter_chunk` reduced in the current step, or ``None``; forgotten here."""
         reduced, self._reduced = self._reduced, None
-        return None if reduced is None else (reduced[0], reduced[1], reduced[2])
+        return reduced
 
     def release_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         """The sharded parameters (the optimizer's) under the names of ``params``."""

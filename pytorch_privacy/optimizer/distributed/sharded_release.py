@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..step_accumulator import DeferredSums
-from .ddp import _ERROR, _OK, _REFUSED, _gaussian_part
+from .ddp import _ERROR, _OK, _REFUSED, _gaussian_part, wide_dtype
 
 __all__ = ["scatter_release", "reduce_scatter_sums", "plan_buckets"]
 
@@ -61,15 +61,15 @@ def _chunks(t: torch.Tensor, world: int, dim: int) -> list[torch.Tensor]:
     return parts
 
 
-def plan_buckets(template: dict[str, torch.Tensor], element_bytes: int, public: bool, bucket_bytes: int) -> list[list[str]]:
+def plan_buckets(template: dict[str, torch.Tensor], element_bytes: int, bucket_bytes: int) -> list[list[str]]:
     """The parameter names of each bucket, in template order: a bucket closes before the
-    parameter that would take it past ``bucket_bytes`` (its sums, and public gradients when
-    ``public``); a parameter larger than that is a bucket of its own."""
-    per = element_bytes * (2 if public else 1)
+    parameter that would take it past ``bucket_bytes`` (``element_bytes`` per parameter element:
+    its sum, and its public gradient when both are reduced); a parameter larger than that is a
+    bucket of its own."""
     buckets: list[list[str]] = []
     size = 0
     for n, t in template.items():
-        b = t.numel() * per
+        b = t.numel() * element_bytes
         if buckets and buckets[-1] and size + b <= bucket_bytes:
             buckets[-1].append(n)
             size += b
@@ -84,12 +84,6 @@ def _take(state: Any, name: str) -> torch.Tensor:
     return state.take(name) if isinstance(state, DeferredSums) else state.pop(name)
 
 
-def wide_dtype(template: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype of the reduced sums: float64 when a parameter is, else float32 (the same on every
-    rank: it depends on the template only)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in template.values()) else torch.float32
-
-
 def reduce_scatter_sums(
     step: Any, template: dict[str, torch.Tensor], state: Any, public: dict[str, torch.Tensor] | None, *,
     sums: bool = True, into: dict[str, torch.Tensor] | None = None,
@@ -101,11 +95,11 @@ def reduce_scatter_sums(
     dropped from it once its bucket is formed; ``None``: zeros, nothing formed); ``public``: the
     local public gradients (missing names are zeros) or ``None``; ``sums=False``: the public
     gradients only.  Returns this rank's shards ``{name: tensor}`` of the world's sums and of its
-    public gradients (views of one buffer per bucket, in :func:`wide_dtype`), and the bytes this
+    public gradients (views of one buffer per bucket, in :func:`~.ddp.wide_dtype`), and the bytes this
     rank handed to the collectives.  ``into``: shards of an earlier call, to which each bucket's
     sums are added as it arrives (returned as the sums' shards; the bucket's buffer is freed)."""
     world, rank = step.world_size, step.rank
-    wide = wide_dtype(template)
+    wide = wide_dtype(template.values())  # the same on every rank: from the template only
     device = next(iter(template.values())).device
     kinds = (("sum",) if sums else ()) + (("pub",) if public is not None else ())
     per = torch.empty((), dtype=wide).element_size()
@@ -114,7 +108,7 @@ def reduce_scatter_sums(
     volume = 0
     if not kinds:
         return shards, pub_shards, volume
-    for bucket in plan_buckets(template, per * len(kinds), False, step.bucket_bytes):
+    for bucket in plan_buckets(template, per * len(kinds), step.bucket_bytes):
         layout = [(kind, n, _chunks(template[n], world, step.sharded[n][1])) for kind in kinds for n in bucket]
         lengths = [sum(parts[s].numel() for _, _, parts in layout) for s in range(world)]
         fulls = [(_take(state, n) if state is not None else None) if kind == "sum" else public.get(n) for kind, n, _ in layout]
@@ -164,10 +158,10 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     query, template, world = acc.query, acc.template, step.world_size
     names = list(template)
     state = acc.sample_state
-    reduced = step.take_reduced()  # (shards, sensitive, bytes) of the slots, or None
+    reduced = step.take_reduced()  # what the slots reduced, or None
     if reduced is not None and state is not None:  # (every slot ends with its reduce-scatter)
         raise RuntimeError("FSDP2 release: clipped sums were added after the step's last slot; they would be lost")
-    has_sensitive = state is not None or (reduced is not None and reduced[1])
+    has_sensitive = state is not None or (reduced is not None and reduced.sensitive)
     if state is not None:
         step._check_state(acc, state)
     elif reduced is None:  # (slots reduce only the sums of the built-in Gaussian queries)
@@ -176,15 +170,13 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     pub = dict(acc.public) if public else None
     shards, pub_shards, volume = reduce_scatter_sums(step, template, state, pub, sums=reduced is None)
     if reduced is not None:
-        shards, volume = reduced[0], volume + reduced[2]
+        shards, volume = reduced.shards, volume + reduced.volume
     gauss, gauss_state = _gaussian_part(query, global_state)
     step._check_distinct_sources(query, gauss_state.stddev)
     code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
     try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
         for n in names:
             new_gauss, event = gauss.noise_in_place(shards[n].reshape(-1), gauss_state)
-        if event is None:  # no parameter: the event all the same
-            event = gauss.event(gauss_state)
         if step.is_recorder and check is not None and event is not None:
             check(event)
     except PrivacyBudgetExceeded as exc:
@@ -195,8 +187,7 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
     if step.count_stddev is not None:  # each rank's share: the world's noised count once summed
         counters.insert(0, step._local_noised_count(acc, gauss))
-    wide = wide_dtype(template)
-    tail_t = torch.tensor(counters, dtype=wide, device=next(iter(template.values())).device)
+    tail_t = torch.tensor(counters, dtype=wide_dtype(template.values()), device=next(iter(template.values())).device)
     dist.all_reduce(tail_t, op=dist.ReduceOp.SUM, group=step.group)
     step.last_volume_bytes = volume + tail_t.numel() * tail_t.element_size()
     tail = tail_t.tolist()

@@ -30,11 +30,11 @@ CASES = [
 
 def test_plan_buckets_closes_a_bucket_before_it_would_overflow():
     t = {"a": torch.zeros(10), "b": torch.zeros(20), "c": torch.zeros(5), "d": torch.zeros(100), "e": torch.zeros(1)}
-    assert plan_buckets(t, 4, False, 4 * 30) == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert plan_buckets(t, 4, True, 4 * 30) == [["a"], ["b"], ["c"], ["d"], ["e"]]  # sums and public gradients
-    assert plan_buckets(t, 4, False, 10**9) == [["a", "b", "c", "d", "e"]]
-    assert plan_buckets(t, 4, False, 1) == [[n] for n in t]  # one parameter at least
-    assert plan_buckets({}, 4, False, 1) == []
+    assert plan_buckets(t, 4, 4 * 30) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert plan_buckets(t, 2 * 4, 4 * 30) == [["a"], ["b"], ["c"], ["d"], ["e"]]  # sums and public gradients
+    assert plan_buckets(t, 4, 10**9) == [["a", "b", "c", "d", "e"]]
+    assert plan_buckets(t, 4, 1) == [[n] for n in t]  # one parameter at least
+    assert plan_buckets({}, 4, 1) == []
 
 
 @pytest.mark.slow
