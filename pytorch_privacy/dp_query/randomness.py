@@ -174,6 +174,10 @@ class RandomSource:
         self._settle()
         if self._secure:
             raise ValueError("a secure_mode source has no torch.Generator; it draws from os.urandom")
+        return self._generator_for(device)
+
+    def _generator_for(self, device: torch.device | str) -> torch.Generator:
+        """The user's generator, or the owned one for ``device`` (created, OS-seeded, if missing)."""
         if self._user is not None:
             return self._user
         key = _device_key(device)
@@ -183,6 +187,19 @@ class RandomSource:
             g.manual_seed(os_seed())
             self._owned[key] = g
         return g
+
+    def stream_state(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Where the next draw for ``device`` starts: the state of the generator it uses, before
+        a held prefetch (whose values are that draw's); ``None`` for a secure source (every draw is
+        fresh OS entropy).  Two sources with equal stream states draw equal values, which is what
+        the distributed steps check across ranks.  Draws nothing and keeps a held prefetch; an
+        owned source gets its (OS-seeded) generator for ``device`` now if it had none."""
+        if self._secure:
+            return None
+        g = self._generator_for(device)
+        if self._prefetched is not None and self._prefetched[2] is g and self._untouched():
+            return self._prefetched[3]
+        return g.get_state()
 
     # -- draws ---------------------------------------------------------------------------
     def normal(self, shape, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:

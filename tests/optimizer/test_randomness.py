@@ -368,3 +368,22 @@ def test_a_secure_prefetch_is_used_once():
     s.prefetch_normal((1000,))
     z1, z2 = s.normal((1000,)), s.normal((1000,))
     assert z1.shape == (1000,) and not torch.equal(z1, z2)
+
+
+def test_stream_state_says_where_the_next_draw_starts():
+    """Equal stream states draw equal values (what the distributed steps compare across ranks); a
+    held prefetch is reported at its start and kept; a secure source has none."""
+    a, b = RandomSource(), RandomSource()
+    assert not torch.equal(a.stream_state(), b.stream_state())  # owned: OS-seeded when first asked
+    b.load_state_dict(a.state_dict())  # one checkpoint restored twice
+    assert torch.equal(a.stream_state(), b.stream_state())
+    torch.testing.assert_close(a.normal((5,)), b.normal((5,)), atol=0, rtol=0)
+    start = a.stream_state()
+    a.prefetch_normal((7,))
+    assert torch.equal(a.stream_state(), start)  # at the prefetch's start
+    c = RandomSource()
+    c.load_state_dict({"kind": "owned", "states": {"cpu": start}})
+    torch.testing.assert_close(a.normal((7,)), c.normal((7,)), atol=0, rtol=0)
+    user = RandomSource(torch.Generator().manual_seed(3))
+    assert torch.equal(user.stream_state(), torch.Generator().manual_seed(3).get_state())
+    assert RandomSource(secure_mode=True).stream_state() is None

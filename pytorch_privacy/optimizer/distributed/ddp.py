@@ -19,10 +19,14 @@ rank knows the noise it drew, so it could recover the un-noised global sum of it
 in any data-parallel training, the ranks of one job are inside the privacy boundary; what leaves
 it is the noised release and the ledger.)  It needs the ranks' draws to be independent: identical
 generator states would put the same noise vector in every block, a correlated Gaussian whose
-privacy loss is unbounded along the difference of two blocks; the first noisy step compares
-digests of the ranks' generator states (one ``all_gather_object``) and refuses identical ones
-(OS-entropy seeding, the default, and ``secure_mode`` always pass).  Each rank's generator is part
-of its own ``state_dict``: a resume needs every rank's checkpoint, not rank 0's alone.  (The
+privacy loss is unbounded along the difference of two blocks.  So every noisy step carries, in its
+one all-reduce, a 63-bit fingerprint of where each rank's generator stands before its draw
+(:meth:`DistributedStep.noise_fingerprint`), and every rank refuses the step, before anything is
+applied or recorded, when two fingerprints are equal: ranks seeded alike, or every rank restoring
+one checkpoint (rank 0's, say, whose OS-seeded generator state then becomes every rank's).  The
+check runs at every step, so it also sees a restore or a reseed made between steps.  Each rank's
+generator is part of its own ``state_dict``: a resume needs every rank's checkpoint, not rank 0's
+alone (or ``load_state_dict(..., fresh_randomness=True)``).  (The
 alternative that splits the noise as ``N(0, (sigma C)^2 / W)`` on every coordinate of every rank
 gives the same total, but draws ``W`` times as many normals.)
 
@@ -60,7 +64,6 @@ local batch still joins the collectives (it contributes a zero sum).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 from typing import Any, Callable, Iterator
@@ -79,6 +82,8 @@ __all__ = ["DistributedStep", "unwrap_ddp"]
 
 #: refusal codes broadcast from rank 0 with each release
 _OK, _REFUSED, _ERROR = 0, 1, 2
+#: values per rank, and bits per value, of a noise fingerprint (DistributedStep.noise_fingerprint)
+_FP_PARTS, _FP_BITS = 3, 21
 
 
 def _dump_spec(spec: Any) -> Any:
@@ -186,7 +191,6 @@ class DistributedStep:
         #: the optimizer may clean them in place (as :attr:`.StepAccumulator.result_owned`)
         self.last_result_owned = False
         self._checked_additive = False
-        self._checked_sources = False
         #: rank 0: the pickled header last broadcast; other ranks: the header last received
         self._last_blob: bytes | None = None
         self._header: Any = None
@@ -280,8 +284,10 @@ class DistributedStep:
         deferred = isinstance(acc.sample_state, DeferredSums)  # formed below, one parameter at a time
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
-        # one flat buffer: the sums, the public gradients, [the noised dropped count,] then 5 counters
-        k = 5 if self.count_stddev is None else 6
+        # one flat buffer: the sums, the public gradients, the ranks' noise fingerprints, [the noised
+        # dropped count,] then 5 counters
+        m = _FP_PARTS * self.world_size
+        k = m + (5 if self.count_stddev is None else 6)
         if deferred:
             flat = torch.empty(n_sum + sum(t.numel() for t in pub) + k, dtype=wide, device=device)
             pos, dtypes = 0, []
@@ -300,8 +306,10 @@ class DistributedStep:
             )
             dtypes = [t.dtype for t in leaves]
         gauss, gauss_state = _gaussian_part(query, global_state)
-        self._check_distinct_sources(query, gauss_state.stddev)
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
+        stddev = gauss_state.stddev
+        draws = hi > lo and not (isinstance(stddev, (int, float)) and stddev == 0)
+        fingerprint = self.noise_fingerprint(query, flat.device, draws)  # before this step's draw
         code, mine, header = _OK, None, None
         try:
             new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
@@ -315,18 +323,19 @@ class DistributedStep:
         flat[-5:] = torch.tensor(
             [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
         )
-        if k == 6:
+        if self.count_stddev is not None:
             flat[-6] = self._local_noised_count(acc, gauss)
+        flat[-k : -k + m] = torch.tensor(fingerprint, dtype=flat.dtype)
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        stddev = gauss_state.stddev
-        if self.prefetch_noise and hi > lo and code == _OK and not (isinstance(stddev, (int, float)) and stddev == 0):
+        if self.prefetch_noise and draws and code == _OK:
             gauss.generator.prefetch_normal((hi - lo,), device=flat.device, dtype=flat.dtype)  # while it is in flight
         work.wait()
         self.last_volume_bytes = flat.numel() * flat.element_size()
         tail = flat[-k:].tolist()  # one sync
-        self.last_noised_count = tail[0] if k == 6 else None
+        self.last_noised_count = tail[m] if self.count_stddev is not None else None
         any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
+        self.refuse_shared_noise(tail[:m])
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)
         if public:
@@ -368,28 +377,39 @@ class DistributedStep:
         z = float(gauss.generator.normal((), device="cpu", dtype=torch.float64))
         return dropped + self.count_stddev / self.world_size**0.5 * z
 
-    def _check_distinct_sources(self, query, stddev: Any = None) -> None:
-        """Refuse identical noise generators across ranks (one ``all_gather_object``, once; not
-        needed while the stddev is 0: nothing is drawn)."""
-        if self._checked_sources or (isinstance(stddev, (int, float)) and stddev == 0):
-            return
-        digest = hashlib.sha256()
-        for src_ in _sources(query):
-            if src_.kind == "user":  # a torch.Generator given by hand: its state may be shared
-                buf = io.BytesIO()
-                torch.save(src_.state_dict(), buf)
-                digest.update(buf.getvalue())
-            else:  # seeded from OS entropy (or the OS CSPRNG itself) when it first draws
-                digest.update(os.urandom(16))
-        digests: list[Any] = [None] * self.world_size
-        dist.all_gather_object(digests, digest.hexdigest(), group=self.group)
-        if len(set(digests)) < self.world_size:
+    def noise_fingerprint(self, query, device: Any, draws: bool = True) -> list[float]:
+        """This rank's part of the check that no two ranks draw the same noise, to be summed over
+        the ranks in the step's collective (see :meth:`refuse_shared_noise`): ``3 W`` values, zero
+        but for this rank's three, which hold 63 bits (21 per value: exact in a float32 sum) of a
+        hash of where its noise generators stand
+        (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.stream_state`).  Random bits
+        when this rank draws nothing (``draws=False``) or draws from the OS CSPRNG."""
+        h = hashlib.blake2b(digest_size=8)
+        for src in _sources(query) if draws else ():
+            state = src.stream_state(device)
+            h.update(os.urandom(16) if state is None else state.numpy().tobytes())
+        if not draws:
+            h.update(os.urandom(16))
+        fp = int.from_bytes(h.digest(), "little") >> 1
+        out = [0.0] * (_FP_PARTS * self.world_size)
+        for i in range(_FP_PARTS):
+            out[_FP_PARTS * self.rank + i] = float((fp >> (_FP_BITS * i)) & ((1 << _FP_BITS) - 1))
+        return out
+
+    def refuse_shared_noise(self, summed: list[float]) -> None:
+        """Raise ``ValueError`` (on every rank: they all see the same sums) when two ranks'
+        fingerprints (:meth:`noise_fingerprint`, summed over the ranks) are equal: their noise
+        generators stood in the same state, so their blocks (shards) got the same noise."""
+        parts = [tuple(round(v) for v in summed[_FP_PARTS * r : _FP_PARTS * (r + 1)]) for r in range(self.world_size)]
+        if len(set(parts)) < self.world_size:
             raise ValueError(
-                "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but the ranks' noise generators "
-                "are in the same state: the blocks would get identical (correlated) noise. Seed each rank differently "
-                "(generator=torch.Generator().manual_seed(seed * world_size + rank)) or pass no generator"
+                "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but two ranks' noise generators "
+                "were in the same state: their blocks got the same (correlated) noise, whose privacy loss is unbounded "
+                "along the difference of the two blocks. Nothing was applied or recorded; the step's noise is spent. "
+                "Causes: every rank restored one checkpoint (load each rank's own opt.state_dict(), or load with "
+                "fresh_randomness=True), or a generator given by hand with one seed on every rank (seed each rank "
+                "differently: torch.Generator().manual_seed(seed * world_size + rank), or pass no generator)"
             )
-        self._checked_sources = True
 
     def _stop(self, header: Any, mine: BaseException | None, refused: bool):
         """Every rank raises: the budget's refusal (message from rank 0) or a failure."""

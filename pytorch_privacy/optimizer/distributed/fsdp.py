@@ -13,7 +13,8 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
       S_r  = sum_{i in slot} clip_C(g_i)                   the bucket's parameters, local
       S[s] += (sum_r S_r)[shard s]                         one reduce-scatter (rank-major buffer)
     S[s] += N(0, (sigma C)^2 I)                            rank s noises its own shard only
-    one all-reduce of 5 counters (sensitive, examples, public passes, refusal, failure)
+    one all-reduce of 5 counters (sensitive, examples, public passes, refusal, failure) and of
+      3 W values fingerprinting the ranks' noise generators (refused if two are equal)
     released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
 
@@ -90,8 +91,11 @@ Noise exactly once.  The shards are disjoint and cover every parameter element, 
 ``N(0, (sigma C)^2)`` to each element of its own shard adds it to every element exactly once.  The
 ranks' noise must be independent: identical generator states (a common seed) would give two
 shards the same noise vector, a correlated (non-isotropic) Gaussian whose privacy loss is
-unbounded along the difference of the correlated coordinates.  The first step compares digests of
-the ranks' generator states (one ``all_gather_object``) and refuses identical ones.
+unbounded along the difference of the correlated coordinates.  Every noisy step therefore carries,
+in a collective it runs anyway, a 63-bit fingerprint of where each rank's generators stand before
+its draws, and refuses on every rank, before anything is applied, when two are equal
+(:meth:`~.ddp.DistributedStep.refuse_shared_noise`): a common seed, or every rank restoring one
+checkpoint.
 
 Ledger and budget.  Every rank's query releases an event (the same one: the global state of a
 Gaussian sum/average query does not change); rank 0 alone records it with the global ``q`` and
@@ -167,8 +171,9 @@ class FSDPStep(DistributedStep):
             attribute of the same name, with the same value on every rank.
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    reduce-scattered buffers (per bucket ``W`` rows of one shard each; 5 counters in the last), or for the
-    general path the all-reduced flat buffer and the 1-entry control all-reduce (no release is
+    reduce-scattered buffers and the release's all-reduce of 5 counters and ``3 W`` noise-fingerprint
+    values, or for the general path the all-reduced flat buffer and the control all-reduce (its
+    code and the ``3 W`` fingerprint values; no release is
     broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
     ``fit_batch`` (7 int64); :attr:`last_path` which path the last step took.
 
@@ -583,7 +588,6 @@ class FSDPStep(DistributedStep):
             if divisor is not None:  # Gaussian sum/average: the bucketed reduce-scatter, then noise
                 return scatter_release(self, acc, global_state, local_examples, check, divisor)
             acc.settle()  # the general path reduces the whole sums at once
-            self._check_distinct_sources(acc.query)
             reduced = self._reduce(acc, local_examples)
             if acc.public:
                 acc.public = self._as_dtensors(self._shard(acc.public))
@@ -604,6 +608,8 @@ class FSDPStep(DistributedStep):
         header: list[Any] = [None]
         mine: BaseException | None = None
         code = _OK
+        device = next(iter(acc.sample_state.values())).device if acc.sample_state else torch.device("cpu")
+        fingerprint = self.noise_fingerprint(acc.query, device)  # before this step's draws
         try:
             result, new_state, event = acc.finish(global_state)  # this rank's shard, this rank's noise
             if self.is_recorder and check is not None and event is not None:
@@ -613,11 +619,13 @@ class FSDPStep(DistributedStep):
             code, mine = _REFUSED, exc
         except Exception as exc:
             code, mine = _ERROR, exc
-        device = next(iter(acc.sample_state.values())).device if acc.sample_state else torch.device("cpu")
-        control = torch.tensor([code], dtype=torch.long, device=device)  # NCCL needs device tensors
+        # (the fingerprints are zero but on their own rank: MAX gathers them as a sum would)
+        control = torch.tensor([code] + fingerprint, dtype=torch.long, device=device)  # NCCL needs device tensors
         dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.group)
         self.last_volume_bytes += control.numel() * control.element_size()
-        code = int(control[0])
+        values = control.tolist()
+        code = values[0]
+        self.refuse_shared_noise(values[1:])
         if code == _REFUSED:
             dist.broadcast_object_list(header, src=self._src(), group=self.group)
             if mine is not None:

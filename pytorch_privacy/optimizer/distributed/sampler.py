@@ -111,8 +111,17 @@ class DistributedPoissonSampler(PoissonSampler):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore this rank's sampler; refuses a checkpoint of another rank or world size."""
+        """Restore this rank's sampler; refuses a checkpoint of another rank or world size, and,
+        with ``W > 1``, a single-process sampler state: restored on every rank, it would give every
+        rank the same generator state, so the same inclusion pattern over their parts (inclusions
+        correlated across ranks, which Poisson sampling does not allow)."""
         if isinstance(state, dict):
+            if self.world_size > 1 and not {"rank", "world_size"} <= state.keys():
+                raise ValueError(
+                    "this sampler state was saved by a single-process sampler; restored on every rank it would give "
+                    "them all the same generator state (correlated inclusions). Each rank must load the state its own "
+                    "DistributedPoissonSampler saved"
+                )
             for key, ours in (("rank", self.rank), ("world_size", self.world_size)):
                 if key in state and state[key] != ours:
                     raise ValueError(

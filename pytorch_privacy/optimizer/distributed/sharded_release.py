@@ -172,7 +172,9 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     if reduced is not None:
         shards, volume = reduced.shards, volume + reduced.volume
     gauss, gauss_state = _gaussian_part(query, global_state)
-    step._check_distinct_sources(query, gauss_state.stddev)
+    stddev, device = gauss_state.stddev, next(iter(template.values())).device
+    draws = any(shards[n].numel() for n in names) and not (isinstance(stddev, (int, float)) and stddev == 0)
+    fingerprint = step.noise_fingerprint(query, device, draws)  # before this step's draws
     code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
     try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
         for n in names:
@@ -187,13 +189,15 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     counters = [float(has_sensitive), float(local_examples), float(public), float(code == _REFUSED), float(code == _ERROR)]
     if step.count_stddev is not None:  # each rank's share: the world's noised count once summed
         counters.insert(0, step._local_noised_count(acc, gauss))
-    tail_t = torch.tensor(counters, dtype=wide_dtype(template.values()), device=next(iter(template.values())).device)
+    tail_t = torch.tensor(fingerprint + counters, dtype=wide_dtype(template.values()), device=device)
     dist.all_reduce(tail_t, op=dist.ReduceOp.SUM, group=step.group)
     step.last_volume_bytes = volume + tail_t.numel() * tail_t.element_size()
     tail = tail_t.tolist()
-    step.last_noised_count = tail[0] if step.count_stddev is not None else None
+    m = len(fingerprint)
+    step.last_noised_count = tail[m] if step.count_stddev is not None else None
     any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
     step.last_global_examples = examples
+    step.refuse_shared_noise(tail[:m])
     if n_refused or n_errors:
         return step._stop(header, mine, bool(n_refused) and not n_errors)
     if public and n_public != world:

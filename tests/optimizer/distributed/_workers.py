@@ -375,3 +375,64 @@ def prefetch_twins(rank, world, port, out_dir):
             "held": opt._random_sources[0]._prefetched is not None,  # the prefetch path ran
         }
     torch.save(out, os.path.join(out_dir, f"prefetch{rank}.pt"))
+
+
+
+def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, fresh_randomness=False, general=False):
+    """Every rank resumes from *rank 0's* checkpoint (one file saved by rank 0, loaded everywhere),
+    then takes one noise-only step.  Owned (OS-seeded) generators restored from one state would give
+    every block (shard) the same noise: the step must be refused on every rank, with nothing applied
+    or recorded.  ``fresh_optimizer``: load into a newly built optimizer (as after a restart) rather
+    than the one that saved; ``general``: a query with its own ``get_noised_result``."""
+    from pytorch_privacy.dp_query import GaussianAverageQuery, PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
+
+    class OwnRelease(GaussianAverageQuery):
+        def get_noised_result(self, sample_state, global_state):
+            return super().get_noised_result(sample_state, global_state)
+
+    def build():
+        torch.manual_seed(0)
+        inner = nn.Linear(100, 50)
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(inner)
+        else:
+            model = nn.parallel.DistributedDataParallel(inner)
+        sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=1.0)
+        ledger = PrivacyLedger(100, 0.1)
+        if general:
+            return model, DPOptimizer(sgd, model, loss_fn(), OwnRelease(1.0, 2.0, 10.0), ledger=ledger)
+        return model, DPGaussianOptimizer(
+            sgd, model, loss_fn(), l2_norm_clip=1.0, noise_multiplier=2.0, ledger=ledger,
+        )
+
+    empty = (torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
+    model, opt = build()
+    opt.fit_batch(*empty)
+    box = [opt.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if fresh_optimizer:
+        model, opt = build()
+    out = os.path.join(out_dir, f"update{rank}.pt")
+    opt.load_state_dict(box[0], fresh_randomness=fresh_randomness)
+    before, steps = _full_params(model), opt.ledger.steps
+    try:
+        opt.fit_batch(*empty)
+    except ValueError as exc:
+        torch.save({"error": str(exc), "changed": bool((_full_params(model) != before).any()),
+                    "recorded": opt.ledger.steps - steps}, out)
+        return
+    torch.save({"update": _full_params(model) - before}, out)
+
+
+def _full_params(model) -> torch.Tensor:
+    """Every parameter element (FSDP2 shards gathered), flat."""
+    parts = []
+    for p in model.parameters():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        parts.append(t.reshape(-1).clone())
+    return torch.cat(parts)

@@ -64,8 +64,9 @@ def test_noise_added_once_across_ranks(tmp_path, mode):
     assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
     assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
     if mode == "block":
-        # one flat all-reduce of the block-noised sums and 5 counters, fp32; no broadcast
-        assert u0["volume"] == 4 * (5050 + 5)
+        # one flat all-reduce of the block-noised sums, 3 noise-fingerprint values per rank and 5
+        # counters, fp32; no broadcast
+        assert u0["volume"] == 4 * (5050 + 3 * 2 + 5)
         # rank 0 noised elements [0, 2525), rank 1 [2525, 5050), from independent streams
         corr = float(torch.corrcoef(torch.stack([update[:2525], update[2525:]]))[0, 1])
         assert abs(corr) < 0.1, corr
@@ -311,3 +312,45 @@ def test_the_release_forms_each_sum_into_the_flat_buffer_one_at_a_time(tmp_path)
         out = torch.load(tmp_path / f"ddpsums{rank}.pt", weights_only=False)
         for engine, res in out.items():
             assert res["events"] == [("sums", (n,)) for n in res["names"]], (rank, engine, res["events"])
+
+
+def check_resume_from_rank0(tmp_path, *args):
+    """Shared by the DDP and FSDP2 tests: resuming every rank from rank 0's checkpoint is refused
+    at the first noisy step on every rank (nothing applied, nothing recorded); with
+    ``fresh_randomness=True`` it trains, with independent noise in the two ranks' halves."""
+    fresh_randomness = args[2] if len(args) > 2 else False
+    w.spawn(w.resume_from_rank0, 2, str(tmp_path), *args)
+    outs = [_load(tmp_path / f"update{r}.pt") for r in range(2)]
+    if not fresh_randomness:
+        for out in outs:
+            assert "same state" in out.get("error", ""), out.keys()
+            assert "fresh_randomness=True" in out["error"]
+            assert not out["changed"] and out["recorded"] == 0
+        return
+    update = outs[0]["update"]
+    torch.testing.assert_close(outs[1]["update"], update, atol=0, rtol=0)
+    assert update.abs().min() > 0  # every element noised
+    # rows 0-24 of the weight and rows 25-49 (rank 0's and rank 1's block or shard): identical
+    # streams would make them equal (correlation 1)
+    corr = float(torch.corrcoef(torch.stack([update[:2500], update[2500:5000]]))[0, 1])
+    assert abs(corr) < 0.1, corr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fresh_optimizer", [False, True], ids=["same-optimizer", "new-optimizer"])
+@pytest.mark.parametrize("general", [False, True], ids=["block-noise", "broadcast"])
+def test_every_rank_resuming_from_rank0s_checkpoint_is_refused(tmp_path, fresh_optimizer, general):
+    """Rank 0's OS-seeded generator state, restored on every rank, would noise both blocks alike
+    (the release would carry the noise-free difference of the two blocks).  Rank 0 alone draws the
+    noise on the broadcast path: there the same resume is fine."""
+    if general:
+        w.spawn(w.resume_from_rank0, 2, str(tmp_path), fresh_optimizer, False, False, True)
+        for r in range(2):
+            assert "update" in _load(tmp_path / f"update{r}.pt")
+        return
+    check_resume_from_rank0(tmp_path, fresh_optimizer, False)
+
+
+@pytest.mark.slow
+def test_resuming_from_rank0s_checkpoint_with_fresh_randomness_trains(tmp_path):
+    check_resume_from_rank0(tmp_path, True, False, True)

@@ -47,11 +47,12 @@ def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
             # one reduce-scatter of a rank-major buffer per physical slot: 2 rows (each rank's shard of
-            # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 5 counters
+            # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 3 noise-
+            # fingerprint values per rank and 5 counters
             seg = [sum(torch.chunk(t, 2, 0)[s].numel() for t in ref.values()) for s in range(2)]
             assert seg == [33, 20]
             slots = 4 if kw.get("max_physical_batch_size") == 1 else 1  # 4 examples per rank, one per chunk
-            assert res["volume"] == 4 * (2 * max(seg) * slots + 5)
+            assert res["volume"] == 4 * (2 * max(seg) * slots + 3 * 2 + 5)
 
 
 @pytest.mark.slow
@@ -142,3 +143,13 @@ def test_fsdp_checkpoint_resumes_every_ranks_noise_stream(tmp_path):
         a, b = out["updates"]
         assert out["steps"] == 3 and float(a.abs().max()) > 0  # 2 restored + 1
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("general", [False, True], ids=["sharded-release", "general"])
+@pytest.mark.parametrize("fresh_randomness", [False, True])
+def test_fsdp_every_rank_resuming_from_rank0s_checkpoint(tmp_path, general, fresh_randomness):
+    """As for DDP (test_ddp.check_resume_from_rank0): every rank noises its own shard, on both paths."""
+    from .test_ddp import check_resume_from_rank0
+
+    check_resume_from_rank0(tmp_path, True, True, fresh_randomness, general)

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import binomtest
 from torch.utils.data import TensorDataset
 
-from pytorch_privacy.optimizer import DPDataLoader
+from pytorch_privacy.optimizer import DPDataLoader, PoissonSampler
 from pytorch_privacy.optimizer.consistency import loader_sampling
 from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader, DistributedPoissonSampler
 
@@ -86,6 +86,12 @@ def test_state_dict_resumes_and_refuses_another_rank():
     other = DistributedPoissonSampler(100, 0.1, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         other.load_state_dict(state)
+    # a single-process state restored on every rank would make every rank's inclusions alike
+    single = PoissonSampler(100, 0.1).state_dict()
+    with pytest.raises(ValueError, match="single-process"):
+        other.load_state_dict(single)
+    alone = DistributedPoissonSampler(100, 0.1, rank=0, world_size=1)
+    alone.load_state_dict(single)  # one process: the same thing
 
 
 @pytest.mark.parametrize("rank,world", [(2, 2), (-1, 2), (0, 0)])
