@@ -18,6 +18,8 @@ optimizer it is loaded into, instead of silently overriding the object:
 * different ledger sampling settings (population size, q, scheme): the loader is the truth about
   sampling, and a checkpoint must not rewrite it.
 * a ledger in one and not the other.
+* a checkpoint saved by another rank of a distributed run (a one-process optimizer takes rank 0's):
+  only rank 0's holds the ledger, and each rank's its own noise stream (``_check_rank``).
 
 Generator states are restored exactly, so a resumed run continues the noise stream of the run it
 resumes; it never starts it again, whatever the script seeds.  Checkpoints of version 1 (a bare list
@@ -198,7 +200,38 @@ def build_state_dict(opt) -> dict[str, Any]:
         "steps": opt._steps,
         "last_event": opt._last_event.to_dict() if opt._last_event is not None else None,
         "data_loader": _loader_state(opt),
+        "distributed": _saved_by(opt),
     }
+
+
+def _saved_by(opt) -> dict[str, int] | None:
+    """``{"rank", "world_size"}`` of a distributed optimizer's process, ``None`` for one process."""
+    d = getattr(opt, "_dist", None)
+    return None if d is None else {"rank": int(d.rank), "world_size": int(d.world_size)}
+
+
+def _check_rank(opt, state_dict: dict[str, Any]) -> None:
+    """Refuse a checkpoint that another rank saved: each rank's holds its own noise stream, and only
+    rank 0's holds the run's ledger (the other ranks' stay empty), so rank 0 restoring another
+    rank's checkpoint would restart the privacy account from nothing.  A one-process optimizer takes
+    rank 0's checkpoint only; a checkpoint of one process loads anywhere (every rank restoring it
+    gets the same generator state: the distributed steps refuse that at their first noisy step,
+    unless loaded with ``fresh_randomness=True``)."""
+    saved = state_dict.get("distributed")
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or not isinstance(saved.get("rank"), int):
+        raise ValueError(f"corrupt checkpoint: 'distributed' should be {{'rank': int, 'world_size': int}}, got {saved!r}")
+    here = _saved_by(opt)
+    rank = 0 if here is None else here["rank"]
+    if saved["rank"] != rank:
+        where = "this one-process optimizer" if here is None else f"rank {rank} of {here['world_size']}"
+        raise ValueError(
+            f"this checkpoint was saved by rank {saved['rank']} of {saved.get('world_size')}, and is loaded by {where}. "
+            "Each rank must load the checkpoint it saved (e.g. ckpt_rank{torch.distributed.get_rank()}.pt, the "
+            "global rank, not LOCAL_RANK): rank 0's holds the run's ledger (another rank's is empty: the privacy "
+            "account would restart from nothing) and each rank's holds its own noise stream"
+        )
 
 
 def _loader_state(opt) -> dict[str, Any] | None:
@@ -279,6 +312,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
     if version not in _READABLE_VERSIONS:
         raise ValueError(f"unsupported DPOptimizer state dict version {version!r} (this release reads {_READABLE_VERSIONS})")
 
+    _check_rank(opt, state_dict)
     new_ledger = _checked_ledger(opt, state_dict)
     template = opt._release_query.initial_global_state()
     _check_query_config(state_dict, template)

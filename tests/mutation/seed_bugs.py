@@ -224,6 +224,14 @@ def fsdp_slot_sums_kept(text: str) -> str:
                          "state = acc.sample_state", "the slot hand-over")
 
 
+def fingerprint_ignores_restored_state(text: str) -> str:
+    # the distributed noise check hashes fresh OS entropy instead of where an owned generator stands
+    # (what the once-only check did): every rank resuming from rank 0's checkpoint then passes, and
+    # the ranks' blocks (shards) get identical noise
+    return _replace_once(text, r"h\.update\(os\.urandom\(16\) if state is None else state\.numpy\(\)\.tobytes\(\)\)",
+                         "h.update(os.urandom(16))", "the fingerprint's hash update")
+
+
 def rewind_after_public_only_step(text: str) -> str:
     # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
     # every rank saw in the reduced buffer goes onto the next step's sums
@@ -314,6 +322,10 @@ BUGS = [
     Bug("fsdp_slot_sums_kept", "FSDP2: a slot's clipped sums are kept after their reduce-scatter (counted twice)",
         "pytorch_privacy/optimizer/distributed/fsdp.py", fsdp_slot_sums_kept,
         [f"{DIST}/test_fsdp.py", f"{DIST}/test_fsdp_sharded_release.py"]),
+    Bug("fingerprint_ignores_restored_state", "the ranks' noise fingerprints ignore restored generator states "
+        "(every rank resuming from rank 0's checkpoint noises its block alike)",
+        "pytorch_privacy/optimizer/distributed/ddp.py", fingerprint_ignores_restored_state,
+        [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
     Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
         "pytorch_privacy/dp_query/randomness.py", prefetch_reused,
         [f"{OPT}/test_randomness.py", f"{DIST}/test_ddp.py"]),

@@ -129,3 +129,22 @@ def test_mismatched_checkpoints_are_refused():
     _, opt_a, _, _ = adaptive_run()
     with pytest.raises(ValueError, match="differently configured"):
         opt_a.load_state_dict(sd)
+
+
+def test_a_checkpoint_of_another_rank_is_refused():
+    """Only rank 0's checkpoint of a distributed run holds its ledger: a one-process optimizer
+    refuses another rank's (the account would restart from nothing) and takes rank 0's."""
+    _, opt, ledger, _ = gaussian_run()
+    opt.fit_batch(*batches(1)[0])
+    sd = opt.state_dict()
+    assert sd["distributed"] is None
+    _, fresh, fresh_ledger, _ = gaussian_run()
+    before = fresh.original_optimizer.state_dict()
+    with pytest.raises(ValueError, match="saved by rank 1 of 2.*LOCAL_RANK"):
+        fresh.load_state_dict(dict(sd, distributed={"rank": 1, "world_size": 2}))
+    assert fresh_ledger.steps == 0 and fresh.original_optimizer.state_dict() == before  # nothing changed
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        fresh.load_state_dict(dict(sd, distributed="rank 0"))
+    fresh.load_state_dict(dict(sd, distributed={"rank": 0, "world_size": 2}))
+    assert fresh_ledger.steps == ledger.steps == 1
+    assert _save(sd)["distributed"] is None  # weights_only loads it

@@ -416,6 +416,8 @@ def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, f
     if fresh_optimizer:
         model, opt = build()
     out = os.path.join(out_dir, f"update{rank}.pt")
+    if rank:  # as a checkpoint that names no rank (one process's, or an older one): the load itself
+        box[0] = dict(box[0], distributed=None)  # refuses another rank's (see swapped_checkpoints)
     opt.load_state_dict(box[0], fresh_randomness=fresh_randomness)
     before, steps = _full_params(model), opt.ledger.steps
     try:
@@ -425,6 +427,29 @@ def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, f
                     "recorded": opt.ledger.steps - steps}, out)
         return
     torch.save({"update": _full_params(model) - before}, out)
+
+
+def swapped_checkpoints(rank, world, port, out_dir):
+    """Rank r loads rank 1 - r's checkpoint (e.g. files named by LOCAL_RANK on two nodes): refused
+    on both ranks (rank 0 would get rank 1's empty ledger)."""
+    from pytorch_privacy.dp_query import PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = DPGaussianOptimizer(torch.optim.SGD(model.module.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
+                              noise_multiplier=1.0, ledger=PrivacyLedger(80, 0.1))
+    x, y = make_batches(1)[0]
+    opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+    states: list = [None] * world
+    dist.all_gather_object(states, opt.state_dict())
+    result = {}
+    try:
+        opt.load_state_dict(states[1 - rank])
+    except ValueError as exc:
+        result["error"] = str(exc)
+    opt.load_state_dict(states[rank])  # its own: fine
+    result["steps"] = opt.ledger.steps
+    torch.save(result, os.path.join(out_dir, f"swap{rank}.pt"))
 
 
 def _full_params(model) -> torch.Tensor:

@@ -354,3 +354,12 @@ def test_every_rank_resuming_from_rank0s_checkpoint_is_refused(tmp_path, fresh_o
 @pytest.mark.slow
 def test_resuming_from_rank0s_checkpoint_with_fresh_randomness_trains(tmp_path):
     check_resume_from_rank0(tmp_path, True, False, True)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_rank_is_refused(tmp_path):
+    w.spawn(w.swapped_checkpoints, 2, str(tmp_path))
+    for r in range(2):
+        out = _load(tmp_path / f"swap{r}.pt")
+        assert f"saved by rank {1 - r} of 2, and is loaded by rank {r} of 2" in out.get("error", ""), out
+        assert out["steps"] == (1 if r == 0 else 0)  # rank 0's ledger holds the step, rank 1's is empty
