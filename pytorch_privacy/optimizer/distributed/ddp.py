@@ -30,6 +30,12 @@ alone (or ``load_state_dict(..., fresh_randomness=True)``).  (The
 alternative that splits the noise as ``N(0, (sigma C)^2 / W)`` on every coordinate of every rank
 gives the same total, but draws ``W`` times as many normals.)
 
+Same settings on every rank.  Each rank clips (and noises its block) with its own query, while
+rank 0's ledger accounts for rank 0's settings; a rank built with a larger clip or less noise would
+release more than the ledger says.  Every step's collective carries a hash of each rank's query
+type, global state and per-pass noise factor (:meth:`DistributedStep.settings_fingerprint`), and
+every rank refuses the step when they differ.
+
 Other queries (adaptive clipping: a global state updated from a noised count; any query with its
 own ``get_noised_result``).  The clipped sums are all-reduced un-noised, rank 0's query draws the
 noise once on the global sum (``acc.finish``), and the released value is broadcast, so every
@@ -66,9 +72,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import struct
 from typing import Any, Callable, Iterator
 
 import attrs
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -112,6 +120,42 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, bool]:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module, True
     return model, False
+
+
+def _hash_plain(h: Any, x: Any) -> None:
+    """Feed ``h`` a canonical encoding of a query state: attrs classes, containers, numbers,
+    strings and tensors (dtype, shape and bytes)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        h.update(f"{type(x).__name__}:{x!r};".encode())
+    elif isinstance(x, float):
+        h.update(b"f" + struct.pack("<d", x))
+    elif attrs.has(type(x)):
+        h.update(f"A{type(x).__qualname__}(".encode())
+        for a in attrs.fields(type(x)):
+            h.update(a.name.encode())
+            _hash_plain(h, getattr(x, a.name))
+        h.update(b")")
+    elif isinstance(x, (list, tuple)):
+        h.update(b"[")
+        for v in x:
+            _hash_plain(h, v)
+        h.update(b"]")
+    elif isinstance(x, dict):
+        h.update(b"{")
+        for k, v in x.items():
+            _hash_plain(h, k)
+            _hash_plain(h, v)
+        h.update(b"}")
+    else:  # (not a type a query state is made of: to_plain refuses to checkpoint it; its repr may
+        h.update(f"?{type(x).__qualname__};".encode())  # hold an address, different on every rank)
 
 
 def _sources(query) -> list:
@@ -264,7 +308,7 @@ class DistributedStep:
         if divisor is not None:  # Gaussian sum/average: noise before the one all-reduce
             return self._noise_then_reduce(acc, global_state, local_examples, check, divisor)
         acc.settle()  # the general path reduces the sums as the query holds them
-        reduced = self._reduce(acc, local_examples)
+        reduced = self._reduce(acc, local_examples, global_state)
         if reduced is None:  # no rank took a sensitive pass: nothing is released
             return None, global_state, None
         wide, device, volume = reduced
@@ -284,9 +328,9 @@ class DistributedStep:
         deferred = isinstance(acc.sample_state, DeferredSums)  # formed below, one parameter at a time
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
-        # one flat buffer: the sums, the public gradients, the ranks' noise fingerprints, [the noised
-        # dropped count,] then 5 counters
-        m = _FP_PARTS * self.world_size
+        # one flat buffer: the sums, the public gradients, the ranks' noise and settings
+        # fingerprints, [the noised dropped count,] then 5 counters
+        m = 2 * _FP_PARTS * self.world_size
         k = m + (5 if self.count_stddev is None else 6)
         if deferred:
             flat = torch.empty(n_sum + sum(t.numel() for t in pub) + k, dtype=wide, device=device)
@@ -310,6 +354,7 @@ class DistributedStep:
         stddev = gauss_state.stddev
         draws = hi > lo and not (isinstance(stddev, (int, float)) and stddev == 0)
         fingerprint = self.noise_fingerprint(query, flat.device, draws)  # before this step's draw
+        fingerprint += self.settings_fingerprint(query, global_state, acc.noise_scale)
         code, mine, header = _OK, None, None
         try:
             new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
@@ -335,7 +380,8 @@ class DistributedStep:
         self.last_noised_count = tail[m] if self.count_stddev is not None else None
         any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
-        self.refuse_shared_noise(tail[:m])
+        self.refuse_unlike_settings(tail[m // 2 : m])
+        self.refuse_shared_noise(tail[: m // 2])
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)
         if public:
@@ -377,31 +423,37 @@ class DistributedStep:
         z = float(gauss.generator.normal((), device="cpu", dtype=torch.float64))
         return dropped + self.count_stddev / self.world_size**0.5 * z
 
-    def noise_fingerprint(self, query, device: Any, draws: bool = True) -> list[float]:
-        """This rank's part of the check that no two ranks draw the same noise, to be summed over
-        the ranks in the step's collective (see :meth:`refuse_shared_noise`): ``3 W`` values, zero
-        but for this rank's three, which hold 63 bits (21 per value: exact in a float32 sum) of a
-        hash of where its noise generators stand
-        (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.stream_state`).  Random bits
-        when this rank draws nothing (``draws=False``) or draws from the OS CSPRNG."""
-        h = hashlib.blake2b(digest_size=8)
-        for src in _sources(query) if draws else ():
-            state = src.stream_state(device)
-            h.update(os.urandom(16) if state is None else state.numpy().tobytes())
-        if not draws:
-            h.update(os.urandom(16))
+    def _slots(self, h: "hashlib._Hash") -> list[float]:
+        """``3 W`` values, zero but for this rank's three, holding 63 bits of ``h`` (21 per value:
+        exact in a float32 sum, and under MAX in int64)."""
         fp = int.from_bytes(h.digest(), "little") >> 1
         out = [0.0] * (_FP_PARTS * self.world_size)
         for i in range(_FP_PARTS):
             out[_FP_PARTS * self.rank + i] = float((fp >> (_FP_BITS * i)) & ((1 << _FP_BITS) - 1))
         return out
 
+    def _per_rank(self, summed: list[float]) -> list[tuple[int, ...]]:
+        return [tuple(round(v) for v in summed[_FP_PARTS * r : _FP_PARTS * (r + 1)]) for r in range(self.world_size)]
+
+    def noise_fingerprint(self, query, device: Any, draws: bool = True) -> list[float]:
+        """This rank's part of the check that no two ranks draw the same noise, to be summed over
+        the ranks in the step's collective (:meth:`refuse_shared_noise`): a hash of where its
+        noise generators stand (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.stream_state`),
+        in the layout of :meth:`_slots`.  Random bits when this rank draws nothing
+        (``draws=False``) or draws from the OS CSPRNG."""
+        h = hashlib.blake2b(digest_size=8)
+        for src in _sources(query) if draws else ():
+            state = src.stream_state(device)
+            h.update(os.urandom(16) if state is None else state.numpy().tobytes())
+        if not draws:
+            h.update(os.urandom(16))
+        return self._slots(h)
+
     def refuse_shared_noise(self, summed: list[float]) -> None:
         """Raise ``ValueError`` (on every rank: they all see the same sums) when two ranks'
         fingerprints (:meth:`noise_fingerprint`, summed over the ranks) are equal: their noise
         generators stood in the same state, so their blocks (shards) got the same noise."""
-        parts = [tuple(round(v) for v in summed[_FP_PARTS * r : _FP_PARTS * (r + 1)]) for r in range(self.world_size)]
-        if len(set(parts)) < self.world_size:
+        if len(set(self._per_rank(summed))) < self.world_size:
             raise ValueError(
                 "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but two ranks' noise generators "
                 "were in the same state: their blocks got the same (correlated) noise, whose privacy loss is unbounded "
@@ -409,6 +461,32 @@ class DistributedStep:
                 "Causes: every rank restored one checkpoint (load each rank's own opt.state_dict(), or load with "
                 "fresh_randomness=True), or a generator given by hand with one seed on every rank (seed each rank "
                 "differently: torch.Generator().manual_seed(seed * world_size + rank), or pass no generator)"
+            )
+
+    def settings_fingerprint(self, query, global_state: Any, noise_scale: float) -> list[float]:
+        """This rank's part of the check that every rank releases with the same privacy settings
+        (:meth:`refuse_unlike_settings`): a hash of the query's type, its global state (clip,
+        noise stddev, denominator, ...) and the per-pass noise factor, in the layout of
+        :meth:`_slots`."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(type(query).__qualname__.encode())
+        _hash_plain(h, global_state)
+        _hash_plain(h, float(noise_scale))
+        return self._slots(h)
+
+    def refuse_unlike_settings(self, summed: list[float]) -> None:
+        """Raise ``ValueError`` on every rank when the ranks' :meth:`settings_fingerprint` differ:
+        each rank clips (and noises) with its own query, while rank 0's ledger accounts for rank
+        0's settings, so a rank with a larger clip or less noise would release more than the ledger
+        says."""
+        parts = self._per_rank(summed)
+        unlike = [r for r in range(1, self.world_size) if parts[r] != parts[0]]
+        if unlike:
+            raise ValueError(
+                f"the privacy settings of rank(s) {unlike} differ from rank 0's (the query, its clip, noise stddev or "
+                "denominator, or the passes' clipping mode): each rank clips and noises with its own query while the "
+                "ledger on rank 0 accounts for rank 0's, so a rank with a larger clip or less noise would release more "
+                "than the ledger says. Nothing was applied or recorded. Build the same optimizer on every rank"
             )
 
     def _stop(self, header: Any, mine: BaseException | None, refused: bool):
@@ -450,21 +528,26 @@ class DistributedStep:
         pub = [acc.public.get(n, torch.zeros_like(acc.template[n])) for n in names] if public else []
         return query, has_sensitive, leaves, spec, wide, device, public, names, pub
 
-    def _reduce(self, acc, local_examples: int):
-        """All-reduce the clipped sums, the public gradients and the step counters in one flat
-        buffer; ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
+    def _reduce(self, acc, local_examples: int, global_state: Any):
+        """All-reduce the clipped sums, the public gradients, the ranks' settings fingerprints and
+        the step counters in one flat buffer (refused on every rank when the settings differ);
+        ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
-        # one flat buffer: the sums, the public gradients, then [has a sensitive pass, examples,
-        # ranks with a public pass] (counts are exact in fp32 up to 2^24 per step)
+        # one flat buffer: the sums, the public gradients, the settings fingerprints, then [has a
+        # sensitive pass, examples, ranks with a public pass] (counts are exact in fp32 up to 2^24)
+        settings = self.settings_fingerprint(query, global_state, acc.noise_scale)
         flat = torch.cat(
             [t.detach().reshape(-1).to(wide) for t in leaves + pub]
-            + [torch.tensor([float(has_sensitive), float(local_examples), float(public)], dtype=wide, device=device)]
+            + [torch.tensor(settings + [float(has_sensitive), float(local_examples), float(public)], dtype=wide,
+                            device=device)]
         )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         volume = flat.numel() * flat.element_size()
-        any_sensitive, examples = bool(flat[-3] > 0), int(round(float(flat[-2])))
+        tail = flat[-3 - len(settings) :].tolist()
+        self.refuse_unlike_settings(tail[: len(settings)])
+        any_sensitive, examples = tail[-3] > 0, int(round(tail[-2]))
         if public:
-            if int(round(float(flat[-1]))) != self.world_size:
+            if int(round(tail[-1])) != self.world_size:
                 raise ValueError(
                     "a public pass was taken on some ranks only; take public passes on every rank (each on its "
                     "share of the public batch: the ranks' public gradients are averaged)"

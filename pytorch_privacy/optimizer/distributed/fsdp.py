@@ -588,7 +588,7 @@ class FSDPStep(DistributedStep):
             if divisor is not None:  # Gaussian sum/average: the bucketed reduce-scatter, then noise
                 return scatter_release(self, acc, global_state, local_examples, check, divisor)
             acc.settle()  # the general path reduces the whole sums at once
-            reduced = self._reduce(acc, local_examples)
+            reduced = self._reduce(acc, local_examples, global_state)
             if acc.public:
                 acc.public = self._as_dtensors(self._shard(acc.public))
             if reduced is None:  # no rank took a sensitive pass

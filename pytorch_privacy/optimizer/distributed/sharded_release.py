@@ -175,6 +175,7 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     stddev, device = gauss_state.stddev, next(iter(template.values())).device
     draws = any(shards[n].numel() for n in names) and not (isinstance(stddev, (int, float)) and stddev == 0)
     fingerprint = step.noise_fingerprint(query, device, draws)  # before this step's draws
+    fingerprint += step.settings_fingerprint(query, global_state, acc.noise_scale)
     code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
     try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
         for n in names:
@@ -197,7 +198,8 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     step.last_noised_count = tail[m] if step.count_stddev is not None else None
     any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
     step.last_global_examples = examples
-    step.refuse_shared_noise(tail[:m])
+    step.refuse_unlike_settings(tail[m // 2 : m])
+    step.refuse_shared_noise(tail[: m // 2])
     if n_refused or n_errors:
         return step._stop(header, mine, bool(n_refused) and not n_errors)
     if public and n_public != world:

@@ -452,6 +452,48 @@ def swapped_checkpoints(rank, world, port, out_dir):
     torch.save(result, os.path.join(out_dir, f"swap{rank}.pt"))
 
 
+def unlike_settings(rank, world, port, out_dir, what, fsdp=False):
+    """Rank 1 builds its optimizer with another noise multiplier, clip or denominator (``what``)
+    than rank 0, whose ledger accounts for its own; one step on real examples.  ``what``:
+    ``"noise"``, ``"clip"``, ``"denominator"``, ``"clip-general"`` (a query with its own
+    ``get_noised_result``: the general path), or ``"none"`` (alike: the step goes through)."""
+    from pytorch_privacy.dp_query import GaussianAverageQuery, PrivacyLedger
+    from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
+
+    class OwnRelease(GaussianAverageQuery):
+        def get_noised_result(self, sample_state, global_state):
+            return super().get_noised_result(sample_state, global_state)
+
+    odd = rank == 1
+    clip = 2.0 if odd and what.startswith("clip") else 1.0
+    sigma = 0.5 if odd and what == "noise" else 1.0
+    denominator = 16.0 if odd and what == "denominator" else 8.0
+    torch.manual_seed(0)
+    inner = make_model()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(inner)
+    else:
+        model = nn.parallel.DistributedDataParallel(inner)
+    sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=0.1)
+    ledger = PrivacyLedger(80, 0.1)
+    if what == "clip-general":
+        opt = DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator), ledger=ledger)
+    else:
+        opt = DPGaussianOptimizer(sgd, model, loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, ledger=ledger,
+                                  expected_batch_size=denominator)
+    before = _full_params(model)
+    x, y = make_batches(1)[0]
+    result = {}
+    try:
+        opt.fit_batch(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+    except ValueError as exc:
+        result["error"] = str(exc)
+    result.update(changed=bool((_full_params(model) != before).any()), recorded=opt.ledger.steps)
+    torch.save(result, os.path.join(out_dir, f"unlike{rank}.pt"))
+
+
 def _full_params(model) -> torch.Tensor:
     """Every parameter element (FSDP2 shards gathered), flat."""
     parts = []

@@ -64,15 +64,16 @@ def test_noise_added_once_across_ranks(tmp_path, mode):
     assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
     assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
     if mode == "block":
-        # one flat all-reduce of the block-noised sums, 3 noise-fingerprint values per rank and 5
-        # counters, fp32; no broadcast
-        assert u0["volume"] == 4 * (5050 + 3 * 2 + 5)
+        # one flat all-reduce of the block-noised sums, 3 noise- and 3 settings-fingerprint values
+        # per rank and 5 counters, fp32; no broadcast
+        assert u0["volume"] == 4 * (5050 + 6 * 2 + 5)
         # rank 0 noised elements [0, 2525), rank 1 [2525, 5050), from independent streams
         corr = float(torch.corrcoef(torch.stack([update[:2525], update[2525:]]))[0, 1])
         assert abs(corr) < 0.1, corr
     else:
-        # one flat all-reduce of the sums (+3 counters) and one broadcast of rank 0's release, fp32
-        assert u0["volume"] == 4 * (5050 + 3) + 4 * 5050
+        # one flat all-reduce of the sums (+3 settings-fingerprint values per rank and 3 counters) and
+        # one broadcast of rank 0's release, fp32
+        assert u0["volume"] == 4 * (5050 + 3 * 2 + 3) + 4 * 5050
 
 
 @pytest.mark.slow
@@ -363,3 +364,22 @@ def test_a_checkpoint_of_another_rank_is_refused(tmp_path):
         out = _load(tmp_path / f"swap{r}.pt")
         assert f"saved by rank {1 - r} of 2, and is loaded by rank {r} of 2" in out.get("error", ""), out
         assert out["steps"] == (1 if r == 0 else 0)  # rank 0's ledger holds the step, rank 1's is empty
+
+
+def check_unlike_settings(tmp_path, what, fsdp):
+    w.spawn(w.unlike_settings, 2, str(tmp_path), what, fsdp)
+    for r in range(2):
+        out = _load(tmp_path / f"unlike{r}.pt")
+        if what == "none":
+            assert "error" not in out and out["changed"] and out["recorded"] == (1 if r == 0 else 0), out
+            continue
+        assert "rank(s) [1] differ from rank 0's" in out.get("error", ""), out
+        assert not out["changed"] and out["recorded"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["noise", "clip", "denominator", "clip-general", "none"])
+def test_ranks_with_unlike_privacy_settings_are_refused(tmp_path, what):
+    """Rank 1 with half the noise, twice the clip or another denominator than rank 0 (whose ledger
+    accounts for rank 0's settings): refused on both ranks, nothing applied or recorded."""
+    check_unlike_settings(tmp_path, what, False)

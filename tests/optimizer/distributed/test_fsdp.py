@@ -48,11 +48,11 @@ def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
             # one reduce-scatter of a rank-major buffer per physical slot: 2 rows (each rank's shard of
             # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 3 noise-
-            # fingerprint values per rank and 5 counters
+            # and 3 settings-fingerprint values per rank and 5 counters
             seg = [sum(torch.chunk(t, 2, 0)[s].numel() for t in ref.values()) for s in range(2)]
             assert seg == [33, 20]
             slots = 4 if kw.get("max_physical_batch_size") == 1 else 1  # 4 examples per rank, one per chunk
-            assert res["volume"] == 4 * (2 * max(seg) * slots + 3 * 2 + 5)
+            assert res["volume"] == 4 * (2 * max(seg) * slots + 6 * 2 + 5)
 
 
 @pytest.mark.slow
@@ -153,3 +153,11 @@ def test_fsdp_every_rank_resuming_from_rank0s_checkpoint(tmp_path, general, fres
     from .test_ddp import check_resume_from_rank0
 
     check_resume_from_rank0(tmp_path, True, True, fresh_randomness, general)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["noise", "clip-general", "none"])
+def test_fsdp_ranks_with_unlike_privacy_settings_are_refused(tmp_path, what):
+    from .test_ddp import check_unlike_settings
+
+    check_unlike_settings(tmp_path, what, True)
