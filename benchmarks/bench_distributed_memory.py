@@ -10,7 +10,7 @@ rank, the modes interleaved in the same processes:
 * ``dp``: ``DPGaussianOptimizer`` (ghost engine, per-unit steps) with the default release: each
   parameter's clipped sum is formed when its bucket (``FSDPStep.bucket_bytes``, ``--bucket-mib``)
   is reduce-scattered (``distributed/sharded_release.py``).
-* ``dp full sums``: the same with ``sharded_sums = False`` and one bucket for the whole model: the
+* ``dp full sums``: the same with ``defers_sums = False`` and one bucket for the whole model: the
   whole clipped sum is formed at each flush, accumulated over the physical chunks and
   reduce-scattered at once at the release (the release before the bucketed one).
 
@@ -107,10 +107,8 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 generator=torch.Generator().manual_seed(1000 + rank), max_physical_batch_size=args["physical"],
             )
             step = opt.distributed_step
-            if ddp:
-                step.defers_sums = sharded  # an instance setting over the class default
-            else:
-                step.sharded_sums = sharded
+            step.defers_sums = sharded  # (DDP: an instance setting over the class default)
+            if not ddp:
                 step.bucket_bytes = int(args["bucket_mib"] * 2**20) if sharded else 2**62
             return lambda: opt.fit_batch(x, y), step
 

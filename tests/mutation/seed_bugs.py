@@ -232,6 +232,12 @@ def fingerprint_ignores_restored_state(text: str) -> str:
                          "h.update(os.urandom(16))", "the fingerprint's hash update")
 
 
+def settings_fingerprint_ignores_state(text: str) -> str:
+    # the ranks' settings fingerprints leave out the global state: a rank built with half the noise
+    # (or twice the clip) than rank 0, whose ledger accounts for rank 0's, is accepted
+    return _replace_once(text, r"^(\s*)_hash_plain\(h, global_state\)$", r"\1pass", "the settings hash of the global state")
+
+
 def rewind_after_public_only_step(text: str) -> str:
     # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
     # every rank saw in the reduced buffer goes onto the next step's sums
@@ -325,6 +331,10 @@ BUGS = [
     Bug("fingerprint_ignores_restored_state", "the ranks' noise fingerprints ignore restored generator states "
         "(every rank resuming from rank 0's checkpoint noises its block alike)",
         "pytorch_privacy/optimizer/distributed/ddp.py", fingerprint_ignores_restored_state,
+        [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
+    Bug("settings_fingerprint_ignores_state", "the ranks' settings fingerprints leave out the global state "
+        "(a rank with half the noise is accepted)",
+        "pytorch_privacy/optimizer/distributed/ddp.py", settings_fingerprint_ignores_state,
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
     Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
         "pytorch_privacy/dp_query/randomness.py", prefetch_reused,

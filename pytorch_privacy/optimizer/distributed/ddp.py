@@ -207,7 +207,9 @@ class DistributedStep:
 
     #: the optimizer defers forming the clipped sums of the built-in Gaussian queries to the release
     #: (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`), which writes them into
-    #: its flat buffer one parameter at a time (no second model-sized copy of the sums)
+    #: its flat buffer one parameter at a time (no second model-sized copy of the sums); ``False``
+    #: (an instance setting, the same on every rank): the sums are formed at each flush and copied
+    #: into the buffer at the release
     defers_sums = True
 
     def __init__(self, process_group: Any = None):

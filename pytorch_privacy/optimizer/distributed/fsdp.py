@@ -5,7 +5,7 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
 (``DTensor`` parameters, ``Shard(d)`` on a 1-D mesh), one logical step is::
 
     plan: one all-reduce (MAX) of [physical chunks, needs a whole-model step, NaN/inf in a shard,
-          bucket_bytes and sharded_sums as (x, -x): the same on every rank]
+          bucket_bytes and defers_sums as (x, -x): the same on every rank]
     per unit: FSDP2 all-gathers each unit for its forward (and backward) and frees it after
       (whole model instead: every unit unsharded once when the step begins, see below)
     g_i, ||g_i||   per example of the rank's local batch (ghost engine; any engine when whole-model)
@@ -210,12 +210,12 @@ class FSDPStep(DistributedStep):
         self.mesh = mesh
         self.per_unit = bool(per_unit)
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
-        #: the optimizer defers forming the clipped sums until the release reads them, one
-        #: parameter at a time (:class:`~pytorch_privacy.optimizer.step_accumulator.DeferredSums`),
-        #: and ``fit_batch`` reduce-scatters them after each physical slot; ``False``: the whole
+        #: as for DDP (:attr:`~.ddp.DistributedStep.defers_sums`): the optimizer defers forming the
+        #: clipped sums until the release reads them, one parameter at a time, and ``fit_batch``
+        #: reduce-scatters them bucket by bucket after each physical slot; ``False``: the whole
         #: clipped sum is formed at each flush and reduce-scattered at the release (fewer
         #: collectives with several chunks, a model-sized buffer more); the same on every rank
-        self.sharded_sums = True
+        self.defers_sums = True
         #: the FSDP parameter groups and their own reshard settings (restored between steps);
         #: read from FSDP2's internals as of torch 2.13: where they differ, every step is whole-model
         try:
@@ -241,11 +241,6 @@ class FSDPStep(DistributedStep):
         self._checked_dtypes = False
         #: what the slots of the current step reduced (``None`` before the first)
         self._reduced: _Reduced | None = None
-
-    @property
-    def defers_sums(self) -> bool:  # type: ignore[override]
-        """Whether the optimizer defers forming the clipped sums (:attr:`sharded_sums`)."""
-        return self.sharded_sums
 
     @property
     def bucket_bytes(self) -> int:
@@ -386,7 +381,7 @@ class FSDPStep(DistributedStep):
         rank's engine would run a probe, trace or fallback forward for its batch (then the whole
         world unshards the whole model for this step, as :meth:`begin_step` does), and on whether
         any shard holds NaN/inf (``ValueError`` on every rank), and checks that :attr:`bucket_bytes`
-        and :attr:`sharded_sums` are the same on every rank (``ValueError`` on every rank).  With ``acc`` (the optimizer's
+        and :attr:`defers_sums` are the same on every rank (``ValueError`` on every rank).  With ``acc`` (the optimizer's
         :class:`~pytorch_privacy.optimizer.StepAccumulator`) and the built-in Gaussian queries,
         every rank reduce-scatters the slot's clipped sums after each slot (:meth:`scatter_chunk`).
         Per-unit: ``start()`` (the
@@ -407,7 +402,7 @@ class FSDPStep(DistributedStep):
         device = next(iter(self.sharded.values()))[0].device
         # the settings every rank must share ride along as (x, -x): after MAX they differ somewhere
         # unless max(x) == min(x)
-        settings = {"bucket_bytes": self.bucket_bytes, "sharded_sums": int(self.sharded_sums)}
+        settings = {"bucket_bytes": self.bucket_bytes, "defers_sums": int(self.defers_sums)}
         plan = torch.tensor(
             [len(chunks), int(not ok), int(bool(bad))] + [v for x in settings.values() for v in (x, -x)],
             dtype=torch.long, device=device,
@@ -505,8 +500,8 @@ class FSDPStep(DistributedStep):
     # -- the clipped sums, reduced slot by slot (sharded_release.py) ---------------------------
     def _scatters(self, acc: Any) -> bool:
         """Whether ``fit_batch`` reduce-scatters after each slot: the optimizer defers the sums
-        (``sharded_sums``) of a built-in Gaussian sum/average query (the same on every rank)."""
-        return acc is not None and self.sharded_sums and in_place_release(acc.query)
+        (``defers_sums``) of a built-in Gaussian sum/average query (the same on every rank)."""
+        return acc is not None and self.defers_sums and in_place_release(acc.query)
 
     def scatter_chunk(self, acc: Any, start: Callable[[], None]) -> None:
         """After a physical slot (every rank, collective): reduce-scatter the clipped sums

@@ -129,7 +129,7 @@ def ddp_sums(rank, world, port, out_dir):
 
 
 def mismatched_settings(rank, world, port, out_dir):
-    """``bucket_bytes``, then ``sharded_sums``, set differently on rank 1: each ``fit_batch`` must
+    """``bucket_bytes``, then ``defers_sums``, set differently on rank 1: each ``fit_batch`` must
     refuse on every rank (before any collective of the step beyond the plan), then train on once
     the settings agree again."""
     model = fw.shard(fw.deep_model())
@@ -137,7 +137,7 @@ def mismatched_settings(rank, world, port, out_dir):
     step = opt.distributed_step
     x, y = w.make_batches(1, seed=5)[0]
     errors = {}
-    for name, other in (("bucket_bytes", 1), ("sharded_sums", False)):
+    for name, other in (("bucket_bytes", 1), ("defers_sums", False)):
         default = getattr(step, name)
         if rank == 1:
             setattr(step, name, other)

@@ -99,6 +99,6 @@ def test_settings_that_differ_across_ranks_are_refused_on_every_rank(tmp_path):
     w.spawn(rw.mismatched_settings, 2, str(tmp_path))
     for rank in range(2):
         out = torch.load(tmp_path / f"mismatch{rank}.pt", weights_only=False)
-        for name in ("bucket_bytes", "sharded_sums"):
+        for name in ("bucket_bytes", "defers_sums"):
             assert out["errors"][name] is not None and name in out["errors"][name], (rank, out["errors"])
         assert out["path"] == "per-unit"
