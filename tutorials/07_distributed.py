@@ -26,6 +26,7 @@
 # %%
 import os
 import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -62,9 +63,9 @@ def per_example_ce(out, y):
 
 
 # %%
-def train(rank: int, world: int) -> dict:
-    data = make_data()
-    loader = DistributedDPDataLoader(data, Q, steps=EPOCHS * round(1 / Q))  # rank/world from the group
+def build(rank: int, world: int):
+    """The loader, model and optimizer of one rank (the same on every rank but for the seed)."""
+    loader = DistributedDPDataLoader(make_data(), Q, steps=EPOCHS * round(1 / Q))  # rank/world from the group
     torch.manual_seed(0)  # DDP broadcasts rank 0's initial weights anyway
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2)))
     opt = DPGaussianOptimizer(
@@ -74,6 +75,12 @@ def train(rank: int, world: int) -> dict:
         # reproducible tutorial; each rank noises its own block, so the seeds must differ across ranks
         generator=torch.Generator().manual_seed(19 * world + rank),
     )
+    return loader, model, opt
+
+
+def train(rank: int, world: int, ckpt_dir: str) -> dict:
+    data = make_data()
+    loader, model, opt = build(rank, world)
     local_sizes, stopped = [], False
     for x, y in loader:
         local_sizes.append(x.shape[0])  # may be 0: the rank still joins the step
@@ -93,7 +100,36 @@ def train(rank: int, world: int) -> dict:
         "steps": opt.steps, "ledger_steps": opt.ledger.steps, "stopped": stopped, "accuracy": acc,
         "mean_local_batch": sum(local_sizes) / max(len(local_sizes), 1),
         "epsilon": opt.epsilon if rank == 0 else None, "denominator": opt.denominator,
+        **checkpoint_and_resume(rank, world, model, opt, ckpt_dir),
     }
+
+
+# %% [markdown]
+# ## Checkpoints: one per rank
+#
+# Every rank saves its own checkpoint, named by its *global* rank: rank 0's holds the ledger, and
+# each rank's holds its own noise stream and sampler state.  A restarted run builds the same objects
+# and loads its own file.  Loading another rank's file is refused (rank 0 would get rank 1's empty
+# ledger; two ranks restoring one noise stream would noise their blocks alike), and so is a step
+# whose ranks' generators stand in the same state, whatever the cause.
+
+
+# %%
+def checkpoint_and_resume(rank: int, world: int, model, opt, ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, f"ckpt_rank{rank}.pt")
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, path)
+    dist.barrier()  # every file written
+    _, model2, opt2 = build(rank, world)  # as after a restart
+    state = torch.load(path, weights_only=True)
+    model2.module.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])  # the ledger, the budget's account and the noise stream go on
+    refusal = None
+    if rank == 1:  # rank 0's file on rank 1: refused, nothing changed
+        try:
+            opt2.load_state_dict(torch.load(os.path.join(ckpt_dir, "ckpt_rank0.pt"), weights_only=True)["opt"])
+        except ValueError as exc:
+            refusal = str(exc)
+    return {"resumed_ledger_steps": opt2.ledger.steps, "refusal": refusal}
 
 
 # %% [markdown]
@@ -105,12 +141,12 @@ def train(rank: int, world: int) -> dict:
 
 
 # %%
-def _worker(rank: int, world: int, port: int, results) -> None:
+def _worker(rank: int, world: int, port: int, results, ckpt_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results[rank] = train(rank, world)
+        results[rank] = train(rank, world, ckpt_dir)
         dist.barrier()  # both ranks done with their collectives before gloo is torn down
     finally:
         dist.destroy_process_group()
@@ -122,7 +158,8 @@ def launch_local(world: int = 2) -> list[dict]:
         port = s.getsockname()[1]
     manager = torch.multiprocessing.get_context("spawn").Manager()
     results = manager.dict()
-    torch.multiprocessing.spawn(_worker, args=(world, port, results), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        torch.multiprocessing.spawn(_worker, args=(world, port, results, ckpt_dir), nprocs=world, join=True)
     return [results[r] for r in range(world)]
 
 
@@ -137,7 +174,8 @@ if __name__ == "__main__":
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         try:
-            out = train(dist.get_rank(), dist.get_world_size())
+            os.makedirs("checkpoints", exist_ok=True)  # on a file system every node sees
+            out = train(dist.get_rank(), dist.get_world_size(), "checkpoints")
             print(f"rank {dist.get_rank()}: {out}")
         finally:
             dist.destroy_process_group()
@@ -152,6 +190,8 @@ if __name__ == "__main__":
         # each rank loads about half of the expected global batch q N = 100
         assert 35 < r0["mean_local_batch"] < 65 and 35 < r1["mean_local_batch"] < 65
         assert r0["accuracy"] == r1["accuracy"] > 0.8
+        assert r0["resumed_ledger_steps"] == r0["ledger_steps"] and r1["resumed_ledger_steps"] == 0
+        assert "saved by rank 0 of 2" in r1["refusal"]
         print(f"epsilon {r0['epsilon']:.3f} after {r0['steps']} steps, accuracy {r0['accuracy']:.3f}")
 
 # %% [markdown]
