@@ -63,11 +63,12 @@ def per_example_ce(out, y):
 
 
 # %%
-def build(rank: int, world: int):
+def build(rank: int, world: int, device: torch.device):
     """The loader, model and optimizer of one rank (the same on every rank but for the seed)."""
     loader = DistributedDPDataLoader(make_data(), Q, steps=EPOCHS * round(1 / Q))  # rank/world from the group
     torch.manual_seed(0)  # DDP broadcasts rank 0's initial weights anyway
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2)))
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2)).to(device)
+    model = nn.parallel.DistributedDataParallel(model)
     opt = DPGaussianOptimizer(
         torch.optim.SGD(model.module.parameters(), lr=0.5), model, per_example_ce,
         l2_norm_clip=CLIP, noise_multiplier=SIGMA, data_loader=loader,
@@ -78,14 +79,14 @@ def build(rank: int, world: int):
     return loader, model, opt
 
 
-def train(rank: int, world: int, ckpt_dir: str) -> dict:
+def train(rank: int, world: int, ckpt_dir: str, device: torch.device = torch.device("cpu")) -> dict:
     data = make_data()
-    loader, model, opt = build(rank, world)
+    loader, model, opt = build(rank, world, device)
     local_sizes, stopped = [], False
     for x, y in loader:
         local_sizes.append(x.shape[0])  # may be 0: the rank still joins the step
         try:
-            opt.fit_batch(x, y)
+            opt.fit_batch(x.to(device), y.to(device))
         except PrivacyBudgetExceeded:  # decided on rank 0, raised on every rank together
             stopped = True
             break
@@ -95,12 +96,12 @@ def train(rank: int, world: int, ckpt_dir: str) -> dict:
     dist.all_gather(gathered, flat)
     assert all(torch.equal(gathered[0], t) for t in gathered)
     x, y = data.tensors
-    acc = (model.module(x).argmax(1) == y).float().mean().item()
+    acc = (model.module(x.to(device)).argmax(1).cpu() == y).float().mean().item()
     return {
         "steps": opt.steps, "ledger_steps": opt.ledger.steps, "stopped": stopped, "accuracy": acc,
         "mean_local_batch": sum(local_sizes) / max(len(local_sizes), 1),
         "epsilon": opt.epsilon if rank == 0 else None, "denominator": opt.denominator,
-        **checkpoint_and_resume(rank, world, model, opt, ckpt_dir),
+        **checkpoint_and_resume(rank, world, model, opt, ckpt_dir, device),
     }
 
 
@@ -115,11 +116,11 @@ def train(rank: int, world: int, ckpt_dir: str) -> dict:
 
 
 # %%
-def checkpoint_and_resume(rank: int, world: int, model, opt, ckpt_dir: str) -> dict:
+def checkpoint_and_resume(rank: int, world: int, model, opt, ckpt_dir: str, device: torch.device) -> dict:
     path = os.path.join(ckpt_dir, f"ckpt_rank{rank}.pt")
     torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, path)
     dist.barrier()  # every file written
-    _, model2, opt2 = build(rank, world)  # as after a restart
+    _, model2, opt2 = build(rank, world, device)  # as after a restart
     state = torch.load(path, weights_only=True)
     model2.module.load_state_dict(state["model"])
     opt2.load_state_dict(state["opt"])  # the ledger, the budget's account and the noise stream go on
@@ -172,10 +173,15 @@ def launch_local(world: int = 2) -> list[dict]:
 # %%
 if __name__ == "__main__":
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        # one GPU per process: LOCAL_RANK (the rank on this machine) picks it, not the global rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
         try:
             os.makedirs("checkpoints", exist_ok=True)  # on a file system every node sees
-            out = train(dist.get_rank(), dist.get_world_size(), "checkpoints")
+            out = train(dist.get_rank(), dist.get_world_size(), "checkpoints", device)
             print(f"rank {dist.get_rank()}: {out}")
         finally:
             dist.destroy_process_group()
