@@ -378,35 +378,42 @@ def prefetch_twins(rank, world, port, out_dir):
 
 
 
-def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, fresh_randomness=False, general=False):
-    """Every rank resumes from *rank 0's* checkpoint (one file saved by rank 0, loaded everywhere),
-    then takes one noise-only step.  Owned (OS-seeded) generators restored from one state would give
-    every block (shard) the same noise: the step must be refused on every rank, with nothing applied
-    or recorded.  ``fresh_optimizer``: load into a newly built optimizer (as after a restart) rather
-    than the one that saved; ``general``: a query with its own ``get_noised_result``."""
-    from pytorch_privacy.dp_query import GaussianAverageQuery, PrivacyLedger
+def private_setup(inner, *, fsdp, general, clip, sigma, denominator, ledger, lr):
+    """``(model, optimizer)``: ``inner`` wrapped in DDP (or ``fully_shard`` with ``fsdp``), under
+    ``DPGaussianOptimizer``, or (``general``) a ``DPOptimizer`` over a Gaussian average query with
+    its own ``get_noised_result`` (the general release path)."""
+    from pytorch_privacy.dp_query import GaussianAverageQuery
     from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
 
     class OwnRelease(GaussianAverageQuery):
         def get_noised_result(self, sample_state, global_state):
             return super().get_noised_result(sample_state, global_state)
 
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(inner)
+    else:
+        model = nn.parallel.DistributedDataParallel(inner)
+    sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=lr)
+    if general:
+        return model, DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator), ledger=ledger)
+    return model, DPGaussianOptimizer(sgd, model, loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, ledger=ledger,
+                                      expected_batch_size=denominator)
+
+
+def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, fresh_randomness=False, general=False):
+    """Every rank resumes from *rank 0's* checkpoint (one file saved by rank 0, loaded everywhere),
+    then takes one noise-only step.  Owned (OS-seeded) generators restored from one state would give
+    every block (shard) the same noise: the step must be refused on every rank, with nothing applied
+    or recorded.  ``fresh_optimizer``: load into a newly built optimizer (as after a restart) rather
+    than the one that saved; ``general``: a query with its own ``get_noised_result``."""
+    from pytorch_privacy.dp_query import PrivacyLedger
+
     def build():
         torch.manual_seed(0)
-        inner = nn.Linear(100, 50)
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            model = fully_shard(inner)
-        else:
-            model = nn.parallel.DistributedDataParallel(inner)
-        sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=1.0)
-        ledger = PrivacyLedger(100, 0.1)
-        if general:
-            return model, DPOptimizer(sgd, model, loss_fn(), OwnRelease(1.0, 2.0, 10.0), ledger=ledger)
-        return model, DPGaussianOptimizer(
-            sgd, model, loss_fn(), l2_norm_clip=1.0, noise_multiplier=2.0, ledger=ledger,
-        )
+        return private_setup(nn.Linear(100, 50), fsdp=fsdp, general=general, clip=1.0, sigma=2.0, denominator=10.0,
+                             ledger=PrivacyLedger(100, 0.1), lr=1.0)
 
     empty = (torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))
     model, opt = build()
@@ -457,32 +464,15 @@ def unlike_settings(rank, world, port, out_dir, what, fsdp=False):
     than rank 0, whose ledger accounts for its own; one step on real examples.  ``what``:
     ``"noise"``, ``"clip"``, ``"denominator"``, ``"clip-general"`` (a query with its own
     ``get_noised_result``: the general path), or ``"none"`` (alike: the step goes through)."""
-    from pytorch_privacy.dp_query import GaussianAverageQuery, PrivacyLedger
-    from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
-
-    class OwnRelease(GaussianAverageQuery):
-        def get_noised_result(self, sample_state, global_state):
-            return super().get_noised_result(sample_state, global_state)
+    from pytorch_privacy.dp_query import PrivacyLedger
 
     odd = rank == 1
-    clip = 2.0 if odd and what.startswith("clip") else 1.0
-    sigma = 0.5 if odd and what == "noise" else 1.0
-    denominator = 16.0 if odd and what == "denominator" else 8.0
     torch.manual_seed(0)
-    inner = make_model()
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        model = fully_shard(inner)
-    else:
-        model = nn.parallel.DistributedDataParallel(inner)
-    sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=0.1)
-    ledger = PrivacyLedger(80, 0.1)
-    if what == "clip-general":
-        opt = DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator), ledger=ledger)
-    else:
-        opt = DPGaussianOptimizer(sgd, model, loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, ledger=ledger,
-                                  expected_batch_size=denominator)
+    model, opt = private_setup(
+        make_model(), fsdp=fsdp, general=what == "clip-general", clip=2.0 if odd and what.startswith("clip") else 1.0,
+        sigma=0.5 if odd and what == "noise" else 1.0, denominator=16.0 if odd and what == "denominator" else 8.0,
+        ledger=PrivacyLedger(80, 0.1), lr=0.1,
+    )
     before = _full_params(model)
     x, y = make_batches(1)[0]
     result = {}
