@@ -14,7 +14,8 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
       S[s] += (sum_r S_r)[shard s]                         one reduce-scatter (rank-major buffer)
     S[s] += N(0, (sigma C)^2 I)                            rank s noises its own shard only
     one all-reduce of 5 counters (sensitive, examples, public passes, refusal, failure) and of
-      3 W values fingerprinting the ranks' noise generators (refused if two are equal)
+      6 W values fingerprinting the ranks' noise generators (refused if two are equal) and
+      privacy settings (refused if two differ)
     released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
 
@@ -171,9 +172,9 @@ class FSDPStep(DistributedStep):
             attribute of the same name, with the same value on every rank.
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    reduce-scattered buffers and the release's all-reduce of 5 counters and ``3 W`` noise-fingerprint
-    values, or for the general path the all-reduced flat buffer and the control all-reduce (its
-    code and the ``3 W`` fingerprint values; no release is
+    reduce-scattered buffers and the release's all-reduce of 5 counters and ``6 W`` fingerprint
+    values (noise, settings), or for the general path the all-reduced flat buffer (with the ``3 W``
+    settings fingerprints) and the control all-reduce (its code and the ``3 W`` noise fingerprints; no release is
     broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
     ``fit_batch`` (7 int64); :attr:`last_path` which path the last step took.
 
