@@ -24,9 +24,10 @@ def setup_distributed(model: nn.Module, data_loader: Any = None) -> tuple[nn.Mod
     inner, wrapped = unwrap_ddp(model)
     fsdp = None if wrapped else setup_fsdp(model)
     if fsdp is not None:  # FSDP2: each rank noises its own shard (see .fsdp)
-        return model, fsdp
+        return model, _check_loader(fsdp, data_loader)
     if wrapped:
-        return inner, DistributedStep(model.process_group if hasattr(model, "process_group") else None)
+        step = DistributedStep(model.process_group if hasattr(model, "process_group") else None)
+        return inner, _check_loader(step, data_loader)
     if isinstance(data_loader, DistributedDPDataLoader) and data_loader.world_size > 1:
         raise ValueError(
             "the data loader gives each rank a share of a global Poisson sample, but the model is not a "
@@ -34,3 +35,30 @@ def setup_distributed(model: nn.Module, data_loader: Any = None) -> tuple[nn.Mod
             "model in torch.nn.parallel.DistributedDataParallel (or shard it with fully_shard)"
         )
     return inner, None
+
+
+def _check_loader(step: DistributedStep, data_loader: Any) -> DistributedStep:
+    """Refuse, with ``W > 1`` ranks, a ``data_loader`` that is not a
+    :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader` over the same ranks.
+    Any other loader (a ``DPDataLoader``, a shuffling ``DataLoader``, a fixed order, or a
+    distributed loader built for another rank or world size) samples from the whole dataset on
+    every rank: one example can then join a step on several ranks (its clipped gradient counted
+    up to ``W`` times, at a rate near ``W q``), while the ledger built from the loader accounts for
+    one draw at ``q``."""
+    if data_loader is None or step.world_size == 1:
+        return step
+    if not isinstance(data_loader, DistributedDPDataLoader):
+        raise ValueError(
+            f"with {step.world_size} ranks the data loader must be a DistributedDPDataLoader (each rank loads its own "
+            f"part of one global Poisson sample); a {type(data_loader).__name__} on every rank samples the whole "
+            "dataset, so one example could join a step on several ranks (its gradient counted up to "
+            f"{step.world_size} times) while the ledger accounts for one draw at q"
+        )
+    if (data_loader.rank, data_loader.world_size) != (step.rank, step.world_size):
+        raise ValueError(
+            f"the DistributedDPDataLoader was built for rank {data_loader.rank} of {data_loader.world_size}, the "
+            f"model's process group is rank {step.rank} of {step.world_size}: ranks would sample overlapping parts "
+            "of the dataset (leave rank and world_size to the process group)"
+        )
+    return step
+

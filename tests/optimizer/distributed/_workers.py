@@ -484,6 +484,42 @@ def unlike_settings(rank, world, port, out_dir, what, fsdp=False):
     torch.save(result, os.path.join(out_dir, f"unlike{rank}.pt"))
 
 
+def loader_kinds(rank, world, port, out_dir, fsdp):
+    """Build a DP optimizer on a DDP (or FSDP2) model with each kind of data loader; saves the
+    error (or ``None``) per kind."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytorch_privacy.optimizer import DPDataLoader
+    from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    kinds = {
+        "dp-loader": lambda: DPDataLoader(data, 0.25),
+        "shuffle": lambda: DataLoader(data, batch_size=4, shuffle=True),
+        "distributed-as-one": lambda: DistributedDPDataLoader(data, 0.25, rank=0, world_size=1),
+        "distributed": lambda: DistributedDPDataLoader(data, 0.25),
+    }
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    errors = {}
+    for kind, make in kinds.items():
+        torch.manual_seed(0)
+        inner = make_model()
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(inner)
+        else:
+            model = nn.parallel.DistributedDataParallel(inner)
+        try:
+            DPGaussianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn(), l2_norm_clip=1.0,
+                                noise_multiplier=1.0, data_loader=make())
+            errors[kind] = None
+        except ValueError as exc:
+            errors[kind] = str(exc)
+    torch.save(errors, os.path.join(out_dir, f"loaders{rank}.pt"))
+
+
 def _full_params(model) -> torch.Tensor:
     """Every parameter element (FSDP2 shards gathered), flat."""
     parts = []

@@ -383,3 +383,18 @@ def test_ranks_with_unlike_privacy_settings_are_refused(tmp_path, what):
     """Rank 1 with half the noise, twice the clip or another denominator than rank 0 (whose ledger
     accounts for rank 0's settings): refused on both ranks, nothing applied or recorded."""
     check_unlike_settings(tmp_path, what, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_only_a_distributed_loader_over_the_same_ranks_is_accepted(tmp_path, fsdp):
+    """A DPDataLoader, a shuffling DataLoader or a DistributedDPDataLoader built as one rank of one,
+    on every rank of 2, samples the whole dataset per rank: an example could join a step twice
+    (sensitivity 2C at a rate near 2q) while the loader's ledger says one draw at q.  Refused."""
+    w.spawn(w.loader_kinds, 2, str(tmp_path), fsdp)
+    for r in range(2):
+        errors = _load(tmp_path / f"loaders{r}.pt")
+        assert "samples the whole dataset" in errors["dp-loader"] and "DPDataLoader" in errors["dp-loader"]
+        assert "samples the whole dataset" in errors["shuffle"]
+        assert "built for rank 0 of 1" in errors["distributed-as-one"]
+        assert errors["distributed"] is None
