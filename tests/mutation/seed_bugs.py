@@ -238,6 +238,13 @@ def settings_fingerprint_ignores_state(text: str) -> str:
     return _replace_once(text, r"^(\s*)_hash_plain\(h, global_state\)$", r"\1pass", "the settings hash of the global state")
 
 
+def any_loader_on_every_rank(text: str) -> str:
+    # a DDP model over W > 1 ranks takes any data loader: a DPDataLoader on every rank samples the
+    # whole dataset per rank (an example can join one step twice while the ledger says one draw)
+    return _replace_once(text, r"return inner, _check_loader\(step, data_loader\)", "return inner, step",
+                         "the DDP loader check")
+
+
 def rewind_after_public_only_step(text: str) -> str:
     # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
     # every rank saw in the reduced buffer goes onto the next step's sums
@@ -336,6 +343,9 @@ BUGS = [
         "(a rank with half the noise is accepted)",
         "pytorch_privacy/optimizer/distributed/ddp.py", settings_fingerprint_ignores_state,
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
+    Bug("any_loader_on_every_rank", "a DDP model over 2 ranks takes a one-process DPDataLoader (each rank samples "
+        "the whole dataset)", "pytorch_privacy/optimizer/distributed/setup.py", any_loader_on_every_rank,
+        [f"{DIST}/test_ddp.py"]),
     Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
         "pytorch_privacy/dp_query/randomness.py", prefetch_reused,
         [f"{OPT}/test_randomness.py", f"{DIST}/test_ddp.py"]),
