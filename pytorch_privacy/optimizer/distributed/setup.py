@@ -58,7 +58,8 @@ def _check_loader(step: DistributedStep, data_loader: Any) -> DistributedStep:
         raise ValueError(
             f"the DistributedDPDataLoader was built for rank {data_loader.rank} of {data_loader.world_size}, the "
             f"model's process group is rank {step.rank} of {step.world_size}: ranks would sample overlapping parts "
-            "of the dataset (leave rank and world_size to the process group)"
+            f"of the dataset (build it with rank={step.rank}, world_size={step.world_size}: the defaults when the "
+            "model uses the default process group)"
         )
     return step
 
