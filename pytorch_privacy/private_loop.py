@@ -76,9 +76,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from .optimizer.dp_optimizer import DPOptimizer
 from .optimizer.gaussian_optimizer import DPGaussianOptimizer
 from .optimizer.engines.base import batch_size_of, call_model
+from .optimizer.distributed.sampler import DistributedDPDataLoader
 from .optimizer.samplers import DPDataLoader
 
-__all__ = ["make_private", "PrivateLoader", "PrivateOptimizer", "PerExampleLoss"]
+__all__ = ["make_private", "PrivateLoader", "DistributedPrivateLoader", "PrivateOptimizer", "PerExampleLoss"]
 
 _REDUCTIONS = ("mean", "sum")
 #: relative tolerance of the first-batch check ``criterion(out, y) == mean/sum of l_i``
@@ -203,10 +204,8 @@ class PerExampleLoss:
 
 
 # -- the loader ----------------------------------------------------------------------------
-class PrivateLoader(DPDataLoader):
-    """A :class:`~pytorch_privacy.optimizer.DPDataLoader` that remembers the last batch it
-    yielded (:attr:`last_batch`), so that :meth:`PrivateOptimizer.step` knows which batch to
-    recompute.  Built by :func:`make_private`; arguments as for ``DPDataLoader``."""
+class _RemembersLastBatch:
+    """Mixin of the loaders :func:`make_private` returns: remembers the last batch yielded."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -226,7 +225,40 @@ class PrivateLoader(DPDataLoader):
         return self._last_batch
 
 
-def _private_loader(loader: Any, *, generator, secure_mode: bool) -> PrivateLoader:
+class PrivateLoader(_RemembersLastBatch, DPDataLoader):
+    """A :class:`~pytorch_privacy.optimizer.DPDataLoader` that remembers the last batch it
+    yielded (:attr:`last_batch`), so that :meth:`PrivateOptimizer.step` knows which batch to
+    recompute.  Built by :func:`make_private`; arguments as for ``DPDataLoader``."""
+
+
+class DistributedPrivateLoader(_RemembersLastBatch, DistributedDPDataLoader):
+    """:class:`PrivateLoader` for a data-parallel model (DDP or FSDP2 over several ranks): a
+    :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader` (this rank's share of
+    one global Poisson sample) that remembers the last batch it yielded.  Built by
+    :func:`make_private`; arguments as for ``DistributedDPDataLoader``."""
+
+
+def _data_parallel_world(model: nn.Module) -> int:
+    """The number of ranks a DDP or FSDP2 ``model`` is trained on (1 for any other model)."""
+    from .optimizer.distributed.ddp import unwrap_ddp
+    from .optimizer.distributed.fsdp import is_fsdp_model
+
+    _, wrapped = unwrap_ddp(model)
+    if not wrapped and not is_fsdp_model(model):
+        return 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1  # (the optimizer refuses it, saying why)
+    return dist.get_world_size(getattr(model, "process_group", None) if wrapped else None)
+
+
+def _private_loader(
+    loader: Any, *, generator, secure_mode: bool, world: int = 1
+) -> PrivateLoader | DistributedPrivateLoader:
+    """The Poisson loader that replaces ``loader``; over ``world > 1`` ranks a
+    :class:`DistributedPrivateLoader` whose rate is the global ``q = world * batch_size / N``
+    (each rank of a data-parallel loop loads ``batch_size``)."""
     if not isinstance(loader, DataLoader):
         raise TypeError(f"loader must be a torch.utils.data.DataLoader, got {type(loader).__name__}")
     dataset = loader.dataset
@@ -256,8 +288,8 @@ def _private_loader(loader: Any, *, generator, secure_mode: bool) -> PrivateLoad
         kwargs["prefetch_factor"] = loader.prefetch_factor
     if isinstance(loader, DPDataLoader):
         rate, steps = loader.sample_rate, len(loader)
-        if generator is None and not secure_mode:
-            generator = loader.poisson_sampler.random
+        if generator is None and not secure_mode and not isinstance(loader, DistributedDPDataLoader):
+            generator = loader.poisson_sampler.random  # (a distributed sampler's source is its rank's own)
         secure_mode = secure_mode or loader.poisson_sampler.secure_mode
     else:
         b = loader.batch_size
@@ -266,9 +298,17 @@ def _private_loader(loader: Any, *, generator, secure_mode: bool) -> PrivateLoad
                 "the loader has batch_size=None (a custom batch_sampler); make_private needs a fixed batch_size to "
                 "set the Poisson rate q = batch_size / len(dataset)"
             )
-        if b > n:
-            raise ValueError(f"the loader's batch_size={b} exceeds the dataset size {n}")
-        rate, steps = b / n, len(loader)
+        if b * world > n:
+            raise ValueError(
+                f"the loader's batch_size={b}" + (f" on each of {world} ranks" if world > 1 else "")
+                + f" exceeds the dataset size {n}"
+            )
+        rate = b * world / n
+        steps = len(loader) if world == 1 else math.ceil(n / (b * world))
+    if world > 1:
+        return DistributedPrivateLoader(
+            dataset, rate, steps=steps, generator=generator, secure_mode=secure_mode, collate_fn=collate, **kwargs
+        )
     return PrivateLoader(
         dataset, rate, steps=steps, generator=generator, secure_mode=secure_mode, collate_fn=collate, **kwargs
     )
@@ -298,7 +338,7 @@ class PrivateOptimizer(DPGaussianOptimizer):
     working; ``fit_batch`` and the multi-pass API are still available.
 
     Args:
-        loader: the :class:`PrivateLoader` the batches come from.
+        loader: the :class:`PrivateLoader` (or :class:`DistributedPrivateLoader`) the batches come from.
         per_example_loss: the :class:`PerExampleLoss` of the user's criterion.
         split_batch: ``batch -> (inputs, targets)``.
         ``*args``, ``**kwargs``: as for :class:`~pytorch_privacy.optimizer.DPGaussianOptimizer`.
@@ -517,7 +557,9 @@ def make_private(
             built on it keep working.
         loader: a ``DataLoader`` with a map-style dataset and a ``batch_size``: its batches are
             replaced by Poisson samples at ``q = batch_size / len(dataset)``, ``len(loader)`` per
-            epoch.  A ``DPDataLoader`` keeps its ``q`` and sampling generator.
+            epoch.  A ``DPDataLoader`` keeps its ``q`` and sampling generator.  A DDP or FSDP2
+            ``model`` over ``W > 1`` ranks gets a :class:`DistributedPrivateLoader` at the global
+            ``q = W * batch_size / len(dataset)`` (``batch_size`` per rank; the global dataset).
         criterion: the loss of the loop, ``criterion(output, target) -> scalar`` (mean- or
             sum-reduced over the batch).  Required: :meth:`PrivateOptimizer.step` recomputes the
             per-example gradients with it.
@@ -556,7 +598,8 @@ def make_private(
         raise ValueError(
             "microbatches average each group's loss; with a sum-reduced criterion use a mean-reduced one instead"
         )
-    private_loader = _private_loader(loader, generator=sampling_generator, secure_mode=secure_mode)
+    world = _data_parallel_world(model)
+    private_loader = _private_loader(loader, generator=sampling_generator, secure_mode=secure_mode, world=world)
 
     # one accountant per plan: sigma is calibrated with the accountant that enforces the budget
     # and reports epsilon (default: exact RDP with the order optimised continuously, the analysis of

@@ -398,3 +398,24 @@ def test_only_a_distributed_loader_over_the_same_ranks_is_accepted(tmp_path, fsd
         assert "samples the whole dataset" in errors["shuffle"]
         assert "built for rank 0 of 1" in errors["distributed-as-one"]
         assert errors["distributed"] is None
+
+
+@pytest.mark.slow
+def test_make_private_on_two_ranks_samples_once_globally(tmp_path):
+    """make_private with a DDP model: the loader becomes a DistributedPrivateLoader at the global
+    q = W b / N; in every step no example is loaded by both ranks and only rank 0 records, with
+    the global q; the replicas stay equal."""
+    w.spawn(w.make_private_loop, 2, str(tmp_path))
+    r0, r1 = (_load(tmp_path / f"mp{r}.pt") for r in range(2))
+    for out in (r0, r1):
+        assert out["kind"] == "DistributedPrivateLoader" and out["q"] == 0.25 and out["len"] == 4
+    assert r0["steps"] == r1["steps"] and len(r0["steps"]) == 4
+    seen = 0
+    for rank0, rank1 in r0["steps"]:
+        assert not set(rank0) & set(rank1)  # each example drawn by one rank at most
+        assert all(i % 2 == 0 for i in rank0) and all(i % 2 == 1 for i in rank1)  # its own part
+        seen += len(rank0) + len(rank1)
+    assert 30 < seen < 100  # Binomial(4 * 64, 0.25): mean 64, sd 6.9
+    assert r0["ledger_steps"] == 4 and r1["ledger_steps"] == 0
+    assert r0["ledger_q"] == 0.25 and r0["ledger_n"] == 64
+    torch.testing.assert_close(r0["params"], r1["params"], atol=0, rtol=0)
