@@ -245,6 +245,12 @@ def any_loader_on_every_rank(text: str) -> str:
                          "the DDP loader check")
 
 
+def checkpoint_rank_unchecked(text: str) -> str:
+    # a checkpoint loads on any rank: rank 0 restoring rank 1's gets its empty ledger (the privacy
+    # account restarts from nothing)
+    return _replace_once(text, r"^(\s*)_check_rank\(opt, state_dict\)$", r"\1pass", "the checkpoint's rank check")
+
+
 def rewind_after_public_only_step(text: str) -> str:
     # a DDP step in which no rank took a sensitive pass rewinds the generators: the block noise
     # every rank saw in the reduced buffer goes onto the next step's sums
@@ -346,6 +352,9 @@ BUGS = [
     Bug("any_loader_on_every_rank", "a DDP model over 2 ranks takes a one-process DPDataLoader (each rank samples "
         "the whole dataset)", "pytorch_privacy/optimizer/distributed/setup.py", any_loader_on_every_rank,
         [f"{DIST}/test_ddp.py"]),
+    Bug("checkpoint_rank_unchecked", "a checkpoint loads on any rank (rank 0 takes rank 1's empty ledger)",
+        "pytorch_privacy/optimizer/checkpoint.py", checkpoint_rank_unchecked,
+        [f"{OPT}/test_state_dict.py", f"{DIST}/test_ddp.py"]),
     Bug("prefetch_reused", "a prefetched noise draw is returned again by the next draw of its shape",
         "pytorch_privacy/dp_query/randomness.py", prefetch_reused,
         [f"{OPT}/test_randomness.py", f"{DIST}/test_ddp.py"]),
