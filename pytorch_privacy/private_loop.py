@@ -305,13 +305,8 @@ def _private_loader(
             )
         rate = b * world / n
         steps = len(loader) if world == 1 else math.ceil(n / (b * world))
-    if world > 1:
-        return DistributedPrivateLoader(
-            dataset, rate, steps=steps, generator=generator, secure_mode=secure_mode, collate_fn=collate, **kwargs
-        )
-    return PrivateLoader(
-        dataset, rate, steps=steps, generator=generator, secure_mode=secure_mode, collate_fn=collate, **kwargs
-    )
+    cls = DistributedPrivateLoader if world > 1 else PrivateLoader
+    return cls(dataset, rate, steps=steps, generator=generator, secure_mode=secure_mode, collate_fn=collate, **kwargs)
 
 
 # -- the optimizer -------------------------------------------------------------------------

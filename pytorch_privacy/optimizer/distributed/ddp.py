@@ -76,7 +76,6 @@ import struct
 from typing import Any, Callable, Iterator
 
 import attrs
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -123,26 +122,15 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def _hash_plain(h: Any, x: Any) -> None:
-    """Feed ``h`` a canonical encoding of a query state: attrs classes, containers, numbers,
-    strings and tensors (dtype, shape and bytes)."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    elif isinstance(x, np.generic):
-        x = x.item()
+    """Feed ``h`` a canonical encoding of a plain query state (what
+    :func:`~pytorch_privacy.optimizer.checkpoint.to_plain` gives: tensors, numbers, strings, lists
+    and dicts)."""
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(x, bool) or x is None or isinstance(x, (int, str)):
-        h.update(f"{type(x).__name__}:{x!r};".encode())
     elif isinstance(x, float):
         h.update(b"f" + struct.pack("<d", x))
-    elif attrs.has(type(x)):
-        h.update(f"A{type(x).__qualname__}(".encode())
-        for a in attrs.fields(type(x)):
-            h.update(a.name.encode())
-            _hash_plain(h, getattr(x, a.name))
-        h.update(b")")
     elif isinstance(x, (list, tuple)):
         h.update(b"[")
         for v in x:
@@ -154,8 +142,8 @@ def _hash_plain(h: Any, x: Any) -> None:
             _hash_plain(h, k)
             _hash_plain(h, v)
         h.update(b"}")
-    else:  # (not a type a query state is made of: to_plain refuses to checkpoint it; its repr may
-        h.update(f"?{type(x).__qualname__};".encode())  # hold an address, different on every rank)
+    else:  # None, bool, int, str
+        h.update(f"{type(x).__name__}:{x!r};".encode())
 
 
 def _sources(query) -> list:
@@ -444,11 +432,9 @@ class DistributedStep:
         in the layout of :meth:`_slots`.  Random bits when this rank draws nothing
         (``draws=False``) or draws from the OS CSPRNG."""
         h = hashlib.blake2b(digest_size=8)
-        for src in _sources(query) if draws else ():
-            state = src.stream_state(device)
+        states = [src.stream_state(device) for src in _sources(query)] if draws else [None]
+        for state in states:
             h.update(os.urandom(16) if state is None else state.numpy().tobytes())
-        if not draws:
-            h.update(os.urandom(16))
         return self._slots(h)
 
     def refuse_shared_noise(self, summed: list[float]) -> None:
@@ -470,10 +456,15 @@ class DistributedStep:
         (:meth:`refuse_unlike_settings`): a hash of the query's type, its global state (clip,
         noise stddev, denominator, ...) and the per-pass noise factor, in the layout of
         :meth:`_slots`."""
+        from ..checkpoint import to_plain
+
+        try:
+            plain = to_plain(global_state)
+        except TypeError:  # a state no checkpoint can hold either: its type alone (a repr may hold addresses)
+            plain = type(global_state).__qualname__
         h = hashlib.blake2b(digest_size=8)
         h.update(type(query).__qualname__.encode())
-        _hash_plain(h, global_state)
-        _hash_plain(h, float(noise_scale))
+        _hash_plain(h, [plain, float(noise_scale)])
         return self._slots(h)
 
     def refuse_unlike_settings(self, summed: list[float]) -> None:
