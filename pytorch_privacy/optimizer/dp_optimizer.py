@@ -357,6 +357,8 @@ class DPOptimizer(torch.optim.Optimizer):
         return eng
 
     def _ensure_started(self) -> None:
+        if self._dist is not None:  # FSDP2: the multi-pass step's whole-model unsharding, at its first pass
+            self._dist.gather_for_pass()
         if not self._acc.started:
             params = self._trainable()
             if not params:
@@ -416,6 +418,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self._consistency.check_batch(n)
         if microbatch_size is None:
             microbatch_size = self._microbatch_size_for(n)
+        if self._dist is not None:
+            self._dist.gather_for_pass()
         if n == 0:
             return empty_gradients(self._trainable())
         validation.check_inputs_match(self._step_params or self._trainable(), inputs, targets)
@@ -437,6 +441,8 @@ class DPOptimizer(torch.optim.Optimizer):
         are absent).  Nothing is clipped or noised; only use it on data without privacy cost."""
         n = batch_size_of(inputs, targets)
         loss_fn = loss_fn or self.loss_fn
+        if self._dist is not None:
+            self._dist.gather_for_pass()
         params = self._trainable()
         if n == 0:
             return {}, torch.zeros(0, device=next(iter(params.values())).device)
@@ -458,7 +464,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """Start a new step: forget pending passes and sums, and zero/None the ``.grad`` s."""
         self._acc.reset()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        if self._dist is not None:  # FSDP2: unshard the model for the step
+        if self._dist is not None:  # FSDP2: the step's path (the whole model unsharded at its first pass)
             self._dist.begin_step()
 
     def backward_pass(

@@ -237,6 +237,10 @@ class DistributedStep:
     def begin_step(self) -> None:
         """Called when a step begins (``zero_grad``); nothing to do for replicated models."""
 
+    def gather_for_pass(self) -> None:
+        """Called before each pass of the multi-pass API; nothing to do for replicated models
+        (FSDP2 unshards the model there, see :meth:`.fsdp.FSDPStep.gather_for_pass`)."""
+
     def lockstep(self, chunks: list, engine: Any, start: Callable[[], None], acc: Any = None) -> Iterator[tuple[Any, Any]]:
         """The physical chunks of a ``fit_batch`` step, as they are: replicated models need no
         agreement between the ranks before the step's one collective (FSDP2 does, see

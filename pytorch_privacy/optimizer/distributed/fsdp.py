@@ -242,6 +242,10 @@ class FSDPStep(DistributedStep):
         self._checked_dtypes = False
         #: what the slots of the current step reduced (``None`` before the first)
         self._reduced: _Reduced | None = None
+        #: whether the whole model is unsharded for a step not yet ended
+        self._whole_open = False
+        #: whether a step begun by ``zero_grad`` unshards the whole model at its first pass
+        self._whole_pending = False
 
     @property
     def bucket_bytes(self) -> int:
@@ -258,17 +262,32 @@ class FSDPStep(DistributedStep):
 
     # -- the step's lifecycle (DPOptimizer: fit_batch -> lockstep, zero_grad, _ensure_started, step) --
     def begin_step(self) -> None:
-        """Start a step (``zero_grad``): unshard every unit for the whole step (all-gather, every
-        rank), unless :meth:`lockstep` (``fit_batch``) planned a per-unit step just before."""
+        """Start a step (``zero_grad``).  A step :meth:`lockstep` (``fit_batch``) planned just
+        before takes its path: per-unit, or every unit unsharded now for the whole step (an
+        all-gather on every rank).  Any other step (the multi-pass API, or a plain loop's
+        ``zero_grad()`` before its own forward and ``fit_batch`` / ``make_private``'s ``step()``)
+        unshards the whole model at its first pass (:meth:`gather_for_pass`), not here: a loop that
+        only zeroes the gradients never holds the gathered model."""
         planned, self._planned = self._planned, None
         self._reduced = None
         if planned == "per-unit":
             self.last_path = planned
             return
-        self._unshard_whole_model()
+        if planned == "whole-model":
+            self._unshard_whole_model()
+            return
+        self._whole_pending = True
+
+    def gather_for_pass(self) -> None:
+        """Before a pass of the multi-pass API (or the step's start): unshard every unit for the
+        step that ``zero_grad`` began, if it is not yet (see :meth:`begin_step`)."""
+        if self._whole_pending:
+            self._whole_pending = False
+            self._unshard_whole_model()
 
     def _unshard_whole_model(self) -> None:
         self.last_path = "whole-model"
+        self._whole_open = True
         for unit in self.units:  # kept unsharded until end_step (see the module docstring)
             unit.set_reshard_after_forward(False, recurse=False)
             unit.set_reshard_after_backward(False, recurse=False)
@@ -295,6 +314,7 @@ class FSDPStep(DistributedStep):
 
     def end_step(self) -> None:
         """Reshard every unit (frees the gathered parameters) and restore the units' settings."""
+        self._whole_open = self._whole_pending = False
         for unit in self.units:
             unit.reshard()
         self._restore_settings()
@@ -390,6 +410,12 @@ class FSDPStep(DistributedStep):
         chunks while running a zero-example pass of the engine (its forward and backward, FSDP's
         all-gathers included) in every slot where this rank has no examples; exactly one forward
         of the model per slot is enforced."""
+        self._whole_pending = False  # the step's own zero_grad begins it
+        if self._whole_open:
+            # a pass of the multi-pass API before fit_batch left the whole model gathered: give it
+            # back first (no collective), or a per-unit step would take its template from gathered
+            # parameters whose storage FSDP2 then frees
+            self.end_step()
         ok = self._per_unit_possible() and len(chunks) > 0
         key = None
         if ok:

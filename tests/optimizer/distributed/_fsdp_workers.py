@@ -175,12 +175,14 @@ class Residency:
 
 def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **opt_kwargs):
     """Noise-free DP steps; in step ``t`` rank 0 takes the first ``splits[t]`` examples of the global
-    batch and rank 1 the rest (one process: the whole batch).  Returns the optimizer and per step
+    batch and rank 1 the rest (one process: the whole batch); ``zero_grad_first=True``: each step
+    is preceded by ``opt.zero_grad()`` and a ``no_grad`` forward.  Returns the optimizer and per step
     ``(path, peak groups, peak elements, all-gathers, first Linear sharded during the last one's forward)``."""
     from pytorch_privacy.optimizer import DPGaussianOptimizer
     from torch.distributed.tensor import DTensor
 
     per_unit = opt_kwargs.pop("per_unit", True)
+    zero_grad_first = opt_kwargs.pop("zero_grad_first", False)
     opt = DPGaussianOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.5), model, w.loss_fn(), l2_norm_clip=0.3, noise_multiplier=0.0,
         expected_batch_size=8, engine=engine, generator=torch.Generator().manual_seed(rank), **opt_kwargs,
@@ -193,6 +195,10 @@ def split_train(model, engine, batches, splits, *, rank=0, world=1, res=None, **
     trace = []
     for (x, y), k in zip(batches, splits):
         xs, ys = (x, y) if world == 1 else ((x[:k], y[:k]) if rank == 0 else (x[k:], y[k:]))
+        if zero_grad_first:  # as a plain loop would: zero_grad(), and an evaluation forward, before the step
+            opt.zero_grad()
+            with torch.no_grad():
+                model(xs)
         seen.clear()
         if res is not None:
             res.reset()

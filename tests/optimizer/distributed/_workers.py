@@ -520,10 +520,11 @@ def loader_kinds(rank, world, port, out_dir, fsdp):
     torch.save(errors, os.path.join(out_dir, f"loaders{rank}.pt"))
 
 
-def make_private_loop(rank, world, port, out_dir):
-    """``make_private`` on a DDP model over 2 ranks, in an unchanged loop (forward, criterion,
-    backward, step): a loader of 8 per rank over 64 examples is a global Poisson sample at
-    q = 2 * 8 / 64; saves each step's global indices, the ledger and the parameters."""
+def make_private_loop(rank, world, port, out_dir, fsdp=False):
+    """``make_private`` on a DDP model (``fsdp``: a ``fully_shard`` one) over 2 ranks, in an
+    unchanged loop (forward, criterion, backward, step): a loader of 8 per rank over 64 examples is
+    a global Poisson sample at q = 2 * 8 / 64; saves each step's global indices, the ledger and the
+    parameters."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from pytorch_privacy import make_private
@@ -534,7 +535,12 @@ def make_private_loop(rank, world, port, out_dir):
     x[:, 0] = torch.arange(n, dtype=x.dtype)  # the example's index rides along in feature 0
     data = TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(make_model())
+    if fsdp:
+        from ._fsdp_workers import shard
+
+        model = shard(make_model())
+    else:
+        model = nn.parallel.DistributedDataParallel(make_model())
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt, loader = make_private(model, sgd, DataLoader(data, batch_size=8), criterion=nn.CrossEntropyLoss(),
                                       max_grad_norm=1.0, noise_multiplier=1.0)
@@ -549,7 +555,7 @@ def make_private_loop(rank, world, port, out_dir):
     torch.save({"kind": type(loader).__name__, "q": loader.sample_rate, "len": len(loader), "steps": steps,
                 "ledger_steps": opt.ledger.steps, "ledger_q": opt.ledger.selection_probability,
                 "ledger_n": opt.ledger.population_size,
-                "params": torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])},
+                "params": _full_params(model)},
                os.path.join(out_dir, f"mp{rank}.pt"))
 
 

@@ -401,11 +401,12 @@ def test_only_a_distributed_loader_over_the_same_ranks_is_accepted(tmp_path, fsd
 
 
 @pytest.mark.slow
-def test_make_private_on_two_ranks_samples_once_globally(tmp_path):
-    """make_private with a DDP model: the loader becomes a DistributedPrivateLoader at the global
-    q = W b / N; in every step no example is loaded by both ranks and only rank 0 records, with
-    the global q; the replicas stay equal."""
-    w.spawn(w.make_private_loop, 2, str(tmp_path))
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_make_private_on_two_ranks_samples_once_globally(tmp_path, fsdp):
+    """make_private with a DDP (or FSDP2) model: the loader becomes a DistributedPrivateLoader at
+    the global q = W b / N; in every step no example is loaded by both ranks and only rank 0
+    records, with the global q; the replicas (the gathered shards) stay equal."""
+    w.spawn(w.make_private_loop, 2, str(tmp_path), fsdp)
     r0, r1 = (_load(tmp_path / f"mp{r}.pt") for r in range(2))
     for out in (r0, r1):
         assert out["kind"] == "DistributedPrivateLoader" and out["q"] == 0.25 and out["len"] == 4

@@ -25,6 +25,9 @@ CASES = [
     ("ghost", [4, 2, 4], {"root_owns_last": True}),  # the root's unit holds the last Linear
     ("functorch", [4, 4, 4], {}),  # no lockstep passes: whole-model every step
     ("ghost", [4, 4, 4], {"per_unit": False}),  # optimizer.distributed_step.per_unit = False: whole-model
+    # the user's zero_grad() (which gathers the whole model for a multi-pass step) and an evaluation
+    # forward before each fit_batch: the per-unit step gives the gathered model back first
+    ("ghost", [4, 4, 4], {"zero_grad_first": True}),
 ]
 
 
@@ -33,7 +36,7 @@ def test_per_unit_steps_equal_one_process_and_gather_one_unit_at_a_time(tmp_path
     refs = []
     for engine, splits, kw in CASES:
         model = fw.deep_model()
-        kw = {k: v for k, v in kw.items() if k not in ("root_owns_last", "per_unit")}
+        kw = {k: v for k, v in kw.items() if k not in ("root_owns_last", "per_unit", "zero_grad_first")}
         fw.split_train(model, engine, w.make_batches(len(splits)), splits, **kw)
         refs.append({n: p.detach().clone() for n, p in model.named_parameters()})
     start = dict(fw.deep_model().named_parameters())
