@@ -121,7 +121,7 @@ def main(argv=None):
             for _ in range(200):
                 fn()
             pr.disable()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(40)
+            pstats.Stats(pr).sort_stats(os.environ.get("PP_SORT", "tottime")).print_stats(40)
         else:
             from torch.profiler import ProfilerActivity, profile
 

@@ -75,8 +75,9 @@ counts) and on the path.
   its own unsharded parameter over the substituted one, and functorch forced onto per-unit steps
   trained to parameters other than one process's, silently; the multi-pass API, whose pass counts
   the optimizer cannot know; :class:`~.precision.DPLossScaler` steps): every unit is unsharded once
-  when the step begins (``FSDPModule.unshard`` with ``reshard_after_forward`` and
-  ``reshard_after_backward`` off), every forward is collective-free, and the release reshards and
+  when the step begins, for the multi-pass API at its first pass (``FSDPModule.unshard`` with
+  ``reshard_after_forward`` and ``reshard_after_backward`` off; a ``zero_grad()`` alone gathers
+  nothing, see :meth:`FSDPStep.begin_step`), every forward is collective-free, and the release reshards and
   restores the units' own settings.  The full parameters then live on every rank during that step.
 
 A wrong path cannot be taken silently: the plan is one collective decision (any rank needing the
