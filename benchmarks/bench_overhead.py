@@ -13,7 +13,7 @@ Timed side by side in one run (interleaved, see :func:`common.time_interleaved`)
 Usage::
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--layers 12] [--width 16]
-        [--batch-size 8] [--steps 50] [--repeats 5] [--profile]
+        [--batch-size 8] [--steps 50] [--repeats 5] [--profile cprofile|torch] [--profile-sort cumulative]
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     ap.add_argument("--profile", default=None, choices=["cprofile", "torch"],
                     help="profile 200 steps of 'dp ghost' instead of timing")
+    ap.add_argument("--profile-sort", default="tottime", choices=["tottime", "cumulative"],
+                    help="order of the cProfile table")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -121,7 +123,7 @@ def main(argv=None):
             for _ in range(200):
                 fn()
             pr.disable()
-            pstats.Stats(pr).sort_stats(os.environ.get("PP_SORT", "tottime")).print_stats(40)
+            pstats.Stats(pr).sort_stats(a.profile_sort).print_stats(40)
         else:
             from torch.profiler import ProfilerActivity, profile
 
