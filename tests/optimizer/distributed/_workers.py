@@ -568,3 +568,48 @@ def _full_params(model) -> torch.Tensor:
             t = t.full_tensor()
         parts.append(t.reshape(-1).clone())
     return torch.cat(parts)
+
+
+def frozen_model() -> nn.Module:
+    """:func:`make_model`'s kind with a frozen first layer and, in a trained layer, a frozen bias
+    (a LoRA-like mix of trained and frozen parameters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+def train_frozen(model, engine: str, rank: int = 0, world: int = 1, sigma: float = 0.0, steps: int = 3):
+    """``steps`` DP steps on :func:`make_batches` with the optimizer over the trainable parameters
+    only, after the user's ``zero_grad()`` each; rank ``r`` of ``world`` takes its share of each batch."""
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    opt = DPGaussianOptimizer(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5), model, loss_fn(),
+        l2_norm_clip=0.3, noise_multiplier=sigma, expected_batch_size=8, engine=engine,
+    )
+    for x, y in make_batches(steps):
+        k = len(x) // world
+        opt.zero_grad()
+        opt.fit_batch(x[rank * k : (rank + 1) * k], y[rank * k : (rank + 1) * k])
+    return opt
+
+
+def frozen_params(rank, world, port, out_dir, fsdp):
+    """Frozen parameters (:func:`frozen_model`) under DDP (or FSDP2): per engine, the parameters
+    after 3 noise-free steps, and before and after one noisy step."""
+    out = {}
+    for engine in ("ghost", "functorch"):
+        model = frozen_model()
+        if fsdp:
+            from ._fsdp_workers import shard
+
+            model = shard(model)
+        else:
+            model = nn.parallel.DistributedDataParallel(model)
+        train_frozen(model, engine, rank, world)
+        before = _full_params(model)
+        train_frozen(model, engine, rank, world, sigma=1.0, steps=1)
+        out[engine] = {"trained": before, "noisy": _full_params(model)}
+    torch.save(out, os.path.join(out_dir, f"frozen{rank}.pt"))

@@ -402,6 +402,28 @@ def test_only_a_distributed_loader_over_the_same_ranks_is_accepted(tmp_path, fsd
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_frozen_parameters_on_two_ranks(tmp_path, fsdp):
+    """A frozen layer and a frozen bias in a trained layer (LoRA-like), the optimizer over the
+    trainable parameters only: two ranks equal one process without noise (ghost and functorch
+    engines), and a noisy step leaves every frozen element exactly as it was."""
+    start = torch.cat([p.detach().reshape(-1) for p in w.frozen_model().parameters()])
+    frozen = torch.cat([torch.full((p.numel(),), not p.requires_grad) for p in w.frozen_model().parameters()])
+    w.spawn(w.frozen_params, 2, str(tmp_path), fsdp)
+    outs = [_load(tmp_path / f"frozen{r}.pt") for r in range(2)]
+    for engine in ("ghost", "functorch"):
+        model = w.frozen_model()
+        w.train_frozen(model, engine)
+        ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert (ref - start)[~frozen].abs().max() > 1e-3  # the reference trained
+        for out in outs:
+            trained, noisy = out[engine]["trained"], out[engine]["noisy"]
+            torch.testing.assert_close(trained, ref, atol=1e-5, rtol=0)
+            assert torch.equal(trained[frozen], start[frozen]) and torch.equal(noisy[frozen], start[frozen])
+            assert (noisy - trained)[~frozen].abs().min() > 0  # every trainable element noised
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_make_private_on_two_ranks_samples_once_globally(tmp_path, fsdp):
     """make_private with a DDP (or FSDP2) model: the loader becomes a DistributedPrivateLoader at
     the global q = W b / N; in every step no example is loaded by both ranks and only rank 0
