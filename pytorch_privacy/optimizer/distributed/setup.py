@@ -20,7 +20,9 @@ def setup_distributed(model: nn.Module, data_loader: Any = None) -> tuple[nn.Mod
     with ``fully_shard`` units (:mod:`.fsdp`), ``(model, None)`` otherwise.
 
     A :class:`~pytorch_privacy.optimizer.distributed.DistributedDPDataLoader` over several ranks
-    with a plain model is refused: each rank would release its own share as a whole step."""
+    with a plain model is refused: each rank would release its own share as a whole step; so is
+    ``torch.nn.DataParallel``, anywhere in the model."""
+    _refuse_data_parallel(model)
     inner, wrapped = unwrap_ddp(model)
     fsdp = None if wrapped else setup_fsdp(model)
     if fsdp is not None:  # FSDP2: each rank noises its own shard (see .fsdp)
@@ -35,6 +37,21 @@ def setup_distributed(model: nn.Module, data_loader: Any = None) -> tuple[nn.Mod
             "model in torch.nn.parallel.DistributedDataParallel (or shard it with fully_shard)"
         )
     return inner, None
+
+
+def _refuse_data_parallel(model: nn.Module) -> None:
+    """``ValueError`` for a ``torch.nn.DataParallel`` in ``model``: on several devices it runs
+    replicas of its module in threads, each on a slice of the batch, which the per-example engines
+    (their hooks, traced batch layouts and functional calls) do not follow; on a CPU-only machine it
+    is a pass-through, so a run tested there would change under it on a multi-GPU one."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.DataParallel):
+            where = "the model" if not name else f"layer {name!r}"
+            raise ValueError(
+                f"{where} is a torch.nn.DataParallel, which runs replicas of its module in threads on slices of the "
+                "batch: the per-example gradient engines cannot follow them. Use DistributedDataParallel (one process "
+                "per device, see docs/distributed.md), or pass the module inside (model.module) to train on one device"
+            )
 
 
 def _check_loader(step: DistributedStep, data_loader: Any) -> DistributedStep:

@@ -226,6 +226,30 @@ def test_plain_model_with_a_distributed_loader_is_refused():
         )
 
 
+@pytest.mark.parametrize("where", ["root", "inner"])
+def test_data_parallel_is_refused_with_the_fix(where):
+    """nn.DataParallel runs replicas in threads on slices of the batch (a pass-through on a CPU-only
+    machine, so a run tested here would change on several GPUs): refused, by the optimizer and by
+    make_private, naming DistributedDataParallel and model.module."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytorch_privacy import make_private
+    from pytorch_privacy.optimizer import DPGaussianOptimizer
+
+    inner = w.make_model()
+    model = nn.DataParallel(inner) if where == "root" else nn.Sequential(nn.DataParallel(inner[0]), inner[1], inner[2])
+    with pytest.raises(ValueError, match=r"DataParallel.*DistributedDataParallel.*model\.module"):
+        DPGaussianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, w.loss_fn(), l2_norm_clip=1.0, noise_multiplier=1.0,
+            expected_batch_size=4,
+        )
+    data = DataLoader(TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,))), batch_size=4)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data, criterion=nn.CrossEntropyLoss(),
+                     max_grad_norm=1.0, noise_multiplier=1.0)
+
+
 def test_ddp_model_without_process_group_is_refused():
     from pytorch_privacy.optimizer.distributed.ddp import DistributedStep
 
