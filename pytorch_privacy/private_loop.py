@@ -239,18 +239,13 @@ class DistributedPrivateLoader(_RemembersLastBatch, DistributedDPDataLoader):
 
 
 def _data_parallel_world(model: nn.Module) -> int:
-    """The number of ranks a DDP or FSDP2 ``model`` is trained on (1 for any other model)."""
-    from .optimizer.distributed.ddp import unwrap_ddp
-    from .optimizer.distributed.fsdp import is_fsdp_model
+    """The number of ranks a DDP or FSDP2 ``model`` is trained on (1 for any other model): the
+    world size of the collective step the optimizer will take (the same detection and process
+    group, :func:`~pytorch_privacy.optimizer.distributed.setup.setup_distributed`)."""
+    from .optimizer.distributed.setup import setup_distributed
 
-    _, wrapped = unwrap_ddp(model)
-    if not wrapped and not is_fsdp_model(model):
-        return 1
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1  # (the optimizer refuses it, saying why)
-    return dist.get_world_size(getattr(model, "process_group", None) if wrapped else None)
+    _, step = setup_distributed(model)
+    return 1 if step is None else step.world_size
 
 
 def _private_loader(
