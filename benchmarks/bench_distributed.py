@@ -15,6 +15,10 @@ Each configuration spawns ``W`` processes (gloo on 127.0.0.1, one thread each); 
 * ``dp-bcast``: the same through a query with its own ``get_noised_result`` (the generic path, and
   the DDP step before the block noise): all-reduce of the un-noised sums, rank 0 noises the whole
   global sum, a control broadcast and a broadcast of the release.
+* with ``--loop``: ``loop`` is the step of ``make_private``'s unchanged loop on the DDP model (the
+  user's forward and ``backward()``, whose gradients are discarded, then the DP step), with the
+  gradient all-reduce of that backward switched off as ``make_private`` does
+  (``require_backward_grad_sync = False``); ``loop grad-sync`` the same with DDP's all-reduce on.
 * with ``--fsdp``: ``fsdp non-private`` (``fully_shard`` on each Linear and the root, plain
   backward), ``fsdp dp`` (``DPGaussianOptimizer`` on the FSDP2 model, per-unit steps: FSDP2
   gathers one unit at a time, a planning all-reduce, one reduce-scatter of the noised sums) and
@@ -33,7 +37,7 @@ Reduction volume per step is what each rank hands to the collectives: for the DP
 Usage::
 
     python benchmarks/bench_distributed.py [--worlds 1 2] [--batch-size 256] [--steps 20]
-        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--repeats 1]
+        [--warmup 3] [--engine ghost] [--hidden 256] [--fsdp] [--loop] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -106,6 +110,12 @@ class _count_gathered:
         return run
 
 
+def _with_wrapper(model, opt):
+    """``opt`` with ``opt.model_wrapper = model`` (the DDP wrapper the loop modes call)."""
+    opt.model_wrapper = model
+    return opt
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,10 +149,10 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 query = OwnReleaseQuery(1.0, 1.0, args["batch_size"], generator=gen)
                 return DPOptimizer(torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, query,
                                    engine=args["engine"])
-            return DPGaussianOptimizer(
+            return _with_wrapper(model, DPGaussianOptimizer(
                 torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, l2_norm_clip=1.0,
                 noise_multiplier=1.0, expected_batch_size=args["batch_size"], engine=args["engine"], generator=gen,
-            )
+            ))
 
         dp_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
         bcast_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])), own_release=True)
@@ -155,6 +165,19 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             "dp no-prefetch": lambda: eager_opt.fit_batch(x, y),
             "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
         }
+        if args["loop"]:  # make_private's unchanged loop: the user's forward and backward, then the private step
+            loop_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+            sync_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+            if world > 1:
+                loop_opt.model_wrapper.require_backward_grad_sync = False  # as make_private sets it
+
+            def loop_step(opt):
+                opt.zero_grad()
+                per_example_ce(opt.model_wrapper(x), y).mean().backward()
+                opt.fit_batch(x, y)
+
+            modes["loop"] = lambda: loop_step(loop_opt)
+            modes["loop grad-sync"] = lambda: loop_step(sync_opt)
         volumes = {}
         if args["fsdp"]:
             from torch.distributed.fsdp import fully_shard
@@ -201,6 +224,9 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 extra[name] = (o.distributed_step.last_path, gathered.peak[name])
         n_params = sum(p.numel() for p in plain.parameters())
         volumes["non-private"] = n_params * 4 if world > 1 else 0
+        if args["loop"]:  # with grad sync, the user's backward also all-reduces the gradient
+            volumes["loop"] = loop_opt.distributed_step.last_volume_bytes
+            volumes["loop grad-sync"] = sync_opt.distributed_step.last_volume_bytes + volumes["non-private"]
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"times": times, "volumes": volumes, "params": n_params, "fsdp": extra}, f)
@@ -234,9 +260,11 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="ghost", help="per-example gradient engine of the DP step")
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
     p.add_argument("--fsdp", action="store_true", help="also time FSDP2 (fully_shard) steps")
+    p.add_argument("--loop", action="store_true",
+                   help="also time make_private's loop step (the user's forward and backward, then the DP step)")
     p.add_argument("--repeats", type=int, default=1, help="spawn each world this many times (medians of medians)")
     ns = p.parse_args(argv)
-    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp")}
+    args = {k: getattr(ns, k) for k in ("batch_size", "steps", "warmup", "engine", "hidden", "fsdp", "loop")}
     print(f"MLP 784-{ns.hidden}-{ns.hidden}-10, global batch {ns.batch_size}, engine {ns.engine}, gloo on CPU, "
           f"1 thread per rank, {os.cpu_count()} CPUs visible; median step ms over {ns.steps} interleaved steps "
           f"(median over {ns.repeats} spawn(s))")

@@ -31,7 +31,10 @@ What the call does:
   the expected batch size ``q N``, steps the original optimizer and records the step.  The
   gradients left by the user's ``loss.backward()`` are discarded: they are not private.  **Cost:
   one extra forward and backward pass per step** (the user's own pass is wasted; move to
-  ``optimizer.fit_batch(x, y)`` to avoid it).
+  ``optimizer.fit_batch(x, y)`` to avoid it).  For a ``DistributedDataParallel`` model over
+  several ranks, the gradient all-reduce of the user's backward is switched off
+  (``model.require_backward_grad_sync = False``, as inside ``model.no_sync()``): the gradients it
+  would average are discarded, and the private step reduces its own sums, once.
 * **criterion**: the user's batch loss, e.g. ``nn.CrossEntropyLoss()`` (mean-reduced).  The
   per-example loss ``l_i`` is derived from it: an ``nn`` loss module with a ``reduction``
   attribute is copied with ``reduction="none"`` (extra dimensions are averaged for ``"mean"``,
@@ -589,6 +592,8 @@ def make_private(
             "microbatches average each group's loss; with a sum-reduced criterion use a mean-reduced one instead"
         )
     world = _data_parallel_world(model)
+    if world > 1 and isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = False  # the user's backward: its gradients are discarded
     private_loader = _private_loader(loader, generator=sampling_generator, secure_mode=secure_mode, world=world)
 
     # one accountant per plan: sigma is calibrated with the accountant that enforces the budget

@@ -553,6 +553,7 @@ def make_private_loop(rank, world, port, out_dir, fsdp=False):
         dist.all_gather_object(parts, xb[:, 0].long().tolist())
         steps.append(parts)
     torch.save({"kind": type(loader).__name__, "q": loader.sample_rate, "len": len(loader), "steps": steps,
+                "grad_sync": getattr(model, "require_backward_grad_sync", None),
                 "ledger_steps": opt.ledger.steps, "ledger_q": opt.ledger.selection_probability,
                 "ledger_n": opt.ledger.population_size,
                 "params": _full_params(model)},

@@ -456,6 +456,8 @@ def test_make_private_on_two_ranks_samples_once_globally(tmp_path, fsdp):
     r0, r1 = (_load(tmp_path / f"mp{r}.pt") for r in range(2))
     for out in (r0, r1):
         assert out["kind"] == "DistributedPrivateLoader" and out["q"] == 0.25 and out["len"] == 4
+        # DDP: the user's backward does not all-reduce the gradients that step() discards
+        assert out["grad_sync"] is (None if fsdp else False)
     assert r0["steps"] == r1["steps"] and len(r0["steps"]) == 4
     seen = 0
     for rank0, rank1 in r0["steps"]:
