@@ -241,14 +241,19 @@ class DistributedPrivateLoader(_RemembersLastBatch, DistributedDPDataLoader):
     :func:`make_private`; arguments as for ``DistributedDPDataLoader``."""
 
 
-def _data_parallel_world(model: nn.Module) -> int:
+def _prepare_data_parallel(model: nn.Module) -> int:
     """The number of ranks a DDP or FSDP2 ``model`` is trained on (1 for any other model): the
     world size of the collective step the optimizer will take (the same detection and process
-    group, :func:`~pytorch_privacy.optimizer.distributed.setup.setup_distributed`)."""
+    group, :func:`~pytorch_privacy.optimizer.distributed.setup.setup_distributed`).  A DDP model over
+    several ranks stops all-reducing the gradients of the loop's own backward, which the private
+    step discards (``require_backward_grad_sync = False``, as inside ``model.no_sync()``)."""
     from .optimizer.distributed.setup import setup_distributed
 
     _, step = setup_distributed(model)
-    return 1 if step is None else step.world_size
+    world = 1 if step is None else step.world_size
+    if world > 1 and isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = False
+    return world
 
 
 def _private_loader(
@@ -591,9 +596,7 @@ def make_private(
         raise ValueError(
             "microbatches average each group's loss; with a sum-reduced criterion use a mean-reduced one instead"
         )
-    world = _data_parallel_world(model)
-    if world > 1 and isinstance(model, nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = False  # the user's backward: its gradients are discarded
+    world = _prepare_data_parallel(model)
     private_loader = _private_loader(loader, generator=sampling_generator, secure_mode=secure_mode, world=world)
 
     # one accountant per plan: sigma is calibrated with the accountant that enforces the budget

@@ -238,6 +238,13 @@ def settings_fingerprint_ignores_state(text: str) -> str:
     return _replace_once(text, r"plain = to_plain\(global_state\)", "plain = None", "the settings hash of the global state")
 
 
+def sampling_fingerprint_blind(text: str) -> str:
+    # the ranks' sampling fingerprints ignore the samplers' states: loaders whose generators were
+    # reseeded alike after construction draw every rank's part with one inclusion pattern, unrefused
+    return _replace_once(text, r"state = None if self\.sampler is None else self\.sampler\.last_draw_state",
+                         "state = None", "the sampling fingerprint's state")
+
+
 def any_loader_on_every_rank(text: str) -> str:
     # a DDP model over W > 1 ranks takes any data loader: a DPDataLoader on every rank samples the
     # whole dataset per rank (an example can join one step twice while the ledger says one draw)
@@ -256,7 +263,8 @@ def rewind_after_public_only_step(text: str) -> str:
     # every rank saw in the reduced buffer goes onto the next step's sums
     text = _replace_once(
         text, r"^(\s*)code, mine, header = _OK, None, None$",
-        r"\1saved_ = [s.state_dict() for s in _sources(query)]\n\1code, mine, header = _OK, None, None", "the snapshot",
+        r"\1from .fingerprints import _sources\n\1saved_ = [s.state_dict() for s in _sources(query)]\n"
+        r"\1code, mine, header = _OK, None, None", "the snapshot",
     )
     return _replace_once(
         text, r"^(\s*)if not any_sensitive:  # no data released.*$",
@@ -343,12 +351,15 @@ BUGS = [
         [f"{DIST}/test_fsdp.py", f"{DIST}/test_fsdp_sharded_release.py"]),
     Bug("fingerprint_ignores_restored_state", "the ranks' noise fingerprints ignore restored generator states "
         "(every rank resuming from rank 0's checkpoint noises its block alike)",
-        "pytorch_privacy/optimizer/distributed/ddp.py", fingerprint_ignores_restored_state,
+        "pytorch_privacy/optimizer/distributed/fingerprints.py", fingerprint_ignores_restored_state,
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
     Bug("settings_fingerprint_ignores_state", "the ranks' settings fingerprints leave out the global state "
         "(a rank with half the noise is accepted)",
-        "pytorch_privacy/optimizer/distributed/ddp.py", settings_fingerprint_ignores_state,
+        "pytorch_privacy/optimizer/distributed/fingerprints.py", settings_fingerprint_ignores_state,
         [f"{DIST}/test_ddp.py", f"{DIST}/test_fsdp.py"]),
+    Bug("sampling_fingerprint_blind", "the ranks' sampling fingerprints ignore the samplers' generator states "
+        "(loaders reseeded alike after construction draw correlated parts)",
+        "pytorch_privacy/optimizer/distributed/fingerprints.py", sampling_fingerprint_blind, [f"{DIST}/test_ddp.py"]),
     Bug("any_loader_on_every_rank", "a DDP model over 2 ranks takes a one-process DPDataLoader (each rank samples "
         "the whole dataset)", "pytorch_privacy/optimizer/distributed/setup.py", any_loader_on_every_rank,
         [f"{DIST}/test_ddp.py"]),

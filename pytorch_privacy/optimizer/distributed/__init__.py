@@ -14,6 +14,9 @@
   its own shard and one reduce-scatter sums the clipped sums.
 * :class:`DistributedPoissonSampler`, :class:`DistributedDPDataLoader` (:mod:`.sampler`): each rank
   loads its share of a global Poisson sample.
+* :mod:`.fingerprints`: the checks every step makes across the ranks, in a collective it runs
+  anyway: no two ranks' noise (or sampling) generators in one state, every rank's privacy settings
+  equal to rank 0's.
 * :class:`DPLossScaler`, :class:`UnscaledGradients`, :func:`full_precision` (:mod:`.precision`):
   fp16 with a fixed public loss scale (unscaled before clipping), and the fp32 private arithmetic
   under autocast; :class:`DynamicDPLossScaler`: a scale driven by a noised overflow count.

@@ -21,7 +21,7 @@ it is the noised release and the ledger.)  It needs the ranks' draws to be indep
 generator states would put the same noise vector in every block, a correlated Gaussian whose
 privacy loss is unbounded along the difference of two blocks.  So every noisy step carries, in its
 one all-reduce, a 63-bit fingerprint of where each rank's generator stands before its draw
-(:meth:`DistributedStep.noise_fingerprint`), and every rank refuses the step, before anything is
+(:meth:`~.fingerprints.RankChecks.noise_fingerprint`), and every rank refuses the step, before anything is
 applied or recorded, when two fingerprints are equal: ranks seeded alike, or every rank restoring
 one checkpoint (rank 0's, say, whose OS-seeded generator state then becomes every rank's).  The
 check runs at every step, so it also sees a restore or a reseed made between steps.  Each rank's
@@ -33,8 +33,16 @@ gives the same total, but draws ``W`` times as many normals.)
 Same settings on every rank.  Each rank clips (and noises its block) with its own query, while
 rank 0's ledger accounts for rank 0's settings; a rank built with a larger clip or less noise would
 release more than the ledger says.  Every step's collective carries a hash of each rank's query
-type, global state and per-pass noise factor (:meth:`DistributedStep.settings_fingerprint`), and
+type, global state and per-pass noise factor (:meth:`~.fingerprints.RankChecks.settings_fingerprint`), and
 every rank refuses the step when they differ.
+
+Independent sampling.  With the optimizer's ``data_loader`` (a
+:class:`~.sampler.DistributedPoissonSampler` per rank), the same collective carries a hash of each
+rank's sampling-generator state before its last draw (:meth:`~.fingerprints.RankChecks.sampling_fingerprint`):
+two equal ones mean two ranks drew their parts with one inclusion pattern (example ``i`` of one
+part in exactly when example ``i`` of the other is), which the Poisson analysis does not allow, and
+every rank refuses the step.  The sampler checks its generators once, at construction; this sees a
+generator reseeded alike later.
 
 Other queries (adaptive clipping: a global state updated from a noised count; any query with its
 own ``get_noised_result``).  The clipped sums are all-reduced un-noised, rank 0's query draws the
@@ -69,10 +77,7 @@ local batch still joins the collectives (it contributes a zero sum).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import struct
 from typing import Any, Callable, Iterator
 
 import attrs
@@ -84,13 +89,12 @@ from ...dp_query import pytree
 from ...dp_query.gaussian_query import GaussianSumQuery
 from ...dp_query.normalized_query import NormalizedGlobalState, NormalizedQuery
 from ..step_accumulator import DeferredSums
+from .fingerprints import _FP_PARTS, RankChecks
 
 __all__ = ["DistributedStep", "unwrap_ddp"]
 
 #: refusal codes broadcast from rank 0 with each release
 _OK, _REFUSED, _ERROR = 0, 1, 2
-#: values per rank, and bits per value, of a noise fingerprint (DistributedStep.noise_fingerprint)
-_FP_PARTS, _FP_BITS = 3, 21
 
 
 def _dump_spec(spec: Any) -> Any:
@@ -121,37 +125,6 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, False
 
 
-def _hash_plain(h: Any, x: Any) -> None:
-    """Feed ``h`` a canonical encoding of a plain query state (what
-    :func:`~pytorch_privacy.optimizer.checkpoint.to_plain` gives: tensors, numbers, strings, lists
-    and dicts)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().contiguous().reshape(-1)
-        h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(x, float):
-        h.update(b"f" + struct.pack("<d", x))
-    elif isinstance(x, (list, tuple)):
-        h.update(b"[")
-        for v in x:
-            _hash_plain(h, v)
-        h.update(b"]")
-    elif isinstance(x, dict):
-        h.update(b"{")
-        for k, v in x.items():
-            _hash_plain(h, k)
-            _hash_plain(h, v)
-        h.update(b"}")
-    else:  # None, bool, int, str
-        h.update(f"{type(x).__name__}:{x!r};".encode())
-
-
-def _sources(query) -> list:
-    from ..checkpoint import find_random_sources
-
-    return find_random_sources(query)
-
-
 def _gaussian_part(query: Any, global_state: Any) -> tuple[Any, Any]:
     """The Gaussian sum query inside ``query`` and its global state (see :func:`linear_release_divisor`)."""
     if isinstance(query, NormalizedQuery):
@@ -180,7 +153,7 @@ def linear_release_divisor(query: Any, global_state: Any) -> float | None:
     return None
 
 
-class DistributedStep:
+class DistributedStep(RankChecks):
     """The collective part of one private step (used by :class:`~pytorch_privacy.optimizer.DPOptimizer`
     when its model is a ``DistributedDataParallel``).
 
@@ -217,6 +190,10 @@ class DistributedStep:
         self.count_stddev: float | None = None
         #: the released (noised) world count of the last step's dropped records, or ``None``
         self.last_noised_count: float | None = None
+        #: the :class:`~.sampler.DistributedPoissonSampler` of the optimizer's ``data_loader`` (set
+        #: by :func:`~.setup.setup_distributed`), or ``None``: every step compares its generator's
+        #: state before its last draw across the ranks (:meth:`sampling_fingerprint`)
+        self.sampler: Any = None
         #: block noise: draw the next step's normals for this rank's block while the step's
         #: all-reduce is in flight (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.prefetch_normal`:
         #: the same values, in the same stream order, as drawing them next step)
@@ -324,7 +301,8 @@ class DistributedStep:
         n_sum = sum(t.numel() for t in leaves)
         # one flat buffer: the sums, the public gradients, the ranks' noise and settings
         # fingerprints, [the noised dropped count,] then 5 counters
-        m = 2 * _FP_PARTS * self.world_size
+        g = _FP_PARTS * self.world_size
+        m = 3 * g  # noise, then settings and sampling (agreement_fingerprint)
         k = m + (5 if self.count_stddev is None else 6)
         if deferred:
             flat = torch.empty(n_sum + sum(t.numel() for t in pub) + k, dtype=wide, device=device)
@@ -348,7 +326,7 @@ class DistributedStep:
         stddev = gauss_state.stddev
         draws = hi > lo and not (isinstance(stddev, (int, float)) and stddev == 0)
         fingerprint = self.noise_fingerprint(query, flat.device, draws)  # before this step's draw
-        fingerprint += self.settings_fingerprint(query, global_state, acc.noise_scale)
+        fingerprint += self.agreement_fingerprint(query, global_state, acc.noise_scale)
         code, mine, header = _OK, None, None
         try:
             new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
@@ -374,8 +352,8 @@ class DistributedStep:
         self.last_noised_count = tail[m] if self.count_stddev is not None else None
         any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
-        self.refuse_unlike_settings(tail[m // 2 : m])
-        self.refuse_shared_noise(tail[: m // 2])
+        self.refuse_disagreement(tail[g:m])
+        self.refuse_shared_noise(tail[:g])
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)
         if public:
@@ -416,75 +394,6 @@ class DistributedStep:
             dropped = float(acc.dropped) - before
         z = float(gauss.generator.normal((), device="cpu", dtype=torch.float64))
         return dropped + self.count_stddev / self.world_size**0.5 * z
-
-    def _slots(self, h: "hashlib._Hash") -> list[float]:
-        """``3 W`` values, zero but for this rank's three, holding 63 bits of ``h`` (21 per value:
-        exact in a float32 sum, and under MAX in int64)."""
-        fp = int.from_bytes(h.digest(), "little") >> 1
-        out = [0.0] * (_FP_PARTS * self.world_size)
-        for i in range(_FP_PARTS):
-            out[_FP_PARTS * self.rank + i] = float((fp >> (_FP_BITS * i)) & ((1 << _FP_BITS) - 1))
-        return out
-
-    def _per_rank(self, summed: list[float]) -> list[tuple[int, ...]]:
-        return [tuple(round(v) for v in summed[_FP_PARTS * r : _FP_PARTS * (r + 1)]) for r in range(self.world_size)]
-
-    def noise_fingerprint(self, query, device: Any, draws: bool = True) -> list[float]:
-        """This rank's part of the check that no two ranks draw the same noise, to be summed over
-        the ranks in the step's collective (:meth:`refuse_shared_noise`): a hash of where its
-        noise generators stand (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.stream_state`),
-        in the layout of :meth:`_slots`.  Random bits when this rank draws nothing
-        (``draws=False``) or draws from the OS CSPRNG."""
-        h = hashlib.blake2b(digest_size=8)
-        states = [src.stream_state(device) for src in _sources(query)] if draws else [None]
-        for state in states:
-            h.update(os.urandom(16) if state is None else state.numpy().tobytes())
-        return self._slots(h)
-
-    def refuse_shared_noise(self, summed: list[float]) -> None:
-        """Raise ``ValueError`` (on every rank: they all see the same sums) when two ranks'
-        fingerprints (:meth:`noise_fingerprint`, summed over the ranks) are equal: their noise
-        generators stood in the same state, so their blocks (shards) got the same noise."""
-        if len(set(self._per_rank(summed))) < self.world_size:
-            raise ValueError(
-                "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but two ranks' noise generators "
-                "were in the same state: their blocks got the same (correlated) noise, whose privacy loss is unbounded "
-                "along the difference of the two blocks. Nothing was applied or recorded; the step's noise is spent. "
-                "Causes: every rank restored one checkpoint (load each rank's own opt.state_dict(), or load with "
-                "fresh_randomness=True), or a generator given by hand with one seed on every rank (seed each rank "
-                "differently: torch.Generator().manual_seed(seed * world_size + rank), or pass no generator)"
-            )
-
-    def settings_fingerprint(self, query, global_state: Any, noise_scale: float) -> list[float]:
-        """This rank's part of the check that every rank releases with the same privacy settings
-        (:meth:`refuse_unlike_settings`): a hash of the query's type, its global state (clip,
-        noise stddev, denominator, ...) and the per-pass noise factor, in the layout of
-        :meth:`_slots`."""
-        from ..checkpoint import to_plain
-
-        try:
-            plain = to_plain(global_state)
-        except TypeError:  # a state no checkpoint can hold either: its type alone (a repr may hold addresses)
-            plain = type(global_state).__qualname__
-        h = hashlib.blake2b(digest_size=8)
-        h.update(type(query).__qualname__.encode())
-        _hash_plain(h, [plain, float(noise_scale)])
-        return self._slots(h)
-
-    def refuse_unlike_settings(self, summed: list[float]) -> None:
-        """Raise ``ValueError`` on every rank when the ranks' :meth:`settings_fingerprint` differ:
-        each rank clips (and noises) with its own query, while rank 0's ledger accounts for rank
-        0's settings, so a rank with a larger clip or less noise would release more than the ledger
-        says."""
-        parts = self._per_rank(summed)
-        unlike = [r for r in range(1, self.world_size) if parts[r] != parts[0]]
-        if unlike:
-            raise ValueError(
-                f"the privacy settings of rank(s) {unlike} differ from rank 0's (the query, its clip, noise stddev or "
-                "denominator, or the passes' clipping mode): each rank clips and noises with its own query while the "
-                "ledger on rank 0 accounts for rank 0's, so a rank with a larger clip or less noise would release more "
-                "than the ledger says. Nothing was applied or recorded. Build the same optimizer on every rank"
-            )
 
     def _stop(self, header: Any, mine: BaseException | None, refused: bool):
         """Every rank raises: the budget's refusal (message from rank 0) or a failure."""
@@ -530,9 +439,9 @@ class DistributedStep:
         the step counters in one flat buffer (refused on every rank when the settings differ);
         ``None`` when no rank took a sensitive pass, else ``(dtype, device, bytes)``."""
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
-        # one flat buffer: the sums, the public gradients, the settings fingerprints, then [has a
+        # one flat buffer: the sums, the public gradients, the settings and sampling fingerprints, then [has a
         # sensitive pass, examples, ranks with a public pass] (counts are exact in fp32 up to 2^24)
-        settings = self.settings_fingerprint(query, global_state, acc.noise_scale)
+        settings = self.agreement_fingerprint(query, global_state, acc.noise_scale)
         flat = torch.cat(
             [t.detach().reshape(-1).to(wide) for t in leaves + pub]
             + [torch.tensor(settings + [float(has_sensitive), float(local_examples), float(public)], dtype=wide,
@@ -541,7 +450,7 @@ class DistributedStep:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         volume = flat.numel() * flat.element_size()
         tail = flat[-3 - len(settings) :].tolist()
-        self.refuse_unlike_settings(tail[: len(settings)])
+        self.refuse_disagreement(tail[: len(settings)])
         any_sensitive, examples = tail[-3] > 0, int(round(tail[-2]))
         if public:
             if int(round(tail[-1])) != self.world_size:

@@ -14,8 +14,8 @@ With ``W`` ranks and a model whose trainable parameters are all sharded by ``ful
       S[s] += (sum_r S_r)[shard s]                         one reduce-scatter (rank-major buffer)
     S[s] += N(0, (sigma C)^2 I)                            rank s noises its own shard only
     one all-reduce of 5 counters (sensitive, examples, public passes, refusal, failure) and of
-      6 W values fingerprinting the ranks' noise generators (refused if two are equal) and
-      privacy settings (refused if two differ)
+      9 W values fingerprinting the ranks' noise and sampling generators (refused if two are
+      equal) and privacy settings (refused if two differ)
     released[s] = S[s] / D                                 on rank s
     reshard; p.grad = released[s] (a DTensor shard); optimizer.step() on the shards
 
@@ -96,7 +96,7 @@ shards the same noise vector, a correlated (non-isotropic) Gaussian whose privac
 unbounded along the difference of the correlated coordinates.  Every noisy step therefore carries,
 in a collective it runs anyway, a 63-bit fingerprint of where each rank's generators stand before
 its draws, and refuses on every rank, before anything is applied, when two are equal
-(:meth:`~.ddp.DistributedStep.refuse_shared_noise`): a common seed, or every rank restoring one
+(:meth:`~.fingerprints.RankChecks.refuse_shared_noise`): a common seed, or every rank restoring one
 checkpoint.
 
 Ledger and budget.  Every rank's query releases an event (the same one: the global state of a
@@ -122,9 +122,9 @@ from torch import nn
 from ..engines.base import batch_size_of
 from ..validation import nonfinite_weights
 from ..step_accumulator import DeferredSums, in_place_release
-from .ddp import _ERROR, _OK, _REFUSED, DistributedStep, linear_release_divisor
+from .ddp import DistributedStep, linear_release_divisor
 from .precision import fp32_under_autocast
-from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, reduce_scatter_sums, scatter_release
+from .sharded_release import DEFAULT_BUCKET_BYTES, _chunks, reduce_scatter_sums, release_own_shards, scatter_release
 
 __all__ = ["FSDPStep", "is_fsdp_model"]
 
@@ -173,9 +173,9 @@ class FSDPStep(DistributedStep):
             attribute of the same name, with the same value on every rank.
 
     Attributes as for :class:`~.ddp.DistributedStep`; :attr:`last_volume_bytes` counts the
-    reduce-scattered buffers and the release's all-reduce of 5 counters and ``6 W`` fingerprint
-    values (noise, settings), or for the general path the all-reduced flat buffer (with the ``3 W``
-    settings fingerprints) and the control all-reduce (its code and the ``3 W`` noise fingerprints; no release is
+    reduce-scattered buffers and the release's all-reduce of 5 counters and ``9 W`` fingerprint
+    values (noise, settings, sampling), or for the general path the all-reduced flat buffer (with the
+    ``6 W`` settings and sampling fingerprints) and the control all-reduce (its code and the ``3 W`` noise fingerprints; no release is
     broadcast: each rank keeps its shard); :attr:`last_plan_bytes` the planning all-reduce of
     ``fit_batch`` (7 int64); :attr:`last_path` which path the last step took.
 
@@ -619,48 +619,9 @@ class FSDPStep(DistributedStep):
             self.last_volume_bytes = reduced[2]
             self._check_state(acc)
             acc.sample_state = self._shard(acc.sample_state)
-            return self._release_shards(acc, global_state, check)
+            return release_own_shards(self, acc, global_state, check)
         finally:
             self.end_step()
-
-    def _release_shards(self, acc, global_state, check):
-        from ..budget import PrivacyBudgetExceeded
-
-        # every rank noises its shard; rank 0 decides the budget; one MAX all-reduce of the ranks'
-        # codes tells every rank whether to apply (a failure anywhere stops every rank)
-        header: list[Any] = [None]
-        mine: BaseException | None = None
-        code = _OK
-        device = next(iter(acc.sample_state.values())).device if acc.sample_state else torch.device("cpu")
-        fingerprint = self.noise_fingerprint(acc.query, device)  # before this step's draws
-        try:
-            result, new_state, event = acc.finish(global_state)  # this rank's shard, this rank's noise
-            if self.is_recorder and check is not None and event is not None:
-                check(event)
-        except PrivacyBudgetExceeded as exc:
-            header = [(str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)]
-            code, mine = _REFUSED, exc
-        except Exception as exc:
-            code, mine = _ERROR, exc
-        # (the fingerprints are zero but on their own rank: MAX gathers them as a sum would)
-        control = torch.tensor([code] + fingerprint, dtype=torch.long, device=device)  # NCCL needs device tensors
-        dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.group)
-        self.last_volume_bytes += control.numel() * control.element_size()
-        values = control.tolist()
-        code = values[0]
-        self.refuse_shared_noise(values[1:])
-        if code == _REFUSED:
-            dist.broadcast_object_list(header, src=self._src(), group=self.group)
-            if mine is not None:
-                raise mine
-            msg, eps, target_eps, target_delta, steps = header[0]
-            raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
-        if code == _ERROR:
-            if mine is not None:
-                raise mine
-            raise RuntimeError("another rank failed to release its shard of the step; this rank stops with it")
-        return self._as_dtensors(result), new_state, event
-
 
 def _empty_of(x: Any) -> Any:
     """``x`` with zero examples (every tensor leaf sliced to ``[:0]``)."""

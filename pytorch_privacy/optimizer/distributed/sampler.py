@@ -16,7 +16,11 @@ Independent generators: by default each rank's generator is seeded from OS entro
 ``generator`` passed by hand must differ across ranks (a common seed would correlate the
 inclusion of index ``i`` with that of ``i + 1`` on the next rank, which the Poisson analysis does
 not allow): when a process group is initialised, the sampler checks this at construction (one
-``all_gather_object``) and refuses identical states.
+``all_gather_object``) and refuses identical states.  A generator reseeded alike later is seen by
+the optimizer the loader was given to (``data_loader=``, or ``make_private``): every private step
+compares the ranks' sampling-generator states before their last draw, in a collective it runs
+anyway, and refuses the step on every rank when two are equal
+(:meth:`~.fingerprints.RankChecks.refuse_shared_sampling`).
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ class DistributedPoissonSampler(PoissonSampler):
         self.rank, self.world_size = _world(rank, world_size)
         #: the global indices this rank owns (``i % W == rank``)
         self.owned = torch.arange(self.rank, num_samples, self.world_size, dtype=torch.long)
+        #: the state of this rank's sampling generator before its last draw (``None`` before the first,
+        #: and in secure mode): every private step of an optimizer given this loader compares it across
+        #: the ranks (:meth:`~.fingerprints.RankChecks.sampling_fingerprint`)
+        self.last_draw_state: torch.Tensor | None = None
         if generator is not None:
             self._check_distinct_generators()
 
@@ -101,6 +109,7 @@ class DistributedPoissonSampler(PoissonSampler):
 
     def sample(self) -> torch.Tensor:
         """This rank's part of one Poisson batch: global indices (int64, possibly empty)."""
+        self.last_draw_state = self.random.stream_state("cpu")
         mask = self.random.bernoulli_mask(self.owned.numel(), self.sample_rate)
         return self.owned[mask.to(torch.bool)]
 

@@ -78,5 +78,6 @@ def _check_loader(step: DistributedStep, data_loader: Any) -> DistributedStep:
             f"of the dataset (build it with rank={step.rank}, world_size={step.world_size}: the defaults when the "
             "model uses the default process group)"
         )
+    step.sampler = data_loader.poisson_sampler  # its last draw's generator state is compared every step
     return step
 

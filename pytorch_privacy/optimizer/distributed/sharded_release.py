@@ -46,7 +46,7 @@ import torch.distributed as dist
 from ..step_accumulator import DeferredSums
 from .ddp import _ERROR, _OK, _REFUSED, _gaussian_part, wide_dtype
 
-__all__ = ["scatter_release", "reduce_scatter_sums", "plan_buckets"]
+__all__ = ["scatter_release", "release_own_shards", "reduce_scatter_sums", "plan_buckets"]
 
 #: default :attr:`FSDPStep.bucket_bytes`: sums and public gradients per reduce-scatter
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -175,7 +175,7 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     stddev, device = gauss_state.stddev, next(iter(template.values())).device
     draws = any(shards[n].numel() for n in names) and not (isinstance(stddev, (int, float)) and stddev == 0)
     fingerprint = step.noise_fingerprint(query, device, draws)  # before this step's draws
-    fingerprint += step.settings_fingerprint(query, global_state, acc.noise_scale)
+    fingerprint += step.agreement_fingerprint(query, global_state, acc.noise_scale)
     code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
     try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
         for n in names:
@@ -194,12 +194,12 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     dist.all_reduce(tail_t, op=dist.ReduceOp.SUM, group=step.group)
     step.last_volume_bytes = volume + tail_t.numel() * tail_t.element_size()
     tail = tail_t.tolist()
-    m = len(fingerprint)
+    m = len(fingerprint)  # noise, then settings and sampling
     step.last_noised_count = tail[m] if step.count_stddev is not None else None
     any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
     step.last_global_examples = examples
-    step.refuse_unlike_settings(tail[m // 2 : m])
-    step.refuse_shared_noise(tail[: m // 2])
+    step.refuse_disagreement(tail[m // 3 : m])
+    step.refuse_shared_noise(tail[: m // 3])
     if n_refused or n_errors:
         return step._stop(header, mine, bool(n_refused) and not n_errors)
     if public and n_public != world:
@@ -214,4 +214,49 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
         result[n] = r.mul_(acc.noise_scale) if acc.noise_scale != 1 else r
     step.last_result_owned = True  # the optimizer may clean them in place (NaN/inf guard)
     new_state = global_state if gauss_state is global_state else attrs.evolve(global_state, numerator_state=new_gauss)
+    return step._as_dtensors(result), new_state, event
+
+
+def release_own_shards(step: Any, acc: Any, global_state: Any, check: Any) -> tuple[Any, Any, Any]:
+    """The general path's release under FSDP2 (a query with its own ``get_noised_result``, its sums
+    already reduced and sharded): every rank releases its own shard with its own query (its own
+    noise), rank 0 decides the budget, and one MAX all-reduce of ``[code, noise fingerprints]`` tells
+    every rank whether to apply (a refusal or failure anywhere stops every rank; two ranks' noise
+    generators in one state are refused).  Returns ``(result as DTensor shards, new global state,
+    event)``."""
+    from ..budget import PrivacyBudgetExceeded
+
+    # every rank noises its shard; rank 0 decides the budget; one MAX all-reduce of the ranks'
+    # codes tells every rank whether to apply (a failure anywhere stops every rank)
+    header: list[Any] = [None]
+    mine: BaseException | None = None
+    code = _OK
+    device = next(iter(acc.sample_state.values())).device if acc.sample_state else torch.device("cpu")
+    fingerprint = step.noise_fingerprint(acc.query, device)  # before this step's draws
+    try:
+        result, new_state, event = acc.finish(global_state)  # this rank's shard, this rank's noise
+        if step.is_recorder and check is not None and event is not None:
+            check(event)
+    except PrivacyBudgetExceeded as exc:
+        header = [(str(exc), exc.epsilon, exc.target_epsilon, exc.target_delta, exc.steps)]
+        code, mine = _REFUSED, exc
+    except Exception as exc:
+        code, mine = _ERROR, exc
+    # (the fingerprints are zero but on their own rank: MAX gathers them as a sum would)
+    control = torch.tensor([code] + fingerprint, dtype=torch.long, device=device)  # NCCL needs device tensors
+    dist.all_reduce(control, op=dist.ReduceOp.MAX, group=step.group)
+    step.last_volume_bytes += control.numel() * control.element_size()
+    values = control.tolist()
+    code = values[0]
+    step.refuse_shared_noise(values[1:])
+    if code == _REFUSED:
+        dist.broadcast_object_list(header, src=step._src(), group=step.group)
+        if mine is not None:
+            raise mine
+        msg, eps, target_eps, target_delta, steps = header[0]
+        raise PrivacyBudgetExceeded(msg, epsilon=eps, target_epsilon=target_eps, target_delta=target_delta, steps=steps)
+    if code == _ERROR:
+        if mine is not None:
+            raise mine
+        raise RuntimeError("another rank failed to release its shard of the step; this rank stops with it")
     return step._as_dtensors(result), new_state, event

@@ -378,10 +378,10 @@ def prefetch_twins(rank, world, port, out_dir):
 
 
 
-def private_setup(inner, *, fsdp, general, clip, sigma, denominator, ledger, lr):
+def private_setup(inner, *, fsdp, general, clip, sigma, denominator, ledger, lr, data_loader=None):
     """``(model, optimizer)``: ``inner`` wrapped in DDP (or ``fully_shard`` with ``fsdp``), under
     ``DPGaussianOptimizer``, or (``general``) a ``DPOptimizer`` over a Gaussian average query with
-    its own ``get_noised_result`` (the general release path)."""
+    its own ``get_noised_result`` (the general release path); ``data_loader`` as for the optimizer."""
     from pytorch_privacy.dp_query import GaussianAverageQuery
     from pytorch_privacy.optimizer import DPGaussianOptimizer, DPOptimizer
 
@@ -397,9 +397,10 @@ def private_setup(inner, *, fsdp, general, clip, sigma, denominator, ledger, lr)
         model = nn.parallel.DistributedDataParallel(inner)
     sgd = torch.optim.SGD(model.parameters() if fsdp else inner.parameters(), lr=lr)
     if general:
-        return model, DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator), ledger=ledger)
+        return model, DPOptimizer(sgd, model, loss_fn(), OwnRelease(clip, sigma * clip, denominator), ledger=ledger,
+                                  data_loader=data_loader)
     return model, DPGaussianOptimizer(sgd, model, loss_fn(), l2_norm_clip=clip, noise_multiplier=sigma, ledger=ledger,
-                                      expected_batch_size=denominator)
+                                      expected_batch_size=denominator, data_loader=data_loader)
 
 
 def resume_from_rank0(rank, world, port, out_dir, fresh_optimizer, fsdp=False, fresh_randomness=False, general=False):
@@ -614,3 +615,33 @@ def frozen_params(rank, world, port, out_dir, fsdp):
         train_frozen(model, engine, rank, world, sigma=1.0, steps=1)
         out[engine] = {"trained": before, "noisy": _full_params(model)}
     torch.save(out, os.path.join(out_dir, f"frozen{rank}.pt"))
+
+
+def shared_sampling(rank, world, port, out_dir, fsdp, general):
+    """The loader's sampling generator reseeded by hand after construction: with one seed on every
+    rank (``same``) and with a seed per rank (``own``); each takes one step of the loader's first
+    batch.  Saves per case the error (or ``None``), whether the parameters changed and the ledger's
+    step count."""
+    from torch.utils.data import TensorDataset
+
+    from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g))
+    out = {}
+    for case in ("same", "own"):
+        loader = DistributedDPDataLoader(data, 0.25)  # OS-seeded: passes the construction check
+        torch.manual_seed(0)
+        model, opt = private_setup(make_model(), fsdp=fsdp, general=general, clip=1.0, sigma=1.0, denominator=10.0,
+                                   ledger=None, lr=0.5, data_loader=loader)
+        loader.poisson_sampler.random.torch_generator("cpu").manual_seed(7 if case == "same" else 7 + rank)
+        before = _full_params(model)
+        error = None
+        try:
+            x, y = next(iter(loader))
+            opt.fit_batch(x, y)
+        except ValueError as exc:
+            error = str(exc)
+        out[case] = {"error": error, "changed": not torch.equal(_full_params(model), before),
+                     "recorded": opt.ledger.steps}
+    torch.save(out, os.path.join(out_dir, f"sampling{rank}.pt"))

@@ -64,16 +64,16 @@ def test_noise_added_once_across_ranks(tmp_path, mode):
     assert abs(std / (expected * math.sqrt(2)) - 1) > 0.25
     assert abs(float(update.mean())) < 5 * expected / math.sqrt(update.numel())
     if mode == "block":
-        # one flat all-reduce of the block-noised sums, 3 noise- and 3 settings-fingerprint values
-        # per rank and 5 counters, fp32; no broadcast
-        assert u0["volume"] == 4 * (5050 + 6 * 2 + 5)
+        # one flat all-reduce of the block-noised sums, 3 noise-, 3 settings- and 3 sampling-fingerprint
+        # values per rank and 5 counters, fp32; no broadcast
+        assert u0["volume"] == 4 * (5050 + 9 * 2 + 5)
         # rank 0 noised elements [0, 2525), rank 1 [2525, 5050), from independent streams
         corr = float(torch.corrcoef(torch.stack([update[:2525], update[2525:]]))[0, 1])
         assert abs(corr) < 0.1, corr
     else:
-        # one flat all-reduce of the sums (+3 settings-fingerprint values per rank and 3 counters) and
-        # one broadcast of rank 0's release, fp32
-        assert u0["volume"] == 4 * (5050 + 3 * 2 + 3) + 4 * 5050
+        # one flat all-reduce of the sums (+3 settings- and 3 sampling-fingerprint values per rank and 3
+        # counters) and one broadcast of rank 0's release, fp32
+        assert u0["volume"] == 4 * (5050 + 6 * 2 + 3) + 4 * 5050
 
 
 @pytest.mark.slow
@@ -422,6 +422,22 @@ def test_only_a_distributed_loader_over_the_same_ranks_is_accepted(tmp_path, fsd
         assert "samples the whole dataset" in errors["shuffle"]
         assert "built for rank 0 of 1" in errors["distributed-as-one"]
         assert errors["distributed"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("general", [False, True], ids=["gaussian", "general"])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_sampling_generators_reseeded_alike_are_refused_at_the_step(tmp_path, fsdp, general):
+    """The loaders' sampling generators seeded with one seed on every rank after construction (which
+    the construction check cannot see): the step drawn from them is refused on every rank, nothing
+    applied or recorded; a seed per rank trains."""
+    w.spawn(w.shared_sampling, 2, str(tmp_path), fsdp, general)
+    for rank in range(2):
+        out = _load(tmp_path / f"sampling{rank}.pt")
+        assert "sampling generators in the same state" in (out["same"]["error"] or ""), out["same"]
+        assert not out["same"]["changed"] and out["same"]["recorded"] == 0
+        assert out["own"]["error"] is None and out["own"]["changed"]
+        assert out["own"]["recorded"] == (1 if rank == 0 else 0)
 
 
 @pytest.mark.slow

@@ -47,12 +47,12 @@ def test_two_fsdp_ranks_equal_one_process_without_noise(tmp_path):
             for n in ref:
                 torch.testing.assert_close(res["params"][n], ref[n], atol=1e-5, rtol=0, msg=lambda m: f"{engine} {kw}: {m}")
             # one reduce-scatter of a rank-major buffer per physical slot: 2 rows (each rank's shard of
-            # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 3 noise-
-            # and 3 settings-fingerprint values per rank and 5 counters
+            # every parameter, padded to the longer one) of sums, fp32; then an all-reduce of 3 noise-,
+            # 3 settings- and 3 sampling-fingerprint values per rank and 5 counters
             seg = [sum(torch.chunk(t, 2, 0)[s].numel() for t in ref.values()) for s in range(2)]
             assert seg == [33, 20]
             slots = 4 if kw.get("max_physical_batch_size") == 1 else 1  # 4 examples per rank, one per chunk
-            assert res["volume"] == 4 * (2 * max(seg) * slots + 6 * 2 + 5)
+            assert res["volume"] == 4 * (2 * max(seg) * slots + 9 * 2 + 5)
 
 
 @pytest.mark.slow

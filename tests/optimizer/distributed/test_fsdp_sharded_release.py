@@ -63,14 +63,14 @@ def test_one_parameter_per_bucket_equals_one_process_and_forms_each_sum_at_its_b
             assert res["refused"] == [0, -1, 1.5, True, "8MiB"] and res["bucket_bytes"] == 1, what  # bad sizes refused
             ev = res["events"]
             # per physical slot, one reduce-scatter per parameter of 2 rows of the larger shard; the
-            # release then noises the shards and all-reduces 5 counters and 6 fingerprint values per
-            # rank (noise, settings; no reduce-scatter of its own)
+            # release then noises the shards and all-reduces 5 counters and 9 fingerprint values per
+            # rank (noise, settings, sampling; no reduce-scatter of its own)
             rows = [max(c.numel() for c in torch.chunk(torch.zeros(shapes[n]), 2, 0)) for n in names]
             mpb = kw.get("max_physical_batch_size")
             chunks = [max(1, -(-m // mpb)) if mpb else 1 for m in (splits[-1], 8 - splits[-1])]
             slots = max(chunks)  # the ranks agree on the most chunks
             assert [e[1] for e in ev if e[0] == "rs"] == [2 * r for r in rows] * slots, what
-            assert res["volume"] == 4 * (2 * sum(rows) * slots + 6 * 2 + 5), what
+            assert res["volume"] == 4 * (2 * sum(rows) * slots + 9 * 2 + 5), what
             # each parameter's sum is formed alone, just before the reduce-scatter of its bucket;
             # in a slot without a chunk of this rank, nothing is formed (zeros are sent)
             expected = []
