@@ -105,15 +105,15 @@ class RankChecks:
         """Raise ``ValueError`` (on every rank: they all see the same sums) when two ranks'
         fingerprints (:meth:`noise_fingerprint`, summed over the ranks) are equal: their noise
         generators stood in the same state, so their blocks (shards) got the same noise."""
-        if len(set(self._per_rank(summed))) < self.world_size:
-            raise ValueError(
-                "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but two ranks' noise generators "
-                "were in the same state: their blocks got the same (correlated) noise, whose privacy loss is unbounded "
-                "along the difference of the two blocks. Nothing was applied or recorded; the step's noise is spent. "
-                "Causes: every rank restored one checkpoint (load each rank's own opt.state_dict(), or load with "
-                "fresh_randomness=True), or a generator given by hand with one seed on every rank (seed each rank "
-                "differently: torch.Generator().manual_seed(seed * world_size + rank), or pass no generator)"
-            )
+        self._refuse_two_equal(
+            summed,
+            "every rank noises its own block (DDP) or shard (FSDP2) of the sums, but two ranks' noise generators "
+            "were in the same state: their blocks got the same (correlated) noise, whose privacy loss is unbounded "
+            "along the difference of the two blocks. Nothing was applied or recorded; the step's noise is spent. "
+            "Causes: every rank restored one checkpoint (load each rank's own opt.state_dict(), or load with "
+            "fresh_randomness=True), or a generator given by hand with one seed on every rank (seed each rank "
+            "differently: torch.Generator().manual_seed(seed * world_size + rank), or pass no generator)",
+        )
 
     def settings_fingerprint(self, query, global_state: Any, noise_scale: float) -> list[float]:
         """This rank's part of the check that every rank releases with the same privacy settings
@@ -158,14 +158,19 @@ class RankChecks:
         """Raise ``ValueError`` (on every rank) when two ranks' :meth:`sampling_fingerprint` are
         equal: their sampling generators stood in the same state before drawing, so example ``i``
         of one rank's part joined the batch exactly when example ``i`` of the other's did."""
+        self._refuse_two_equal(
+            summed,
+            "two ranks' data loaders drew this step's batch from sampling generators in the same state: the "
+            "inclusions of their examples are correlated, which the Poisson sampling the ledger accounts for does "
+            "not allow. Nothing was applied or recorded. Cause: a sampling generator seeded alike on every rank "
+            "(e.g. manual_seed on loader.generator after construction, or one sampler state loaded everywhere); seed "
+            "each rank differently (seed * world_size + rank), or leave the loader's generator OS-seeded",
+        )
+
+    def _refuse_two_equal(self, summed: list[float], message: str) -> None:
+        """``ValueError(message)`` when two ranks' fingerprints in ``summed`` are equal."""
         if len(set(self._per_rank(summed))) < self.world_size:
-            raise ValueError(
-                "two ranks' data loaders drew this step's batch from sampling generators in the same state: the "
-                "inclusions of their examples are correlated, which the Poisson sampling the ledger accounts for does "
-                "not allow. Nothing was applied or recorded. Cause: a sampling generator seeded alike on every rank "
-                "(e.g. manual_seed on loader.generator after construction, or one sampler state loaded everywhere); seed "
-                "each rank differently (seed * world_size + rank), or leave the loader's generator OS-seeded"
-            )
+            raise ValueError(message)
 
     def agreement_fingerprint(self, query, global_state: Any, noise_scale: float) -> list[float]:
         """:meth:`settings_fingerprint` then :meth:`sampling_fingerprint`: what every step's
