@@ -110,12 +110,6 @@ class _count_gathered:
         return run
 
 
-def _with_wrapper(model, opt):
-    """``opt`` with ``opt.model_wrapper = model`` (the DDP wrapper the loop modes call)."""
-    opt.model_wrapper = model
-    return opt
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,10 +143,10 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 query = OwnReleaseQuery(1.0, 1.0, args["batch_size"], generator=gen)
                 return DPOptimizer(torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, query,
                                    engine=args["engine"])
-            return _with_wrapper(model, DPGaussianOptimizer(
+            return DPGaussianOptimizer(
                 torch.optim.SGD(inner.parameters(), lr=0.01), model, per_example_ce, l2_norm_clip=1.0,
                 noise_multiplier=1.0, expected_batch_size=args["batch_size"], engine=args["engine"], generator=gen,
-            ))
+            )
 
         dp_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
         bcast_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])), own_release=True)
@@ -166,18 +160,19 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
             "dp-bcast": lambda: bcast_opt.fit_batch(x, y),
         }
         if args["loop"]:  # make_private's unchanged loop: the user's forward and backward, then the private step
-            loop_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
-            sync_opt = dp_optimizer(nn.parallel.DistributedDataParallel(make_model(args["hidden"])))
+            loop_model = nn.parallel.DistributedDataParallel(make_model(args["hidden"]))
+            sync_model = nn.parallel.DistributedDataParallel(make_model(args["hidden"]))
+            loop_opt, sync_opt = dp_optimizer(loop_model), dp_optimizer(sync_model)
             if world > 1:
-                loop_opt.model_wrapper.require_backward_grad_sync = False  # as make_private sets it
+                loop_model.require_backward_grad_sync = False  # as make_private sets it
 
-            def loop_step(opt):
+            def loop_step(model, opt):
                 opt.zero_grad()
-                per_example_ce(opt.model_wrapper(x), y).mean().backward()
+                per_example_ce(model(x), y).mean().backward()
                 opt.fit_batch(x, y)
 
-            modes["loop"] = lambda: loop_step(loop_opt)
-            modes["loop grad-sync"] = lambda: loop_step(sync_opt)
+            modes["loop"] = lambda: loop_step(loop_model, loop_opt)
+            modes["loop grad-sync"] = lambda: loop_step(sync_model, sync_opt)
         volumes = {}
         if args["fsdp"]:
             from torch.distributed.fsdp import fully_shard

@@ -89,7 +89,7 @@ from ...dp_query import pytree
 from ...dp_query.gaussian_query import GaussianSumQuery
 from ...dp_query.normalized_query import NormalizedGlobalState, NormalizedQuery
 from ..step_accumulator import DeferredSums
-from .fingerprints import _FP_PARTS, RankChecks
+from .fingerprints import RankChecks
 
 __all__ = ["DistributedStep", "unwrap_ddp"]
 
@@ -299,10 +299,9 @@ class DistributedStep(RankChecks):
         deferred = isinstance(acc.sample_state, DeferredSums)  # formed below, one parameter at a time
         query, has_sensitive, leaves, spec, wide, device, public, names, pub = self._local_parts(acc)
         n_sum = sum(t.numel() for t in leaves)
-        # one flat buffer: the sums, the public gradients, the ranks' noise and settings
-        # fingerprints, [the noised dropped count,] then 5 counters
-        g = _FP_PARTS * self.world_size
-        m = 3 * g  # noise, then settings and sampling (agreement_fingerprint)
+        # one flat buffer: the sums, the public gradients, the ranks' fingerprints (step_fingerprint:
+        # noise, settings, sampling), [the noised dropped count,] then 5 counters
+        m = self.step_fingerprint_size
         k = m + (5 if self.count_stddev is None else 6)
         if deferred:
             flat = torch.empty(n_sum + sum(t.numel() for t in pub) + k, dtype=wide, device=device)
@@ -325,8 +324,7 @@ class DistributedStep(RankChecks):
         lo, hi = (n_sum * self.rank) // self.world_size, (n_sum * (self.rank + 1)) // self.world_size
         stddev = gauss_state.stddev
         draws = hi > lo and not (isinstance(stddev, (int, float)) and stddev == 0)
-        fingerprint = self.noise_fingerprint(query, flat.device, draws)  # before this step's draw
-        fingerprint += self.agreement_fingerprint(query, global_state, acc.noise_scale)
+        fingerprint = self.step_fingerprint(query, flat.device, draws, global_state, acc.noise_scale)  # before the draw
         code, mine, header = _OK, None, None
         try:
             new_gauss, event = gauss.noise_in_place(flat[lo:hi], gauss_state)  # this rank's block, in place
@@ -352,8 +350,7 @@ class DistributedStep(RankChecks):
         self.last_noised_count = tail[m] if self.count_stddev is not None else None
         any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
         self.last_global_examples = examples
-        self.refuse_disagreement(tail[g:m])
-        self.refuse_shared_noise(tail[:g])
+        self.refuse_step(tail[:m])
         if n_refused or n_errors:
             return self._stop(header, mine, bool(n_refused) and not n_errors)
         if public:

@@ -95,8 +95,11 @@ class RankChecks:
         noise generators stand (:meth:`~pytorch_privacy.dp_query.randomness.RandomSource.stream_state`),
         in the layout of :meth:`_slots`.  Random bits when this rank draws nothing
         (``draws=False``) or draws from the OS CSPRNG."""
+        return self._state_slots([src.stream_state(device) for src in _sources(query)] if draws else [None])
+
+    def _state_slots(self, states: list) -> list[float]:
+        """:meth:`_slots` of a hash of generator ``states`` (16 random bytes for each ``None``)."""
         h = hashlib.blake2b(digest_size=8)
-        states = [src.stream_state(device) for src in _sources(query)] if draws else [None]
         for state in states:
             h.update(os.urandom(16) if state is None else state.numpy().tobytes())
         return self._slots(h)
@@ -152,7 +155,7 @@ class RankChecks:
         (:attr:`~.sampler.DistributedPoissonSampler.last_draw_state`), in the layout of :meth:`_slots`;
         random bits without a loader, before its first draw, or in secure mode."""
         state = None if self.sampler is None else self.sampler.last_draw_state
-        return self._slots(hashlib.blake2b(os.urandom(16) if state is None else state.numpy().tobytes(), digest_size=8))
+        return self._state_slots([state])
 
     def refuse_shared_sampling(self, summed: list[float]) -> None:
         """Raise ``ValueError`` (on every rank) when two ranks' :meth:`sampling_fingerprint` are
@@ -171,6 +174,23 @@ class RankChecks:
         """``ValueError(message)`` when two ranks' fingerprints in ``summed`` are equal."""
         if len(set(self._per_rank(summed))) < self.world_size:
             raise ValueError(message)
+
+    @property
+    def step_fingerprint_size(self) -> int:
+        """The number of values of :meth:`step_fingerprint`: ``9 W``."""
+        return 3 * _FP_PARTS * self.world_size
+
+    def step_fingerprint(self, query, device: Any, draws: bool, global_state: Any, noise_scale: float) -> list[float]:
+        """:meth:`noise_fingerprint` then :meth:`agreement_fingerprint` (``9 W`` values): what a step
+        whose ranks each draw their own noise carries in its collective (:meth:`refuse_step`)."""
+        return self.noise_fingerprint(query, device, draws) + self.agreement_fingerprint(query, global_state, noise_scale)
+
+    def refuse_step(self, summed: list[float]) -> None:
+        """:meth:`refuse_disagreement` then :meth:`refuse_shared_noise` on the summed
+        :meth:`step_fingerprint` s."""
+        g = _FP_PARTS * self.world_size
+        self.refuse_disagreement(summed[g : 3 * g])
+        self.refuse_shared_noise(summed[:g])
 
     def agreement_fingerprint(self, query, global_state: Any, noise_scale: float) -> list[float]:
         """:meth:`settings_fingerprint` then :meth:`sampling_fingerprint`: what every step's

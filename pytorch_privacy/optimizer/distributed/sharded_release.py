@@ -174,8 +174,7 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     gauss, gauss_state = _gaussian_part(query, global_state)
     stddev, device = gauss_state.stddev, next(iter(template.values())).device
     draws = any(shards[n].numel() for n in names) and not (isinstance(stddev, (int, float)) and stddev == 0)
-    fingerprint = step.noise_fingerprint(query, device, draws)  # before this step's draws
-    fingerprint += step.agreement_fingerprint(query, global_state, acc.noise_scale)
+    fingerprint = step.step_fingerprint(query, device, draws, global_state, acc.noise_scale)  # before the draws
     code, mine, header, event, new_gauss = _OK, None, None, None, gauss_state
     try:  # this rank's shard, its own noise; nothing has crossed the ranks yet
         for n in names:
@@ -194,12 +193,11 @@ def scatter_release(step: Any, acc: Any, global_state: Any, local_examples: int,
     dist.all_reduce(tail_t, op=dist.ReduceOp.SUM, group=step.group)
     step.last_volume_bytes = volume + tail_t.numel() * tail_t.element_size()
     tail = tail_t.tolist()
-    m = len(fingerprint)  # noise, then settings and sampling
+    m = len(fingerprint)
     step.last_noised_count = tail[m] if step.count_stddev is not None else None
     any_sensitive, examples, n_public, n_refused, n_errors = (round(v) for v in tail[-5:])
     step.last_global_examples = examples
-    step.refuse_disagreement(tail[m // 3 : m])
-    step.refuse_shared_noise(tail[: m // 3])
+    step.refuse_step(tail[:m])
     if n_refused or n_errors:
         return step._stop(header, mine, bool(n_refused) and not n_errors)
     if public and n_public != world:
