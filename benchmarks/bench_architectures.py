@@ -431,6 +431,15 @@ def summary(results: dict[str, dict]) -> list[str]:
         r = _ratio(results["lstm"], "dp auto (swapped)", "opacus hooks", "ms")
         if r is not None:
             lines.append(f"   (lstm after swap_to_dp_layers: {r:.2f}x Opacus hooks)")
+    if "mnist" in results:  # issue 14's GPU targets (throughput ratio = inverse time ratio)
+        lines.append("== issue 14 (GPU): MNIST CNN DP throughput >= 0.8x non-private at B=1024, step time <= Opacus"
+                     " hooks at B=256")
+        for name in ("dp auto", "dp compiled"):
+            np_ratio = _ratio(results["mnist"], NP, name, "ms")
+            op_ratio = _ratio(results["mnist"], name, "opacus hooks", "ms")
+            if np_ratio is not None:
+                lines.append(f"   {name:<12} throughput {np_ratio:5.2f}x non-private"
+                             + (f", step time {op_ratio:5.2f}x Opacus hooks" if op_ratio is not None else ""))
     if "gpt" in results:
         r = _ratio(results["gpt"], "dp auto (swapped)", NP, "ms")
         m = _ratio(results["gpt"], "dp auto (swapped)", NP, "mem")
