@@ -7,17 +7,18 @@
 # Run from the repository root; needs opacus for the Opacus rows (they say so when it is missing).
 set -u
 out="${OUT:-.}"
+py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 # only the files that hold gpu tests: collecting the whole suite imports every optional extra
 files=$(grep -rl "mark.gpu" tests | sort)
-per_test=""; python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 150"
-timeout "${GPU_TESTS_S:-200}" python -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_WORKERS:-6}" \
+per_test=""; "$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 150"
+timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_WORKERS:-6}" \
   $per_test -rfE --tb=short $files 2>&1 | tee "$out/gpu_tests.log" | tail -40
 for b in 256 1024; do
-  timeout "${GPU_BENCH_S:-140}" python benchmarks/bench_architectures.py --device cuda --cases mnist,gpt --compiled \
+  timeout "${GPU_BENCH_S:-140}" "$py" benchmarks/bench_architectures.py --device cuda --cases mnist,gpt --compiled \
     --batch-size "$b" --reps 5 --json "$out/gpu_architectures_b$b.json" 2>&1 | grep -v "^USDT" \
     | tee "$out/gpu_architectures_b$b.log"
 done
-timeout "${GPU_OVERHEAD_S:-50}" python benchmarks/bench_overhead.py --device cuda --repeats 5 2>&1 \
+timeout "${GPU_OVERHEAD_S:-50}" "$py" benchmarks/bench_overhead.py --device cuda --repeats 5 2>&1 \
   | tee "$out/gpu_overhead.log" | tail -9
