@@ -17,7 +17,7 @@ timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "
   $per_test -rfE --tb=short $files 2>&1 | tee "$out/gpu_tests.log" | tail -40
 for b in 256 1024; do
   timeout "${GPU_BENCH_S:-140}" "$py" benchmarks/bench_architectures.py --device cuda --cases mnist,gpt --compiled \
-    --batch-size "$b" --reps 5 --json "$out/gpu_architectures_b$b.json" 2>&1 | grep -v "^USDT" \
+    --batch-size "$b" --reps 5 --json "$out/gpu_architectures_b$b.json" 2>&1 | grep --line-buffered -v "^USDT" \
     | tee "$out/gpu_architectures_b$b.log"
 done
 timeout "${GPU_OVERHEAD_S:-50}" "$py" benchmarks/bench_overhead.py --device cuda --repeats 5 2>&1 \

@@ -7,8 +7,10 @@ Thin wrappers over ``torch.utils._pytree`` so the rest of the package depends on
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
@@ -24,6 +26,7 @@ __all__ = [
     "record_norm",
     "scale_rows",
     "check_finite_norms",
+    "records_known_finite",
     "zeros_like",
 ]
 
@@ -213,6 +216,8 @@ def check_finite_norms(norms: torch.Tensor, what: str = "record", *, single: boo
     synchronisation per batch on accelerators (the DP optimizer's fast path,
     ``accumulate_records_by_norm``, is not checked: it masks non-finite records itself).
     """
+    if _KNOWN_FINITE.get():
+        return
     finite = torch.isfinite(norms)
     if bool(finite.all()):
         return
@@ -225,6 +230,25 @@ def check_finite_norms(norms: torch.Tensor, what: str = "record", *, single: boo
         "noised result NaN. Remove or fix such records before they reach the query (the DP optimizer "
         "drops them itself)"
     )
+
+
+_KNOWN_FINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("records_known_finite", default=False)
+
+
+@contextlib.contextmanager
+def records_known_finite() -> Iterator[None]:
+    """Within this context :func:`check_finite_norms` checks nothing.
+
+    For callers that have already replaced every non-finite record by zeros (the DP optimizer
+    masks them before any query sees them): on an accelerator the check would read the norms on
+    the host, one device synchronisation per batch, to refuse records that cannot be there.
+    Never use it to let non-finite records through: the query would return a NaN result.
+    """
+    token = _KNOWN_FINITE.set(True)
+    try:
+        yield
+    finally:
+        _KNOWN_FINITE.reset(token)
 
 
 def zeros_like(tree: Any) -> Any:

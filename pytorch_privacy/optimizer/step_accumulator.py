@@ -443,7 +443,8 @@ class StepAccumulator:
                 return state
             except NotImplementedError:
                 self.by_norm = False
-        return q.accumulate_records(self.params, state, _materialize(records, f"{type(q).__name__}"))
+        with pytree.records_known_finite():  # masked by _FiniteRecords: no host read of the norms
+            return q.accumulate_records(self.params, state, _materialize(records, f"{type(q).__name__}"))
 
     def flush(self) -> None:
         """Clip the pending sensitive passes (all over the same records) and merge their sum
@@ -498,7 +499,8 @@ class StepAccumulator:
             chunk_state = q.initial_sample_state(self.template)
             for r in recs:
                 mat = _materialize(r, "pass_clipping='per_pass' with several sensitive passes")
-                pre = q.preprocess_records(self.params, mat)
+                with pytree.records_known_finite():  # masked by _FiniteRecords
+                    pre = q.preprocess_records(self.params, mat)
                 try:
                     pytree.check_same_structure(self.template, pre, batched=True)
                 except (ValueError, TypeError) as exc:

@@ -88,18 +88,28 @@ def test_adaptive_clip_on_cuda_matches_cpu_and_stays_on_device():
 
 
 def test_adaptive_clip_step_has_no_host_sync():
+    """The by-norm path never syncs.  The batched path refuses non-finite records, which reads
+    the norms on the host (one documented sync per batch), unless the caller has masked them
+    (``records_known_finite``, as the DP optimizer does); that refusal still works on CUDA."""
+    from pytorch_privacy.dp_query.pytree import records_known_finite
+
     q = QuantileAdaptiveClipSumQuery(1.0, 1.1, 0.5, 0.2, 3.0, 64)
     gs = q.initial_global_state()
     batch = torch.randn(64, 5, device="cuda")
     norms = batch.norm(dim=1)
     ws = weighted_sum_fn(batch)
+    bad = batch.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="record 3 has a NaN entry"):
+        q.accumulate_records(q.derive_sample_params(gs), q.initial_sample_state(batch[0]), bad)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             p = q.derive_sample_params(gs)
             s = q.initial_sample_state(batch[0])
-            s = q.accumulate_records(p, s, batch)
+            with records_known_finite():
+                s = q.accumulate_records(p, s, batch)
             s = q.accumulate_records_by_norm(p, s, norms, ws)
             _, gs, _ = q.get_noised_result(s, gs)
         with pytest.raises(RuntimeError):  # control: the detector does catch a sync

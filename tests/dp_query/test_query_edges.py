@@ -156,6 +156,20 @@ def test_non_finite_record_is_refused_not_a_nan_result(kind, make, batched):
         _run(make(), records, batched=batched)
 
 
+def test_records_known_finite_is_scoped_to_its_block():
+    """The optimizer's opt-out of the host-side check (its records are masked already) must not
+    leak: the refusal is back after the block, also when the block raised."""
+    from pytorch_privacy.dp_query.pytree import records_known_finite
+
+    records = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, float("nan")])]
+    with pytest.raises(RuntimeError, match="inside"):
+        with records_known_finite():
+            _run(GaussianSumQuery(1.0, 0.0), [records[0]], batched=True)
+            raise RuntimeError("inside")
+    with pytest.raises(ValueError, match="record 1 has a NaN entry"):
+        _run(GaussianSumQuery(1.0, 0.0), records, batched=True)
+
+
 def test_clip_record_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
         clip_record({"w": torch.tensor([1.0, float("nan")])}, 1.0)
