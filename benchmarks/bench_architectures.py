@@ -44,9 +44,9 @@ Usage::
 
     python benchmarks/bench_architectures.py [--cases gpt,resnet,lstm,mnist] [--reps 5]
         [--quick] [--device cpu|cuda] [--threads 2] [--clock wall|process] [--no-opacus]
-        [--top-ops N] [--json PATH] [--batch-size B] [--compiled]
+        [--top-ops N] [--json PATH] [--batch-size B] [--compiled] [--graphed]
 
-On a GPU (issue 14): ``--device cuda --cases mnist,gpt --compiled --batch-size 256`` and again
+On a GPU (issue 14): ``--device cuda --cases mnist,gpt --compiled --graphed --batch-size 256`` and again
 with ``--batch-size 1024``.
 """
 
@@ -283,7 +283,7 @@ def _one_line(err: BaseException, limit: int = 160) -> str:
 # ---------------------------------------------------------------------------------- measuring
 
 
-def build_methods(case: Case, use_opacus: bool, compiled: bool = False) -> dict[str, Method]:
+def build_methods(case: Case, use_opacus: bool, compiled: bool = False, graphed: bool = False) -> dict[str, Method]:
     makers: dict[str, Callable[[], Method]] = {
         NP: lambda: nonprivate(case),
         "dp auto": lambda: ours(case, "auto"),
@@ -293,6 +293,8 @@ def build_methods(case: Case, use_opacus: bool, compiled: bool = False) -> dict[
     makers["dp functorch"] = lambda: ours(case, "functorch")
     if compiled:
         makers["dp compiled"] = lambda: ours(case, compiled_engine(case.x.device))
+    if graphed:
+        makers["dp graphed"] = lambda: ours(case, "graphed")
     if use_opacus:
         makers["opacus hooks"] = lambda: opacus_method(case, "hooks")
         makers["opacus ghost"] = lambda: opacus_method(case, "ghost")
@@ -331,7 +333,7 @@ def steps_per_rep(step: Callable[[], None], device: torch.device, rep_seconds: f
 def run_case(case: Case, args, device: torch.device) -> dict[str, dict]:
     load = f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg") else ""
     print(f"\n== {case.key}: {case.title}{load}")
-    methods = build_methods(case, not args.no_opacus, args.compiled)
+    methods = build_methods(case, not args.no_opacus, args.compiled, args.graphed)
     runnable = {n: m for n, m in methods.items() if m.step is not None}
     for name, m in methods.items():
         for text in m.warnings:
@@ -434,7 +436,7 @@ def summary(results: dict[str, dict]) -> list[str]:
     if "mnist" in results:  # issue 14's GPU targets (throughput ratio = inverse time ratio)
         lines.append("== issue 14 (GPU): MNIST CNN DP throughput >= 0.8x non-private at B=1024, step time <= Opacus"
                      " hooks at B=256")
-        for name in ("dp auto", "dp compiled"):
+        for name in ("dp auto", "dp compiled", "dp graphed"):
             np_ratio = _ratio(results["mnist"], NP, name, "ms")
             op_ratio = _ratio(results["mnist"], name, "opacus hooks", "ms")
             if np_ratio is not None:
@@ -463,6 +465,9 @@ def main(argv=None) -> dict[str, dict]:
     ap.add_argument("--batch-size", type=int, default=None, help="override every case's batch size B")
     ap.add_argument("--compiled", action="store_true",
                     help="add 'dp compiled' (CompiledEngine: inductor, CUDA graphs on CUDA; compiles in its first step)")
+    ap.add_argument("--graphed", action="store_true",
+                    help="add 'dp graphed' (GraphedEngine: per-record gradients and clipped sums as CUDA graphs on "
+                         "CUDA, the same code eagerly on CPU; captures in its first step)")
     ap.add_argument("--top-ops", type=int, default=0, help="also print the N most frequent ATen ops per method")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args(argv)

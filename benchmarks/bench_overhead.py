@@ -7,6 +7,8 @@ Timed side by side in one run (interleaved, see :func:`common.time_interleaved`)
 * ``engine ghost (raw)``: ghost engine + ``GaussianSumQuery.accumulate_records_by_norm`` + noise +
   ``.grad`` + step, without the optimizer wrapper.
 * ``dp ghost`` / ``dp functorch``: ``DPGaussianOptimizer.fit_batch`` with that engine.
+* ``dp graphed``: the same with :class:`~pytorch_privacy.optimizer.engines.GraphedEngine` (the
+  per-record gradients and the clipped sum replayed as CUDA graphs on CUDA; eager on CPU).
 * ``dp compiled``: the same with :class:`~pytorch_privacy.optimizer.engines.CompiledEngine`
   (inductor; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA); it compiles during warm-up.
 
@@ -106,6 +108,7 @@ def main(argv=None):
         "dp ghost": lambda: dp_step(device, x, y, a, "ghost"),
         "dp functorch": lambda: dp_step(device, x, y, a, "functorch"),
         "dp compiled": lambda: dp_step(device, x, y, a, compiled_engine(device)),
+        "dp graphed": lambda: dp_step(device, x, y, a, "graphed"),
     }
     if a.methods:
         wanted = [m.strip() for m in a.methods.split(",")]

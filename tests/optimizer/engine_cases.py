@@ -353,27 +353,27 @@ def build(case: str, rnd, B: int) -> tuple[nn.Module, Any, Any, Callable]:
 
 #: every case, and which engines must support it (the rest must say why not)
 CASES = {
-    "linear": {"ghost", "functorch", "compiled", "loop"},
-    "linear_seq": {"ghost", "functorch", "compiled", "loop"},
-    "conv1d": {"ghost", "functorch", "compiled", "loop"},
-    "conv2d": {"ghost", "functorch", "compiled", "loop"},
-    "embedding": {"ghost", "functorch", "compiled", "loop"},
-    "tied": {"ghost", "functorch", "compiled", "loop"},
-    "tied_functional": {"ghost", "functorch", "compiled", "loop"},  # ghost falls back (warns)
-    "shared_module": {"ghost", "functorch", "compiled", "loop"},
-    "lora": {"ghost", "functorch", "compiled", "loop"},
-    "buffer": {"ghost", "functorch", "compiled", "loop"},
-    "tuple_input": {"ghost", "functorch", "compiled", "loop"},
-    "dict_input": {"ghost", "functorch", "compiled", "loop"},
+    "linear": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "linear_seq": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "conv1d": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "conv2d": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "embedding": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "tied": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "tied_functional": {"ghost", "functorch", "compiled", "graphed", "loop"},  # ghost falls back (warns)
+    "shared_module": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "lora": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "buffer": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "tuple_input": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "dict_input": {"ghost", "functorch", "compiled", "graphed", "loop"},
     "rnn": {"loop"},
     "gru": {"loop"},
     "lstm": {"loop"},  # float64 LSTM does not vmap; float32 does (tested separately)
-    "dprnn": {"ghost", "functorch", "compiled", "loop"},
-    "dpgru": {"ghost", "functorch", "compiled", "loop"},
-    "dplstm": {"ghost", "functorch", "compiled", "loop"},
-    "mha": {"functorch", "compiled", "loop"},
-    "dpmha": {"ghost", "functorch", "compiled", "loop"},
-    "tiny_lm": {"ghost", "functorch", "compiled", "loop"},  # DP attention, tied embedding / LM head
-    "eval_bn": {"ghost", "functorch", "compiled", "loop"},
-    "rmsnorm": {"ghost", "functorch", "compiled", "loop"},
+    "dprnn": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "dpgru": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "dplstm": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "mha": {"functorch", "compiled", "graphed", "loop"},
+    "dpmha": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "tiny_lm": {"ghost", "functorch", "compiled", "graphed", "loop"},  # DP attention, tied embedding / LM head
+    "eval_bn": {"ghost", "functorch", "compiled", "graphed", "loop"},
+    "rmsnorm": {"ghost", "functorch", "compiled", "graphed", "loop"},
 }

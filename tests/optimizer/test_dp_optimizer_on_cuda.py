@@ -39,7 +39,7 @@ def no_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("engine", ["auto", "functorch", "compiled"])
+@pytest.mark.parametrize("engine", ["auto", "functorch", "compiled", "graphed"])
 def test_cuda_step_equals_cpu_step(engine):
     results = []
     for dev in ("cpu", "cuda"):
@@ -53,7 +53,7 @@ def test_cuda_step_equals_cpu_step(engine):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("engine", ["auto", "functorch", "compiled"])
+@pytest.mark.parametrize("engine", ["auto", "functorch", "compiled", "graphed"])
 @pytest.mark.parametrize(
     "config",
     ["plain", "microbatch", "chunks", "per_pass_public", "adam_budget_sched"],

@@ -14,6 +14,7 @@ from torch import nn
 from pytorch_privacy.optimizer.engines import (
     FunctorchEngine,
     GhostEngine,
+    GraphedEngine,
     LoopEngine,
     available_engines,
     call_model,
@@ -184,7 +185,7 @@ def test_engines_match_naive_loop_on_cuda(case, monkeypatch):
     model = model.to(dev)
     x, y = x.to(dev), y.to(dev)
     ref = naive_per_example(model, loss_fn, x, y, 2)
-    for cls in (GhostEngine, FunctorchEngine):
+    for cls in (GhostEngine, FunctorchEngine, GraphedEngine):  # graphed: captured CUDA graphs
         res = cls(model, loss_fn).compute(x, y, microbatch_size=2)
         mat = res.materialize()
         for n in ref:

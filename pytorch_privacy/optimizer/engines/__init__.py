@@ -7,6 +7,8 @@ Registered engines, tried in priority order by ``select_engine(model)``:
 * ``"functorch"`` (:class:`FunctorchEngine`, priority 10): ``vmap(grad)``, any vmappable model.
 * ``"compiled"`` (:class:`CompiledEngine`, priority 5, never picked by ``"auto"``): the
   functorch computation and the norms as one ``torch.compile`` graph on bucketed batch sizes.
+* ``"graphed"`` (:class:`GraphedEngine`, priority 4, never picked by ``"auto"``): the
+  functorch computation, the norms and the clipped sum replayed as CUDA graphs.
 * ``"loop"`` (:class:`LoopEngine`, priority 0): one ``grad`` call per example, any model (used
   for ``nn.RNN``/``nn.GRU``, which do not vmap).
 """
@@ -27,6 +29,7 @@ from .base import (  # noqa: F401
 )
 from .functorch_engine import NOT_VMAPPABLE, FunctorchEngine  # noqa: F401
 from .compiled_engine import CompiledEngine, PaddedGradients, bucket_size  # noqa: F401
+from .graphed_engine import GraphedEngine, GraphedGradients  # noqa: F401
 from .ghost_engine import GhostEngine, GhostGradients  # noqa: F401
 from . import rules  # noqa: F401  (registers the per-layer ghost rules of .rules)
 from .ghost_rules import LayerRule, NormPolicy, ghost_rule_for, ghost_rules, register_ghost_rule  # noqa: F401
@@ -39,5 +42,5 @@ __all__ = [
     "get_engine", "available_engines", "call_model", "FunctorchEngine", "GhostEngine", "GhostGradients",
     "LoopEngine", "LayerRule", "NormPolicy", "ghost_rule_for", "ghost_rules", "register_ghost_rule",
     "DPRNN", "DPGRU", "DPLSTM", "DPMultiheadAttention", "DPRNNBase", "NOT_VMAPPABLE",
-    "swap_to_dp_layers", "CompiledEngine", "PaddedGradients", "bucket_size",
+    "swap_to_dp_layers", "CompiledEngine", "PaddedGradients", "bucket_size", "GraphedEngine", "GraphedGradients",
 ]

@@ -46,7 +46,7 @@ from .functional import check_losses, functional_forward, split_params
 from .scan import ModelScan
 from .functorch_engine import FunctorchEngine, _in_dims, _split_groups, _unsqueeze_tree
 
-__all__ = ["CompiledEngine", "PaddedGradients", "bucket_size"]
+__all__ = ["CompiledEngine", "PaddedGradients", "bucket_size", "per_record_function"]
 
 #: ``torch.compile`` modes that replay CUDA graphs on CUDA (their outputs live in the graph's
 #: static memory and are overwritten by the next replay)
@@ -79,6 +79,35 @@ def _pad_rows(x: Any, n: int, size: int) -> Any:
         return torch.cat([t, t[:1].expand((size - n,) + tuple(t.shape[1:]))])
 
     return pytree.tree_map(pad, x)
+
+
+def per_record_function(model: nn.Module, loss_fn, chunk_size: int | None, grouped: bool) -> Callable:
+    """``f(params, consts, x, y) -> (grads, squared norms, losses)``: every record's gradient by
+    ``vmap(grad(loss))`` (a record is one example, or with ``grouped`` one group of examples along
+    dimension 1, whose mean loss it differentiates) and its squared norm over all parameters,
+    accumulated in float32 for half precision.  One pure function of tensors, for the engines
+    that compile or capture it (:class:`CompiledEngine`, :class:`~.graphed_engine.GraphedEngine`)."""
+
+    def group_loss(p, consts, x, y):
+        out = functional_forward(model, {**p, **consts}, x)
+        losses = loss_fn(out, y)
+        check_losses(losses)
+        return losses.mean(), losses.detach()
+
+    def example_loss(p, consts, x, y):
+        return group_loss(p, consts, _unsqueeze_tree(x), _unsqueeze_tree(y))
+
+    inner = group_loss if grouped else example_loss
+
+    def per_record(p, consts, x, y):
+        g, losses = vmap(
+            grad(inner, has_aux=True), in_dims=(None, None, _in_dims(x), _in_dims(y)),
+            randomness="different", chunk_size=chunk_size,
+        )(p, consts, x, y)
+        sq = sum(t.reshape(t.shape[0], -1).to(accumulation_dtype(t.dtype)).square().sum(1) for t in g.values())
+        return g, sq, losses.reshape(-1)
+
+    return per_record
 
 
 class PaddedGradients(MaterializedGradients):
@@ -145,27 +174,7 @@ class CompiledEngine(FunctorchEngine):
         return fn
 
     def _per_record_fn(self, grouped: bool) -> Callable:
-        model, loss_fn, chunk = self.model, self.loss_fn, self.chunk_size
-
-        def group_loss(p, consts, x, y):
-            out = functional_forward(model, {**p, **consts}, x)
-            losses = loss_fn(out, y)
-            check_losses(losses)
-            return losses.mean(), losses.detach()
-
-        def example_loss(p, consts, x, y):
-            return group_loss(p, consts, _unsqueeze_tree(x), _unsqueeze_tree(y))
-
-        inner = group_loss if grouped else example_loss
-
-        def per_record(p, consts, x, y):
-            g, losses = vmap(
-                grad(inner, has_aux=True), in_dims=(None, None, _in_dims(x), _in_dims(y)),
-                randomness="different", chunk_size=chunk,
-            )(p, consts, x, y)
-            sq = sum(t.reshape(t.shape[0], -1).to(accumulation_dtype(t.dtype)).square().sum(1) for t in g.values())
-            return g, sq, losses.reshape(-1)
-
+        per_record = per_record_function(self.model, self.loss_fn, self.chunk_size, grouped)
         # torch._dynamo caches compiled graphs on the code object, and gives up compiling a code
         # object after ``recompile_limit`` graphs; every engine (model, loss) gets its own copy
         # so that engines do not use up each other's graphs
