@@ -185,6 +185,17 @@ def compiled_padding_kept(text: str) -> str:
     return _replace_once(text, r"sq_norms\[:records\]\.sqrt\(\)", "sq_norms.sqrt()", "the norm slice")
 
 
+def graphed_stale_padding(text: str) -> str:
+    # the graphed engine leaves the padded rows' coefficients from an earlier, larger batch of the
+    # same padded size: copies of record 0 join the sum (record 0 counted several times)
+    return _replace_once(text, r"^        self\.coef\.zero_\(\)\n", "", "the coefficients' reset")
+
+
+def graphed_held_pass_overwritten(text: str) -> str:
+    # a pass still held is not copied out before its slot replays: it reads the next pass's gradients
+    return _replace_once(text, r"^                held\.evict\(\)$", "                pass", "the eviction")
+
+
 def scaler_raw_count(text: str) -> str:
     # the dynamic loss scale moves on the true (un-noised) dropped-record count
     return _replace_once(
@@ -334,6 +345,12 @@ BUGS = [
     Bug("compiled_padding_kept", "compiled engine: padded records (copies of record 0) not sliced off",
         "pytorch_privacy/optimizer/engines/compiled_engine.py", compiled_padding_kept,
         [f"{OPT}/test_compiled_engine.py"]),
+    Bug("graphed_stale_padding", "graphed engine: padded rows keep stale clip coefficients (record 0 counted again)",
+        "pytorch_privacy/optimizer/engines/graphed_engine.py", graphed_stale_padding,
+        [f"{OPT}/test_graphed_engine.py"]),
+    Bug("graphed_held_pass_overwritten", "graphed engine: a held pass reads the next pass's gradients",
+        "pytorch_privacy/optimizer/engines/graphed_engine.py", graphed_held_pass_overwritten,
+        [f"{OPT}/test_graphed_engine.py"]),
     Bug("scaler_raw_count", "dynamic fp16 loss scale driven by the un-noised overflow count",
         "pytorch_privacy/optimizer/distributed/precision.py", scaler_raw_count, [f"{DIST}/test_precision.py"]),
     Bug("count_noise_not_split", "distributed overflow count noised with sigma_o / W per rank (too little)",
