@@ -221,7 +221,11 @@ class GraphedEngine(FunctorchEngine):
 
     Same models as :class:`~.functorch_engine.FunctorchEngine`.  The first batch of each padded
     size (:func:`~.compiled_engine.bucket_size`; about four sizes per doubling) captures; later
-    ones replay.  Not chosen by ``engine="auto"``: ask for it with ``engine="graphed"``.
+    ones replay.  Not chosen by ``engine="auto"``: ask for it with ``engine="graphed"``.  For
+    CUDA: on one H100 it took the MNIST CNN's DP step from 5.8 ms to 2.1 ms at batch 1024
+    (non-private 1.7 ms; docs/distributed.md).  On the CPU it runs eagerly and is slower than the
+    functorch engine.  Memory: each padded size keeps its per-record gradients and its graphs'
+    private memory pools for the engine's lifetime.
 
     Args:
         model, loss_fn: see :class:`~.base.GradientEngine`.
