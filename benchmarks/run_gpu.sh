@@ -16,7 +16,7 @@ per_test=""; "$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout
 timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_WORKERS:-6}" \
   $per_test -rfE --tb=short $files 2>&1 | tee "$out/gpu_tests.log" | tail -40
 for b in 256 1024; do
-  timeout "${GPU_BENCH_S:-140}" "$py" benchmarks/bench_architectures.py --device cuda --cases mnist,gpt --compiled \
+  timeout "${GPU_BENCH_S:-140}" "$py" benchmarks/bench_architectures.py --device cuda --cases mnist,gpt --compiled --graphed \
     --batch-size "$b" --reps 5 --json "$out/gpu_architectures_b$b.json" 2>&1 | grep --line-buffered -v "^USDT" \
     | tee "$out/gpu_architectures_b$b.log"
 done

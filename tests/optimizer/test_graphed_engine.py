@@ -153,6 +153,24 @@ def test_microbatches_equal_the_functorch_engine():
     _same_sums(got, ref, torch.rand(4))
 
 
+def test_train_and_eval_modes_get_their_own_graphs():
+    """``self.training`` is read in ``forward`` (dropout here): a graph captured in train mode
+    would keep dropping units in eval mode, so the mode is part of the graph's key."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    eng = GraphedEngine(model, ce)
+    x, y = batch(6)
+    eng.compute(x, y)
+    model.eval()
+    got = eng.compute(x, y)
+    assert len(eng._slots) == 2
+    ref = FunctorchEngine(model, ce).compute(x, y)  # eval: deterministic
+    torch.testing.assert_close(got.norms(), ref.norms())
+    model.train()
+    eng.compute(x, y)
+    assert len(eng._slots) == 2
+
+
 class ScaledInput(nn.Module):
     def __init__(self):
         super().__init__()

@@ -34,7 +34,8 @@ What a captured graph assumes (checked where it can be, else documented):
 * the model and the loss compute the same function of their tensors at every step: Python-side
   state that changes between steps (a flag read in ``forward``) is captured once.  Dropout draws
   from torch's CUDA generator, which graph replays advance;
-* graphs are keyed on the autocast state, so a step under ``torch.autocast`` gets its own.
+* graphs are keyed on the autocast state and on every module's train/eval mode, so a step under
+  ``torch.autocast``, or with a layer switched to ``eval()``, gets its own.
 
 A pass whose gradients are still referenced when the next pass of the same padded size replays
 its graph (a multi-pass step holding several passes) is first copied out of the static buffers
@@ -264,7 +265,8 @@ class GraphedEngine(FunctorchEngine):
         device = next(iter(params.values())).device
         capture = device.type == "cuda" and self.capture is not False
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        key = (group, size, xspec, yspec, tuple((t.shape[1:], t.dtype, t.device) for t in leaves), autocast)
+        modes = tuple(m.training for m in self.model.modules())  # train/eval is read in forward: captured
+        key = (group, size, xspec, yspec, tuple((t.shape[1:], t.dtype, t.device) for t in leaves), autocast, modes)
         slot = self._slots.get(key)
         if slot is not None and not slot.holds(params, consts):  # parameters moved: capture again
             slot = None

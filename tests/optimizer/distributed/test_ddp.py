@@ -27,6 +27,7 @@ VARIANTS = [
     ("functorch", {"microbatch_size": 2}),
     ("functorch", {"num_microbatches": 4}),  # global count: 2 microbatches per rank
     ("ghost", {"passes": True}),  # backward_pass x2 (one public) + clip_and_accumulate + step
+    ("graphed", {"max_physical_batch_size": 3}),  # padded chunks (eager on the CPU)
 ]
 
 
