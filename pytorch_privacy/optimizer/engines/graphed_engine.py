@@ -178,8 +178,10 @@ class GraphedGradients(PerExampleGradients):
         self.names = tuple(slot.grads)
         self._records, self._batch = records, batch
         self._grads = {n: g[:records] for n, g in slot.grads.items()}
-        self._norms = slot.norms[:records]
-        self._losses = slot.losses[:batch]
+        # the norms and losses are copied out (two small copies): callers keep them (metrics,
+        # logged losses) past the next replay; the gradients stay in the buffers (see evict)
+        self._norms = slot.norms[:records].clone()
+        self._losses = slot.losses[:batch].clone()
         slot.live = weakref.ref(self)
 
     @property
@@ -198,7 +200,6 @@ class GraphedGradients(PerExampleGradients):
         if self._slot is None:
             return
         self._grads = {n: g.clone() for n, g in self._grads.items()}
-        self._norms, self._losses = self._norms.clone(), self._losses.clone()
         self._slot = None
 
     def weighted_sum(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,6 +213,9 @@ class GraphedGradients(PerExampleGradients):
         return {n: part.view(g.shape[1:]) for (n, g), part in zip(self._grads.items(), parts)}
 
     def materialize(self) -> dict[str, torch.Tensor]:
+        """The per-record gradients: views of the slot's buffers until the next pass of this
+        padded size replays them (this object is copied out then, but a tensor taken from it
+        earlier is not: clone what you keep)."""
         return self._grads
 
 
