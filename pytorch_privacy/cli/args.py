@@ -8,7 +8,7 @@ import math
 
 #: ``--engine`` values: ``auto`` and every built-in engine (a test checks this against the registry;
 #: the list is spelled out so that building the parser does not import torch).
-ENGINE_CHOICES = ("auto", "ghost", "functorch", "compiled", "loop")
+ENGINE_CHOICES = ("auto", "ghost", "functorch", "compiled", "graphed", "loop")
 
 
 def _parsed(s: str, cast, ok, unparsable: str, out_of_range: str):
