@@ -142,6 +142,21 @@ def test_parameters_that_move_are_captured_again():
     _same_sums(got, ref, torch.rand(6))
 
 
+def test_parameters_moving_at_every_step_are_named_once():
+    model = mlp()
+    eng = GraphedEngine(model, ce)
+    x, y = batch(6)
+    eng.compute(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            with torch.no_grad():
+                model[0].weight.data = model[0].weight.data.clone()
+            eng.compute(x, y)
+    moved = [w for w in caught if "moved in memory 3 times" in str(w.message)]
+    assert len(moved) == 1 and "engine='functorch'" in str(moved[0].message)
+
+
 def test_microbatches_equal_the_functorch_engine():
     model = mlp()
     x, y = batch(12)

@@ -251,6 +251,7 @@ class GraphedEngine(FunctorchEngine):
         self._slots: dict[tuple, _Slot] = {}
         self._functions: dict[bool, Callable] = {}
         self._warned_eager = False
+        self._moved = 0
 
     def _compute(self, inputs: Any, targets: Any, microbatch_size: int | None, scan: ModelScan) -> PerExampleGradients:
         batch = batch_size_of(inputs)
@@ -274,6 +275,15 @@ class GraphedEngine(FunctorchEngine):
         slot = self._slots.get(key)
         if slot is not None and not slot.holds(params, consts):  # parameters moved: capture again
             slot = None
+            self._moved += 1
+            if self._moved == 3:
+                warnings.warn(
+                    "graphed engine: the parameters have moved in memory 3 times since their graphs were captured "
+                    "(a model whose parameters are reallocated at every step, as FSDP2 unsharding may do, or "
+                    "p.data = ... in the loop); each move captures the graphs again, which is slower than not "
+                    "capturing at all. Keep the parameters in place, or use engine='functorch'",
+                    RuntimeWarning, stacklevel=5,
+                )
         if slot is None:
             fn = self._functions.get(group > 1)
             if fn is None:
