@@ -152,9 +152,14 @@ class RankChecks:
     def sampling_fingerprint(self) -> list[float]:
         """This rank's part of the check that no two ranks sample alike (:meth:`refuse_shared_sampling`):
         a hash of its loader's sampling-generator state before the last draw
-        (:attr:`~.sampler.DistributedPoissonSampler.last_draw_state`), in the layout of :meth:`_slots`;
-        random bits without a loader, before its first draw, or in secure mode."""
-        state = None if self.sampler is None else self.sampler.last_draw_state
+        (:attr:`~.sampler.DistributedPoissonSampler.last_draw_state`), in the layout of :meth:`_slots`.
+        An optimizer not given its loader checks the distributed sampler of this process that drew
+        last (:func:`~.sampler.last_drawn_sampler`).  Random bits without any such sampler, before its
+        first draw, or in secure mode."""
+        from .sampler import last_drawn_sampler
+
+        sampler = self.sampler if self.sampler is not None else last_drawn_sampler(self.rank, self.world_size)
+        state = None if sampler is None else sampler.last_draw_state
         return self._state_slots([state])
 
     def refuse_shared_sampling(self, summed: list[float]) -> None:

@@ -26,6 +26,7 @@ anyway, and refuses the step on every rank when two are equal
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import torch
@@ -51,6 +52,22 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
+
+
+#: the sampler of this process that drew last (a weak reference), for the steps of optimizers not
+#: given their loader (:func:`last_drawn_sampler`)
+_last_drawn: "weakref.ref[DistributedPoissonSampler] | None" = None
+
+
+def last_drawn_sampler(rank: int, world_size: int) -> "DistributedPoissonSampler | None":
+    """The :class:`DistributedPoissonSampler` of this process that drew last, if it is still alive
+    and was built for ``rank`` of ``world_size``: the sampler whose batch a step most likely holds
+    when its optimizer was not given the loader, so the step's sampling check still sees it
+    (:meth:`~.fingerprints.RankChecks.sampling_fingerprint`)."""
+    sampler = None if _last_drawn is None else _last_drawn()
+    if sampler is None or (sampler.rank, sampler.world_size) != (rank, world_size):
+        return None
+    return sampler
 
 
 class DistributedPoissonSampler(PoissonSampler):
@@ -109,7 +126,9 @@ class DistributedPoissonSampler(PoissonSampler):
 
     def sample(self) -> torch.Tensor:
         """This rank's part of one Poisson batch: global indices (int64, possibly empty)."""
+        global _last_drawn
         self.last_draw_state = self.random.stream_state("cpu")
+        _last_drawn = weakref.ref(self)
         mask = self.random.bernoulli_mask(self.owned.numel(), self.sample_rate)
         return self.owned[mask.to(torch.bool)]
 

@@ -619,22 +619,25 @@ def frozen_params(rank, world, port, out_dir, fsdp):
 
 def shared_sampling(rank, world, port, out_dir, fsdp, general):
     """The loader's sampling generator reseeded by hand after construction: with one seed on every
-    rank (``same``) and with a seed per rank (``own``); each takes one step of the loader's first
-    batch.  Saves per case the error (or ``None``), whether the parameters changed and the ledger's
-    step count."""
+    rank (``same``; ``unseen``: the same, with the optimizer not given the loader) and with a seed
+    per rank (``own``); each takes one step of the loader's first batch.  Saves per case the error
+    (or ``None``), whether the parameters changed and the ledger's step count."""
     from torch.utils.data import TensorDataset
 
+    from pytorch_privacy.dp_query import PrivacyLedger
     from pytorch_privacy.optimizer.distributed import DistributedDPDataLoader
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g))
     out = {}
-    for case in ("same", "own"):
+    for case in ("same", "own", "unseen"):
         loader = DistributedDPDataLoader(data, 0.25)  # OS-seeded: passes the construction check
         torch.manual_seed(0)
+        unseen = case == "unseen"
         model, opt = private_setup(make_model(), fsdp=fsdp, general=general, clip=1.0, sigma=1.0, denominator=10.0,
-                                   ledger=None, lr=0.5, data_loader=loader)
-        loader.poisson_sampler.random.torch_generator("cpu").manual_seed(7 if case == "same" else 7 + rank)
+                                   ledger=PrivacyLedger(40, 0.25) if unseen else None, lr=0.5,
+                                   data_loader=None if unseen else loader)
+        loader.poisson_sampler.random.torch_generator("cpu").manual_seed(7 if case != "own" else 7 + rank)
         before = _full_params(model)
         error = None
         try:
