@@ -185,6 +185,12 @@ def compiled_padding_kept(text: str) -> str:
     return _replace_once(text, r"sq_norms\[:records\]\.sqrt\(\)", "sq_norms.sqrt()", "the norm slice")
 
 
+def sampling_check_needs_loader(text: str) -> str:
+    # an optimizer not given its loader checks no sampler: loaders reseeded alike go unrefused
+    return _replace_once(text, r"sampler = self\.sampler if self\.sampler is not None else last_drawn_sampler\(.*\)$",
+                         "sampler = self.sampler", "the last-drawn sampler fallback")
+
+
 def graphed_stale_padding(text: str) -> str:
     # the graphed engine leaves the padded rows' coefficients from an earlier, larger batch of the
     # same padded size: copies of record 0 join the sum (record 0 counted several times)
@@ -252,7 +258,7 @@ def settings_fingerprint_ignores_state(text: str) -> str:
 def sampling_fingerprint_blind(text: str) -> str:
     # the ranks' sampling fingerprints ignore the samplers' states: loaders whose generators were
     # reseeded alike after construction draw every rank's part with one inclusion pattern, unrefused
-    return _replace_once(text, r"state = None if self\.sampler is None else self\.sampler\.last_draw_state",
+    return _replace_once(text, r"state = None if sampler is None else sampler\.last_draw_state",
                          "state = None", "the sampling fingerprint's state")
 
 
@@ -345,6 +351,9 @@ BUGS = [
     Bug("compiled_padding_kept", "compiled engine: padded records (copies of record 0) not sliced off",
         "pytorch_privacy/optimizer/engines/compiled_engine.py", compiled_padding_kept,
         [f"{OPT}/test_compiled_engine.py"]),
+    Bug("sampling_check_needs_loader", "the per-step sampling check skipped when the optimizer was not given its loader",
+        "pytorch_privacy/optimizer/distributed/fingerprints.py", sampling_check_needs_loader,
+        [f"{DIST}/test_ddp.py"]),
     Bug("graphed_stale_padding", "graphed engine: padded rows keep stale clip coefficients (record 0 counted again)",
         "pytorch_privacy/optimizer/engines/graphed_engine.py", graphed_stale_padding,
         [f"{OPT}/test_graphed_engine.py"]),
