@@ -3,8 +3,8 @@ refuses.
 
 A DPOptimizer state dict holds the wrapped optimizer's state, the query's global state, the state
 of every :class:`~pytorch_privacy.dp_query.randomness.RandomSource` the query owns, the ledger, the
-step count, the query's *configuration* (its initial global state: clip ``C``, noise stddev
-``sigma*C``, ...), and the sampler state of the data loader given as ``data_loader=`` (so a resumed
+step count, a run id, the query's *configuration* (its initial global state: clip ``C``, noise
+stddev ``sigma*C``, ...), and the sampler state of the data loader given as ``data_loader=`` (so a resumed
 run continues its sampling stream too).  It holds only tensors and plain containers, so ``torch.load(weights_only=True)``
 reads it.
 
@@ -20,6 +20,10 @@ optimizer it is loaded into, instead of silently overriding the object:
 * a ledger in one and not the other.
 * a checkpoint saved by another rank of a distributed run (a one-process optimizer takes rank 0's):
   only rank 0's holds the ledger, and each rank's its own noise stream (``_check_rank``).
+* an earlier checkpoint of this run loaded into the optimizer that went past it, unless
+  ``rollback=True`` (``_is_rollback``): an exact restore would erase the ledger's records of the
+  steps since and make the replayed steps reuse their noise.  A rollback keeps the ledger and the
+  generators going, and takes only a checkpoint carrying this optimizer's run id.
 
 Generator states are restored exactly, so a resumed run continues the noise stream of the run it
 resumes; it never starts it again, whatever the script seeds.  Checkpoints of version 1 (a bare list
@@ -28,6 +32,7 @@ resumes; it never starts it again, whatever the script seeds.  Checkpoints of ve
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import attrs
@@ -187,6 +192,12 @@ def ledger_settings(ledger: PrivacyLedger | dict) -> dict[str, Any]:
     return {k: cur.get(k) for k in ("population_size", "sampling", "selection_probability", "batch_size")}
 
 
+def new_run_id() -> str:
+    """A random id for a new run; a resumed run takes its checkpoint's (:func:`load_state_dict`),
+    and ``rollback=True`` accepts only a checkpoint with this optimizer's."""
+    return secrets.token_hex(8)
+
+
 def build_state_dict(opt) -> dict[str, Any]:
     """The state dict of a DPOptimizer (see the module docstring)."""
     return {
@@ -201,6 +212,7 @@ def build_state_dict(opt) -> dict[str, Any]:
         "last_event": opt._last_event.to_dict() if opt._last_event is not None else None,
         "data_loader": _loader_state(opt),
         "distributed": _saved_by(opt),
+        "run_id": opt._run_id,
     }
 
 
@@ -297,12 +309,14 @@ def _checked_random_sources(opt, state_dict: dict[str, Any]) -> tuple[list, Any,
     return sources, src_states, legacy
 
 
-def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
+def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool = False, rollback: bool = False) -> None:
     """Check ``state_dict`` against ``opt`` completely, then restore it (nothing changes on refusal).
 
     ``fresh_randomness=True`` reseeds the owned generators from OS entropy after the restore,
     for a *second* run branched from the same checkpoint (an exact restore would repeat the first
-    branch's noise)."""
+    branch's noise).  ``rollback=True`` (see :func:`_is_rollback`): the wrapped optimizer, the
+    query's global state and the step count are restored; the ledger, the noise generators and
+    the loader's sampler stay where this run has taken them."""
     if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
         raise ValueError(
             "not a DPOptimizer state dict (missing 'format'); to load a plain optimizer state use "
@@ -314,6 +328,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
 
     _check_rank(opt, state_dict)
     new_ledger = _checked_ledger(opt, state_dict)
+    rolling_back = _is_rollback(opt, state_dict, new_ledger, rollback)
     template = opt._release_query.initial_global_state()
     _check_query_config(state_dict, template)
     sources, src_states, legacy = _checked_random_sources(opt, state_dict)
@@ -322,13 +337,15 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
     loader_state = state_dict.get("data_loader")
     mon = getattr(opt, "_consistency", None)
     loader = mon.data_loader if mon is not None else None
-    if loader_state is not None and callable(getattr(loader, "load_state_dict", None)):
+    if loader_state is not None and not rolling_back and callable(getattr(loader, "load_state_dict", None)):
         loader.load_state_dict(loader_state)  # checks the loader's N and q before changing anything
 
     # -- everything checked: restore --------------------------------------------------
     opt.original_optimizer.load_state_dict(state_dict["optimizer"])
     opt._global_state = new_global
-    if src_states is not None:
+    if rolling_back:  # the generators go on from where this run's released steps left them
+        pass
+    elif src_states is not None:
         for s, st in zip(sources, src_states):
             s.load_state_dict(st)
     elif legacy:
@@ -337,16 +354,62 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
     if fresh_randomness:
         for s in sources:
             s.reseed()
-    if new_ledger is not None:
+    if new_ledger is not None and not rolling_back:
         _replace_contents(opt._ledger, new_ledger)
     if opt._budget is not None:
         opt._budget.reset()
     opt._steps = int(state_dict.get("steps", 0))
+    if state_dict.get("run_id") is not None:  # a resumed run is the checkpoint's run
+        opt._run_id = state_dict["run_id"]
     le = state_dict.get("last_event")
     opt._last_event = event_from_dict(le) if le is not None else None
     opt._acc.reset()
     if getattr(opt, "_consistency", None) is not None:
         opt._consistency.reset()
+
+
+def _is_rollback(opt, state_dict: dict[str, Any], saved_ledger: PrivacyLedger | None, rollback: bool) -> bool:
+    """Whether the load rolls this run back: ``opt`` has taken more steps than the checkpoint holds.
+
+    An exact restore then would erase the ledger's records of the steps taken since (they did
+    access the data; the ledger must keep every access) and rewind the noise and sampling
+    generators, so the next steps would reuse those steps' noise on other batches: the
+    difference of two releases with one noise is the difference of their sums, noise-free.  So
+    it is refused unless ``rollback=True``, which is allowed only for a checkpoint of this run
+    (its ledger a prefix of this optimizer's)."""
+    ours, theirs = opt._steps, int(state_dict.get("steps", 0))
+    if ours <= theirs:
+        return False
+    if not rollback:
+        raise ValueError(
+            f"this optimizer has taken {ours} steps and the checkpoint holds {theirs}: loading it would roll the run "
+            f"back, erasing the ledger's records of the {ours - theirs} steps taken since (they did access the data) "
+            "and rewinding the noise and sampling generators, so the next steps would reuse their noise. To roll "
+            "back (after a loss spike, say), pass rollback=True: the optimizer and query state are restored, while "
+            "the ledger keeps every step and the generators go on. To resume or branch a run, load into a newly "
+            "built optimizer"
+        )
+    saved_id = state_dict.get("run_id")
+    other = saved_id != opt._run_id or (saved_ledger is not None and not _is_prefix(saved_ledger.runs, opt._ledger.runs))
+    if other:
+        raise ValueError(
+            "rollback=True restores a checkpoint of this run, but this one " + (
+                "holds no run id (saved by an older release)" if saved_id is None else "is of another run")
+            + ": this ledger does not hold its run's privacy cost. Load it into a newly built optimizer (its own "
+            "ledger comes with it)"
+        )
+    return True
+
+
+def _is_prefix(runs: tuple, of: tuple) -> bool:
+    """Whether the ledger runs ``runs`` are the first steps of the runs ``of``."""
+    if not runs:
+        return True
+    if len(runs) > len(of):
+        return False
+    *whole, last = runs
+    return all(a == b for a, b in zip(whole, of)) and last.same_settings(of[len(runs) - 1]) and (
+        last.count <= of[len(runs) - 1].count)
 
 
 def _replace_contents(ledger: PrivacyLedger, new: PrivacyLedger) -> None:

@@ -233,7 +233,7 @@ class DPOptimizer(torch.optim.Optimizer):
         #: examples in the current step (fit_batch), for the batch-size plausibility test
         self._step_examples: int | None = None
         self._finite_checks = 0
-        self._steps = 0
+        self._steps, self._run_id = 0, checkpoint.new_run_id()  # the run id: which run a checkpoint is of
         #: trainable parameters when the current step began (see :meth:`_ensure_started`)
         self._step_params: dict[str, nn.Parameter] = {}
         self._last_event: DpEvent | None = None
@@ -638,12 +638,11 @@ class DPOptimizer(torch.optim.Optimizer):
         ledger, step count (:mod:`pytorch_privacy.optimizer.checkpoint`)."""
         return checkpoint.build_state_dict(self)
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, fresh_randomness: bool = False) -> None:
-        """Restore what :meth:`state_dict` saved; the ledger object is updated in place (so
-        references to it stay valid) and the run continues the same privacy account and the same
-        noise stream.  Refused (``ValueError``, nothing changed) when the checkpoint's query
-        configuration (clip, noise) or ledger sampling differs from this optimizer's
-        (:mod:`pytorch_privacy.optimizer.checkpoint`).  ``fresh_randomness=True`` reseeds the
-        owned generators from OS entropy: use it when branching a second run from a checkpoint
-        whose continuation was already released."""
-        checkpoint.load_state_dict(self, state_dict, fresh_randomness=fresh_randomness)
+    def load_state_dict(self, state_dict: dict[str, Any], *, fresh_randomness: bool = False, rollback: bool = False) -> None:
+        """Restore what :meth:`state_dict` saved (the ledger object updated in place); the run continues
+        the same privacy account and noise stream.  Refused (``ValueError``, nothing changed) when the
+        query configuration or ledger sampling differs, or when this optimizer has taken more steps than
+        the checkpoint holds unless ``rollback=True``, which keeps the ledger and the generators where they
+        are (:mod:`~pytorch_privacy.optimizer.checkpoint`).  ``fresh_randomness=True`` reseeds the owned
+        generators: for a second run branched from a checkpoint whose continuation was released."""
+        checkpoint.load_state_dict(self, state_dict, fresh_randomness=fresh_randomness, rollback=rollback)

@@ -191,6 +191,13 @@ def sampling_check_needs_loader(text: str) -> str:
                          "sampler = self.sampler", "the last-drawn sampler fallback")
 
 
+def rollback_rewinds_noise(text: str) -> str:
+    # rollback=True restores the checkpoint's generator states: the replayed steps reuse the noise
+    # of the abandoned ones (whose releases stay in the ledger)
+    return _replace_once(text, r"^    if rolling_back:  # the generators go on.*\n        pass\n    elif ", "    if ",
+                         "the generators kept on a rollback")
+
+
 def graphed_stale_padding(text: str) -> str:
     # the graphed engine leaves the padded rows' coefficients from an earlier, larger batch of the
     # same padded size: copies of record 0 join the sum (record 0 counted several times)
@@ -354,6 +361,8 @@ BUGS = [
     Bug("sampling_check_needs_loader", "the per-step sampling check skipped when the optimizer was not given its loader",
         "pytorch_privacy/optimizer/distributed/fingerprints.py", sampling_check_needs_loader,
         [f"{DIST}/test_ddp.py"]),
+    Bug("rollback_rewinds_noise", "a rollback to an earlier checkpoint of the run rewinds the noise (replayed steps reuse it)",
+        "pytorch_privacy/optimizer/checkpoint.py", rollback_rewinds_noise, [f"{OPT}/test_state_dict.py"]),
     Bug("graphed_stale_padding", "graphed engine: padded rows keep stale clip coefficients (record 0 counted again)",
         "pytorch_privacy/optimizer/engines/graphed_engine.py", graphed_stale_padding,
         [f"{OPT}/test_graphed_engine.py"]),

@@ -148,3 +148,67 @@ def test_a_checkpoint_of_another_rank_is_refused():
     fresh.load_state_dict(dict(sd, distributed={"rank": 0, "world_size": 2}))
     assert fresh_ledger.steps == ledger.steps == 1
     assert _save(sd)["distributed"] is None  # weights_only loads it
+
+
+def _params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("run", [gaussian_run, adaptive_run], ids=["gaussian_adam", "adaptive_clip_momentum"])
+def test_rolling_back_in_a_run_is_refused_unless_asked_and_never_reuses_noise(run):
+    """Loading an earlier checkpoint of this run into its own optimizer (a rollback after a loss
+    spike, say) would erase the ledger's records of the steps since and rewind the noise, so the
+    replayed steps would get the abandoned steps' noise.  Refused by default, nothing changed;
+    ``rollback=True`` restores the optimizer but keeps the ledger and the generators going."""
+    data = batches(5)
+    model, opt, ledger, _ = run()
+    for x, y in data[:2]:
+        opt.fit_batch(x, y)
+    ckpt = _save({"model": model.state_dict(), "opt": opt.state_dict()})
+    abandoned = []
+    for x, y in data[2:]:
+        before = _params(model)
+        opt.fit_batch(x, y)
+        abandoned.append(_params(model) - before)
+
+    # an exact restore (a new optimizer resuming the run) repeats those updates: what reuse looks like
+    model2, opt2, _, _ = run(seed=1)
+    copy2 = _save(ckpt)  # torch's optimizers adopt a loaded state's tensors and update them in place
+    model2.load_state_dict(copy2["model"])
+    opt2.load_state_dict(copy2["opt"])
+    start = _params(model2)
+    opt2.fit_batch(*data[2])
+    torch.testing.assert_close(_params(model2) - start, abandoned[0])
+
+    state = _save(opt.state_dict())
+    with pytest.raises(ValueError, match=r"taken 5 steps and the checkpoint holds 2.*rollback=True"):
+        opt.load_state_dict(ckpt["opt"])
+    assert len(ledger) == 5 and opt.steps == 5
+    assert str(_save(opt.state_dict())) == str(state)  # nothing changed
+
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"], rollback=True)
+    assert len(ledger) == 5 and opt.steps == 2  # every private step stays recorded
+    for (x, y), old in zip(data[2:], abandoned):
+        before = _params(model)
+        opt.fit_batch(x, y)
+        assert not torch.allclose(_params(model) - before, old, atol=1e-6), "a replayed step reused its noise"
+    assert len(ledger) == 8
+
+
+def test_rollback_takes_only_a_checkpoint_of_this_run():
+    data = batches(4)
+    _, other, _, _ = gaussian_run()
+    other.fit_batch(*data[0])
+    foreign = _save(other.state_dict())  # same settings, same ledger events: another run all the same
+    model, opt, ledger, _ = gaussian_run()
+    for x, y in data:
+        opt.fit_batch(x, y)
+    with pytest.raises(ValueError, match="is of another run"):
+        opt.load_state_dict(foreign, rollback=True)
+    legacy = _save(opt.state_dict())
+    legacy["steps"] = 1
+    del legacy["run_id"]
+    with pytest.raises(ValueError, match="holds no run id"):
+        opt.load_state_dict(legacy, rollback=True)
+    assert len(ledger) == 4 and opt.steps == 4
