@@ -359,7 +359,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], *, fresh_randomness: bool =
     if opt._budget is not None:
         opt._budget.reset()
     opt._steps = int(state_dict.get("steps", 0))
-    if state_dict.get("run_id") is not None:  # a resumed run is the checkpoint's run
+    if fresh_randomness:  # a branch is a new run
+        opt._run_id = new_run_id()
+    elif state_dict.get("run_id") is not None:  # a resumed run is the checkpoint's run
         opt._run_id = state_dict["run_id"]
     le = state_dict.get("last_event")
     opt._last_event = event_from_dict(le) if le is not None else None

@@ -206,6 +206,15 @@ def test_rollback_takes_only_a_checkpoint_of_this_run():
         opt.fit_batch(x, y)
     with pytest.raises(ValueError, match="is of another run"):
         opt.load_state_dict(foreign, rollback=True)
+    # a branch (fresh randomness) is a new run too: an earlier checkpoint of its trunk is not its own
+    early = _save(opt.state_dict())
+    opt.fit_batch(*data[0])
+    opt.load_state_dict(_save(opt.state_dict()), fresh_randomness=True)
+    with pytest.raises(ValueError, match="is of another run"):
+        opt.load_state_dict(early, rollback=True)
+    model, opt, ledger, _ = gaussian_run()
+    for x, y in data:
+        opt.fit_batch(x, y)
     legacy = _save(opt.state_dict())
     legacy["steps"] = 1
     del legacy["run_id"]
