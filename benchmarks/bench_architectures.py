@@ -19,6 +19,11 @@ Methods, each on a fresh copy of the same model (same seed) and the same batch:
   to the fallback engine X (its RuntimeWarnings are printed).
 * ``dp auto (swapped)`` (gpt, lstm): the same after
   ``pytorch_privacy.optimizer.engines.swap_to_dp_layers(model)``.
+* ``dp compiled`` (``--compiled``) / ``dp graphed`` (``--graphed``): the same with the compiled
+  engine (CUDA graphs on CUDA) / the graphed engine (``engine="graphed"``: per-record gradients
+  and clipped sums replayed as CUDA graphs on CUDA, eager on CPU).  The graphed engine allocates
+  its buffers and graph pools at its first step and keeps them, so the peak-memory column (over
+  the step's start) does not see them; its ATen ops are those the host still dispatches.
 * ``opacus hooks`` / ``opacus ghost``: Opacus ``PrivacyEngine.make_private`` with the same clip
   and noise, ``grad_sample_mode="hooks"`` / ``"ghost"`` (fast gradient clipping); if Opacus
   refuses the model it is retried after ``ModuleValidator.fix`` (marked ``fixed``), and a method
