@@ -36,6 +36,7 @@ from .budget import PrivacyBudget, PrivacyBudgetExceeded
 from .checkpoint import STATE_DICT_FORMAT, STATE_DICT_VERSION, find_random_sources, restore_sources, snapshot_sources
 from .consistency import SamplingMonitor
 from .metrics import step_metrics
+from .noise_reuse import NoiseReuseGuard
 from .wiring import attach_ledger, check_optimizer_covers, check_wrapped_objects, make_budget
 from .engines.scan import scan_model
 from .engines.base import GradientEngine, MaterializedGradients, PerExampleGradients, batch_size_of, call_model
@@ -55,17 +56,6 @@ def check_pos_int(name: str, v) -> int | None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     return v
-
-
-def _check_secure_mode(secure_mode: Any, sources: list[RandomSource]) -> bool:
-    if not isinstance(secure_mode, bool):
-        raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
-    if secure_mode and not all(src.secure_mode for src in sources):
-        raise ValueError(
-            "secure_mode=True but the query draws from a non-secure generator; build the query with "
-            "secure_mode=True (or generator=RandomSource(secure_mode=True) for queries without that option)"
-        )
-    return secure_mode
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -229,11 +219,12 @@ class DPOptimizer(torch.optim.Optimizer):
         self._acc = StepAccumulator(self._release_query, pass_clipping, collect_norms=self._metrics)
         self._global_state = self._release_query.initial_global_state()
         self._random_sources: list[RandomSource] = find_random_sources(self.query)
-        self.secure_mode = _check_secure_mode(secure_mode, self._random_sources)
+        self.secure_mode = validation.check_secure_mode(secure_mode, self._random_sources)
         #: examples in the current step (fit_batch), for the batch-size plausibility test
         self._step_examples: int | None = None
         self._finite_checks = 0
         self._steps, self._run_id = 0, checkpoint.new_run_id()  # the run id: which run a checkpoint is of
+        self._reuse_guard = NoiseReuseGuard()  # one process: a step repeating a released step's noise is refused
         #: trainable parameters when the current step began (see :meth:`_ensure_started`)
         self._step_params: dict[str, nn.Parameter] = {}
         self._last_event: DpEvent | None = None
@@ -549,6 +540,7 @@ class DPOptimizer(torch.optim.Optimizer):
             if self._consistency is not None and examples is not None:
                 self._consistency.check_batch(examples)
             saved = snapshot_sources(self._random_sources) if enforcing and self._dist is None else None
+            self._reuse_guard.start(self._random_sources if self._dist is None else [])
             if self._dist is not None:
                 try:  # reduce once, noise once on rank 0, budget decided there and shared
                     check = (lambda ev: self._budget.check(self._ledger, ev)) if enforcing else None
@@ -563,6 +555,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 self._step_params = self._dist.release_params(self._step_params)
             else:  # the sums are discarded after the release: noise and divide them in place
                 result, new_state, event = self._acc.finish(old_state, in_place=True)
+                self._reuse_guard.check(self._random_sources, self._acc)  # before anything is applied
             if event is not None:
                 if enforcing and self._dist is None:
                     try:
@@ -573,6 +566,7 @@ class DPOptimizer(torch.optim.Optimizer):
                         self._acc.dropped = self._acc.dropped_at_begin
                         self._acc.reset()
                         raise
+                self._reuse_guard.commit()
                 if self._records_ledger and (self._dist is None or self._dist.is_recorder):
                     self._ledger.record_sample(event)
                     if self._consistency is not None and examples is not None:

@@ -22,7 +22,7 @@ function returning ``None`` or the problem, looked up along the module's MRO.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -260,3 +260,16 @@ def check_finite_weights(params: dict[str, torch.Tensor]) -> None:
             "would be non-finite or meaningless). Restore the weights from a checkpoint and look for the "
             "cause (learning rate too large, a bad initialisation, weights edited by hand)"
         )
+
+
+def check_secure_mode(secure_mode: Any, sources: list) -> bool:
+    """``secure_mode`` as a bool: ``TypeError`` for another type, ``ValueError`` when it is set but
+    a random source of the query (``sources``) does not draw from the OS CSPRNG."""
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
+    if secure_mode and not all(src.secure_mode for src in sources):
+        raise ValueError(
+            "secure_mode=True but the query draws from a non-secure generator; build the query with "
+            "secure_mode=True (or generator=RandomSource(secure_mode=True) for queries without that option)"
+        )
+    return secure_mode

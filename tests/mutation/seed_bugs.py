@@ -198,6 +198,12 @@ def rollback_rewinds_noise(text: str) -> str:
                          "the generators kept on a rollback")
 
 
+def reuse_guard_forgets(text: str) -> str:
+    # released noise positions are not kept: a generator reseeded every epoch repeats its noise unrefused
+    return _replace_once(text, r"^            self\._released\.add\(self\._pending\)$", "            pass",
+                         "keeping a released step's position")
+
+
 def graphed_stale_padding(text: str) -> str:
     # the graphed engine leaves the padded rows' coefficients from an earlier, larger batch of the
     # same padded size: copies of record 0 join the sum (record 0 counted several times)
@@ -363,6 +369,8 @@ BUGS = [
         [f"{DIST}/test_ddp.py"]),
     Bug("rollback_rewinds_noise", "a rollback to an earlier checkpoint of the run rewinds the noise (replayed steps reuse it)",
         "pytorch_privacy/optimizer/checkpoint.py", rollback_rewinds_noise, [f"{OPT}/test_state_dict.py"]),
+    Bug("reuse_guard_forgets", "one process: a generator reseeded every epoch repeats released noise, unrefused",
+        "pytorch_privacy/optimizer/noise_reuse.py", reuse_guard_forgets, [f"{OPT}/test_noise_reuse.py"]),
     Bug("graphed_stale_padding", "graphed engine: padded rows keep stale clip coefficients (record 0 counted again)",
         "pytorch_privacy/optimizer/engines/graphed_engine.py", graphed_stale_padding,
         [f"{OPT}/test_graphed_engine.py"]),
