@@ -25,6 +25,7 @@
 
 # %%
 import os
+import sys
 import socket
 import tempfile
 
@@ -182,7 +183,9 @@ if __name__ == "__main__":
         try:
             os.makedirs("checkpoints", exist_ok=True)  # on a file system every node sees
             out = train(dist.get_rank(), dist.get_world_size(), "checkpoints", device)
-            print(f"rank {dist.get_rank()}: {out}")
+            # one write per line: the ranks share stdout, and two writes (text, then newline) can interleave
+            sys.stdout.write(f"rank {dist.get_rank()}: {out}\n")
+            sys.stdout.flush()
         finally:
             dist.destroy_process_group()
     else:
