@@ -548,14 +548,13 @@ class DPOptimizer(torch.optim.Optimizer):
                 except PrivacyBudgetExceeded:
                     # the generators are NOT rewound: the noised sums already crossed the ranks,
                     # and the same normals on the next attempt would cancel in a difference
-                    self._acc.dropped = self._acc.dropped_at_begin
-                    self._acc.reset()
+                    self._acc.abandon()
                     raise
                 examples = None if examples is None else self._dist.last_global_examples
                 self._step_params = self._dist.release_params(self._step_params)
             else:  # the sums are discarded after the release: noise and divide them in place
                 result, new_state, event = self._acc.finish(old_state, in_place=True)
-                self._reuse_guard.check(self._random_sources, self._acc)  # before anything is applied
+                self._reuse_guard.check(self._random_sources, self._acc.abandon)  # before anything is applied
             if event is not None:
                 if enforcing and self._dist is None:
                     try:
@@ -563,8 +562,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     except PrivacyBudgetExceeded:
                         # a refused step leaves no trace: no noise drawn, nothing recorded
                         restore_sources(self._random_sources, saved)
-                        self._acc.dropped = self._acc.dropped_at_begin
-                        self._acc.reset()
+                        self._acc.abandon()
                         raise
                 self._reuse_guard.commit()
                 if self._records_ledger and (self._dist is None or self._dist.is_recorder):

@@ -23,7 +23,7 @@ drawing alike, not one rank repeating itself.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Callable
 
 from ..dp_query.randomness import RandomSource
 
@@ -56,17 +56,16 @@ class NoiseReuseGuard:
         """Note where the generators stand before this step's draws."""
         self._before, self._pending = noise_position(sources), None
 
-    def check(self, sources: list[RandomSource], accumulator: Any = None) -> None:
-        """``ValueError`` when this step drew its noise from where a released step drew; the
-        step's ``accumulator`` (:class:`~.step_accumulator.StepAccumulator`) is reset first, so
-        nothing of the step is applied or recorded."""
+    def check(self, sources: list[RandomSource], abandon: Callable[[], None] | None = None) -> None:
+        """``ValueError`` when this step drew its noise from where a released step drew, after
+        calling ``abandon`` (the step accumulator's :meth:`~.step_accumulator.StepAccumulator.abandon`),
+        so nothing of the step is applied or recorded."""
         before, self._before = self._before, None
         if before is None or noise_position(sources) == before:  # nothing drawn
             return
         if before in self._released:
-            if accumulator is not None:
-                accumulator.dropped = accumulator.dropped_at_begin
-                accumulator.reset()
+            if abandon is not None:
+                abandon()
             raise ValueError(
                 "this step drew its noise from where the noise generators stood before an earlier released step, so "
                 "it got that step's noise again: the difference of the two releases would be the difference of their "

@@ -350,6 +350,11 @@ class StepAccumulator:
         #: :attr:`dropped` when the step began (a refused step restores it)
         self.dropped_at_begin = self.dropped
 
+    def abandon(self) -> None:
+        """Give up the current step (refused): its dropped-record count is undone, the rest forgotten."""
+        self.dropped = self.dropped_at_begin
+        self.reset()
+
     # -- adding passes -------------------------------------------------------------------
     def _check_names(self, names) -> None:
         if set(names) != set(self.template):

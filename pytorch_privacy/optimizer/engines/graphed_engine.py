@@ -99,12 +99,11 @@ class _Slot:
 
     def __init__(self, per_record: Callable, params: dict, consts: dict, xs: list, ys: list, specs: tuple,
                  size: int, group: int, capture: bool):
-        self.params, self.consts = params, consts
         self.signature = self._signature(params, consts)
         rows = size * group
         self.x = [torch.empty((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in xs]
         self.y = [torch.empty((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in ys]
-        self.size, self.group, self.capture = size, group, capture
+        self.capture = capture
         self.live: weakref.ref | None = None
         xspec, yspec = specs
 
@@ -176,7 +175,7 @@ class GraphedGradients(PerExampleGradients):
     def __init__(self, slot: _Slot, records: int, batch: int):
         self._slot: _Slot | None = slot
         self.names = tuple(slot.grads)
-        self._records, self._batch = records, batch
+        self._records = records
         self._grads = {n: g[:records] for n, g in slot.grads.items()}
         # the norms and losses are copied out (two small copies): callers keep them (metrics,
         # logged losses) past the next replay; the gradients stay in the buffers (see evict)
