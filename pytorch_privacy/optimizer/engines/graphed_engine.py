@@ -248,7 +248,6 @@ class GraphedEngine(FunctorchEngine):
         super().__init__(model, loss_fn, chunk_size=chunk_size)
         self.capture, self.pad = capture, pad
         self._slots: dict[tuple, _Slot] = {}
-        self._functions: dict[bool, Callable] = {}
         self._warned_eager = False
         self._moved = 0
 
@@ -284,9 +283,7 @@ class GraphedEngine(FunctorchEngine):
                     RuntimeWarning, stacklevel=5,
                 )
         if slot is None:
-            fn = self._functions.get(group > 1)
-            if fn is None:
-                fn = self._functions[group > 1] = per_record_function(self.model, self.loss_fn, self.chunk_size, group > 1)
+            fn = per_record_function(self.model, self.loss_fn, self.chunk_size, group > 1)
             try:
                 slot = _Slot(fn, params, consts, xs, ys, (xspec, yspec), size, group, capture)
             except RuntimeError as err:
